@@ -1,0 +1,5 @@
+//! `cargo bench --bench runtime`: the same report as `sharedmoe bench runtime`.
+
+fn main() -> anyhow::Result<()> {
+    sharedmoe::cli::bench::runtime()
+}

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# One-command set-up for a fresh machine: system packages (libclang for
+# bindgen, protoc for gRPC code generation), the CPU PJRT plugin in .venv,
+# then a release build. Idempotent; extra arguments go to `cargo build`.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { echo "==> $*"; }
+sudo_if_needed() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+missing=()
+ls /usr/lib/llvm-*/lib/libclang.so* >/dev/null 2>&1 || ls /usr/lib/x86_64-linux-gnu/libclang*.so* >/dev/null 2>&1 \
+  || missing+=(libclang-dev)
+command -v protoc >/dev/null 2>&1 || missing+=(protobuf-compiler)
+if [ ${#missing[@]} -gt 0 ]; then
+  say "installing Debian packages: ${missing[*]}"
+  sudo_if_needed apt-get update -qq
+  sudo_if_needed env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+else
+  say "libclang and protoc present"
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  say "creating .venv"
+  python3 -m venv .venv
+fi
+if ! ls .venv/lib/python3*/site-packages/xla_plugins/xla_cpu_pjrt/xla_cpu_pjrt.so >/dev/null 2>&1; then
+  say "installing xla-cpu-pjrt (the OpenXLA CPU PJRT plugin) into .venv"
+  .venv/bin/pip install --quiet xla-cpu-pjrt
+else
+  say "xla-cpu-pjrt present in .venv"
+fi
+
+say "building (release)"
+cargo build --release "$@"
+say "ready: target/release/sharedmoe"

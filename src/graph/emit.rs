@@ -1,0 +1,317 @@
+//! Emission of a traced function as one StableHLO module (generic syntax).
+//!
+//! Only what the function's outputs need is emitted (dead nodes, such as
+//! forward values the backward pass recomputed, are dropped). Donated
+//! parameters carry `tf.aliasing_output`, which tells XLA to reuse the input
+//! buffer for the matching output.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt::Write;
+
+use super::core::{value_names, BlockId, Graph, GraphState, NodeId, Tensor, ValueId};
+use super::dtype::TensorType;
+use super::error::{usage, Result};
+use super::primitive::Operand;
+
+/// A traced function ready to be emitted and compiled: parameters are the
+/// graph's parameters in declaration order, outputs as given to
+/// [`Graph::build`].
+#[derive(Clone, Debug)]
+pub struct Function {
+    pub(crate) graph: Graph,
+    pub(crate) outputs: Vec<ValueId>,
+    /// (parameter index, output index) pairs whose buffers are shared.
+    pub(crate) aliases: Vec<(usize, usize)>,
+    pub(crate) num_replicas: usize,
+    pub(crate) name: String,
+}
+
+impl Graph {
+    /// Closes tracing: the function returns `outputs`, in order.
+    pub fn build(&self, outputs: &[&Tensor]) -> Result<Function> {
+        let st = self.st.borrow();
+        if st.current() != 0 {
+            return usage("build() called inside a loop body");
+        }
+        let mut ids = Vec::with_capacity(outputs.len());
+        for t in outputs {
+            if !self.same(&t.g) {
+                return usage("build(): output belongs to a different graph");
+            }
+            if st.values[t.id].block != 0 {
+                return usage("build(): output defined inside a loop body; return it from the loop");
+            }
+            ids.push(t.id);
+        }
+        Ok(Function { graph: self.clone(), outputs: ids, aliases: vec![], num_replicas: 1, name: "main".into() })
+    }
+}
+
+impl Function {
+    /// Number of replicas the module is built for (`mhlo.num_replicas`);
+    /// `all_reduce` sums over all of them.
+    pub fn with_replicas(mut self, n: usize) -> Self {
+        self.num_replicas = n.max(1);
+        self
+    }
+
+    /// Module name (shows up in XLA dumps and profiles).
+    pub fn with_name(mut self, name: &str) -> Self {
+        self.name = name.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
+        self
+    }
+
+    /// Donates the given parameters: each is aliased to the first output of
+    /// the same type that is not aliased yet, so XLA updates it in place.
+    pub fn donate(mut self, params: &[usize]) -> Result<Self> {
+        let (param_types, output_types) = (self.param_types(), self.output_types());
+        for &p in params {
+            let Some(pty) = param_types.get(p) else {
+                return usage(format!("donate: no parameter {p} (function has {})", param_types.len()));
+            };
+            if self.aliases.iter().any(|&(q, _)| q == p) {
+                continue;
+            }
+            let taken: HashSet<usize> = self.aliases.iter().map(|&(_, o)| o).collect();
+            match (0..output_types.len()).find(|o| !taken.contains(o) && &output_types[*o] == pty) {
+                Some(o) => self.aliases.push((p, o)),
+                None => {
+                    return usage(format!(
+                        "donate: parameter {p} ({pty}) has no output of the same type left to alias"
+                    ))
+                }
+            }
+        }
+        Ok(self)
+    }
+
+    pub fn param_names(&self) -> Vec<String> {
+        self.graph.st.borrow().params.iter().map(|(n, _)| n.clone()).collect()
+    }
+
+    pub fn param_types(&self) -> Vec<TensorType> {
+        let st = self.graph.st.borrow();
+        st.params.iter().map(|&(_, v)| st.values[v].ty.clone()).collect()
+    }
+
+    pub fn output_types(&self) -> Vec<TensorType> {
+        let st = self.graph.st.borrow();
+        self.outputs.iter().map(|&v| st.values[v].ty.clone()).collect()
+    }
+
+    /// Indices of donated parameters.
+    pub fn donated_params(&self) -> Vec<usize> {
+        self.aliases.iter().map(|&(p, _)| p).collect()
+    }
+
+    pub fn num_replicas(&self) -> usize {
+        self.num_replicas
+    }
+
+    /// The StableHLO module text.
+    pub fn to_mlir(&self) -> Result<String> {
+        let st = self.graph.st.borrow();
+        let mut cx = EmitCx::new(&st, self.num_replicas);
+        let mut out = String::new();
+        writeln!(
+            out,
+            "module @{} attributes {{mhlo.num_replicas = {} : i32, mhlo.num_partitions = 1 : i32}} {{",
+            self.name, self.num_replicas
+        )
+        .unwrap();
+        let params: Vec<String> = st
+            .params
+            .iter()
+            .enumerate()
+            .map(|(i, &(_, v))| {
+                let alias = match self.aliases.iter().find(|&&(p, _)| p == i) {
+                    Some(&(_, o)) => format!(" {{tf.aliasing_output = {o} : i32}}"),
+                    None => String::new(),
+                };
+                format!("{}: {}{alias}", cx.name(v), st.values[v].ty.mlir())
+            })
+            .collect();
+        let results: Vec<String> = self.outputs.iter().map(|&v| st.values[v].ty.mlir()).collect();
+        writeln!(out, "  func.func public @main({}) -> ({}) {{", params.join(", "), results.join(", ")).unwrap();
+        out.push_str(&cx.block_body(0, &self.outputs, "func.return", 4)?);
+        out.push_str("  }\n}\n");
+        Ok(out)
+    }
+}
+
+/// State of one emission: SSA names and counters for fresh names and
+/// collective channels.
+pub(crate) struct EmitCx<'a> {
+    st: &'a GraphState,
+    names: HashMap<ValueId, String>,
+    fresh: usize,
+    channel: usize,
+    pub num_replicas: usize,
+}
+
+impl<'a> EmitCx<'a> {
+    fn new(st: &'a GraphState, num_replicas: usize) -> Self {
+        EmitCx { st, names: value_names(st), fresh: 0, channel: 0, num_replicas }
+    }
+
+    pub fn name(&self, v: ValueId) -> String {
+        self.names[&v].clone()
+    }
+
+    /// A fresh SSA name for helper values inside an op's lowering.
+    pub fn fresh(&mut self) -> String {
+        self.fresh += 1;
+        format!("%t{}", self.fresh)
+    }
+
+    /// A fresh channel id for a collective.
+    pub fn next_channel(&mut self) -> usize {
+        self.channel += 1;
+        self.channel
+    }
+
+    fn operand(&self, v: ValueId) -> Operand {
+        Operand { name: self.name(v), ty: self.st.values[v].ty.clone() }
+    }
+
+    /// Nodes of `block` needed to compute `results`, in order.
+    fn live_nodes(&self, block: BlockId, results: &[ValueId]) -> Vec<NodeId> {
+        let mut needed: HashSet<ValueId> = results.iter().copied().collect();
+        let mut live = vec![];
+        for &n in self.st.blocks[block].nodes.iter().rev() {
+            let node = &self.st.nodes[n];
+            if node.outputs.iter().any(|o| needed.contains(o)) {
+                needed.extend(node.inputs.iter().copied());
+                live.push(n);
+            }
+        }
+        live.reverse();
+        live
+    }
+
+    /// The lines of a block: its live nodes followed by a terminator
+    /// returning `results`.
+    pub fn block_body(&mut self, block: BlockId, results: &[ValueId], terminator: &str, indent: usize) -> Result<String> {
+        let mut out = self.node_lines(block, results, indent)?;
+        let ops: Vec<Operand> = results.iter().map(|&v| self.operand(v)).collect();
+        writeln!(out, "{}\"{terminator}\"({}) : ({}) -> ()", " ".repeat(indent), names(&ops), types(&ops)).unwrap();
+        Ok(out)
+    }
+
+    /// The live nodes of `block` needed for `results`, one op per line.
+    fn node_lines(&mut self, block: BlockId, results: &[ValueId], indent: usize) -> Result<String> {
+        let pad = " ".repeat(indent);
+        let mut out = String::new();
+        for n in self.live_nodes(block, results) {
+            let node = &self.st.nodes[n];
+            if let Some(i) = node.prim.alias_of() {
+                let src = self.name(node.inputs[i]);
+                self.names.insert(node.outputs[0], src);
+                continue;
+            }
+            let ins: Vec<Operand> = node.inputs.iter().map(|&v| self.operand(v)).collect();
+            let outs: Vec<Operand> = node.outputs.iter().map(|&v| self.operand(v)).collect();
+            let text = node.prim.clone().emit(self, &ins, &outs)?;
+            for line in text.lines() {
+                out.push_str(&pad);
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+        Ok(out)
+    }
+
+    /// A child block as a region: `^bb0(args):`, its body and a
+    /// `stablehlo.return`. The block's arguments are its own followed by one
+    /// per entry of `captures` (values of the parent block): the block's
+    /// capture argument where it has one, a fresh unused argument otherwise.
+    /// With `pass_captures_through` the region also returns those arguments
+    /// unchanged (a loop body keeps its captured state).
+    pub fn region(&mut self, block: BlockId, captures: &[ValueId], pass_captures_through: bool) -> Result<String> {
+        let b = self.st.blocks[block].clone();
+        let mut capture_args = Vec::with_capacity(captures.len());
+        for &outer in captures {
+            let op = match b.captures.iter().find(|(o, _)| *o == outer) {
+                Some(&(_, inner)) => self.operand(inner),
+                None => Operand { name: self.fresh(), ty: self.st.values[outer].ty.clone() },
+            };
+            capture_args.push(op);
+        }
+        let mut args: Vec<Operand> = b.args.iter().map(|&v| self.operand(v)).collect();
+        args.extend(capture_args.iter().cloned());
+        let mut returned: Vec<Operand> = b.results.iter().map(|&v| self.operand(v)).collect();
+        if pass_captures_through {
+            returned.extend(capture_args);
+        }
+        let sig: Vec<String> = args.iter().map(|a| format!("{}: {}", a.name, a.ty.mlir())).collect();
+        let mut out = format!("^bb0({}):\n", sig.join(", "));
+        out.push_str(&self.node_lines(block, &b.results, 2)?);
+        writeln!(out, "  \"stablehlo.return\"({}) : ({}) -> ()", names(&returned), types(&returned)).unwrap();
+        Ok(out)
+    }
+}
+
+/// `%a, %b`
+pub(crate) fn names(ops: &[Operand]) -> String {
+    ops.iter().map(|o| o.name.as_str()).collect::<Vec<_>>().join(", ")
+}
+
+/// `tensor<..>, tensor<..>`
+pub(crate) fn types(ops: &[Operand]) -> String {
+    ops.iter().map(|o| o.ty.mlir()).collect::<Vec<_>>().join(", ")
+}
+
+/// The left-hand side defining `outs`: `%v3` or `%n7:2`.
+pub(crate) fn results_def(outs: &[Operand]) -> String {
+    if outs.len() == 1 {
+        outs[0].name.clone()
+    } else {
+        let base = outs[0].name.split('#').next().unwrap_or("%bad");
+        format!("{base}:{}", outs.len())
+    }
+}
+
+/// The result type list: `tensor<..>` or `(tensor<..>, tensor<..>)`.
+pub(crate) fn result_types(outs: &[Operand]) -> String {
+    if outs.len() == 1 {
+        outs[0].ty.mlir()
+    } else {
+        format!("({})", types(outs))
+    }
+}
+
+/// One generic-syntax op: `%r = "op"(%a, %b) {attrs} : (ta, tb) -> tr`.
+pub(crate) fn generic(op: &str, ins: &[Operand], outs: &[Operand], attrs: &str) -> String {
+    let attrs = if attrs.is_empty() { String::new() } else { format!(" {{{attrs}}}") };
+    format!(
+        "{} = \"{op}\"({}){attrs} : ({}) -> {}",
+        results_def(outs),
+        names(ins),
+        types(ins),
+        result_types(outs)
+    )
+}
+
+/// `array<i64: 0, 1>`
+pub(crate) fn i64_array(v: &[i64]) -> String {
+    if v.is_empty() {
+        "array<i64>".into()
+    } else {
+        format!("array<i64: {}>", v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(", "))
+    }
+}
+
+/// `[0, 1]` (for attributes such as dot dimension numbers).
+pub(crate) fn i64_list(v: &[i64]) -> String {
+    format!("[{}]", v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(", "))
+}
+
+/// A reduction region combining two scalars of `ty`'s dtype with `op`
+/// (`stablehlo.add`, `stablehlo.maximum`, ...).
+pub(crate) fn scalar_region(cx: &mut EmitCx, op: &str, dtype: super::dtype::DType) -> String {
+    let t = TensorType::scalar(dtype).mlir();
+    let (a, b, r) = (cx.fresh(), cx.fresh(), cx.fresh());
+    format!(
+        "({{\n^bb0({a}: {t}, {b}: {t}):\n  {r} = \"{op}\"({a}, {b}) : ({t}, {t}) -> {t}\n  \"stablehlo.return\"({r}) : ({t}) -> ()\n}})"
+    )
+}

@@ -1,0 +1,329 @@
+//! PJRT clients and devices, host-to-device transfers, compilation, and the
+//! key-value store hook for multi-host initialisation.
+
+use std::ffi::c_char;
+use std::fmt;
+use std::ptr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::buffer::Buffer;
+use super::compile_options::CompileOptions;
+use super::element_type::{ElementType, NativeType};
+use super::error::{Error, ErrorCode, Result};
+use super::executable::Executable;
+use super::ffi;
+use super::plugin::{args, find_plugin, pjrt_call, Backend, Plugin};
+
+/// A value for a named client-creation option (`PJRT_NamedValue`).
+#[derive(Clone, Debug, PartialEq)]
+pub enum ClientOption {
+    Int(i64),
+    Bool(bool),
+    Str(String),
+    Float(f32),
+}
+
+/// A cross-process key-value store handed to the plugin at client creation
+/// (multi-host GPU/TPU topology exchange). `get` blocks up to `timeout`.
+pub trait KeyValueStore: Send + Sync {
+    fn put(&self, key: &str, value: &[u8]) -> Result<()>;
+    fn get(&self, key: &str, timeout: Duration) -> Result<Vec<u8>>;
+}
+
+/// The owned `PJRT_Client*`; everything made from a client keeps it alive.
+pub(crate) struct ClientInner {
+    pub plugin: Arc<Plugin>,
+    pub raw: *mut ffi::PJRT_Client,
+    /// Boxed so its address is stable: the plugin holds it as user_arg.
+    _kv: Option<Box<Arc<dyn KeyValueStore>>>,
+}
+
+// SAFETY: PJRT clients are thread-safe.
+unsafe impl Send for ClientInner {}
+unsafe impl Sync for ClientInner {}
+
+impl Drop for ClientInner {
+    fn drop(&mut self) {
+        let mut a = args!(PJRT_Client_Destroy_Args { client: self.raw });
+        if let Err(e) = pjrt_call!(self.plugin, PJRT_Client_Destroy, &mut a, "destroying client") {
+            tracing::warn!("{e}");
+        }
+    }
+}
+
+/// A PJRT client: the devices of one plugin in this process.
+#[derive(Clone)]
+pub struct Client {
+    pub(crate) inner: Arc<ClientInner>,
+}
+
+impl fmt::Debug for Client {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Client({}, {} devices)", self.platform_name(), self.devices().len())
+    }
+}
+
+/// One addressable device of a client.
+#[derive(Clone)]
+pub struct Device {
+    pub(crate) raw: *mut ffi::PJRT_Device,
+    id: i32,
+    kind: String,
+    debug: String,
+    _client: Arc<ClientInner>,
+}
+
+// SAFETY: device handles are immutable and owned by the (thread-safe) client.
+unsafe impl Send for Device {}
+unsafe impl Sync for Device {}
+
+impl fmt::Debug for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Device({} {})", self.id, self.kind)
+    }
+}
+
+impl Device {
+    pub fn id(&self) -> i32 {
+        self.id
+    }
+
+    pub fn kind(&self) -> &str {
+        &self.kind
+    }
+
+    pub fn debug_string(&self) -> &str {
+        &self.debug
+    }
+}
+
+/// Copies a `(ptr, len)` string the plugin returned.
+fn plugin_str(ptr: *const c_char, len: usize) -> String {
+    if ptr.is_null() {
+        return String::new();
+    }
+    // SAFETY: the plugin guarantees `len` readable bytes at `ptr`.
+    String::from_utf8_lossy(unsafe { std::slice::from_raw_parts(ptr as *const u8, len) }).into_owned()
+}
+
+impl Client {
+    /// Creates a client from a loaded plugin with named options (e.g.
+    /// `cpu_device_count`) and an optional key-value store.
+    pub fn new(plugin: Arc<Plugin>, options: &[(&str, ClientOption)], kv: Option<Arc<dyn KeyValueStore>>) -> Result<Client> {
+        let ctx = format!("creating PJRT client from {}", plugin.path().display());
+        if plugin.is_tpu() && !super::plugin::tpu_present() {
+            return Err(Error::new(
+                ctx,
+                "no TPU device on this machine (/dev/accel* or /dev/vfio/*); refusing to create a libtpu client, \
+                 which would query the cloud metadata server",
+            ));
+        }
+        let strings: Vec<String> = options
+            .iter()
+            .map(|(_, v)| if let ClientOption::Str(s) = v { s.clone() } else { String::new() })
+            .collect();
+        let named: Vec<ffi::PJRT_NamedValue> = options
+            .iter()
+            .zip(&strings)
+            .map(|((name, value), s)| {
+                let mut nv = args!(PJRT_NamedValue { name: name.as_ptr() as *const c_char, name_size: name.len() });
+                match value {
+                    ClientOption::Int(i) => {
+                        nv.type_ = ffi::PJRT_NamedValue_kInt64;
+                        nv.__bindgen_anon_1.int64_value = *i;
+                        nv.value_size = 1;
+                    }
+                    ClientOption::Bool(b) => {
+                        nv.type_ = ffi::PJRT_NamedValue_kBool;
+                        nv.__bindgen_anon_1.bool_value = *b;
+                        nv.value_size = 1;
+                    }
+                    ClientOption::Float(f) => {
+                        nv.type_ = ffi::PJRT_NamedValue_kFloat;
+                        nv.__bindgen_anon_1.float_value = *f;
+                        nv.value_size = 1;
+                    }
+                    ClientOption::Str(_) => {
+                        nv.type_ = ffi::PJRT_NamedValue_kString;
+                        nv.__bindgen_anon_1.string_value = s.as_ptr() as *const c_char;
+                        nv.value_size = s.len();
+                    }
+                }
+                nv
+            })
+            .collect();
+        let kv_box: Option<Box<Arc<dyn KeyValueStore>>> = kv.map(Box::new);
+        let mut a = args!(PJRT_Client_Create_Args { create_options: named.as_ptr(), num_options: named.len() });
+        if let Some(b) = &kv_box {
+            let user = &**b as *const Arc<dyn KeyValueStore> as *mut std::ffi::c_void;
+            a.kv_get_callback = Some(kv_get_trampoline);
+            a.kv_get_user_arg = user;
+            a.kv_put_callback = Some(kv_put_trampoline);
+            a.kv_put_user_arg = user;
+        }
+        pjrt_call!(plugin, PJRT_Client_Create, &mut a, &ctx)?;
+        if a.client.is_null() {
+            return Err(Error::new(ctx, "plugin returned no client"));
+        }
+        Ok(Client { inner: Arc::new(ClientInner { plugin, raw: a.client, _kv: kv_box }) })
+    }
+
+    /// A CPU client with `device_count` devices from the discovered
+    /// `xla-cpu-pjrt` plugin.
+    pub fn cpu(device_count: usize) -> Result<Client> {
+        let loc = find_plugin(Backend::Cpu, None)?;
+        let plugin = Plugin::load(&loc.path)?;
+        Client::new(plugin, &[("cpu_device_count", ClientOption::Int(device_count as i64))], None)
+    }
+
+    pub fn plugin(&self) -> &Arc<Plugin> {
+        &self.inner.plugin
+    }
+
+    pub fn platform_name(&self) -> String {
+        let mut a = args!(PJRT_Client_PlatformName_Args { client: self.inner.raw });
+        match pjrt_call!(self.inner.plugin, PJRT_Client_PlatformName, &mut a, "platform name") {
+            Ok(()) => plugin_str(a.platform_name, a.platform_name_size),
+            Err(e) => format!("<{e}>"),
+        }
+    }
+
+    /// The devices this process can address, in the plugin's order.
+    pub fn devices(&self) -> Vec<Device> {
+        let mut a = args!(PJRT_Client_AddressableDevices_Args { client: self.inner.raw });
+        if let Err(e) = pjrt_call!(self.inner.plugin, PJRT_Client_AddressableDevices, &mut a, "listing devices") {
+            tracing::error!("{e}");
+            return vec![];
+        }
+        // SAFETY: the plugin returns `num` device pointers owned by the client.
+        let raws = unsafe { std::slice::from_raw_parts(a.addressable_devices, a.num_addressable_devices) };
+        raws.iter().map(|&d| self.device_from_raw(d)).collect()
+    }
+
+    pub(crate) fn device_from_raw(&self, raw: *mut ffi::PJRT_Device) -> Device {
+        let p = &self.inner.plugin;
+        let mut desc = args!(PJRT_Device_GetDescription_Args { device: raw });
+        let _ = pjrt_call!(p, PJRT_Device_GetDescription, &mut desc, "device description");
+        let dd = desc.device_description;
+        let mut id = args!(PJRT_DeviceDescription_Id_Args { device_description: dd });
+        let _ = pjrt_call!(p, PJRT_DeviceDescription_Id, &mut id, "device id");
+        let mut kind = args!(PJRT_DeviceDescription_Kind_Args { device_description: dd });
+        let _ = pjrt_call!(p, PJRT_DeviceDescription_Kind, &mut kind, "device kind");
+        let mut dbg = args!(PJRT_DeviceDescription_DebugString_Args { device_description: dd });
+        let _ = pjrt_call!(p, PJRT_DeviceDescription_DebugString, &mut dbg, "device debug string");
+        Device {
+            raw,
+            id: id.id,
+            kind: plugin_str(kind.device_kind, kind.device_kind_size),
+            debug: plugin_str(dbg.debug_string, dbg.debug_string_size),
+            _client: self.inner.clone(),
+        }
+    }
+
+    /// Copies `data` (row-major, `dims`) to `device`.
+    pub fn buffer_from_host<T: NativeType>(&self, data: &[T], dims: &[i64], device: &Device) -> Result<Buffer> {
+        // SAFETY: a slice of plain-old-data viewed as bytes.
+        let bytes = unsafe { std::slice::from_raw_parts(data.as_ptr() as *const u8, std::mem::size_of_val(data)) };
+        self.buffer_from_bytes(bytes, T::TYPE, dims, device)
+    }
+
+    /// Copies raw little-endian element bytes to `device`.
+    pub fn buffer_from_bytes(&self, bytes: &[u8], ty: ElementType, dims: &[i64], device: &Device) -> Result<Buffer> {
+        let ctx = format!("copying {ty:?}{dims:?} to device {}", device.id);
+        if dims.iter().any(|&d| d < 0) {
+            return Err(Error::new(ctx, "negative dimension"));
+        }
+        let want = dims.iter().product::<i64>() as usize * ty.size_in_bytes();
+        if bytes.len() != want {
+            return Err(Error::new(ctx, format!("{} bytes given, {want} expected", bytes.len())));
+        }
+        let p = &self.inner.plugin;
+        let mut a = args!(PJRT_Client_BufferFromHostBuffer_Args {
+            client: self.inner.raw,
+            data: bytes.as_ptr() as *const std::ffi::c_void,
+            type_: ty.to_raw(),
+            dims: dims.as_ptr(),
+            num_dims: dims.len(),
+            host_buffer_semantics: ffi::PJRT_HostBufferSemantics_kImmutableOnlyDuringCall,
+            device: device.raw,
+        });
+        pjrt_call!(p, PJRT_Client_BufferFromHostBuffer, &mut a, &ctx)?;
+        let buffer = Buffer::from_raw(self.inner.clone(), a.buffer);
+        // The host bytes may be freed once the plugin is done with them.
+        super::buffer::await_event(p, a.done_with_host_buffer, &ctx)?;
+        Ok(buffer)
+    }
+
+    /// Compiles a StableHLO module given as MLIR text.
+    pub fn compile(&self, mlir: &str, options: &CompileOptions) -> Result<Executable> {
+        let ctx = "compiling StableHLO module";
+        let format = "mlir";
+        let program = args!(PJRT_Program {
+            code: mlir.as_ptr() as *mut c_char,
+            code_size: mlir.len(),
+            format: format.as_ptr() as *const c_char,
+            format_size: format.len(),
+        });
+        let opts = options.to_proto_bytes();
+        let mut a = args!(PJRT_Client_Compile_Args {
+            client: self.inner.raw,
+            program: &program,
+            compile_options: opts.as_ptr() as *const c_char,
+            compile_options_size: opts.len(),
+        });
+        pjrt_call!(self.inner.plugin, PJRT_Client_Compile, &mut a, ctx)?;
+        Executable::from_raw(self.clone(), a.executable)
+    }
+}
+
+// ---------------------------------------------------------------- key-value trampolines
+
+/// Builds the PJRT_Error the plugin expects from a callback failure.
+unsafe fn callback_error(cb: *mut ffi::PJRT_CallbackError, e: &Error) -> *mut ffi::PJRT_Error {
+    let msg = e.to_string();
+    let code = e.code.unwrap_or(ErrorCode::Unknown).to_raw();
+    match cb.as_ref().and_then(|f| *f) {
+        Some(f) => f(code as ffi::PJRT_Error_Code, msg.as_ptr() as *const c_char, msg.len()),
+        None => ptr::null_mut(),
+    }
+}
+
+unsafe extern "C" fn free_value(value: *mut c_char) {
+    libc::free(value as *mut libc::c_void);
+}
+
+unsafe extern "C" fn kv_get_trampoline(args: *mut ffi::PJRT_KeyValueGetCallback_Args) -> *mut ffi::PJRT_Error {
+    let a = &mut *args;
+    let store = &*(a.user_arg as *const Arc<dyn KeyValueStore>);
+    let key = plugin_str(a.key, a.key_size);
+    let timeout = Duration::from_millis(a.timeout_in_ms.max(0) as u64);
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| store.get(&key, timeout))) {
+        Ok(Ok(value)) => {
+            // The plugin frees the value through the deleter we hand it.
+            let buf = libc::malloc(value.len().max(1)) as *mut c_char;
+            if buf.is_null() {
+                return callback_error(a.callback_error, &Error::new("kv get", "out of memory"));
+            }
+            ptr::copy_nonoverlapping(value.as_ptr() as *const c_char, buf, value.len());
+            a.value = buf;
+            a.value_size = value.len();
+            a.value_deleter_callback = Some(free_value);
+            ptr::null_mut()
+        }
+        Ok(Err(e)) => callback_error(a.callback_error, &e),
+        Err(_) => callback_error(a.callback_error, &Error::new("kv get", format!("store panicked on key {key}"))),
+    }
+}
+
+unsafe extern "C" fn kv_put_trampoline(args: *mut ffi::PJRT_KeyValuePutCallback_Args) -> *mut ffi::PJRT_Error {
+    let a = &mut *args;
+    let store = &*(a.user_arg as *const Arc<dyn KeyValueStore>);
+    let key = plugin_str(a.key, a.key_size);
+    let value: &[u8] = if a.value.is_null() { &[] } else { std::slice::from_raw_parts(a.value as *const u8, a.value_size) };
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| store.put(&key, value))) {
+        Ok(Ok(())) => ptr::null_mut(),
+        Ok(Err(e)) => callback_error(a.callback_error, &e),
+        Err(_) => callback_error(a.callback_error, &Error::new("kv put", format!("store panicked on key {key}"))),
+    }
+}

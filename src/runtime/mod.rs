@@ -1,0 +1,27 @@
+//! The PJRT C API, safely wrapped: plugin discovery and loading, clients
+//! with named options and an optional key-value store, devices,
+//! host<->device copies, compilation of StableHLO text, execution on one or
+//! many devices with input donation.
+//!
+//! This module owns every raw pointer and every `unsafe` call into a
+//! plugin; nothing above it touches PJRT directly. Each PJRT object has one
+//! Rust owner whose `Drop` frees it exactly once, and owners keep what they
+//! depend on alive (buffers and executables hold their client, clients
+//! hold their plugin).
+
+mod buffer;
+mod client;
+mod compile_options;
+mod element_type;
+mod error;
+mod executable;
+mod ffi;
+pub(crate) mod plugin;
+
+pub use buffer::Buffer;
+pub use client::{Client, ClientOption, Device, KeyValueStore};
+pub use compile_options::CompileOptions;
+pub use element_type::{ElementType, NativeType};
+pub use error::{Error, ErrorCode, Result};
+pub use executable::{Arg, Executable};
+pub use plugin::{find_plugin, tpu_present, Backend, Plugin, PluginLocation};

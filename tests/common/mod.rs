@@ -1,0 +1,129 @@
+//! Shared helpers for tests that trace, compile and run graphs on the real
+//! CPU PJRT plugin.
+#![allow(dead_code)]
+
+use std::sync::OnceLock;
+
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use sharedmoe::graph::{DType, Graph, HostTensor, Result, Tensor, TensorType};
+use sharedmoe::runtime::Client;
+
+/// One CPU client with 4 devices per test binary (PJRT clients are
+/// thread-safe; creating one per test would only cost time).
+pub fn client() -> &'static Client {
+    static CLIENT: OnceLock<Client> = OnceLock::new();
+    CLIENT.get_or_init(|| Client::cpu(4).expect("CPU PJRT client (run scripts/setup.sh first)"))
+}
+
+pub fn f32t(dims: &[i64]) -> TensorType {
+    TensorType::new(DType::F32, dims)
+}
+
+pub fn f64t(dims: &[i64]) -> TensorType {
+    TensorType::new(DType::F64, dims)
+}
+
+/// Traces `f` over parameters of the given types, compiles and runs it on
+/// one device, and returns every output as f64.
+pub fn eval<F>(inputs: &[(TensorType, Vec<f64>)], f: F) -> Vec<Vec<f64>>
+where
+    F: FnOnce(&Graph, &[Tensor]) -> Result<Vec<Tensor>>,
+{
+    eval_host(inputs, f).into_iter().map(|h| h.to_f64()).collect()
+}
+
+pub fn eval_host<F>(inputs: &[(TensorType, Vec<f64>)], f: F) -> Vec<HostTensor>
+where
+    F: FnOnce(&Graph, &[Tensor]) -> Result<Vec<Tensor>>,
+{
+    let g = Graph::new();
+    let params: Vec<Tensor> =
+        inputs.iter().enumerate().map(|(i, (ty, _))| g.param(&format!("x{i}"), ty.clone()).unwrap()).collect();
+    let outs = f(&g, &params).expect("trace");
+    let refs: Vec<&Tensor> = outs.iter().collect();
+    let func = g.build(&refs).expect("build");
+    let compiled = func.compile(client()).unwrap_or_else(|e| panic!("compile: {e}\n{}", func.to_mlir().unwrap()));
+    let host: Vec<HostTensor> = inputs.iter().map(|(ty, v)| HostTensor::from_f64(v, ty.clone()).unwrap()).collect();
+    compiled.run(client(), &host).expect("run")
+}
+
+pub fn rng(seed: u64) -> ChaCha8Rng {
+    ChaCha8Rng::seed_from_u64(seed)
+}
+
+/// `n` values uniform in [lo, hi).
+pub fn uniform(rng: &mut ChaCha8Rng, n: usize, lo: f64, hi: f64) -> Vec<f64> {
+    (0..n).map(|_| rng.gen_range(lo..hi)).collect()
+}
+
+/// `n` standard-normal values (Box-Muller).
+pub fn normal(rng: &mut ChaCha8Rng, n: usize) -> Vec<f64> {
+    (0..n)
+        .map(|_| {
+            let (u, v): (f64, f64) = (rng.gen_range(1e-12..1.0), rng.gen_range(0.0..1.0));
+            (-2.0 * u.ln()).sqrt() * (2.0 * std::f64::consts::PI * v).cos()
+        })
+        .collect()
+}
+
+pub fn assert_close(got: &[f64], want: &[f64], tol: f64, what: &str) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        let err = (g - w).abs() / w.abs().max(1.0);
+        assert!(err <= tol, "{what}[{i}]: got {g}, want {w} (err {err:.3e} > {tol:.1e})\n got: {got:?}\nwant: {want:?}");
+    }
+}
+
+/// Checks the traced gradient of `f` against central finite differences in
+/// f64. `f` maps the parameters (f64 tensors of the given shapes) to any
+/// float tensor; the checked scalar is `sum(f(x) * w)` for a fixed random
+/// `w`, so every output element contributes. `points` are the evaluation
+/// points, one value list per input. Returns the worst relative error
+/// (per input: ||fd - ad|| / ||fd||).
+pub fn check_grad<F>(shapes: &[Vec<i64>], points: &[Vec<f64>], f: F) -> f64
+where
+    F: Fn(&Graph, &[Tensor]) -> Result<Tensor>,
+{
+    let g = Graph::new();
+    let params: Vec<Tensor> = shapes.iter().enumerate().map(|(i, s)| g.param(&format!("x{i}"), f64t(s)).unwrap()).collect();
+    let out = f(&g, &params).expect("trace f");
+    let out = out.convert(DType::F64).unwrap();
+    let n_out = out.ty().num_elements() as usize;
+    let mut r = rng(99);
+    let w = g.constant(&uniform(&mut r, n_out, -1.0, 1.0), out.ty()).unwrap();
+    let loss = out.mul(&w).unwrap().sum_all().unwrap();
+    let refs: Vec<&Tensor> = params.iter().collect();
+    let grads = sharedmoe::graph::grad(&loss, &refs).expect("grad");
+    let mut outs = vec![&loss];
+    outs.extend(grads.iter());
+    let func = g.build(&outs).unwrap();
+    let compiled = func.compile(client()).unwrap_or_else(|e| panic!("compile: {e}\n{}", func.to_mlir().unwrap()));
+
+    let run = |vals: &[Vec<f64>]| -> Vec<Vec<f64>> {
+        let host: Vec<HostTensor> =
+            shapes.iter().zip(vals).map(|(s, v)| HostTensor::from_f64(v, f64t(s)).unwrap()).collect();
+        compiled.run(client(), &host).expect("run").iter().map(|h| h.to_f64()).collect()
+    };
+    let base = run(points);
+    let h = 1e-6;
+    let mut worst: f64 = 0.0;
+    for (k, point) in points.iter().enumerate() {
+        let analytic = &base[1 + k];
+        let mut fd = vec![0.0; point.len()];
+        for i in 0..point.len() {
+            let mut plus = points.to_vec();
+            let mut minus = points.to_vec();
+            plus[k][i] += h;
+            minus[k][i] -= h;
+            fd[i] = (run(&plus)[0][0] - run(&minus)[0][0]) / (2.0 * h);
+        }
+        let diff: f64 = fd.iter().zip(analytic).map(|(a, b)| (a - b).powi(2)).sum::<f64>().sqrt();
+        let norm: f64 = fd.iter().map(|a| a * a).sum::<f64>().sqrt();
+        let rel = if norm < 1e-9 { diff } else { diff / norm };
+        assert!(rel.is_finite(), "input {k}: non-finite error; fd {fd:?} ad {analytic:?}");
+        assert!(rel < 1e-6, "input {k}: relative error {rel:.3e}\n   fd: {fd:?}\n   ad: {analytic:?}");
+        worst = worst.max(rel);
+    }
+    worst
+}
