@@ -20,7 +20,10 @@ fn header_candidates(manifest: &Path) -> Vec<PathBuf> {
     for venv in venvs {
         if let Ok(entries) = std::fs::read_dir(venv.join("lib")) {
             for e in entries.flatten() {
-                dirs.push(e.path().join("site-packages/xla_plugins/xla_cpu_pjrt/include"));
+                dirs.push(
+                    e.path()
+                        .join("site-packages/xla_plugins/xla_cpu_pjrt/include"),
+                );
             }
         }
     }
@@ -28,12 +31,16 @@ fn header_candidates(manifest: &Path) -> Vec<PathBuf> {
 }
 
 fn main() {
-    let manifest = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let manifest =
+        PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     println!("cargo:rerun-if-changed=build.rs");
     println!("cargo:rerun-if-changed=proto");
     println!("cargo:rerun-if-env-changed=SHAREDMOE_PJRT_INCLUDE");
-    println!("cargo:rustc-env=SHAREDMOE_BUILD_VENV={}", manifest.join(".venv").display());
+    println!(
+        "cargo:rustc-env=SHAREDMOE_BUILD_VENV={}",
+        manifest.join(".venv").display()
+    );
 
     let candidates = header_candidates(&manifest);
     let Some(include) = candidates.iter().find(|d| d.join(HEADER).is_file()) else {
@@ -41,7 +48,11 @@ fn main() {
             "\n\nsharedmoe: cannot find {HEADER} (shipped by the `xla-cpu-pjrt` pip package).\n\
              Run scripts/setup.sh (installs it into .venv), or set SHAREDMOE_PJRT_INCLUDE to the\n\
              directory holding it. Looked in:\n  {}\n",
-            candidates.iter().map(|d| d.display().to_string()).collect::<Vec<_>>().join("\n  ")
+            candidates
+                .iter()
+                .map(|d| d.display().to_string())
+                .collect::<Vec<_>>()
+                .join("\n  ")
         );
     };
     let header = include.join(HEADER);

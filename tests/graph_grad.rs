@@ -55,7 +55,10 @@ fn grad_binary_ops() {
     binary(|a, b| a.sub(b), randn(3, 6), randn(4, 6));
     binary(|a, b| a.mul(b), randn(5, 6), randn(6, 6));
     binary(|a, b| a.div(b), randn(7, 6), positive(8, 6));
-    let (a, b) = (distinct(9, 6), distinct(10, 6).iter().map(|v| v + 0.1).collect());
+    let (a, b) = (
+        distinct(9, 6),
+        distinct(10, 6).iter().map(|v| v + 0.1).collect(),
+    );
     binary(|a, b| a.maximum(b), a.clone(), b);
     let b2: Vec<f64> = distinct(11, 6).iter().map(|v| v + 0.05).collect();
     binary(|a, b| a.minimum(b), a, b2);
@@ -65,31 +68,53 @@ fn grad_binary_ops() {
 #[test]
 fn grad_broadcasting_binary() {
     // [2, 1, 3] * [4, 1] -> [2, 4, 3]
-    check_grad(&[vec![2, 1, 3], vec![4, 1]], &[randn(1, 6), randn(2, 4)], |_, p| p[0].mul(&p[1]));
-    check_grad(&[vec![3], vec![]], &[randn(3, 3), vec![0.7]], |_, p| p[0].sub(&p[1])?.div(&p[1]));
+    check_grad(
+        &[vec![2, 1, 3], vec![4, 1]],
+        &[randn(1, 6), randn(2, 4)],
+        |_, p| p[0].mul(&p[1]),
+    );
+    check_grad(&[vec![3], vec![]], &[randn(3, 3), vec![0.7]], |_, p| {
+        p[0].sub(&p[1])?.div(&p[1])
+    });
 }
 
 #[test]
 fn grad_select_and_convert() {
-    check_grad(&[vec![2, 3], vec![2, 3]], &[randn(1, 6), randn(2, 6)], |_, p| {
-        let pred = p[0].gt(&p[1])?;
-        pred.select(&p[0].mul(&p[1])?, &p[1].exp()?)
-    });
+    check_grad(
+        &[vec![2, 3], vec![2, 3]],
+        &[randn(1, 6), randn(2, 6)],
+        |_, p| {
+            let pred = p[0].gt(&p[1])?;
+            pred.select(&p[0].mul(&p[1])?, &p[1].exp()?)
+        },
+    );
     // f64 -> f64 convert is the identity; the cross-dtype rule is checked
     // in the graph unit tests by type, and here through an exact case.
-    check_grad(&[vec![4]], &[randn(3, 4)], |_, p| p[0].convert(DType::F64)?.mul(&p[0]));
+    check_grad(&[vec![4]], &[randn(3, 4)], |_, p| {
+        p[0].convert(DType::F64)?.mul(&p[0])
+    });
 }
 
 #[test]
 fn grad_shape_ops() {
     let x = randn(1, 24);
-    check_grad(&[vec![2, 3, 4]], &[x.clone()], |_, p| p[0].reshape(&[4, 6])?.exp());
-    check_grad(&[vec![2, 3, 4]], &[x.clone()], |_, p| p[0].transpose(&[2, 0, 1])?.sin());
-    check_grad(&[vec![3, 1]], &[randn(2, 3)], |_, p| p[0].broadcast_in_dim(&[2, 3, 5], &[1, 2])?.tanh());
-    check_grad(&[vec![2, 3, 4]], &[x.clone()], |_, p| p[0].slice(&[0, 1, 0], &[2, 3, 4], &[1, 1, 2])?.exp());
-    check_grad(&[vec![2, 3], vec![2, 2]], &[randn(3, 6), randn(4, 4)], |_, p| {
-        concatenate(&[&p[0], &p[1], &p[0]], 1)?.cos()
+    check_grad(&[vec![2, 3, 4]], &[x.clone()], |_, p| {
+        p[0].reshape(&[4, 6])?.exp()
     });
+    check_grad(&[vec![2, 3, 4]], &[x.clone()], |_, p| {
+        p[0].transpose(&[2, 0, 1])?.sin()
+    });
+    check_grad(&[vec![3, 1]], &[randn(2, 3)], |_, p| {
+        p[0].broadcast_in_dim(&[2, 3, 5], &[1, 2])?.tanh()
+    });
+    check_grad(&[vec![2, 3, 4]], &[x.clone()], |_, p| {
+        p[0].slice(&[0, 1, 0], &[2, 3, 4], &[1, 1, 2])?.exp()
+    });
+    check_grad(
+        &[vec![2, 3], vec![2, 2]],
+        &[randn(3, 6), randn(4, 4)],
+        |_, p| concatenate(&[&p[0], &p[1], &p[0]], 1)?.cos(),
+    );
     check_grad(&[vec![2, 3], vec![]], &[randn(5, 6), vec![0.3]], |_, p| {
         p[0].pad(&p[1], &[1, 0], &[0, 2], &[1, 1])?.exp()
     });
@@ -101,28 +126,57 @@ fn grad_dynamic_slices() {
         let (i, j) = (g.scalar(1.0, DType::I32)?, g.scalar(2.0, DType::I32)?);
         p[0].dynamic_slice(&[&i, &j], &[2, 3])?.exp()
     });
-    check_grad(&[vec![4, 5], vec![2, 2]], &[randn(2, 20), randn(3, 4)], |g, p| {
-        let (i, j) = (g.scalar(2.0, DType::I32)?, g.scalar(1.0, DType::I32)?);
-        p[0].dynamic_update_slice(&p[1].exp()?, &[&i, &j])?.sin()
-    });
+    check_grad(
+        &[vec![4, 5], vec![2, 2]],
+        &[randn(2, 20), randn(3, 4)],
+        |g, p| {
+            let (i, j) = (g.scalar(2.0, DType::I32)?, g.scalar(1.0, DType::I32)?);
+            p[0].dynamic_update_slice(&p[1].exp()?, &[&i, &j])?.sin()
+        },
+    );
 }
 
 #[test]
 fn grad_dot_general() {
     // Batch dim 0 on both sides, two contracting dims, free dims on both.
-    let dims = DotDims { lhs_contract: vec![3, 1], rhs_contract: vec![0, 2], lhs_batch: vec![0], rhs_batch: vec![3] };
-    check_grad(&[vec![2, 3, 4, 2], vec![2, 5, 3, 2]], &[randn(1, 48), randn(2, 60)], |_, p| p[0].dot_general(&p[1], &dims));
-    check_grad(&[vec![3, 4], vec![4, 2]], &[randn(3, 12), randn(4, 8)], |_, p| p[0].matmul(&p[1]));
-    check_grad(&[vec![2, 3, 4], vec![2, 4, 2]], &[randn(5, 24), randn(6, 16)], |_, p| p[0].matmul(&p[1]));
-    check_grad(&[vec![2, 3, 4], vec![5, 4]], &[randn(7, 24), randn(8, 20)], |_, p| p[0].linear(&p[1]));
+    let dims = DotDims {
+        lhs_contract: vec![3, 1],
+        rhs_contract: vec![0, 2],
+        lhs_batch: vec![0],
+        rhs_batch: vec![3],
+    };
+    check_grad(
+        &[vec![2, 3, 4, 2], vec![2, 5, 3, 2]],
+        &[randn(1, 48), randn(2, 60)],
+        |_, p| p[0].dot_general(&p[1], &dims),
+    );
+    check_grad(
+        &[vec![3, 4], vec![4, 2]],
+        &[randn(3, 12), randn(4, 8)],
+        |_, p| p[0].matmul(&p[1]),
+    );
+    check_grad(
+        &[vec![2, 3, 4], vec![2, 4, 2]],
+        &[randn(5, 24), randn(6, 16)],
+        |_, p| p[0].matmul(&p[1]),
+    );
+    check_grad(
+        &[vec![2, 3, 4], vec![5, 4]],
+        &[randn(7, 24), randn(8, 20)],
+        |_, p| p[0].linear(&p[1]),
+    );
 }
 
 #[test]
 fn grad_reductions() {
     let x = distinct(1, 24);
-    check_grad(&[vec![2, 3, 4]], &[x.clone()], |_, p| p[0].reduce_sum(&[0, 2]));
+    check_grad(&[vec![2, 3, 4]], &[x.clone()], |_, p| {
+        p[0].reduce_sum(&[0, 2])
+    });
     check_grad(&[vec![2, 3, 4]], &[x.clone()], |_, p| p[0].reduce_max(&[1]));
-    check_grad(&[vec![2, 3, 4]], &[x.clone()], |_, p| p[0].reduce_min(&[2, 0]));
+    check_grad(&[vec![2, 3, 4]], &[x.clone()], |_, p| {
+        p[0].reduce_min(&[2, 0])
+    });
     check_grad(&[vec![2, 3, 4]], &[x.clone()], |_, p| p[0].mean(&[-1]));
     check_grad(&[vec![2, 3, 4]], &[x.clone()], |_, p| p[0].logsumexp(-1));
     check_grad(&[vec![2, 3, 4]], &[x.clone()], |_, p| p[0].softmax(1));
@@ -143,15 +197,21 @@ fn grad_gather_and_scatter() {
         let idx = g.constant(&[4.0, 0.0, 4.0, 2.0], TensorType::new(DType::I32, &[2, 2]))?;
         p[0].take(&idx)?.sin()
     });
-    check_grad(&[vec![4, 2], vec![3, 2]], &[randn(2, 8), randn(3, 6)], |g, p| {
-        let idx = g.constant(&[1.0, 3.0, 1.0], TensorType::new(DType::I32, &[3]))?;
-        p[0].scatter_add(&idx, &p[1])?.exp()
-    });
+    check_grad(
+        &[vec![4, 2], vec![3, 2]],
+        &[randn(2, 8), randn(3, 6)],
+        |g, p| {
+            let idx = g.constant(&[1.0, 3.0, 1.0], TensorType::new(DType::I32, &[3]))?;
+            p[0].scatter_add(&idx, &p[1])?.exp()
+        },
+    );
 }
 
 #[test]
 fn grad_all_reduce_single_replica() {
-    check_grad(&[vec![3]], &[randn(1, 3)], |_, p| p[0].exp()?.all_reduce_sum()?.sin());
+    check_grad(&[vec![3]], &[randn(1, 3)], |_, p| {
+        p[0].exp()?.all_reduce_sum()?.sin()
+    });
 }
 
 // ---------------------------------------------------------------- compositions
@@ -161,7 +221,9 @@ fn softmax_cross_entropy(logits: &Tensor, labels: &Tensor) -> Result<Tensor> {
     let v = logits.dim(-1)?;
     let g = logits.graph();
     let classes = g.iota(TensorType::new(DType::I32, &[logits.dim(0)?, v]), 1)?;
-    let onehot = classes.eq(&labels.reshape(&[-1, 1])?)?.convert(logits.dtype())?;
+    let onehot = classes
+        .eq(&labels.reshape(&[-1, 1])?)?
+        .convert(logits.dtype())?;
     let logp = logits.log_softmax(-1)?;
     logp.mul(&onehot)?.reduce_sum(&[1])?.mean_all()?.neg()
 }
@@ -175,22 +237,33 @@ fn grad_softmax_cross_entropy() {
 }
 
 fn rms_norm(x: &Tensor, gain: &Tensor, eps: f64) -> Result<Tensor> {
-    let ms = x.square()?.mean(&[-1])?.reshape(&[x.dims()[..x.rank() - 1].to_vec(), vec![1]].concat())?;
+    let ms = x
+        .square()?
+        .mean(&[-1])?
+        .reshape(&[x.dims()[..x.rank() - 1].to_vec(), vec![1]].concat())?;
     x.mul(&ms.add_scalar(eps)?.rsqrt()?)?.mul(gain)
 }
 
 #[test]
 fn grad_rms_norm() {
-    check_grad(&[vec![3, 5], vec![5]], &[randn(1, 15), randn(2, 5)], |_, p| rms_norm(&p[0], &p[1], 1e-5));
+    check_grad(
+        &[vec![3, 5], vec![5]],
+        &[randn(1, 15), randn(2, 5)],
+        |_, p| rms_norm(&p[0], &p[1], 1e-5),
+    );
 }
 
 /// Causal multi-head attention: x [T, D] with H heads of size D/H.
 fn attention(x: &Tensor, wq: &Tensor, wk: &Tensor, wv: &Tensor, heads: i64) -> Result<Tensor> {
     let (t, d) = (x.dim(0)?, x.dim(1)?);
     let hd = d / heads;
-    let split = |w: &Tensor| -> Result<Tensor> { x.linear(w)?.reshape(&[t, heads, hd])?.transpose(&[1, 0, 2]) };
+    let split = |w: &Tensor| -> Result<Tensor> {
+        x.linear(w)?.reshape(&[t, heads, hd])?.transpose(&[1, 0, 2])
+    };
     let (q, k, v) = (split(wq)?, split(wk)?, split(wv)?);
-    let scores = q.matmul(&k.transpose(&[0, 2, 1])?)?.mul_scalar(1.0 / (hd as f64).sqrt())?;
+    let scores = q
+        .matmul(&k.transpose(&[0, 2, 1])?)?
+        .mul_scalar(1.0 / (hd as f64).sqrt())?;
     let g = x.graph();
     let row = g.iota(TensorType::new(DType::I32, &[heads, t, t]), 1)?;
     let col = g.iota(TensorType::new(DType::I32, &[heads, t, t]), 2)?;
@@ -202,8 +275,14 @@ fn attention(x: &Tensor, wq: &Tensor, wk: &Tensor, wv: &Tensor, heads: i64) -> R
 #[test]
 fn grad_causal_attention() {
     let shapes = [vec![4, 6], vec![6, 6], vec![6, 6], vec![6, 6]];
-    let pts: Vec<Vec<f64>> = [24, 36, 36, 36].iter().enumerate().map(|(i, &n)| randn(i as u64 + 1, n)).collect();
-    check_grad(&shapes, &pts, |_, p| attention(&p[0], &p[1], &p[2], &p[3], 2));
+    let pts: Vec<Vec<f64>> = [24, 36, 36, 36]
+        .iter()
+        .enumerate()
+        .map(|(i, &n)| randn(i as u64 + 1, n))
+        .collect();
+    check_grad(&shapes, &pts, |_, p| {
+        attention(&p[0], &p[1], &p[2], &p[3], 2)
+    });
 }
 
 /// Top-2 routed mixture of experts: router softmax over E experts, top-2,
@@ -217,8 +296,16 @@ fn top2_mixture(x: &Tensor, router: &Tensor, experts: &Tensor) -> Result<Tensor>
     let weights = top.div(&top.reduce_sum(&[1])?.reshape(&[n, 1])?)?;
     let chosen = experts.take(&idx)?; // [N, 2, D, D]
     let xb = x.reshape(&[n, 1, 1, d])?.broadcast_to(&[n, 2, 1, d])?;
-    let dims = DotDims { lhs_contract: vec![3], rhs_contract: vec![2], lhs_batch: vec![0, 1], rhs_batch: vec![0, 1] };
-    let y = xb.dot_general(&chosen, &dims)?.reshape(&[n, 2, d])?.tanh()?; // [N, 2, D]
+    let dims = DotDims {
+        lhs_contract: vec![3],
+        rhs_contract: vec![2],
+        lhs_batch: vec![0, 1],
+        rhs_batch: vec![0, 1],
+    };
+    let y = xb
+        .dot_general(&chosen, &dims)?
+        .reshape(&[n, 2, d])?
+        .tanh()?; // [N, 2, D]
     y.mul(&weights.reshape(&[n, 2, 1])?)?.reduce_sum(&[1])
 }
 
@@ -259,15 +346,27 @@ fn row_losses(g: &Graph, w: &Tensor, data: &Tensor, in_loop: bool) -> Result<Ten
 #[test]
 fn grad_accumulated_inside_a_while_loop() {
     let (w, data) = (randn(1, 6), randn(2, 12));
-    let inputs = |w: Vec<f64>| vec![(common::f64t(&[3, 2]), w), (common::f64t(&[4, 3]), data.clone())];
-    let acc = common::eval(&inputs(w.clone()), |g, p| Ok(vec![row_losses(g, &p[0], &p[1], true)?])).remove(0);
+    let inputs = |w: Vec<f64>| {
+        vec![
+            (common::f64t(&[3, 2]), w),
+            (common::f64t(&[4, 3]), data.clone()),
+        ]
+    };
+    let acc = common::eval(&inputs(w.clone()), |g, p| {
+        Ok(vec![row_losses(g, &p[0], &p[1], true)?])
+    })
+    .remove(0);
     let h = 1e-6;
     let fd: Vec<f64> = (0..w.len())
         .map(|i| {
             let (mut plus, mut minus) = (w.clone(), w.clone());
             plus[i] += h;
             minus[i] -= h;
-            let total = |w: Vec<f64>| common::eval(&inputs(w), |g, p| Ok(vec![row_losses(g, &p[0], &p[1], false)?]))[0][0];
+            let total = |w: Vec<f64>| {
+                common::eval(&inputs(w), |g, p| {
+                    Ok(vec![row_losses(g, &p[0], &p[1], false)?])
+                })[0][0]
+            };
             (total(plus) - total(minus)) / (2.0 * h)
         })
         .collect();
@@ -287,5 +386,8 @@ fn grad_of_unused_input_is_zero() {
         sharedmoe::graph::HostTensor::from_f64(&[1.0], TensorType::new(DType::F32, &[3])).unwrap(),
         sharedmoe::graph::HostTensor::from_f64(&[1.0], TensorType::new(DType::F32, &[3])).unwrap(),
     ];
-    assert_eq!(out.run(common::client(), &host).unwrap()[0].to_f64(), vec![0.0; 3]);
+    assert_eq!(
+        out.run(common::client(), &host).unwrap()[0].to_f64(),
+        vec![0.0; 3]
+    );
 }

@@ -52,7 +52,9 @@ fn bench_tiny(client: &Client) {
         .collect();
     let exe = client.compile(&mlir, &Default::default()).unwrap();
     let dev = &client.devices()[0];
-    let x = client.buffer_from_host(&[1f32, 2.0, 3.0, 4.0], &[4], dev).unwrap();
+    let x = client
+        .buffer_from_host(&[1f32, 2.0, 3.0, 4.0], &[4], dev)
+        .unwrap();
     for _ in 0..200 {
         exe.execute(&[&[&x]]).unwrap();
     }
@@ -64,7 +66,11 @@ fn bench_tiny(client: &Client) {
             t.elapsed()
         })
         .collect();
-    println!("tiny program: compile {} (median of 10), execute {} (median of 2000)", fmt(median(compile)), fmt(median(exec)));
+    println!(
+        "tiny program: compile {} (median of 10), execute {} (median of 2000)",
+        fmt(median(compile)),
+        fmt(median(exec))
+    );
 }
 
 /// Params w1 [512, 512], b1 [512], w2 [512, 512], b2 [512]; batch x, y.
@@ -84,11 +90,18 @@ fn mlp_step_function() -> crate::graph::Function {
     let loss = out.sub(&y).unwrap().square().unwrap().mean_all().unwrap();
     let params = [&w1, &b1, &w2, &b2];
     let grads = grad(&loss, &params).unwrap();
-    let mut outs: Vec<_> =
-        params.iter().zip(&grads).map(|(p, g)| p.sub(&g.mul_scalar(LR).unwrap()).unwrap()).collect();
+    let mut outs: Vec<_> = params
+        .iter()
+        .zip(&grads)
+        .map(|(p, g)| p.sub(&g.mul_scalar(LR).unwrap()).unwrap())
+        .collect();
     outs.push(loss);
     let refs: Vec<_> = outs.iter().collect();
-    g.build(&refs).unwrap().with_name("mlp_step").donate(&[0, 1, 2, 3]).unwrap()
+    g.build(&refs)
+        .unwrap()
+        .with_name("mlp_step")
+        .donate(&[0, 1, 2, 3])
+        .unwrap()
 }
 
 fn bench_mlp(client: &Client) -> Duration {
@@ -99,8 +112,13 @@ fn bench_mlp(client: &Client) -> Duration {
     let types = func.param_types();
     let init = |i: usize| {
         let n = types[i].num_elements() as usize;
-        let vals: Vec<f64> = (0..n).map(|k| ((k * 7919 + i * 104729) % 1000) as f64 / 1000.0 - 0.5).collect();
-        HostTensor::from_f64(&vals, types[i].clone()).unwrap().to_device(client, 0).unwrap()
+        let vals: Vec<f64> = (0..n)
+            .map(|k| ((k * 7919 + i * 104729) % 1000) as f64 / 1000.0 - 0.5)
+            .collect();
+        HostTensor::from_f64(&vals, types[i].clone())
+            .unwrap()
+            .to_device(client, 0)
+            .unwrap()
     };
     let mut params: Vec<Buffer> = (0..4).map(init).collect();
     let (x, y) = (init(4), init(5));
@@ -133,7 +151,9 @@ fn jax_peer() -> Option<Duration> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let python = root.join("target/bench-venv/bin/python");
     if !python.exists() {
-        println!("peer (JAX): not installed; run scripts/bench-peers.sh to compare in the same run");
+        println!(
+            "peer (JAX): not installed; run scripts/bench-peers.sh to compare in the same run"
+        );
         return None;
     }
     let out = Command::new(python)
@@ -143,8 +163,19 @@ fn jax_peer() -> Option<Duration> {
         .output()
         .ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let secs: f64 = text.lines().find_map(|l| l.strip_prefix("median_step_s "))?.trim().parse().ok()?;
-    println!("peer (JAX {}) mlp step: {}", text.lines().find_map(|l| l.strip_prefix("jax ")).unwrap_or("?"), fmt(Duration::from_secs_f64(secs)));
+    let secs: f64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("median_step_s "))?
+        .trim()
+        .parse()
+        .ok()?;
+    println!(
+        "peer (JAX {}) mlp step: {}",
+        text.lines()
+            .find_map(|l| l.strip_prefix("jax "))
+            .unwrap_or("?"),
+        fmt(Duration::from_secs_f64(secs))
+    );
     Some(Duration::from_secs_f64(secs))
 }
 
@@ -164,11 +195,18 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
 /// Compile/execute overheads and the MLP step, with the JAX peer's ratio.
 pub fn runtime() -> anyhow::Result<()> {
     let client = Client::cpu(1)?;
-    println!("platform: {} ({} device)", client.platform_name(), client.devices().len());
+    println!(
+        "platform: {} ({} device)",
+        client.platform_name(),
+        client.devices().len()
+    );
     bench_tiny(&client);
     let ours = bench_mlp(&client);
     if let Some(peer) = jax_peer() {
-        println!("ratio sharedmoe / JAX step time: {:.2}", ours.as_secs_f64() / peer.as_secs_f64());
+        println!(
+            "ratio sharedmoe / JAX step time: {:.2}",
+            ours.as_secs_f64() / peer.as_secs_f64()
+        );
     }
     Ok(())
 }

@@ -23,7 +23,11 @@ pub fn run(args: &DevicesArgs) -> anyhow::Result<()> {
     let loc = find_plugin(args.backend, args.plugin.as_deref())?;
     let plugin = Plugin::load(&loc.path)?;
     let (major, minor) = plugin.api_version();
-    println!("plugin: {} ({}), PJRT C API {major}.{minor}", loc.path.display(), loc.source);
+    println!(
+        "plugin: {} ({}), PJRT C API {major}.{minor}",
+        loc.path.display(),
+        loc.source
+    );
     if args.backend == Backend::Tpu && !crate::runtime::tpu_present() {
         anyhow::bail!("no TPU device on this machine (/dev/accel* or /dev/vfio/*); not creating a libtpu client");
     }

@@ -1,4 +1,4 @@
 //! The `sharedmoe` command line: one module per subcommand.
 
-pub mod devices;
 pub mod bench;
+pub mod devices;

@@ -20,14 +20,24 @@ pub fn vjp(outputs: &[&Tensor], seeds: &[&Tensor], wrt: &[&Tensor]) -> Result<Ve
     };
     let g = first.g.clone();
     if outputs.len() != seeds.len() {
-        return usage(format!("vjp: {} outputs but {} cotangents", outputs.len(), seeds.len()));
+        return usage(format!(
+            "vjp: {} outputs but {} cotangents",
+            outputs.len(),
+            seeds.len()
+        ));
     }
     let (out_ids, wrt_ids, nodes) = {
         let mut st = g.st.borrow_mut();
         let block = st.current();
         let mut import_all = |ts: &[&Tensor]| -> Result<Vec<ValueId>> {
             ts.iter()
-                .map(|t| if g.same(&t.g) { st.import(t.id, block) } else { usage("vjp: tensor from another graph") })
+                .map(|t| {
+                    if g.same(&t.g) {
+                        st.import(t.id, block)
+                    } else {
+                        usage("vjp: tensor from another graph")
+                    }
+                })
                 .collect()
         };
         let out_ids = import_all(outputs)?;
@@ -37,7 +47,11 @@ pub fn vjp(outputs: &[&Tensor], seeds: &[&Tensor], wrt: &[&Tensor]) -> Result<Ve
     };
     for (o, s) in outputs.iter().zip(seeds) {
         if o.ty() != s.ty() {
-            return usage(format!("vjp: cotangent {} does not match output {}", s.ty(), o.ty()));
+            return usage(format!(
+                "vjp: cotangent {} does not match output {}",
+                s.ty(),
+                o.ty()
+            ));
         }
     }
 
@@ -65,7 +79,8 @@ pub fn vjp(outputs: &[&Tensor], seeds: &[&Tensor], wrt: &[&Tensor]) -> Result<Ve
             let node = &st.nodes[n];
             (node.prim.clone(), node.inputs.clone(), node.outputs.clone())
         };
-        if !outputs.iter().any(|o| ct.contains_key(o)) || !inputs.iter().any(|i| active.contains(i)) {
+        if !outputs.iter().any(|o| ct.contains_key(o)) || !inputs.iter().any(|i| active.contains(i))
+        {
             continue;
         }
         let ins: Vec<Tensor> = inputs.iter().map(|&v| g.tensor(v)).collect();
@@ -80,7 +95,11 @@ pub fn vjp(outputs: &[&Tensor], seeds: &[&Tensor], wrt: &[&Tensor]) -> Result<Ve
             if grad.ty() != ins[i].ty() {
                 return Err(GraphError::Op {
                     op: prim.name(),
-                    msg: format!("internal: gradient rule gave {} for operand {i} of type {}", grad.ty(), ins[i].ty()),
+                    msg: format!(
+                        "internal: gradient rule gave {} for operand {i} of type {}",
+                        grad.ty(),
+                        ins[i].ty()
+                    ),
                 });
             }
             accumulate(&mut ct, v, grad)?;

@@ -59,7 +59,10 @@ impl HostTensor {
     }
 
     pub fn scalar(v: f64, dtype: DType) -> HostTensor {
-        HostTensor { ty: TensorType::scalar(dtype), bytes: dtype.encode(v) }
+        HostTensor {
+            ty: TensorType::scalar(dtype),
+            bytes: dtype.encode(v),
+        }
     }
 
     /// Every element as f64 (exact for all supported dtypes but i64/u64
@@ -85,9 +88,17 @@ impl HostTensor {
     pub fn to_device(&self, client: &Client, device: usize) -> Result<Buffer> {
         let devices = client.devices();
         let Some(dev) = devices.get(device) else {
-            return usage(format!("device {device} does not exist (client has {})", devices.len()));
+            return usage(format!(
+                "device {device} does not exist (client has {})",
+                devices.len()
+            ));
         };
-        Ok(client.buffer_from_bytes(&self.bytes, self.ty.dtype.element_type(), &self.ty.dims, dev)?)
+        Ok(client.buffer_from_bytes(
+            &self.bytes,
+            self.ty.dtype.element_type(),
+            &self.ty.dims,
+            dev,
+        )?)
     }
 
     pub fn from_buffer(buffer: &Buffer) -> Result<HostTensor> {
@@ -95,7 +106,10 @@ impl HostTensor {
         let Some(dtype) = DType::from_element_type(et) else {
             return usage(format!("buffer has unsupported element type {et:?}"));
         };
-        Ok(HostTensor { ty: TensorType::new(dtype, &buffer.dims()), bytes: buffer.to_bytes()? })
+        Ok(HostTensor {
+            ty: TensorType::new(dtype, &buffer.dims()),
+            bytes: buffer.to_bytes()?,
+        })
     }
 }
 
@@ -113,9 +127,16 @@ impl Function {
     /// Emits the module and compiles it for `num_replicas` devices.
     pub fn compile(&self, client: &Client) -> Result<Compiled> {
         let mlir = self.to_mlir()?;
-        let options = CompileOptions { num_replicas: self.num_replicas, ..Default::default() };
+        let options = CompileOptions {
+            num_replicas: self.num_replicas,
+            ..Default::default()
+        };
         let exe = client.compile(&mlir, &options)?;
-        let params = self.param_names().into_iter().zip(self.param_types()).collect();
+        let params = self
+            .param_names()
+            .into_iter()
+            .zip(self.param_types())
+            .collect();
         Ok(Compiled {
             exe,
             params,
@@ -139,11 +160,19 @@ impl Compiled {
     /// passed as [`Arg::Donated`]; they are consumed.
     pub fn execute(&self, args: Vec<Vec<Arg<'_>>>) -> Result<Vec<Vec<Buffer>>> {
         if args.len() != self.num_replicas {
-            return usage(format!("{} argument lists for {} replicas", args.len(), self.num_replicas));
+            return usage(format!(
+                "{} argument lists for {} replicas",
+                args.len(),
+                self.num_replicas
+            ));
         }
         for (r, list) in args.iter().enumerate() {
             if list.len() != self.params.len() {
-                return usage(format!("replica {r}: {} arguments for {} parameters", list.len(), self.params.len()));
+                return usage(format!(
+                    "replica {r}: {} arguments for {} parameters",
+                    list.len(),
+                    self.params.len()
+                ));
             }
             for (i, (arg, (name, ty))) in list.iter().zip(&self.params).enumerate() {
                 let buf = match arg {
@@ -159,7 +188,9 @@ impl Compiled {
                     ));
                 }
                 if self.donated.contains(&i) && !matches!(arg, Arg::Donated(_)) {
-                    return usage(format!("argument {i} (`{name}`) is donated: pass it as Arg::Donated"));
+                    return usage(format!(
+                        "argument {i} (`{name}`) is donated: pass it as Arg::Donated"
+                    ));
                 }
             }
         }
@@ -173,15 +204,24 @@ impl Compiled {
     }
 
     /// Replica r gets `inputs[r]` on device r.
-    pub fn run_replicated(&self, client: &Client, inputs: &[Vec<HostTensor>]) -> Result<Vec<Vec<HostTensor>>> {
+    pub fn run_replicated(
+        &self,
+        client: &Client,
+        inputs: &[Vec<HostTensor>],
+    ) -> Result<Vec<Vec<HostTensor>>> {
         let mut args = Vec::with_capacity(inputs.len());
         for (r, list) in inputs.iter().enumerate() {
-            let bufs: Vec<Buffer> = list.iter().map(|h| h.to_device(client, r)).collect::<Result<_>>()?;
+            let bufs: Vec<Buffer> = list
+                .iter()
+                .map(|h| h.to_device(client, r))
+                .collect::<Result<_>>()?;
             args.push(bufs.into_iter().map(Arg::Donated).collect());
         }
         // Borrowed would do for non-donated parameters, but these buffers
         // are ours alone, so letting XLA reuse any of them is free.
         let outs = self.execute(args)?;
-        outs.iter().map(|list| list.iter().map(HostTensor::from_buffer).collect()).collect()
+        outs.iter()
+            .map(|list| list.iter().map(HostTensor::from_buffer).collect())
+            .collect()
     }
 }

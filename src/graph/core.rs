@@ -127,7 +127,12 @@ pub struct Graph {
 impl fmt::Debug for Graph {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let st = self.st.borrow();
-        write!(f, "Graph({} values, {} nodes)", st.values.len(), st.nodes.len())
+        write!(
+            f,
+            "Graph({} values, {} nodes)",
+            st.values.len(),
+            st.nodes.len()
+        )
     }
 }
 
@@ -146,7 +151,9 @@ impl Graph {
             open: vec![0],
             params: vec![],
         };
-        Graph { st: Rc::new(RefCell::new(st)) }
+        Graph {
+            st: Rc::new(RefCell::new(st)),
+        }
     }
 
     pub(crate) fn same(&self, other: &Graph) -> bool {
@@ -154,7 +161,10 @@ impl Graph {
     }
 
     pub(crate) fn tensor(&self, id: ValueId) -> Tensor {
-        Tensor { g: self.clone(), id }
+        Tensor {
+            g: self.clone(),
+            id,
+        }
     }
 
     /// Declares the next function parameter. Parameters belong to the
@@ -162,10 +172,14 @@ impl Graph {
     pub fn param(&self, name: &str, ty: TensorType) -> Result<Tensor> {
         let mut st = self.st.borrow_mut();
         if st.current() != 0 {
-            return usage(format!("parameter `{name}` declared inside a loop body; declare it before the loop"));
+            return usage(format!(
+                "parameter `{name}` declared inside a loop body; declare it before the loop"
+            ));
         }
         if let Some(d) = ty.dims.iter().find(|&&d| d < 0) {
-            return usage(format!("parameter `{name}` has a negative dimension {d} in {ty}"));
+            return usage(format!(
+                "parameter `{name}` has a negative dimension {d} in {ty}"
+            ));
         }
         let id = st.new_value(ty, 0, ValueDef::Param);
         st.params.push((name.to_string(), id));
@@ -179,7 +193,10 @@ impl Graph {
     pub(crate) fn apply(&self, prim: impl Primitive, inputs: &[&Tensor]) -> Result<Vec<Tensor>> {
         for t in inputs {
             if !self.same(&t.g) {
-                return usage(format!("{}: operand belongs to a different graph", prim.name()));
+                return usage(format!(
+                    "{}: operand belongs to a different graph",
+                    prim.name()
+                ));
             }
         }
         let mut st = self.st.borrow_mut();
@@ -196,7 +213,11 @@ impl Graph {
             .enumerate()
             .map(|(i, ty)| st.new_value(ty, block, ValueDef::Node(node, i)))
             .collect();
-        st.nodes.push(NodeInfo { prim: Rc::new(prim), inputs: ins, outputs: outputs.clone() });
+        st.nodes.push(NodeInfo {
+            prim: Rc::new(prim),
+            inputs: ins,
+            outputs: outputs.clone(),
+        });
         st.blocks[block].nodes.push(node);
         drop(st);
         Ok(outputs.into_iter().map(|id| self.tensor(id)).collect())
@@ -218,10 +239,15 @@ impl Graph {
         let (b, args) = {
             let mut st = self.st.borrow_mut();
             let parent = st.current();
-            st.blocks.push(BlockInfo { parent: Some(parent), ..Default::default() });
+            st.blocks.push(BlockInfo {
+                parent: Some(parent),
+                ..Default::default()
+            });
             let b = st.blocks.len() - 1;
-            let args: Vec<ValueId> =
-                arg_types.iter().map(|ty| st.new_value(ty.clone(), b, ValueDef::BlockArg)).collect();
+            let args: Vec<ValueId> = arg_types
+                .iter()
+                .map(|ty| st.new_value(ty.clone(), b, ValueDef::BlockArg))
+                .collect();
             st.blocks[b].args = args.clone();
             st.open.push(b);
             (b, args)
@@ -296,7 +322,10 @@ pub(crate) fn normalize_axis(axis: i64, rank: usize, op: &'static str) -> Result
     let r = rank as i64;
     let a = if axis < 0 { axis + r } else { axis };
     if a < 0 || a >= r {
-        return Err(GraphError::Op { op, msg: format!("axis {axis} is out of range for rank {rank}") });
+        return Err(GraphError::Op {
+            op,
+            msg: format!("axis {axis} is out of range for rank {rank}"),
+        });
     }
     Ok(a as usize)
 }

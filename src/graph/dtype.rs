@@ -91,11 +91,17 @@ pub struct TensorType {
 
 impl TensorType {
     pub fn new(dtype: DType, dims: &[i64]) -> Self {
-        TensorType { dtype, dims: dims.to_vec() }
+        TensorType {
+            dtype,
+            dims: dims.to_vec(),
+        }
     }
 
     pub fn scalar(dtype: DType) -> Self {
-        TensorType { dtype, dims: vec![] }
+        TensorType {
+            dtype,
+            dims: vec![],
+        }
     }
 
     pub fn rank(&self) -> usize {
@@ -119,7 +125,10 @@ impl TensorType {
     }
 
     pub fn with_dtype(&self, dtype: DType) -> Self {
-        TensorType { dtype, dims: self.dims.clone() }
+        TensorType {
+            dtype,
+            dims: self.dims.clone(),
+        }
     }
 }
 
@@ -135,10 +144,16 @@ mod tests {
 
     #[test]
     fn mlir_spellings() {
-        assert_eq!(TensorType::new(DType::F32, &[4, 8]).mlir(), "tensor<4x8xf32>");
+        assert_eq!(
+            TensorType::new(DType::F32, &[4, 8]).mlir(),
+            "tensor<4x8xf32>"
+        );
         assert_eq!(TensorType::scalar(DType::Bool).mlir(), "tensor<i1>");
         assert_eq!(TensorType::new(DType::U32, &[3]).mlir(), "tensor<3xui32>");
-        assert_eq!(TensorType::new(DType::BF16, &[2, 1]).to_string(), "bf16[2, 1]");
+        assert_eq!(
+            TensorType::new(DType::BF16, &[2, 1]).to_string(),
+            "bf16[2, 1]"
+        );
     }
 
     #[test]

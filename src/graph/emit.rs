@@ -39,11 +39,19 @@ impl Graph {
                 return usage("build(): output belongs to a different graph");
             }
             if st.values[t.id].block != 0 {
-                return usage("build(): output defined inside a loop body; return it from the loop");
+                return usage(
+                    "build(): output defined inside a loop body; return it from the loop",
+                );
             }
             ids.push(t.id);
         }
-        Ok(Function { graph: self.clone(), outputs: ids, aliases: vec![], num_replicas: 1, name: "main".into() })
+        Ok(Function {
+            graph: self.clone(),
+            outputs: ids,
+            aliases: vec![],
+            num_replicas: 1,
+            name: "main".into(),
+        })
     }
 }
 
@@ -57,7 +65,10 @@ impl Function {
 
     /// Module name (shows up in XLA dumps and profiles).
     pub fn with_name(mut self, name: &str) -> Self {
-        self.name = name.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '_' }).collect();
+        self.name = name
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect();
         self
     }
 
@@ -67,7 +78,10 @@ impl Function {
         let (param_types, output_types) = (self.param_types(), self.output_types());
         for &p in params {
             let Some(pty) = param_types.get(p) else {
-                return usage(format!("donate: no parameter {p} (function has {})", param_types.len()));
+                return usage(format!(
+                    "donate: no parameter {p} (function has {})",
+                    param_types.len()
+                ));
             };
             if self.aliases.iter().any(|&(q, _)| q == p) {
                 continue;
@@ -86,17 +100,29 @@ impl Function {
     }
 
     pub fn param_names(&self) -> Vec<String> {
-        self.graph.st.borrow().params.iter().map(|(n, _)| n.clone()).collect()
+        self.graph
+            .st
+            .borrow()
+            .params
+            .iter()
+            .map(|(n, _)| n.clone())
+            .collect()
     }
 
     pub fn param_types(&self) -> Vec<TensorType> {
         let st = self.graph.st.borrow();
-        st.params.iter().map(|&(_, v)| st.values[v].ty.clone()).collect()
+        st.params
+            .iter()
+            .map(|&(_, v)| st.values[v].ty.clone())
+            .collect()
     }
 
     pub fn output_types(&self) -> Vec<TensorType> {
         let st = self.graph.st.borrow();
-        self.outputs.iter().map(|&v| st.values[v].ty.clone()).collect()
+        self.outputs
+            .iter()
+            .map(|&v| st.values[v].ty.clone())
+            .collect()
     }
 
     /// Indices of donated parameters.
@@ -131,8 +157,18 @@ impl Function {
                 format!("{}: {}{alias}", cx.name(v), st.values[v].ty.mlir())
             })
             .collect();
-        let results: Vec<String> = self.outputs.iter().map(|&v| st.values[v].ty.mlir()).collect();
-        writeln!(out, "  func.func public @main({}) -> ({}) {{", params.join(", "), results.join(", ")).unwrap();
+        let results: Vec<String> = self
+            .outputs
+            .iter()
+            .map(|&v| st.values[v].ty.mlir())
+            .collect();
+        writeln!(
+            out,
+            "  func.func public @main({}) -> ({}) {{",
+            params.join(", "),
+            results.join(", ")
+        )
+        .unwrap();
         out.push_str(&cx.block_body(0, &self.outputs, "func.return", 4)?);
         out.push_str("  }\n}\n");
         Ok(out)
@@ -151,7 +187,13 @@ pub(crate) struct EmitCx<'a> {
 
 impl<'a> EmitCx<'a> {
     fn new(st: &'a GraphState, num_replicas: usize) -> Self {
-        EmitCx { st, names: value_names(st), fresh: 0, channel: 0, num_replicas }
+        EmitCx {
+            st,
+            names: value_names(st),
+            fresh: 0,
+            channel: 0,
+            num_replicas,
+        }
     }
 
     pub fn name(&self, v: ValueId) -> String {
@@ -171,7 +213,10 @@ impl<'a> EmitCx<'a> {
     }
 
     fn operand(&self, v: ValueId) -> Operand {
-        Operand { name: self.name(v), ty: self.st.values[v].ty.clone() }
+        Operand {
+            name: self.name(v),
+            ty: self.st.values[v].ty.clone(),
+        }
     }
 
     /// Nodes of `block` needed to compute `results`, in order.
@@ -191,10 +236,23 @@ impl<'a> EmitCx<'a> {
 
     /// The lines of a block: its live nodes followed by a terminator
     /// returning `results`.
-    pub fn block_body(&mut self, block: BlockId, results: &[ValueId], terminator: &str, indent: usize) -> Result<String> {
+    pub fn block_body(
+        &mut self,
+        block: BlockId,
+        results: &[ValueId],
+        terminator: &str,
+        indent: usize,
+    ) -> Result<String> {
         let mut out = self.node_lines(block, results, indent)?;
         let ops: Vec<Operand> = results.iter().map(|&v| self.operand(v)).collect();
-        writeln!(out, "{}\"{terminator}\"({}) : ({}) -> ()", " ".repeat(indent), names(&ops), types(&ops)).unwrap();
+        writeln!(
+            out,
+            "{}\"{terminator}\"({}) : ({}) -> ()",
+            " ".repeat(indent),
+            names(&ops),
+            types(&ops)
+        )
+        .unwrap();
         Ok(out)
     }
 
@@ -227,13 +285,21 @@ impl<'a> EmitCx<'a> {
     /// capture argument where it has one, a fresh unused argument otherwise.
     /// With `pass_captures_through` the region also returns those arguments
     /// unchanged (a loop body keeps its captured state).
-    pub fn region(&mut self, block: BlockId, captures: &[ValueId], pass_captures_through: bool) -> Result<String> {
+    pub fn region(
+        &mut self,
+        block: BlockId,
+        captures: &[ValueId],
+        pass_captures_through: bool,
+    ) -> Result<String> {
         let b = self.st.blocks[block].clone();
         let mut capture_args = Vec::with_capacity(captures.len());
         for &outer in captures {
             let op = match b.captures.iter().find(|(o, _)| *o == outer) {
                 Some(&(_, inner)) => self.operand(inner),
-                None => Operand { name: self.fresh(), ty: self.st.values[outer].ty.clone() },
+                None => Operand {
+                    name: self.fresh(),
+                    ty: self.st.values[outer].ty.clone(),
+                },
             };
             capture_args.push(op);
         }
@@ -243,22 +309,37 @@ impl<'a> EmitCx<'a> {
         if pass_captures_through {
             returned.extend(capture_args);
         }
-        let sig: Vec<String> = args.iter().map(|a| format!("{}: {}", a.name, a.ty.mlir())).collect();
+        let sig: Vec<String> = args
+            .iter()
+            .map(|a| format!("{}: {}", a.name, a.ty.mlir()))
+            .collect();
         let mut out = format!("^bb0({}):\n", sig.join(", "));
         out.push_str(&self.node_lines(block, &b.results, 2)?);
-        writeln!(out, "  \"stablehlo.return\"({}) : ({}) -> ()", names(&returned), types(&returned)).unwrap();
+        writeln!(
+            out,
+            "  \"stablehlo.return\"({}) : ({}) -> ()",
+            names(&returned),
+            types(&returned)
+        )
+        .unwrap();
         Ok(out)
     }
 }
 
 /// `%a, %b`
 pub(crate) fn names(ops: &[Operand]) -> String {
-    ops.iter().map(|o| o.name.as_str()).collect::<Vec<_>>().join(", ")
+    ops.iter()
+        .map(|o| o.name.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// `tensor<..>, tensor<..>`
 pub(crate) fn types(ops: &[Operand]) -> String {
-    ops.iter().map(|o| o.ty.mlir()).collect::<Vec<_>>().join(", ")
+    ops.iter()
+        .map(|o| o.ty.mlir())
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 /// The left-hand side defining `outs`: `%v3` or `%n7:2`.
@@ -282,7 +363,11 @@ pub(crate) fn result_types(outs: &[Operand]) -> String {
 
 /// One generic-syntax op: `%r = "op"(%a, %b) {attrs} : (ta, tb) -> tr`.
 pub(crate) fn generic(op: &str, ins: &[Operand], outs: &[Operand], attrs: &str) -> String {
-    let attrs = if attrs.is_empty() { String::new() } else { format!(" {{{attrs}}}") };
+    let attrs = if attrs.is_empty() {
+        String::new()
+    } else {
+        format!(" {{{attrs}}}")
+    };
     format!(
         "{} = \"{op}\"({}){attrs} : ({}) -> {}",
         results_def(outs),
@@ -297,13 +382,25 @@ pub(crate) fn i64_array(v: &[i64]) -> String {
     if v.is_empty() {
         "array<i64>".into()
     } else {
-        format!("array<i64: {}>", v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(", "))
+        format!(
+            "array<i64: {}>",
+            v.iter()
+                .map(|x| x.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
     }
 }
 
 /// `[0, 1]` (for attributes such as dot dimension numbers).
 pub(crate) fn i64_list(v: &[i64]) -> String {
-    format!("[{}]", v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(", "))
+    format!(
+        "[{}]",
+        v.iter()
+            .map(|x| x.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    )
 }
 
 /// A reduction region combining two scalars of `ty`'s dtype with `op`

@@ -20,7 +20,10 @@ pub type Result<T> = std::result::Result<T, GraphError>;
 
 /// Shorthand for an op's shape/dtype error.
 pub(crate) fn op_err<T>(op: &'static str, msg: impl Into<String>) -> Result<T> {
-    Err(GraphError::Op { op, msg: msg.into() })
+    Err(GraphError::Op {
+        op,
+        msg: msg.into(),
+    })
 }
 
 pub(crate) fn usage<T>(msg: impl Into<String>) -> Result<T> {

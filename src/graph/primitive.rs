@@ -30,9 +30,17 @@ pub(crate) trait Primitive: fmt::Debug + 'static {
     /// Vector-Jacobian product: given the operands, the results and the
     /// cotangents of the results (`None` = zero), returns one cotangent per
     /// operand (`None` = zero or not differentiable).
-    fn vjp(&self, ins: &[Tensor], outs: &[Tensor], cts: &[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> {
+    fn vjp(
+        &self,
+        ins: &[Tensor],
+        outs: &[Tensor],
+        cts: &[Option<Tensor>],
+    ) -> Result<Vec<Option<Tensor>>> {
         let _ = (ins, outs, cts);
-        Err(GraphError::Op { op: self.name(), msg: "has no gradient rule".into() })
+        Err(GraphError::Op {
+            op: self.name(),
+            msg: "has no gradient rule".into(),
+        })
     }
 
     /// StableHLO text defining `outs` from `ins` (one or more lines).

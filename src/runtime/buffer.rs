@@ -35,7 +35,12 @@ unsafe impl Sync for Buffer {}
 impl Drop for Buffer {
     fn drop(&mut self) {
         let mut a = args!(PJRT_Buffer_Destroy_Args { buffer: self.raw });
-        if let Err(e) = pjrt_call!(self.client.plugin, PJRT_Buffer_Destroy, &mut a, "destroying buffer") {
+        if let Err(e) = pjrt_call!(
+            self.client.plugin,
+            PJRT_Buffer_Destroy,
+            &mut a,
+            "destroying buffer"
+        ) {
             tracing::warn!("{e}");
         }
     }
@@ -58,7 +63,12 @@ impl Buffer {
 
     pub fn element_type(&self) -> ElementType {
         let mut a = args!(PJRT_Buffer_ElementType_Args { buffer: self.raw });
-        match pjrt_call!(self.client.plugin, PJRT_Buffer_ElementType, &mut a, "buffer element type") {
+        match pjrt_call!(
+            self.client.plugin,
+            PJRT_Buffer_ElementType,
+            &mut a,
+            "buffer element type"
+        ) {
             Ok(()) => ElementType::from_raw(a.type_).unwrap_or(ElementType::U8),
             Err(_) => ElementType::U8,
         }
@@ -66,9 +76,16 @@ impl Buffer {
 
     pub fn dims(&self) -> Vec<i64> {
         let mut a = args!(PJRT_Buffer_Dimensions_Args { buffer: self.raw });
-        match pjrt_call!(self.client.plugin, PJRT_Buffer_Dimensions, &mut a, "buffer dimensions") {
+        match pjrt_call!(
+            self.client.plugin,
+            PJRT_Buffer_Dimensions,
+            &mut a,
+            "buffer dimensions"
+        ) {
             // SAFETY: the plugin returns `num_dims` values owned by the buffer.
-            Ok(()) if a.num_dims > 0 => unsafe { std::slice::from_raw_parts(a.dims, a.num_dims) }.to_vec(),
+            Ok(()) if a.num_dims > 0 => {
+                unsafe { std::slice::from_raw_parts(a.dims, a.num_dims) }.to_vec()
+            }
             _ => vec![],
         }
     }
@@ -76,13 +93,28 @@ impl Buffer {
     /// True once the buffer was donated to (consumed by) an execution.
     pub fn is_deleted(&self) -> bool {
         let mut a = args!(PJRT_Buffer_IsDeleted_Args { buffer: self.raw });
-        pjrt_call!(self.client.plugin, PJRT_Buffer_IsDeleted, &mut a, "buffer is_deleted").map(|_| a.is_deleted).unwrap_or(true)
+        pjrt_call!(
+            self.client.plugin,
+            PJRT_Buffer_IsDeleted,
+            &mut a,
+            "buffer is_deleted"
+        )
+        .map(|_| a.is_deleted)
+        .unwrap_or(true)
     }
 
     pub fn device(&self) -> Result<Device> {
         let mut a = args!(PJRT_Buffer_Device_Args { buffer: self.raw });
-        pjrt_call!(self.client.plugin, PJRT_Buffer_Device, &mut a, "buffer device")?;
-        Ok(super::Client { inner: self.client.clone() }.device_from_raw(a.device))
+        pjrt_call!(
+            self.client.plugin,
+            PJRT_Buffer_Device,
+            &mut a,
+            "buffer device"
+        )?;
+        Ok(super::Client {
+            inner: self.client.clone(),
+        }
+        .device_from_raw(a.device))
     }
 
     /// Row-major little-endian bytes of the whole buffer.
@@ -108,7 +140,10 @@ impl Buffer {
     pub fn to_host<T: NativeType>(&self) -> Result<Vec<T>> {
         let ty = self.element_type();
         if ty != T::TYPE {
-            return Err(Error::new("copying buffer to host", format!("buffer holds {ty:?}, asked for {:?}", T::TYPE)));
+            return Err(Error::new(
+                "copying buffer to host",
+                format!("buffer holds {ty:?}, asked for {:?}", T::TYPE),
+            ));
         }
         let bytes = self.to_bytes()?;
         let n = bytes.len() / std::mem::size_of::<T>();

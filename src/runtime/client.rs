@@ -46,7 +46,12 @@ unsafe impl Sync for ClientInner {}
 impl Drop for ClientInner {
     fn drop(&mut self) {
         let mut a = args!(PJRT_Client_Destroy_Args { client: self.raw });
-        if let Err(e) = pjrt_call!(self.plugin, PJRT_Client_Destroy, &mut a, "destroying client") {
+        if let Err(e) = pjrt_call!(
+            self.plugin,
+            PJRT_Client_Destroy,
+            &mut a,
+            "destroying client"
+        ) {
             tracing::warn!("{e}");
         }
     }
@@ -60,7 +65,12 @@ pub struct Client {
 
 impl fmt::Debug for Client {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Client({}, {} devices)", self.platform_name(), self.devices().len())
+        write!(
+            f,
+            "Client({}, {} devices)",
+            self.platform_name(),
+            self.devices().len()
+        )
     }
 }
 
@@ -104,13 +114,18 @@ fn plugin_str(ptr: *const c_char, len: usize) -> String {
         return String::new();
     }
     // SAFETY: the plugin guarantees `len` readable bytes at `ptr`.
-    String::from_utf8_lossy(unsafe { std::slice::from_raw_parts(ptr as *const u8, len) }).into_owned()
+    String::from_utf8_lossy(unsafe { std::slice::from_raw_parts(ptr as *const u8, len) })
+        .into_owned()
 }
 
 impl Client {
     /// Creates a client from a loaded plugin with named options (e.g.
     /// `cpu_device_count`) and an optional key-value store.
-    pub fn new(plugin: Arc<Plugin>, options: &[(&str, ClientOption)], kv: Option<Arc<dyn KeyValueStore>>) -> Result<Client> {
+    pub fn new(
+        plugin: Arc<Plugin>,
+        options: &[(&str, ClientOption)],
+        kv: Option<Arc<dyn KeyValueStore>>,
+    ) -> Result<Client> {
         let ctx = format!("creating PJRT client from {}", plugin.path().display());
         if plugin.is_tpu() && !super::plugin::tpu_present() {
             return Err(Error::new(
@@ -121,13 +136,22 @@ impl Client {
         }
         let strings: Vec<String> = options
             .iter()
-            .map(|(_, v)| if let ClientOption::Str(s) = v { s.clone() } else { String::new() })
+            .map(|(_, v)| {
+                if let ClientOption::Str(s) = v {
+                    s.clone()
+                } else {
+                    String::new()
+                }
+            })
             .collect();
         let named: Vec<ffi::PJRT_NamedValue> = options
             .iter()
             .zip(&strings)
             .map(|((name, value), s)| {
-                let mut nv = args!(PJRT_NamedValue { name: name.as_ptr() as *const c_char, name_size: name.len() });
+                let mut nv = args!(PJRT_NamedValue {
+                    name: name.as_ptr() as *const c_char,
+                    name_size: name.len()
+                });
                 match value {
                     ClientOption::Int(i) => {
                         nv.type_ = ffi::PJRT_NamedValue_kInt64;
@@ -154,7 +178,10 @@ impl Client {
             })
             .collect();
         let kv_box: Option<Box<Arc<dyn KeyValueStore>>> = kv.map(Box::new);
-        let mut a = args!(PJRT_Client_Create_Args { create_options: named.as_ptr(), num_options: named.len() });
+        let mut a = args!(PJRT_Client_Create_Args {
+            create_options: named.as_ptr(),
+            num_options: named.len()
+        });
         if let Some(b) = &kv_box {
             let user = &**b as *const Arc<dyn KeyValueStore> as *mut std::ffi::c_void;
             a.kv_get_callback = Some(kv_get_trampoline);
@@ -166,7 +193,13 @@ impl Client {
         if a.client.is_null() {
             return Err(Error::new(ctx, "plugin returned no client"));
         }
-        Ok(Client { inner: Arc::new(ClientInner { plugin, raw: a.client, _kv: kv_box }) })
+        Ok(Client {
+            inner: Arc::new(ClientInner {
+                plugin,
+                raw: a.client,
+                _kv: kv_box,
+            }),
+        })
     }
 
     /// A CPU client with `device_count` devices from the discovered
@@ -174,7 +207,11 @@ impl Client {
     pub fn cpu(device_count: usize) -> Result<Client> {
         let loc = find_plugin(Backend::Cpu, None)?;
         let plugin = Plugin::load(&loc.path)?;
-        Client::new(plugin, &[("cpu_device_count", ClientOption::Int(device_count as i64))], None)
+        Client::new(
+            plugin,
+            &[("cpu_device_count", ClientOption::Int(device_count as i64))],
+            None,
+        )
     }
 
     pub fn plugin(&self) -> &Arc<Plugin> {
@@ -182,8 +219,15 @@ impl Client {
     }
 
     pub fn platform_name(&self) -> String {
-        let mut a = args!(PJRT_Client_PlatformName_Args { client: self.inner.raw });
-        match pjrt_call!(self.inner.plugin, PJRT_Client_PlatformName, &mut a, "platform name") {
+        let mut a = args!(PJRT_Client_PlatformName_Args {
+            client: self.inner.raw
+        });
+        match pjrt_call!(
+            self.inner.plugin,
+            PJRT_Client_PlatformName,
+            &mut a,
+            "platform name"
+        ) {
             Ok(()) => plugin_str(a.platform_name, a.platform_name_size),
             Err(e) => format!("<{e}>"),
         }
@@ -191,27 +235,51 @@ impl Client {
 
     /// The devices this process can address, in the plugin's order.
     pub fn devices(&self) -> Vec<Device> {
-        let mut a = args!(PJRT_Client_AddressableDevices_Args { client: self.inner.raw });
-        if let Err(e) = pjrt_call!(self.inner.plugin, PJRT_Client_AddressableDevices, &mut a, "listing devices") {
+        let mut a = args!(PJRT_Client_AddressableDevices_Args {
+            client: self.inner.raw
+        });
+        if let Err(e) = pjrt_call!(
+            self.inner.plugin,
+            PJRT_Client_AddressableDevices,
+            &mut a,
+            "listing devices"
+        ) {
             tracing::error!("{e}");
             return vec![];
         }
         // SAFETY: the plugin returns `num` device pointers owned by the client.
-        let raws = unsafe { std::slice::from_raw_parts(a.addressable_devices, a.num_addressable_devices) };
+        let raws =
+            unsafe { std::slice::from_raw_parts(a.addressable_devices, a.num_addressable_devices) };
         raws.iter().map(|&d| self.device_from_raw(d)).collect()
     }
 
     pub(crate) fn device_from_raw(&self, raw: *mut ffi::PJRT_Device) -> Device {
         let p = &self.inner.plugin;
         let mut desc = args!(PJRT_Device_GetDescription_Args { device: raw });
-        let _ = pjrt_call!(p, PJRT_Device_GetDescription, &mut desc, "device description");
+        let _ = pjrt_call!(
+            p,
+            PJRT_Device_GetDescription,
+            &mut desc,
+            "device description"
+        );
         let dd = desc.device_description;
-        let mut id = args!(PJRT_DeviceDescription_Id_Args { device_description: dd });
+        let mut id = args!(PJRT_DeviceDescription_Id_Args {
+            device_description: dd
+        });
         let _ = pjrt_call!(p, PJRT_DeviceDescription_Id, &mut id, "device id");
-        let mut kind = args!(PJRT_DeviceDescription_Kind_Args { device_description: dd });
+        let mut kind = args!(PJRT_DeviceDescription_Kind_Args {
+            device_description: dd
+        });
         let _ = pjrt_call!(p, PJRT_DeviceDescription_Kind, &mut kind, "device kind");
-        let mut dbg = args!(PJRT_DeviceDescription_DebugString_Args { device_description: dd });
-        let _ = pjrt_call!(p, PJRT_DeviceDescription_DebugString, &mut dbg, "device debug string");
+        let mut dbg = args!(PJRT_DeviceDescription_DebugString_Args {
+            device_description: dd
+        });
+        let _ = pjrt_call!(
+            p,
+            PJRT_DeviceDescription_DebugString,
+            &mut dbg,
+            "device debug string"
+        );
         Device {
             raw,
             id: id.id,
@@ -222,21 +290,37 @@ impl Client {
     }
 
     /// Copies `data` (row-major, `dims`) to `device`.
-    pub fn buffer_from_host<T: NativeType>(&self, data: &[T], dims: &[i64], device: &Device) -> Result<Buffer> {
+    pub fn buffer_from_host<T: NativeType>(
+        &self,
+        data: &[T],
+        dims: &[i64],
+        device: &Device,
+    ) -> Result<Buffer> {
         // SAFETY: a slice of plain-old-data viewed as bytes.
-        let bytes = unsafe { std::slice::from_raw_parts(data.as_ptr() as *const u8, std::mem::size_of_val(data)) };
+        let bytes = unsafe {
+            std::slice::from_raw_parts(data.as_ptr() as *const u8, std::mem::size_of_val(data))
+        };
         self.buffer_from_bytes(bytes, T::TYPE, dims, device)
     }
 
     /// Copies raw little-endian element bytes to `device`.
-    pub fn buffer_from_bytes(&self, bytes: &[u8], ty: ElementType, dims: &[i64], device: &Device) -> Result<Buffer> {
+    pub fn buffer_from_bytes(
+        &self,
+        bytes: &[u8],
+        ty: ElementType,
+        dims: &[i64],
+        device: &Device,
+    ) -> Result<Buffer> {
         let ctx = format!("copying {ty:?}{dims:?} to device {}", device.id);
         if dims.iter().any(|&d| d < 0) {
             return Err(Error::new(ctx, "negative dimension"));
         }
         let want = dims.iter().product::<i64>() as usize * ty.size_in_bytes();
         if bytes.len() != want {
-            return Err(Error::new(ctx, format!("{} bytes given, {want} expected", bytes.len())));
+            return Err(Error::new(
+                ctx,
+                format!("{} bytes given, {want} expected", bytes.len()),
+            ));
         }
         let p = &self.inner.plugin;
         let mut a = args!(PJRT_Client_BufferFromHostBuffer_Args {
@@ -284,7 +368,11 @@ unsafe fn callback_error(cb: *mut ffi::PJRT_CallbackError, e: &Error) -> *mut ff
     let msg = e.to_string();
     let code = e.code.unwrap_or(ErrorCode::Unknown).to_raw();
     match cb.as_ref().and_then(|f| *f) {
-        Some(f) => f(code as ffi::PJRT_Error_Code, msg.as_ptr() as *const c_char, msg.len()),
+        Some(f) => f(
+            code as ffi::PJRT_Error_Code,
+            msg.as_ptr() as *const c_char,
+            msg.len(),
+        ),
         None => ptr::null_mut(),
     }
 }
@@ -293,7 +381,9 @@ unsafe extern "C" fn free_value(value: *mut c_char) {
     libc::free(value as *mut libc::c_void);
 }
 
-unsafe extern "C" fn kv_get_trampoline(args: *mut ffi::PJRT_KeyValueGetCallback_Args) -> *mut ffi::PJRT_Error {
+unsafe extern "C" fn kv_get_trampoline(
+    args: *mut ffi::PJRT_KeyValueGetCallback_Args,
+) -> *mut ffi::PJRT_Error {
     let a = &mut *args;
     let store = &*(a.user_arg as *const Arc<dyn KeyValueStore>);
     let key = plugin_str(a.key, a.key_size);
@@ -312,18 +402,30 @@ unsafe extern "C" fn kv_get_trampoline(args: *mut ffi::PJRT_KeyValueGetCallback_
             ptr::null_mut()
         }
         Ok(Err(e)) => callback_error(a.callback_error, &e),
-        Err(_) => callback_error(a.callback_error, &Error::new("kv get", format!("store panicked on key {key}"))),
+        Err(_) => callback_error(
+            a.callback_error,
+            &Error::new("kv get", format!("store panicked on key {key}")),
+        ),
     }
 }
 
-unsafe extern "C" fn kv_put_trampoline(args: *mut ffi::PJRT_KeyValuePutCallback_Args) -> *mut ffi::PJRT_Error {
+unsafe extern "C" fn kv_put_trampoline(
+    args: *mut ffi::PJRT_KeyValuePutCallback_Args,
+) -> *mut ffi::PJRT_Error {
     let a = &mut *args;
     let store = &*(a.user_arg as *const Arc<dyn KeyValueStore>);
     let key = plugin_str(a.key, a.key_size);
-    let value: &[u8] = if a.value.is_null() { &[] } else { std::slice::from_raw_parts(a.value as *const u8, a.value_size) };
+    let value: &[u8] = if a.value.is_null() {
+        &[]
+    } else {
+        std::slice::from_raw_parts(a.value as *const u8, a.value_size)
+    };
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| store.put(&key, value))) {
         Ok(Ok(())) => ptr::null_mut(),
         Ok(Err(e)) => callback_error(a.callback_error, &e),
-        Err(_) => callback_error(a.callback_error, &Error::new("kv put", format!("store panicked on key {key}"))),
+        Err(_) => callback_error(
+            a.callback_error,
+            &Error::new("kv put", format!("store panicked on key {key}")),
+        ),
     }
 }

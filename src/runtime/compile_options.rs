@@ -20,13 +20,20 @@ pub struct CompileOptions {
 
 impl Default for CompileOptions {
     fn default() -> Self {
-        CompileOptions { num_replicas: 1, num_partitions: 1, device_assignment: None }
+        CompileOptions {
+            num_replicas: 1,
+            num_partitions: 1,
+            device_assignment: None,
+        }
     }
 }
 
 impl CompileOptions {
     pub fn replicas(n: usize) -> Self {
-        CompileOptions { num_replicas: n, ..Default::default() }
+        CompileOptions {
+            num_replicas: n,
+            ..Default::default()
+        }
     }
 
     pub fn to_proto_bytes(&self) -> Vec<u8> {
@@ -38,7 +45,9 @@ impl CompileOptions {
         let device_assignment = assignment.map(|ids| xla::DeviceAssignmentProto {
             replica_count: ids.len() as i32,
             computation_count: 1,
-            computation_devices: vec![xla::device_assignment_proto::ComputationDevice { replica_device_ids: ids }],
+            computation_devices: vec![xla::device_assignment_proto::ComputationDevice {
+                replica_device_ids: ids,
+            }],
         });
         let build = xla::ExecutableBuildOptionsProto {
             // -1: not pinned to one device (XLA's default; proto3's 0 would pin device 0).
@@ -48,7 +57,10 @@ impl CompileOptions {
             use_spmd_partitioning: false,
             device_assignment,
         };
-        xla::CompileOptionsProto { executable_build_options: Some(build) }.encode_to_vec()
+        xla::CompileOptionsProto {
+            executable_build_options: Some(build),
+        }
+        .encode_to_vec()
     }
 }
 
@@ -61,7 +73,10 @@ mod tests {
         let bytes = CompileOptions::replicas(2).to_proto_bytes();
         let decoded = xla::CompileOptionsProto::decode(bytes.as_slice()).unwrap();
         let b = decoded.executable_build_options.unwrap();
-        assert_eq!((b.num_replicas, b.num_partitions, b.device_ordinal), (2, 1, -1));
+        assert_eq!(
+            (b.num_replicas, b.num_partitions, b.device_ordinal),
+            (2, 1, -1)
+        );
         let da = b.device_assignment.unwrap();
         assert_eq!(da.replica_count, 2);
         assert_eq!(da.computation_devices[0].replica_device_ids, vec![0, 1]);

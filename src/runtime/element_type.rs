@@ -52,7 +52,11 @@ impl ElementType {
 
     pub(crate) fn from_raw(t: ffi::PJRT_Buffer_Type) -> Option<ElementType> {
         use ElementType::*;
-        [Pred, S8, S16, S32, S64, U8, U16, U32, U64, F16, F32, F64, BF16].into_iter().find(|e| e.to_raw() == t)
+        [
+            Pred, S8, S16, S32, S64, U8, U16, U32, U64, F16, F32, F64, BF16,
+        ]
+        .into_iter()
+        .find(|e| e.to_raw() == t)
     }
 }
 

@@ -84,7 +84,11 @@ pub struct Error {
 
 impl Error {
     pub(crate) fn new(context: impl Into<String>, message: impl Into<String>) -> Error {
-        Error { code: None, message: message.into(), context: context.into() }
+        Error {
+            code: None,
+            message: message.into(),
+            context: context.into(),
+        }
     }
 }
 

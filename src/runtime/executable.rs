@@ -39,8 +39,15 @@ unsafe impl Sync for Executable {}
 
 impl Drop for Executable {
     fn drop(&mut self) {
-        let mut a = args!(PJRT_LoadedExecutable_Destroy_Args { executable: self.raw });
-        if let Err(e) = pjrt_call!(self.client.inner.plugin, PJRT_LoadedExecutable_Destroy, &mut a, "destroying executable") {
+        let mut a = args!(PJRT_LoadedExecutable_Destroy_Args {
+            executable: self.raw
+        });
+        if let Err(e) = pjrt_call!(
+            self.client.inner.plugin,
+            PJRT_LoadedExecutable_Destroy,
+            &mut a,
+            "destroying executable"
+        ) {
             tracing::warn!("{e}");
         }
     }
@@ -48,28 +55,67 @@ impl Drop for Executable {
 
 impl fmt::Debug for Executable {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Executable({} outputs on {} devices)", self.num_outputs, self.devices.len())
+        write!(
+            f,
+            "Executable({} outputs on {} devices)",
+            self.num_outputs,
+            self.devices.len()
+        )
     }
 }
 
 impl Executable {
-    pub(crate) fn from_raw(client: Client, raw: *mut ffi::PJRT_LoadedExecutable) -> Result<Executable> {
+    pub(crate) fn from_raw(
+        client: Client,
+        raw: *mut ffi::PJRT_LoadedExecutable,
+    ) -> Result<Executable> {
         let p = client.inner.plugin.clone();
         // Owns `raw` from here on, so an error below still frees it.
-        let mut exe = Executable { raw, client, num_outputs: 0, devices: vec![] };
-        let mut get = args!(PJRT_LoadedExecutable_GetExecutable_Args { loaded_executable: raw });
-        pjrt_call!(p, PJRT_LoadedExecutable_GetExecutable, &mut get, "reading executable")?;
-        let mut n = args!(PJRT_Executable_NumOutputs_Args { executable: get.executable });
+        let mut exe = Executable {
+            raw,
+            client,
+            num_outputs: 0,
+            devices: vec![],
+        };
+        let mut get = args!(PJRT_LoadedExecutable_GetExecutable_Args {
+            loaded_executable: raw
+        });
+        pjrt_call!(
+            p,
+            PJRT_LoadedExecutable_GetExecutable,
+            &mut get,
+            "reading executable"
+        )?;
+        let mut n = args!(PJRT_Executable_NumOutputs_Args {
+            executable: get.executable
+        });
         let counted = pjrt_call!(p, PJRT_Executable_NumOutputs, &mut n, "counting outputs");
-        let mut d = args!(PJRT_Executable_Destroy_Args { executable: get.executable });
-        pjrt_call!(p, PJRT_Executable_Destroy, &mut d, "releasing executable view")?;
+        let mut d = args!(PJRT_Executable_Destroy_Args {
+            executable: get.executable
+        });
+        pjrt_call!(
+            p,
+            PJRT_Executable_Destroy,
+            &mut d,
+            "releasing executable view"
+        )?;
         counted?;
         exe.num_outputs = n.num_outputs;
         let mut devs = args!(PJRT_LoadedExecutable_AddressableDevices_Args { executable: raw });
-        pjrt_call!(p, PJRT_LoadedExecutable_AddressableDevices, &mut devs, "executable devices")?;
+        pjrt_call!(
+            p,
+            PJRT_LoadedExecutable_AddressableDevices,
+            &mut devs,
+            "executable devices"
+        )?;
         // SAFETY: the plugin returns `num` device pointers owned by the client.
-        let raws = unsafe { std::slice::from_raw_parts(devs.addressable_devices, devs.num_addressable_devices) };
-        exe.devices = raws.iter().map(|&d| exe.client.device_from_raw(d)).collect();
+        let raws = unsafe {
+            std::slice::from_raw_parts(devs.addressable_devices, devs.num_addressable_devices)
+        };
+        exe.devices = raws
+            .iter()
+            .map(|&d| exe.client.device_from_raw(d))
+            .collect();
         Ok(exe)
     }
 
@@ -88,7 +134,11 @@ impl Executable {
 
     /// Runs with borrowed arguments, one list per device.
     pub fn execute(&self, args: &[&[&Buffer]]) -> Result<Vec<Vec<Buffer>>> {
-        self.execute_args(args.iter().map(|list| list.iter().map(|b| Arg::Borrowed(b)).collect()).collect())
+        self.execute_args(
+            args.iter()
+                .map(|list| list.iter().map(|b| Arg::Borrowed(b)).collect())
+                .collect(),
+        )
     }
 
     /// Runs with one argument list per device; donated arguments are
@@ -99,30 +149,53 @@ impl Executable {
         let ctx = "executing program";
         let num_devices = self.devices.len();
         if args.len() != num_devices {
-            return Err(Error::new(ctx, format!("{} argument lists for a program on {num_devices} devices", args.len())));
+            return Err(Error::new(
+                ctx,
+                format!(
+                    "{} argument lists for a program on {num_devices} devices",
+                    args.len()
+                ),
+            ));
         }
         let num_args = args.first().map_or(0, Vec::len);
         if let Some((i, l)) = args.iter().enumerate().find(|(_, l)| l.len() != num_args) {
-            return Err(Error::new(ctx, format!("device {i} has {} arguments, device 0 has {num_args}", l.len())));
+            return Err(Error::new(
+                ctx,
+                format!(
+                    "device {i} has {} arguments, device 0 has {num_args}",
+                    l.len()
+                ),
+            ));
         }
         // The non-donatable set is per execution, not per device: an
         // argument donated on one device must be donated on all.
         let mut keep: Vec<i64> = vec![];
         for i in 0..num_args {
-            let donated: Vec<bool> = args.iter().map(|l| matches!(l[i], Arg::Donated(_))).collect();
+            let donated: Vec<bool> = args
+                .iter()
+                .map(|l| matches!(l[i], Arg::Donated(_)))
+                .collect();
             if donated.iter().any(|&d| d != donated[0]) {
-                return Err(Error::new(ctx, format!("argument {i} is donated on some devices but not all")));
+                return Err(Error::new(
+                    ctx,
+                    format!("argument {i} is donated on some devices but not all"),
+                ));
             }
             if !donated[0] {
                 keep.push(i as i64);
             }
         }
-        let arg_ptrs: Vec<Vec<*mut ffi::PJRT_Buffer>> =
-            args.iter().map(|l| l.iter().map(|a| a.buffer().raw()).collect()).collect();
-        let arg_lists: Vec<*const *mut ffi::PJRT_Buffer> = arg_ptrs.iter().map(|l| l.as_ptr()).collect();
-        let mut out_ptrs: Vec<Vec<*mut ffi::PJRT_Buffer>> =
-            (0..num_devices).map(|_| vec![std::ptr::null_mut(); self.num_outputs]).collect();
-        let out_lists: Vec<*mut *mut ffi::PJRT_Buffer> = out_ptrs.iter_mut().map(|l| l.as_mut_ptr()).collect();
+        let arg_ptrs: Vec<Vec<*mut ffi::PJRT_Buffer>> = args
+            .iter()
+            .map(|l| l.iter().map(|a| a.buffer().raw()).collect())
+            .collect();
+        let arg_lists: Vec<*const *mut ffi::PJRT_Buffer> =
+            arg_ptrs.iter().map(|l| l.as_ptr()).collect();
+        let mut out_ptrs: Vec<Vec<*mut ffi::PJRT_Buffer>> = (0..num_devices)
+            .map(|_| vec![std::ptr::null_mut(); self.num_outputs])
+            .collect();
+        let out_lists: Vec<*mut *mut ffi::PJRT_Buffer> =
+            out_ptrs.iter_mut().map(|l| l.as_mut_ptr()).collect();
         let mut events: Vec<*mut ffi::PJRT_Event> = vec![std::ptr::null_mut(); num_devices];
         let mut options = args!(PJRT_ExecuteOptions {
             non_donatable_input_indices: keep.as_ptr(),
@@ -142,7 +215,12 @@ impl Executable {
         // Outputs are owned by us from here, even if a later step fails.
         let outputs: Vec<Vec<Buffer>> = out_ptrs
             .iter()
-            .map(|l| l.iter().filter(|b| !b.is_null()).map(|&b| Buffer::from_raw(self.client.inner.clone(), b)).collect())
+            .map(|l| {
+                l.iter()
+                    .filter(|b| !b.is_null())
+                    .map(|&b| Buffer::from_raw(self.client.inner.clone(), b))
+                    .collect()
+            })
             .collect();
         let mut waited = Ok(());
         for e in events {

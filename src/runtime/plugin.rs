@@ -24,8 +24,14 @@ impl Backend {
         match self {
             Backend::Cpu => &[("xla-cpu-pjrt", "xla_plugins/xla_cpu_pjrt/xla_cpu_pjrt.so")],
             Backend::Cuda => &[
-                ("jax-cuda13-pjrt", "jax_plugins/xla_cuda13/xla_cuda_plugin.so"),
-                ("jax-cuda12-pjrt", "jax_plugins/xla_cuda12/xla_cuda_plugin.so"),
+                (
+                    "jax-cuda13-pjrt",
+                    "jax_plugins/xla_cuda13/xla_cuda_plugin.so",
+                ),
+                (
+                    "jax-cuda12-pjrt",
+                    "jax_plugins/xla_cuda12/xla_cuda_plugin.so",
+                ),
             ],
             Backend::Tpu => &[("libtpu", "libtpu/libtpu.so")],
         }
@@ -33,7 +39,11 @@ impl Backend {
 
     fn install_hint(self) -> String {
         let pkgs: Vec<&str> = self.packages().iter().map(|(p, _)| *p).collect();
-        format!("pip install {} (e.g. into .venv: .venv/bin/pip install {})", pkgs.join(" or "), pkgs[0])
+        format!(
+            "pip install {} (e.g. into .venv: .venv/bin/pip install {})",
+            pkgs.join(" or "),
+            pkgs[0]
+        )
     }
 }
 
@@ -54,7 +64,10 @@ impl FromStr for Backend {
             "cpu" => Ok(Backend::Cpu),
             "cuda" | "gpu" => Ok(Backend::Cuda),
             "tpu" => Ok(Backend::Tpu),
-            other => Err(Error::new("backend", format!("unknown backend `{other}` (expected cpu, cuda or tpu)"))),
+            other => Err(Error::new(
+                "backend",
+                format!("unknown backend `{other}` (expected cpu, cuda or tpu)"),
+            )),
         }
     }
 }
@@ -104,11 +117,17 @@ fn site_dirs() -> Vec<PathBuf> {
 /// `sys.path` of the system `python3`, if there is one.
 fn python_sys_path() -> Vec<PathBuf> {
     let out = std::process::Command::new("python3")
-        .args(["-c", "import sys; print('\\n'.join(p for p in sys.path if p))"])
+        .args([
+            "-c",
+            "import sys; print('\\n'.join(p for p in sys.path if p))",
+        ])
         .stderr(std::process::Stdio::null())
         .output();
     match out {
-        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).lines().map(PathBuf::from).collect(),
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout)
+            .lines()
+            .map(PathBuf::from)
+            .collect(),
         _ => vec![],
     }
 }
@@ -117,7 +136,12 @@ fn python_sys_path() -> Vec<PathBuf> {
 /// `SHAREDMOE_PJRT_PLUGIN` environment variable, then the backend's pip
 /// package in the usual site-packages directories.
 pub fn find_plugin(backend: Backend, explicit: Option<&Path>) -> Result<PluginLocation> {
-    find_plugin_in(backend, explicit, env::var_os("SHAREDMOE_PJRT_PLUGIN").map(PathBuf::from), &site_dirs())
+    find_plugin_in(
+        backend,
+        explicit,
+        env::var_os("SHAREDMOE_PJRT_PLUGIN").map(PathBuf::from),
+        &site_dirs(),
+    )
 }
 
 fn find_plugin_in(
@@ -129,21 +153,36 @@ fn find_plugin_in(
     let ctx = format!("finding the {backend} PJRT plugin");
     if let Some(p) = explicit {
         if p.is_file() {
-            return Ok(PluginLocation { path: p.to_path_buf(), source: "--plugin".into() });
+            return Ok(PluginLocation {
+                path: p.to_path_buf(),
+                source: "--plugin".into(),
+            });
         }
-        return Err(Error::new(ctx, format!("--plugin {} does not exist", p.display())));
+        return Err(Error::new(
+            ctx,
+            format!("--plugin {} does not exist", p.display()),
+        ));
     }
     if let Some(p) = from_env {
         if p.is_file() {
-            return Ok(PluginLocation { path: p, source: "SHAREDMOE_PJRT_PLUGIN".into() });
+            return Ok(PluginLocation {
+                path: p,
+                source: "SHAREDMOE_PJRT_PLUGIN".into(),
+            });
         }
-        return Err(Error::new(ctx, format!("SHAREDMOE_PJRT_PLUGIN={} does not exist", p.display())));
+        return Err(Error::new(
+            ctx,
+            format!("SHAREDMOE_PJRT_PLUGIN={} does not exist", p.display()),
+        ));
     }
     for site in sites {
         for (pkg, rel) in backend.packages() {
             let p = site.join(rel);
             if p.is_file() {
-                return Ok(PluginLocation { path: p, source: format!("package {pkg} in {}", site.display()) });
+                return Ok(PluginLocation {
+                    path: p,
+                    source: format!("package {pkg} in {}", site.display()),
+                });
             }
         }
     }
@@ -165,7 +204,11 @@ fn find_plugin_in(
 pub fn tpu_present() -> bool {
     let any_in = |dir: &str, prefix: &str| {
         std::fs::read_dir(dir)
-            .map(|entries| entries.flatten().any(|e| e.file_name().to_string_lossy().starts_with(prefix)))
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .any(|e| e.file_name().to_string_lossy().starts_with(prefix))
+            })
             .unwrap_or(false)
     };
     any_in("/dev", "accel") || any_in("/dev/vfio", "")
@@ -193,7 +236,11 @@ unsafe impl Sync for Plugin {}
 impl fmt::Debug for Plugin {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let (major, minor) = self.api_version();
-        write!(f, "Plugin({}, PJRT C API {major}.{minor})", self.path.display())
+        write!(
+            f,
+            "Plugin({}, PJRT C API {major}.{minor})",
+            self.path.display()
+        )
     }
 }
 
@@ -206,7 +253,9 @@ impl Plugin {
         if !path.is_file() {
             return Err(Error::new(ctx, "file does not exist"));
         }
-        let canonical = path.canonicalize().map_err(|e| Error::new(&ctx, e.to_string()))?;
+        let canonical = path
+            .canonicalize()
+            .map_err(|e| Error::new(&ctx, e.to_string()))?;
         let mut loaded = LOADED.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(p) = loaded.iter().find(|p| p.path == canonical) {
             return Ok(p.clone());
@@ -214,20 +263,29 @@ impl Plugin {
         let path = canonical.as_path();
         // SAFETY: loading a shared library runs its initialisers; PJRT
         // plugins are designed to be dlopen'ed.
-        let lib = unsafe { libloading::Library::new(path) }.map_err(|e| Error::new(&ctx, e.to_string()))?;
+        let lib = unsafe { libloading::Library::new(path) }
+            .map_err(|e| Error::new(&ctx, e.to_string()))?;
         // SAFETY: GetPjrtApi has this signature in every PJRT plugin.
         let get: libloading::Symbol<unsafe extern "C" fn() -> *const ffi::PJRT_Api> =
-            unsafe { lib.get(b"GetPjrtApi\0") }.map_err(|e| Error::new(&ctx, format!("not a PJRT plugin: {e}")))?;
+            unsafe { lib.get(b"GetPjrtApi\0") }
+                .map_err(|e| Error::new(&ctx, format!("not a PJRT plugin: {e}")))?;
         let api = unsafe { get() };
         if api.is_null() {
             return Err(Error::new(ctx, "GetPjrtApi returned null"));
         }
-        let plugin = Plugin { api, path: path.to_path_buf(), _lib: std::mem::ManuallyDrop::new(lib) };
+        let plugin = Plugin {
+            api,
+            path: path.to_path_buf(),
+            _lib: std::mem::ManuallyDrop::new(lib),
+        };
         let mut args = ffi::PJRT_Plugin_Initialize_Args {
             struct_size: std::mem::size_of::<ffi::PJRT_Plugin_Initialize_Args>(),
             ..Default::default()
         };
-        let init = plugin.api().PJRT_Plugin_Initialize.ok_or_else(|| Error::new(&ctx, "missing PJRT_Plugin_Initialize"))?;
+        let init = plugin
+            .api()
+            .PJRT_Plugin_Initialize
+            .ok_or_else(|| Error::new(&ctx, "missing PJRT_Plugin_Initialize"))?;
         plugin.check(unsafe { init(&mut args) }, &ctx)?;
         let plugin = Arc::new(plugin);
         loaded.push(plugin.clone());
@@ -246,7 +304,9 @@ impl Plugin {
 
     /// True for libtpu (whose client creation must be guarded).
     pub fn is_tpu(&self) -> bool {
-        self.path.file_name().is_some_and(|n| n.to_string_lossy().starts_with("libtpu"))
+        self.path
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("libtpu"))
     }
 
     pub(crate) fn api(&self) -> &ffi::PJRT_Api {
@@ -280,7 +340,8 @@ impl Plugin {
         };
         let code = api.PJRT_Error_GetCode.and_then(|f| {
             let e = unsafe { f(&mut code_args) };
-            e.is_null().then(|| ErrorCode::from_raw(code_args.code as i32))
+            e.is_null()
+                .then(|| ErrorCode::from_raw(code_args.code as i32))
         });
         let mut destroy = ffi::PJRT_Error_Destroy_Args {
             struct_size: std::mem::size_of::<ffi::PJRT_Error_Destroy_Args>(),
@@ -290,7 +351,11 @@ impl Plugin {
         if let Some(f) = api.PJRT_Error_Destroy {
             unsafe { f(&mut destroy) };
         }
-        Err(Error { code, message, context: context.to_string() })
+        Err(Error {
+            code,
+            message,
+            context: context.to_string(),
+        })
     }
 }
 
@@ -306,7 +371,10 @@ macro_rules! pjrt_call {
                 let err = unsafe { f($args) };
                 plugin.check(err, $ctx)
             }
-            None => Err($crate::runtime::Error::new($ctx, concat!("plugin lacks ", stringify!($func)))),
+            None => Err($crate::runtime::Error::new(
+                $ctx,
+                concat!("plugin lacks ", stringify!($func)),
+            )),
         }
     }};
 }
@@ -343,8 +411,12 @@ mod tests {
         let explicit = tmp.join("mine.so");
         touch(&explicit);
         let sites = vec![site.clone()];
-        let found = find_plugin_in(Backend::Cpu, Some(&explicit), Some(pkg.clone()), &sites).unwrap();
-        assert_eq!((found.path, found.source.as_str()), (explicit.clone(), "--plugin"));
+        let found =
+            find_plugin_in(Backend::Cpu, Some(&explicit), Some(pkg.clone()), &sites).unwrap();
+        assert_eq!(
+            (found.path, found.source.as_str()),
+            (explicit.clone(), "--plugin")
+        );
         let found = find_plugin_in(Backend::Cpu, None, Some(explicit.clone()), &sites).unwrap();
         assert_eq!(found.source, "SHAREDMOE_PJRT_PLUGIN");
         let found = find_plugin_in(Backend::Cpu, None, None, &sites).unwrap();
@@ -353,21 +425,40 @@ mod tests {
         // cuda prefers the CUDA 13 package, falls back to 12.
         let cuda12 = site.join("jax_plugins/xla_cuda12/xla_cuda_plugin.so");
         touch(&cuda12);
-        assert_eq!(find_plugin_in(Backend::Cuda, None, None, &sites).unwrap().path, cuda12);
+        assert_eq!(
+            find_plugin_in(Backend::Cuda, None, None, &sites)
+                .unwrap()
+                .path,
+            cuda12
+        );
         let cuda13 = site.join("jax_plugins/xla_cuda13/xla_cuda_plugin.so");
         touch(&cuda13);
-        assert_eq!(find_plugin_in(Backend::Cuda, None, None, &sites).unwrap().path, cuda13);
+        assert_eq!(
+            find_plugin_in(Backend::Cuda, None, None, &sites)
+                .unwrap()
+                .path,
+            cuda13
+        );
         std::fs::remove_dir_all(&tmp).unwrap();
     }
 
     #[test]
     fn missing_plugin_names_package_and_places() {
         let sites = vec![PathBuf::from("/nonexistent/site-packages")];
-        let err = find_plugin_in(Backend::Tpu, None, None, &sites).unwrap_err().to_string();
-        assert!(err.contains("pip install libtpu") && err.contains("/nonexistent/site-packages"), "{err}");
-        let err = find_plugin_in(Backend::Cpu, Some(Path::new("/no/such.so")), None, &sites).unwrap_err().to_string();
+        let err = find_plugin_in(Backend::Tpu, None, None, &sites)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("pip install libtpu") && err.contains("/nonexistent/site-packages"),
+            "{err}"
+        );
+        let err = find_plugin_in(Backend::Cpu, Some(Path::new("/no/such.so")), None, &sites)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("/no/such.so"), "{err}");
-        let err = find_plugin_in(Backend::Cuda, None, None, &[]).unwrap_err().to_string();
+        let err = find_plugin_in(Backend::Cuda, None, None, &[])
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("jax-cuda13-pjrt or jax-cuda12-pjrt"), "{err}");
     }
 
@@ -375,6 +466,10 @@ mod tests {
     fn backend_names() {
         assert_eq!("CPU".parse::<Backend>().unwrap(), Backend::Cpu);
         assert_eq!("gpu".parse::<Backend>().unwrap(), Backend::Cuda);
-        assert!("fpga".parse::<Backend>().unwrap_err().to_string().contains("fpga"));
+        assert!("fpga"
+            .parse::<Backend>()
+            .unwrap_err()
+            .to_string()
+            .contains("fpga"));
     }
 }

@@ -30,7 +30,10 @@ pub fn eval<F>(inputs: &[(TensorType, Vec<f64>)], f: F) -> Vec<Vec<f64>>
 where
     F: FnOnce(&Graph, &[Tensor]) -> Result<Vec<Tensor>>,
 {
-    eval_host(inputs, f).into_iter().map(|h| h.to_f64()).collect()
+    eval_host(inputs, f)
+        .into_iter()
+        .map(|h| h.to_f64())
+        .collect()
 }
 
 pub fn eval_host<F>(inputs: &[(TensorType, Vec<f64>)], f: F) -> Vec<HostTensor>
@@ -38,13 +41,21 @@ where
     F: FnOnce(&Graph, &[Tensor]) -> Result<Vec<Tensor>>,
 {
     let g = Graph::new();
-    let params: Vec<Tensor> =
-        inputs.iter().enumerate().map(|(i, (ty, _))| g.param(&format!("x{i}"), ty.clone()).unwrap()).collect();
+    let params: Vec<Tensor> = inputs
+        .iter()
+        .enumerate()
+        .map(|(i, (ty, _))| g.param(&format!("x{i}"), ty.clone()).unwrap())
+        .collect();
     let outs = f(&g, &params).expect("trace");
     let refs: Vec<&Tensor> = outs.iter().collect();
     let func = g.build(&refs).expect("build");
-    let compiled = func.compile(client()).unwrap_or_else(|e| panic!("compile: {e}\n{}", func.to_mlir().unwrap()));
-    let host: Vec<HostTensor> = inputs.iter().map(|(ty, v)| HostTensor::from_f64(v, ty.clone()).unwrap()).collect();
+    let compiled = func
+        .compile(client())
+        .unwrap_or_else(|e| panic!("compile: {e}\n{}", func.to_mlir().unwrap()));
+    let host: Vec<HostTensor> = inputs
+        .iter()
+        .map(|(ty, v)| HostTensor::from_f64(v, ty.clone()).unwrap())
+        .collect();
     compiled.run(client(), &host).expect("run")
 }
 
@@ -86,24 +97,40 @@ where
     F: Fn(&Graph, &[Tensor]) -> Result<Tensor>,
 {
     let g = Graph::new();
-    let params: Vec<Tensor> = shapes.iter().enumerate().map(|(i, s)| g.param(&format!("x{i}"), f64t(s)).unwrap()).collect();
+    let params: Vec<Tensor> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, s)| g.param(&format!("x{i}"), f64t(s)).unwrap())
+        .collect();
     let out = f(&g, &params).expect("trace f");
     let out = out.convert(DType::F64).unwrap();
     let n_out = out.ty().num_elements() as usize;
     let mut r = rng(99);
-    let w = g.constant(&uniform(&mut r, n_out, -1.0, 1.0), out.ty()).unwrap();
+    let w = g
+        .constant(&uniform(&mut r, n_out, -1.0, 1.0), out.ty())
+        .unwrap();
     let loss = out.mul(&w).unwrap().sum_all().unwrap();
     let refs: Vec<&Tensor> = params.iter().collect();
     let grads = sharedmoe::graph::grad(&loss, &refs).expect("grad");
     let mut outs = vec![&loss];
     outs.extend(grads.iter());
     let func = g.build(&outs).unwrap();
-    let compiled = func.compile(client()).unwrap_or_else(|e| panic!("compile: {e}\n{}", func.to_mlir().unwrap()));
+    let compiled = func
+        .compile(client())
+        .unwrap_or_else(|e| panic!("compile: {e}\n{}", func.to_mlir().unwrap()));
 
     let run = |vals: &[Vec<f64>]| -> Vec<Vec<f64>> {
-        let host: Vec<HostTensor> =
-            shapes.iter().zip(vals).map(|(s, v)| HostTensor::from_f64(v, f64t(s)).unwrap()).collect();
-        compiled.run(client(), &host).expect("run").iter().map(|h| h.to_f64()).collect()
+        let host: Vec<HostTensor> = shapes
+            .iter()
+            .zip(vals)
+            .map(|(s, v)| HostTensor::from_f64(v, f64t(s)).unwrap())
+            .collect();
+        compiled
+            .run(client(), &host)
+            .expect("run")
+            .iter()
+            .map(|h| h.to_f64())
+            .collect()
     };
     let base = run(points);
     let h = 1e-6;
@@ -118,11 +145,22 @@ where
             minus[k][i] -= h;
             fd[i] = (run(&plus)[0][0] - run(&minus)[0][0]) / (2.0 * h);
         }
-        let diff: f64 = fd.iter().zip(analytic).map(|(a, b)| (a - b).powi(2)).sum::<f64>().sqrt();
+        let diff: f64 = fd
+            .iter()
+            .zip(analytic)
+            .map(|(a, b)| (a - b).powi(2))
+            .sum::<f64>()
+            .sqrt();
         let norm: f64 = fd.iter().map(|a| a * a).sum::<f64>().sqrt();
         let rel = if norm < 1e-9 { diff } else { diff / norm };
-        assert!(rel.is_finite(), "input {k}: non-finite error; fd {fd:?} ad {analytic:?}");
-        assert!(rel < 1e-6, "input {k}: relative error {rel:.3e}\n   fd: {fd:?}\n   ad: {analytic:?}");
+        assert!(
+            rel.is_finite(),
+            "input {k}: non-finite error; fd {fd:?} ad {analytic:?}"
+        );
+        assert!(
+            rel < 1e-6,
+            "input {k}: relative error {rel:.3e}\n   fd: {fd:?}\n   ad: {analytic:?}"
+        );
         worst = worst.max(rel);
     }
     worst

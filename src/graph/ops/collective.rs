@@ -25,7 +25,12 @@ impl Primitive for AllReduceSum {
 
     /// Each replica's result feeds every replica's output, so the
     /// cotangent is itself summed across replicas (as JAX's psum).
-    fn vjp(&self, _: &[Tensor], _: &[Tensor], cts: &[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> {
+    fn vjp(
+        &self,
+        _: &[Tensor],
+        _: &[Tensor],
+        cts: &[Option<Tensor>],
+    ) -> Result<Vec<Option<Tensor>>> {
         Ok(vec![Some(ct0(cts)?.all_reduce_sum()?)])
     }
 

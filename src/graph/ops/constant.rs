@@ -27,7 +27,11 @@ impl Primitive for Constant {
     }
 
     fn emit(&self, _: &mut EmitCx, ins: &[Operand], outs: &[Operand]) -> Result<String> {
-        let attr = format!("value = {} : {}", dense_literal(&self.ty, &self.bytes), self.ty.mlir());
+        let attr = format!(
+            "value = {} : {}",
+            dense_literal(&self.ty, &self.bytes),
+            self.ty.mlir()
+        );
         Ok(generic("stablehlo.constant", ins, outs, &attr))
     }
 }
@@ -39,6 +43,14 @@ pub(crate) fn dense_literal(ty: &TensorType, bytes: &[u8]) -> String {
     let size = ty.dtype.size_in_bytes();
     let first = &bytes[..size.min(bytes.len())];
     let splat = bytes.chunks(size).all(|c| c == first);
+    if !splat && ty.dtype == DType::Bool {
+        // i1 has no portable hex form; spell the nested list out.
+        let flat: Vec<&str> = bytes
+            .iter()
+            .map(|&b| if b != 0 { "true" } else { "false" })
+            .collect();
+        return format!("dense<{}>", nested(&flat, &ty.dims));
+    }
     if !splat || bytes.is_empty() {
         let hex: String = bytes.iter().map(|b| format!("{b:02X}")).collect();
         return format!("dense<\"0x{hex}\">");
@@ -56,6 +68,22 @@ pub(crate) fn dense_literal(ty: &TensorType, bytes: &[u8]) -> String {
     format!("dense<{elem}>")
 }
 
+/// `[[a, b], [c, d]]` for row-major `flat` with dimensions `dims`.
+fn nested(flat: &[&str], dims: &[i64]) -> String {
+    match dims.split_first() {
+        None => flat.first().copied().unwrap_or("").to_string(),
+        Some((&n, rest)) => {
+            let chunk = (flat.len() / n.max(1) as usize).max(1);
+            let parts: Vec<String> = flat
+                .chunks(chunk)
+                .take(n as usize)
+                .map(|c| nested(c, rest))
+                .collect();
+            format!("[{}]", parts.join(", "))
+        }
+    }
+}
+
 impl Graph {
     /// A constant of type `ty` from values given as f64 (converted to the
     /// dtype: floats round to nearest, integers truncate, bool is `!= 0`).
@@ -68,7 +96,12 @@ impl Graph {
         let bytes: Vec<u8> = match values.len() {
             1 => ty.dtype.encode(values[0]).repeat(n as usize),
             len if len as i64 == n => values.iter().flat_map(|&v| ty.dtype.encode(v)).collect(),
-            len => return op_err("constant", format!("{len} values given for {ty} ({n} elements)")),
+            len => {
+                return op_err(
+                    "constant",
+                    format!("{len} values given for {ty} ({n} elements)"),
+                )
+            }
         };
         self.constant_bytes(bytes, ty)
     }
@@ -77,7 +110,10 @@ impl Graph {
     pub fn constant_bytes(&self, bytes: Vec<u8>, ty: TensorType) -> Result<Tensor> {
         let expected = ty.num_elements() as usize * ty.dtype.size_in_bytes();
         if bytes.len() != expected {
-            return op_err("constant", format!("{} bytes given for {ty} ({expected} expected)", bytes.len()));
+            return op_err(
+                "constant",
+                format!("{} bytes given for {ty} ({expected} expected)", bytes.len()),
+            );
         }
         self.apply1(Constant { ty, bytes }, &[])
     }
@@ -132,7 +168,10 @@ impl Primitive for Iota {
 
     fn out_types(&self, _: &[&TensorType]) -> Result<Vec<TensorType>> {
         if self.dim >= self.ty.rank() {
-            return op_err("iota", format!("dimension {} out of range for {}", self.dim, self.ty));
+            return op_err(
+                "iota",
+                format!("dimension {} out of range for {}", self.dim, self.ty),
+            );
         }
         if self.ty.dtype == DType::Bool {
             return op_err("iota", "bool iota is not supported");
@@ -145,7 +184,12 @@ impl Primitive for Iota {
     }
 
     fn emit(&self, _: &mut EmitCx, ins: &[Operand], outs: &[Operand]) -> Result<String> {
-        Ok(generic("stablehlo.iota", ins, outs, &format!("iota_dimension = {} : i64", self.dim)))
+        Ok(generic(
+            "stablehlo.iota",
+            ins,
+            outs,
+            &format!("iota_dimension = {} : i64", self.dim),
+        ))
     }
 }
 
@@ -156,19 +200,38 @@ mod tests {
     #[test]
     fn literals() {
         let f = TensorType::new(DType::F32, &[2]);
-        assert_eq!(dense_literal(&f, &DType::F32.encode(1.0).repeat(2)), "dense<0x3F800000>");
-        let bytes: Vec<u8> = [1.0, 2.0].iter().flat_map(|&v| DType::F32.encode(v)).collect();
+        assert_eq!(
+            dense_literal(&f, &DType::F32.encode(1.0).repeat(2)),
+            "dense<0x3F800000>"
+        );
+        let bytes: Vec<u8> = [1.0, 2.0]
+            .iter()
+            .flat_map(|&v| DType::F32.encode(v))
+            .collect();
         assert_eq!(dense_literal(&f, &bytes), "dense<\"0x0000803F00000040\">");
         let i = TensorType::new(DType::I32, &[3]);
-        assert_eq!(dense_literal(&i, &DType::I32.encode(-7.0).repeat(3)), "dense<-7>");
+        assert_eq!(
+            dense_literal(&i, &DType::I32.encode(-7.0).repeat(3)),
+            "dense<-7>"
+        );
         let b = TensorType::scalar(DType::Bool);
         assert_eq!(dense_literal(&b, &[1]), "dense<true>");
+        let b = TensorType::new(DType::Bool, &[2, 2]);
+        assert_eq!(
+            dense_literal(&b, &[1, 0, 0, 1]),
+            "dense<[[true, false], [false, true]]>"
+        );
     }
 
     #[test]
     fn wrong_value_count_is_an_error() {
         let g = Graph::new();
-        let err = g.constant(&[1.0, 2.0], TensorType::new(DType::F32, &[3])).unwrap_err();
-        assert!(err.to_string().contains("2 values given for f32[3]"), "{err}");
+        let err = g
+            .constant(&[1.0, 2.0], TensorType::new(DType::F32, &[3]))
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("2 values given for f32[3]"),
+            "{err}"
+        );
     }
 }

@@ -28,7 +28,10 @@ impl Primitive for While {
         let n = self.carried_types.len();
         for (i, (got, want)) in ins[..n].iter().zip(&self.carried_types).enumerate() {
             if *got != want {
-                return op_err("while", format!("loop value {i}: initial {got} but body returns {want}"));
+                return op_err(
+                    "while",
+                    format!("loop value {i}: initial {got} but body returns {want}"),
+                );
             }
         }
         Ok(ins.iter().map(|t| (*t).clone()).collect())
@@ -37,7 +40,9 @@ impl Primitive for While {
     fn vjp(&self, _: &[Tensor], _: &[Tensor], _: &[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> {
         Err(GraphError::Op {
             op: "while",
-            msg: "is not differentiable; take gradients inside the loop body (e.g. per micro-batch)".into(),
+            msg:
+                "is not differentiable; take gradients inside the loop body (e.g. per micro-batch)"
+                    .into(),
         })
     }
 
@@ -72,7 +77,10 @@ impl Graph {
             let c = cond(args)?;
             let ty = c.ty();
             if ty != TensorType::scalar(DType::Bool) {
-                return op_err("while", format!("condition must return a bool scalar, got {ty}"));
+                return op_err(
+                    "while",
+                    format!("condition must return a bool scalar, got {ty}"),
+                );
             }
             Ok(vec![c])
         })?;
@@ -80,7 +88,14 @@ impl Graph {
         let body_block = self.in_child_block(&types, |args| {
             let out = body(args)?;
             if out.len() != args.len() {
-                return op_err("while", format!("body returns {} values for {} loop values", out.len(), args.len()));
+                return op_err(
+                    "while",
+                    format!(
+                        "body returns {} values for {} loop values",
+                        out.len(),
+                        args.len()
+                    ),
+                );
             }
             body_types = out.iter().map(|t| t.ty()).collect();
             Ok(out)
@@ -100,7 +115,12 @@ impl Graph {
         let captured: Vec<Tensor> = captures.iter().map(|&v| self.tensor(v)).collect();
         let mut operands: Vec<&Tensor> = init.to_vec();
         operands.extend(captured.iter());
-        let prim = While { cond: cond_block, body: body_block, captures, carried_types: body_types };
+        let prim = While {
+            cond: cond_block,
+            body: body_block,
+            captures,
+            carried_types: body_types,
+        };
         let mut outs = self.apply(prim, &operands)?;
         outs.truncate(init.len());
         Ok(outs)

@@ -76,7 +76,9 @@ impl Primitive for Unary {
         let x = ins[0];
         let ok = match self.0 {
             UnaryOp::Not => x.dtype == DType::Bool || x.dtype.is_integer(),
-            UnaryOp::Neg | UnaryOp::Abs | UnaryOp::Sign => x.dtype.is_float() || x.dtype.is_signed_integer(),
+            UnaryOp::Neg | UnaryOp::Abs | UnaryOp::Sign => {
+                x.dtype.is_float() || x.dtype.is_signed_integer()
+            }
             _ => x.dtype.is_float(),
         };
         if !ok {
@@ -85,7 +87,12 @@ impl Primitive for Unary {
         Ok(vec![x.clone()])
     }
 
-    fn vjp(&self, ins: &[Tensor], outs: &[Tensor], cts: &[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> {
+    fn vjp(
+        &self,
+        ins: &[Tensor],
+        outs: &[Tensor],
+        cts: &[Option<Tensor>],
+    ) -> Result<Vec<Option<Tensor>>> {
         let (x, ans, g) = (&ins[0], &outs[0], ct0(cts)?);
         let dx = match self.0 {
             UnaryOp::Neg => g.neg()?,
@@ -215,7 +222,12 @@ impl Primitive for Binary {
         Ok(vec![ins[0].clone()])
     }
 
-    fn vjp(&self, ins: &[Tensor], outs: &[Tensor], cts: &[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> {
+    fn vjp(
+        &self,
+        ins: &[Tensor],
+        outs: &[Tensor],
+        cts: &[Option<Tensor>],
+    ) -> Result<Vec<Option<Tensor>>> {
         let (a, b, ans, g) = (&ins[0], &ins[1], &outs[0], ct0(cts)?);
         let (da, db) = match self.0 {
             BinaryOp::Add => (g.clone(), g.clone()),
@@ -224,9 +236,15 @@ impl Primitive for Binary {
             BinaryOp::Div => (g.div(b)?, g.mul(ans)?.div(b)?.neg()?),
             // Ties split the gradient evenly, as JAX does.
             BinaryOp::Max | BinaryOp::Min => {
-                let wins = if self.0 == BinaryOp::Max { a.gt(b)? } else { a.lt(b)? };
-                let share = wins
-                    .select(&a.full_like(1.0)?, &a.eq(b)?.select(&a.full_like(0.5)?, &a.zeros_like()?)?)?;
+                let wins = if self.0 == BinaryOp::Max {
+                    a.gt(b)?
+                } else {
+                    a.lt(b)?
+                };
+                let share = wins.select(
+                    &a.full_like(1.0)?,
+                    &a.eq(b)?.select(&a.full_like(0.5)?, &a.zeros_like()?)?,
+                )?;
                 let da = g.mul(&share)?;
                 let db = g.sub(&da)?;
                 (da, db)
@@ -234,7 +252,9 @@ impl Primitive for Binary {
             BinaryOp::Pow => {
                 let da = g.mul(b)?.mul(&a.pow(&b.add_scalar(-1.0)?)?)?;
                 // d/db a^b = a^b log a, taken as 0 where a == 0.
-                let log_a = a.eq(&a.zeros_like()?)?.select(&a.zeros_like()?, &a.log()?)?;
+                let log_a = a
+                    .eq(&a.zeros_like()?)?
+                    .select(&a.zeros_like()?, &a.log()?)?;
                 (da, g.mul(ans)?.mul(&log_a)?)
             }
             BinaryOp::And | BinaryOp::Or => return Ok(vec![None, None]),
@@ -256,8 +276,16 @@ fn broadcast_pair(op: &'static str, a: &Tensor, b: &Tensor) -> Result<(Tensor, T
     let rank = da.len().max(db.len());
     let mut out = vec![0i64; rank];
     for i in 0..rank {
-        let x = if i + da.len() >= rank { da[i + da.len() - rank] } else { 1 };
-        let y = if i + db.len() >= rank { db[i + db.len() - rank] } else { 1 };
+        let x = if i + da.len() >= rank {
+            da[i + da.len() - rank]
+        } else {
+            1
+        };
+        let y = if i + db.len() >= rank {
+            db[i + db.len() - rank]
+        } else {
+            1
+        };
         out[i] = match (x, y) {
             (x, y) if x == y => x,
             (1, y) => y,
@@ -384,15 +412,27 @@ impl Primitive for Select {
         }
         same_types("select", a, b)?;
         if p.rank() != 0 && p.dims != a.dims {
-            return op_err("select", format!("predicate {p} does not match operands {a}"));
+            return op_err(
+                "select",
+                format!("predicate {p} does not match operands {a}"),
+            );
         }
         Ok(vec![a.clone()])
     }
 
-    fn vjp(&self, ins: &[Tensor], _: &[Tensor], cts: &[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> {
+    fn vjp(
+        &self,
+        ins: &[Tensor],
+        _: &[Tensor],
+        cts: &[Option<Tensor>],
+    ) -> Result<Vec<Option<Tensor>>> {
         let (p, g) = (&ins[0], ct0(cts)?);
         let zero = g.zeros_like()?;
-        Ok(vec![None, Some(p.select(g, &zero)?), Some(p.select(&zero, g)?)])
+        Ok(vec![
+            None,
+            Some(p.select(g, &zero)?),
+            Some(p.select(&zero, g)?),
+        ])
     }
 
     fn emit(&self, _: &mut EmitCx, ins: &[Operand], outs: &[Operand]) -> Result<String> {
@@ -428,7 +468,12 @@ impl Primitive for Convert {
         Ok(vec![ins[0].with_dtype(self.0)])
     }
 
-    fn vjp(&self, ins: &[Tensor], _: &[Tensor], cts: &[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> {
+    fn vjp(
+        &self,
+        ins: &[Tensor],
+        _: &[Tensor],
+        cts: &[Option<Tensor>],
+    ) -> Result<Vec<Option<Tensor>>> {
         let from = ins[0].dtype();
         if !(from.is_float() && self.0.is_float()) {
             return Ok(vec![None]);

@@ -37,9 +37,17 @@ impl Primitive for Take {
         Ok(vec![TensorType::new(table.dtype, &dims)])
     }
 
-    fn vjp(&self, ins: &[Tensor], _: &[Tensor], cts: &[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> {
+    fn vjp(
+        &self,
+        ins: &[Tensor],
+        _: &[Tensor],
+        cts: &[Option<Tensor>],
+    ) -> Result<Vec<Option<Tensor>>> {
         let (table, idx) = (&ins[0], &ins[1]);
-        Ok(vec![Some(table.zeros_like()?.scatter_add(idx, ct0(cts)?)?), None])
+        Ok(vec![
+            Some(table.zeros_like()?.scatter_add(idx, ct0(cts)?)?),
+            None,
+        ])
     }
 
     fn emit(&self, _: &mut EmitCx, ins: &[Operand], outs: &[Operand]) -> Result<String> {
@@ -70,7 +78,10 @@ impl Primitive for ScatterAdd {
         let (target, idx, upd) = (ins[0], ins[1], ins[2]);
         check_indices("scatter_add", idx)?;
         if target.rank() == 0 {
-            return op_err("scatter_add", format!("target must have rank >= 1, got {target}"));
+            return op_err(
+                "scatter_add",
+                format!("target must have rank >= 1, got {target}"),
+            );
         }
         let want = [idx.dims.clone(), target.dims[1..].to_vec()].concat();
         if upd.dtype != target.dtype || upd.dims != want {
@@ -82,7 +93,12 @@ impl Primitive for ScatterAdd {
         Ok(vec![target.clone()])
     }
 
-    fn vjp(&self, ins: &[Tensor], _: &[Tensor], cts: &[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> {
+    fn vjp(
+        &self,
+        ins: &[Tensor],
+        _: &[Tensor],
+        cts: &[Option<Tensor>],
+    ) -> Result<Vec<Option<Tensor>>> {
         let (idx, g) = (&ins[1], ct0(cts)?);
         Ok(vec![Some(g.clone()), None, Some(g.take(idx)?)])
     }

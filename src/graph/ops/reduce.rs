@@ -66,22 +66,33 @@ impl Primitive for Reduce {
                 return op_err(self.name(), format!("axes {:?} invalid for {x}", self.axes));
             }
         }
-        let dims: Vec<i64> =
-            (0..x.rank()).filter(|d| !self.axes.contains(&(*d as i64))).map(|d| x.dims[d]).collect();
+        let dims: Vec<i64> = (0..x.rank())
+            .filter(|d| !self.axes.contains(&(*d as i64)))
+            .map(|d| x.dims[d])
+            .collect();
         Ok(vec![TensorType::new(x.dtype, &dims)])
     }
 
-    fn vjp(&self, ins: &[Tensor], outs: &[Tensor], cts: &[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> {
+    fn vjp(
+        &self,
+        ins: &[Tensor],
+        outs: &[Tensor],
+        cts: &[Option<Tensor>],
+    ) -> Result<Vec<Option<Tensor>>> {
         let (x, ans, g) = (&ins[0], &outs[0], ct0(cts)?);
         let xd = x.dims();
-        let kept: Vec<i64> = (0..xd.len() as i64).filter(|d| !self.axes.contains(d)).collect();
+        let kept: Vec<i64> = (0..xd.len() as i64)
+            .filter(|d| !self.axes.contains(d))
+            .collect();
         let g_b = g.broadcast_in_dim(&xd, &kept)?;
         let dx = match self.kind {
             ReduceKind::Sum => g_b,
             // The gradient goes to the arg-max positions, split evenly
             // among ties.
             ReduceKind::Max | ReduceKind::Min => {
-                let at = x.eq(&ans.broadcast_in_dim(&xd, &kept)?)?.convert(x.dtype())?;
+                let at = x
+                    .eq(&ans.broadcast_in_dim(&xd, &kept)?)?
+                    .convert(x.dtype())?;
                 let count = at.reduce_sum(&self.axes)?.broadcast_in_dim(&xd, &kept)?;
                 g_b.mul(&at)?.div(&count)?
             }
@@ -92,15 +103,26 @@ impl Primitive for Reduce {
     fn emit(&self, cx: &mut EmitCx, ins: &[Operand], outs: &[Operand]) -> Result<String> {
         let dtype = ins[0].ty.dtype;
         let init_ty = TensorType::scalar(dtype);
-        let init = Operand { name: cx.fresh(), ty: init_ty.clone() };
+        let init = Operand {
+            name: cx.fresh(),
+            ty: init_ty.clone(),
+        };
         let lit = dense_literal(&init_ty, &dtype.encode(self.kind.init()));
-        let init_line = generic("stablehlo.constant", &[], &[init.clone()], &format!("value = {lit} : {}", init_ty.mlir()));
+        let init_line = generic(
+            "stablehlo.constant",
+            &[],
+            &[init.clone()],
+            &format!("value = {lit} : {}", init_ty.mlir()),
+        );
         let region = scalar_region(cx, self.kind.combiner(), dtype);
         let all = [ins[0].clone(), init];
         let head = generic("stablehlo.reduce", &all, outs, "");
         // Insert the region between the operands and the attributes.
         let (lhs, rhs) = head.split_once(" : ").expect("generic op text has a type");
-        Ok(format!("{init_line}\n{lhs} {region} {{dimensions = {}}} : {rhs}", i64_array(&self.axes)))
+        Ok(format!(
+            "{init_line}\n{lhs} {region} {{dimensions = {}}} : {rhs}",
+            i64_array(&self.axes)
+        ))
     }
 }
 
@@ -167,7 +189,9 @@ impl Tensor {
     /// The axis is kept with size 1.
     pub fn logsumexp(&self, axis: i64) -> Result<Tensor> {
         let a = normalize_axis(axis, self.rank(), "logsumexp")?;
-        let m = self.keep_axis(&self.reduce_max(&[a as i64])?, a)?.stop_gradient()?;
+        let m = self
+            .keep_axis(&self.reduce_max(&[a as i64])?, a)?
+            .stop_gradient()?;
         let s = self.sub(&m)?.exp()?.reduce_sum(&[a as i64])?;
         self.keep_axis(&s, a)?.log()?.add(&m)
     }
@@ -180,7 +204,9 @@ impl Tensor {
     /// exp(x) / sum(exp(x)) along `axis`, computed stably.
     pub fn softmax(&self, axis: i64) -> Result<Tensor> {
         let a = normalize_axis(axis, self.rank(), "softmax")?;
-        let m = self.keep_axis(&self.reduce_max(&[a as i64])?, a)?.stop_gradient()?;
+        let m = self
+            .keep_axis(&self.reduce_max(&[a as i64])?, a)?
+            .stop_gradient()?;
         let e = self.sub(&m)?.exp()?;
         let s = self.keep_axis(&e.reduce_sum(&[a as i64])?, a)?;
         e.div(&s)
@@ -202,16 +228,36 @@ impl Primitive for TopK {
     fn out_types(&self, ins: &[&TensorType]) -> Result<Vec<TensorType>> {
         let x = ins[0];
         let last = x.dims.last().copied().unwrap_or(0);
-        if x.rank() == 0 || self.0 < 1 || self.0 > last || !x.dtype.is_float() && !x.dtype.is_integer() {
-            return op_err("top_k", format!("k = {} is invalid for {x} (last axis must have >= k entries)", self.0));
+        if x.rank() == 0
+            || self.0 < 1
+            || self.0 > last
+            || !x.dtype.is_float() && !x.dtype.is_integer()
+        {
+            return op_err(
+                "top_k",
+                format!(
+                    "k = {} is invalid for {x} (last axis must have >= k entries)",
+                    self.0
+                ),
+            );
         }
         let mut dims = x.dims.clone();
         *dims.last_mut().expect("rank >= 1") = self.0;
-        Ok(vec![TensorType::new(x.dtype, &dims), TensorType::new(DType::I32, &dims)])
+        Ok(vec![
+            TensorType::new(x.dtype, &dims),
+            TensorType::new(DType::I32, &dims),
+        ])
     }
 
-    fn vjp(&self, ins: &[Tensor], outs: &[Tensor], cts: &[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> {
-        let Some(g) = cts[0].as_ref() else { return Ok(vec![None]) };
+    fn vjp(
+        &self,
+        ins: &[Tensor],
+        outs: &[Tensor],
+        cts: &[Option<Tensor>],
+    ) -> Result<Vec<Option<Tensor>>> {
+        let Some(g) = cts[0].as_ref() else {
+            return Ok(vec![None]);
+        };
         // dx[..., j] = sum_i g[..., i] * (idx[..., i] == j)
         let x = &ins[0];
         let xd = x.dims();
@@ -219,7 +265,8 @@ impl Primitive for TopK {
         let n = xd[xd.len() - 1];
         let mut sel_dims = outs[1].dims();
         sel_dims.push(n);
-        let j = x.g.iota(TensorType::new(DType::I32, &sel_dims), sel_dims.len() - 1)?;
+        let j =
+            x.g.iota(TensorType::new(DType::I32, &sel_dims), sel_dims.len() - 1)?;
         let idx = outs[1].reshape(&[outs[1].dims(), vec![1]].concat())?;
         let hit = j.eq(&idx)?.convert(x.dtype())?;
         let g = g.reshape(&[g.dims(), vec![1]].concat())?;
@@ -227,7 +274,12 @@ impl Primitive for TopK {
     }
 
     fn emit(&self, _: &mut EmitCx, ins: &[Operand], outs: &[Operand]) -> Result<String> {
-        Ok(generic("chlo.top_k", ins, outs, &format!("k = {} : i64", self.0)))
+        Ok(generic(
+            "chlo.top_k",
+            ins,
+            outs,
+            &format!("k = {} : i64", self.0),
+        ))
     }
 }
 

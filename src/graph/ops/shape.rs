@@ -25,22 +25,37 @@ impl Primitive for BroadcastInDim {
     fn out_types(&self, ins: &[&TensorType]) -> Result<Vec<TensorType>> {
         let x = ins[0];
         if self.mapping.len() != x.rank() {
-            return op_err(self.name(), format!("mapping {:?} does not cover operand {x}", self.mapping));
+            return op_err(
+                self.name(),
+                format!("mapping {:?} does not cover operand {x}", self.mapping),
+            );
         }
         for (i, &m) in self.mapping.iter().enumerate() {
-            let ok_index = m >= 0 && (m as usize) < self.out_dims.len() && (i == 0 || m > self.mapping[i - 1]);
+            let ok_index =
+                m >= 0 && (m as usize) < self.out_dims.len() && (i == 0 || m > self.mapping[i - 1]);
             if !ok_index {
-                return op_err(self.name(), format!("mapping {:?} must be increasing result dims", self.mapping));
+                return op_err(
+                    self.name(),
+                    format!("mapping {:?} must be increasing result dims", self.mapping),
+                );
             }
             let (from, to) = (x.dims[i], self.out_dims[m as usize]);
             if from != to && from != 1 {
-                return op_err(self.name(), format!("cannot broadcast {x} to {:?}", self.out_dims));
+                return op_err(
+                    self.name(),
+                    format!("cannot broadcast {x} to {:?}", self.out_dims),
+                );
             }
         }
         Ok(vec![TensorType::new(x.dtype, &self.out_dims)])
     }
 
-    fn vjp(&self, ins: &[Tensor], _: &[Tensor], cts: &[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> {
+    fn vjp(
+        &self,
+        ins: &[Tensor],
+        _: &[Tensor],
+        cts: &[Option<Tensor>],
+    ) -> Result<Vec<Option<Tensor>>> {
         let (x, g) = (&ins[0], ct0(cts)?);
         let xd = x.dims();
         let summed: Vec<i64> = (0..self.out_dims.len() as i64)
@@ -64,7 +79,10 @@ impl Tensor {
         if self.dims() == out_dims && mapping.iter().enumerate().all(|(i, &m)| m == i as i64) {
             return Ok(self.clone());
         }
-        let prim = BroadcastInDim { out_dims: out_dims.to_vec(), mapping: mapping.to_vec() };
+        let prim = BroadcastInDim {
+            out_dims: out_dims.to_vec(),
+            mapping: mapping.to_vec(),
+        };
         self.g.apply1(prim, &[self])
     }
 
@@ -72,7 +90,10 @@ impl Tensor {
     pub fn broadcast_to(&self, out_dims: &[i64]) -> Result<Tensor> {
         let r = self.rank();
         if r > out_dims.len() {
-            return op_err("broadcast_in_dim", format!("cannot broadcast {} to {out_dims:?}", self.ty()));
+            return op_err(
+                "broadcast_in_dim",
+                format!("cannot broadcast {} to {out_dims:?}", self.ty()),
+            );
         }
         let offset = (out_dims.len() - r) as i64;
         let mapping: Vec<i64> = (0..r as i64).map(|i| i + offset).collect();
@@ -93,12 +114,20 @@ impl Primitive for Reshape {
     fn out_types(&self, ins: &[&TensorType]) -> Result<Vec<TensorType>> {
         let out = TensorType::new(ins[0].dtype, &self.0);
         if self.0.iter().any(|&d| d < 0) || out.num_elements() != ins[0].num_elements() {
-            return op_err("reshape", format!("cannot reshape {} to {:?}", ins[0], self.0));
+            return op_err(
+                "reshape",
+                format!("cannot reshape {} to {:?}", ins[0], self.0),
+            );
         }
         Ok(vec![out])
     }
 
-    fn vjp(&self, ins: &[Tensor], _: &[Tensor], cts: &[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> {
+    fn vjp(
+        &self,
+        ins: &[Tensor],
+        _: &[Tensor],
+        cts: &[Option<Tensor>],
+    ) -> Result<Vec<Option<Tensor>>> {
         Ok(vec![Some(ct0(cts)?.reshape(&ins[0].dims())?)])
     }
 
@@ -116,7 +145,10 @@ impl Tensor {
             let known: i64 = dims.iter().filter(|&&d| d != -1).product();
             let total = self.ty().num_elements();
             if known == 0 || total % known != 0 {
-                return op_err("reshape", format!("cannot reshape {} to {dims:?}", self.ty()));
+                return op_err(
+                    "reshape",
+                    format!("cannot reshape {} to {dims:?}", self.ty()),
+                );
             }
             dims[pos] = total / known;
         }
@@ -145,7 +177,10 @@ impl Primitive for Transpose {
         }
         for &p in &self.0 {
             if p < 0 || p as usize >= x.rank() || seen[p as usize] {
-                return op_err("transpose", format!("{:?} is not a permutation of 0..{}", self.0, x.rank()));
+                return op_err(
+                    "transpose",
+                    format!("{:?} is not a permutation of 0..{}", self.0, x.rank()),
+                );
             }
             seen[p as usize] = true;
         }
@@ -153,7 +188,12 @@ impl Primitive for Transpose {
         Ok(vec![TensorType::new(x.dtype, &dims)])
     }
 
-    fn vjp(&self, _: &[Tensor], _: &[Tensor], cts: &[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> {
+    fn vjp(
+        &self,
+        _: &[Tensor],
+        _: &[Tensor],
+        cts: &[Option<Tensor>],
+    ) -> Result<Vec<Option<Tensor>>> {
         let mut inverse = vec![0i64; self.0.len()];
         for (i, &p) in self.0.iter().enumerate() {
             inverse[p as usize] = i as i64;
@@ -162,7 +202,12 @@ impl Primitive for Transpose {
     }
 
     fn emit(&self, _: &mut EmitCx, ins: &[Operand], outs: &[Operand]) -> Result<String> {
-        Ok(generic("stablehlo.transpose", ins, outs, &format!("permutation = {}", i64_array(&self.0))))
+        Ok(generic(
+            "stablehlo.transpose",
+            ins,
+            outs,
+            &format!("permutation = {}", i64_array(&self.0)),
+        ))
     }
 }
 
@@ -178,7 +223,10 @@ impl Tensor {
     /// Swaps two axes (negative axes count from the end).
     pub fn swap_axes(&self, a: i64, b: i64) -> Result<Tensor> {
         let r = self.rank();
-        let (a, b) = (normalize_axis(a, r, "transpose")?, normalize_axis(b, r, "transpose")?);
+        let (a, b) = (
+            normalize_axis(a, r, "transpose")?,
+            normalize_axis(b, r, "transpose")?,
+        );
         let mut perm: Vec<i64> = (0..r as i64).collect();
         perm.swap(a, b);
         self.transpose(&perm)
@@ -203,7 +251,10 @@ impl Primitive for Slice {
         let x = ins[0];
         let r = x.rank();
         if self.start.len() != r || self.limit.len() != r || self.strides.len() != r {
-            return op_err("slice", format!("start/limit/strides must have {r} entries for {x}"));
+            return op_err(
+                "slice",
+                format!("start/limit/strides must have {r} entries for {x}"),
+            );
         }
         let mut dims = Vec::with_capacity(r);
         for d in 0..r {
@@ -211,7 +262,10 @@ impl Primitive for Slice {
             if s < 0 || l > x.dims[d] || s > l || st < 1 {
                 return op_err(
                     "slice",
-                    format!("dimension {d}: [{s}:{l}:{st}] is not a valid range of size {} in {x}", x.dims[d]),
+                    format!(
+                        "dimension {d}: [{s}:{l}:{st}] is not a valid range of size {} in {x}",
+                        x.dims[d]
+                    ),
                 );
             }
             dims.push((l - s + st - 1) / st);
@@ -219,18 +273,32 @@ impl Primitive for Slice {
         Ok(vec![TensorType::new(x.dtype, &dims)])
     }
 
-    fn vjp(&self, ins: &[Tensor], outs: &[Tensor], cts: &[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> {
+    fn vjp(
+        &self,
+        ins: &[Tensor],
+        outs: &[Tensor],
+        cts: &[Option<Tensor>],
+    ) -> Result<Vec<Option<Tensor>>> {
         // Scatter the cotangent back by padding with zeros.
         let (xd, od) = (ins[0].dims(), outs[0].dims());
         let mut high = vec![];
         let mut interior = vec![];
         for d in 0..xd.len() {
-            let covered = if od[d] == 0 { self.start[d] } else { self.start[d] + (od[d] - 1) * self.strides[d] + 1 };
+            let covered = if od[d] == 0 {
+                self.start[d]
+            } else {
+                self.start[d] + (od[d] - 1) * self.strides[d] + 1
+            };
             high.push(xd[d] - covered);
             interior.push(if od[d] == 0 { 0 } else { self.strides[d] - 1 });
         }
         let g = ct0(cts)?;
-        Ok(vec![Some(g.pad(&g.scalar_like(0.0)?, &self.start, &high, &interior)?)])
+        Ok(vec![Some(g.pad(
+            &g.scalar_like(0.0)?,
+            &self.start,
+            &high,
+            &interior,
+        )?)])
     }
 
     fn emit(&self, _: &mut EmitCx, ins: &[Operand], outs: &[Operand]) -> Result<String> {
@@ -247,7 +315,11 @@ impl Primitive for Slice {
 impl Tensor {
     /// Static strided slice `[start, limit)` with `strides` per dimension.
     pub fn slice(&self, start: &[i64], limit: &[i64], strides: &[i64]) -> Result<Tensor> {
-        let prim = Slice { start: start.to_vec(), limit: limit.to_vec(), strides: strides.to_vec() };
+        let prim = Slice {
+            start: start.to_vec(),
+            limit: limit.to_vec(),
+            strides: strides.to_vec(),
+        };
         self.g.apply1(prim, &[self])
     }
 
@@ -276,7 +348,10 @@ impl Primitive for Concatenate {
     fn out_types(&self, ins: &[&TensorType]) -> Result<Vec<TensorType>> {
         let first = ins[0];
         if self.0 >= first.rank() {
-            return op_err("concatenate", format!("axis {} out of range for {first}", self.0));
+            return op_err(
+                "concatenate",
+                format!("axis {} out of range for {first}", self.0),
+            );
         }
         let mut total = 0;
         for t in ins {
@@ -284,7 +359,10 @@ impl Primitive for Concatenate {
                 && t.dtype == first.dtype
                 && (0..t.rank()).all(|d| d == self.0 || t.dims[d] == first.dims[d]);
             if !same_elsewhere {
-                return op_err("concatenate", format!("{t} does not match {first} outside axis {}", self.0));
+                return op_err(
+                    "concatenate",
+                    format!("{t} does not match {first} outside axis {}", self.0),
+                );
             }
             total += t.dims[self.0];
         }
@@ -293,7 +371,12 @@ impl Primitive for Concatenate {
         Ok(vec![TensorType::new(first.dtype, &dims)])
     }
 
-    fn vjp(&self, ins: &[Tensor], _: &[Tensor], cts: &[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> {
+    fn vjp(
+        &self,
+        ins: &[Tensor],
+        _: &[Tensor],
+        cts: &[Option<Tensor>],
+    ) -> Result<Vec<Option<Tensor>>> {
         let g = ct0(cts)?;
         let mut offset = 0;
         let mut out = vec![];
@@ -306,7 +389,12 @@ impl Primitive for Concatenate {
     }
 
     fn emit(&self, _: &mut EmitCx, ins: &[Operand], outs: &[Operand]) -> Result<String> {
-        Ok(generic("stablehlo.concatenate", ins, outs, &format!("dimension = {} : i64", self.0)))
+        Ok(generic(
+            "stablehlo.concatenate",
+            ins,
+            outs,
+            &format!("dimension = {} : i64", self.0),
+        ))
     }
 }
 
@@ -337,12 +425,24 @@ impl Primitive for Pad {
         let (x, v) = (ins[0], ins[1]);
         let r = x.rank();
         if v.rank() != 0 || v.dtype != x.dtype {
-            return op_err("pad", format!("padding value must be a {} scalar, got {v}", x.dtype));
+            return op_err(
+                "pad",
+                format!("padding value must be a {} scalar, got {v}", x.dtype),
+            );
         }
         if self.low.len() != r || self.high.len() != r || self.interior.len() != r {
-            return op_err("pad", format!("low/high/interior must have {r} entries for {x}"));
+            return op_err(
+                "pad",
+                format!("low/high/interior must have {r} entries for {x}"),
+            );
         }
-        if self.low.iter().chain(&self.high).chain(&self.interior).any(|&p| p < 0) {
+        if self
+            .low
+            .iter()
+            .chain(&self.high)
+            .chain(&self.interior)
+            .any(|&p| p < 0)
+        {
             return op_err("pad", "negative padding is not supported (use slice)");
         }
         let dims: Vec<i64> = (0..r)
@@ -354,11 +454,22 @@ impl Primitive for Pad {
         Ok(vec![TensorType::new(x.dtype, &dims)])
     }
 
-    fn vjp(&self, ins: &[Tensor], _: &[Tensor], cts: &[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> {
+    fn vjp(
+        &self,
+        ins: &[Tensor],
+        _: &[Tensor],
+        cts: &[Option<Tensor>],
+    ) -> Result<Vec<Option<Tensor>>> {
         let (xd, g) = (ins[0].dims(), ct0(cts)?);
         let strides: Vec<i64> = self.interior.iter().map(|i| i + 1).collect();
         let limit: Vec<i64> = (0..xd.len())
-            .map(|d| if xd[d] == 0 { self.low[d] } else { self.low[d] + (xd[d] - 1) * strides[d] + 1 })
+            .map(|d| {
+                if xd[d] == 0 {
+                    self.low[d]
+                } else {
+                    self.low[d] + (xd[d] - 1) * strides[d] + 1
+                }
+            })
             .collect();
         let dx = g.slice(&self.low, &limit, &strides)?;
         let dv = g.sum_all()?.sub(&dx.sum_all()?)?;
@@ -379,8 +490,18 @@ impl Primitive for Pad {
 impl Tensor {
     /// Pads with `value` (a scalar): `low`/`high` at the edges of each
     /// dimension and `interior` between elements.
-    pub fn pad(&self, value: &Tensor, low: &[i64], high: &[i64], interior: &[i64]) -> Result<Tensor> {
-        let prim = Pad { low: low.to_vec(), high: high.to_vec(), interior: interior.to_vec() };
+    pub fn pad(
+        &self,
+        value: &Tensor,
+        low: &[i64],
+        high: &[i64],
+        interior: &[i64],
+    ) -> Result<Tensor> {
+        let prim = Pad {
+            low: low.to_vec(),
+            high: high.to_vec(),
+            interior: interior.to_vec(),
+        };
         self.g.apply1(prim, &[self, value])
     }
 }
@@ -393,7 +514,10 @@ fn check_start_indices(op: &'static str, x: &TensorType, starts: &[&TensorType])
     }
     for s in starts {
         if s.rank() != 0 || !s.dtype.is_integer() || s.dtype != starts[0].dtype {
-            return op_err(op, format!("start indices must be integer scalars of one dtype, got {s}"));
+            return op_err(
+                op,
+                format!("start indices must be integer scalars of one dtype, got {s}"),
+            );
         }
     }
     Ok(())
@@ -413,21 +537,36 @@ impl Primitive for DynamicSlice {
         let x = ins[0];
         check_start_indices("dynamic_slice", x, &ins[1..])?;
         if self.0.len() != x.rank() || self.0.iter().zip(&x.dims).any(|(&s, &d)| s < 0 || s > d) {
-            return op_err("dynamic_slice", format!("sizes {:?} do not fit in {x}", self.0));
+            return op_err(
+                "dynamic_slice",
+                format!("sizes {:?} do not fit in {x}", self.0),
+            );
         }
         Ok(vec![TensorType::new(x.dtype, &self.0)])
     }
 
-    fn vjp(&self, ins: &[Tensor], _: &[Tensor], cts: &[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> {
+    fn vjp(
+        &self,
+        ins: &[Tensor],
+        _: &[Tensor],
+        cts: &[Option<Tensor>],
+    ) -> Result<Vec<Option<Tensor>>> {
         let starts: Vec<&Tensor> = ins[1..].iter().collect();
-        let dx = ins[0].zeros_like()?.dynamic_update_slice(ct0(cts)?, &starts)?;
+        let dx = ins[0]
+            .zeros_like()?
+            .dynamic_update_slice(ct0(cts)?, &starts)?;
         let mut out = vec![Some(dx)];
         out.extend(starts.iter().map(|_| None));
         Ok(out)
     }
 
     fn emit(&self, _: &mut EmitCx, ins: &[Operand], outs: &[Operand]) -> Result<String> {
-        Ok(generic("stablehlo.dynamic_slice", ins, outs, &format!("slice_sizes = {}", i64_array(&self.0))))
+        Ok(generic(
+            "stablehlo.dynamic_slice",
+            ins,
+            outs,
+            &format!("slice_sizes = {}", i64_array(&self.0)),
+        ))
     }
 }
 
@@ -442,13 +581,24 @@ impl Primitive for DynamicUpdateSlice {
     fn out_types(&self, ins: &[&TensorType]) -> Result<Vec<TensorType>> {
         let (x, u) = (ins[0], ins[1]);
         check_start_indices("dynamic_update_slice", x, &ins[2..])?;
-        if u.dtype != x.dtype || u.rank() != x.rank() || u.dims.iter().zip(&x.dims).any(|(a, b)| a > b) {
-            return op_err("dynamic_update_slice", format!("update {u} does not fit in {x}"));
+        if u.dtype != x.dtype
+            || u.rank() != x.rank()
+            || u.dims.iter().zip(&x.dims).any(|(a, b)| a > b)
+        {
+            return op_err(
+                "dynamic_update_slice",
+                format!("update {u} does not fit in {x}"),
+            );
         }
         Ok(vec![x.clone()])
     }
 
-    fn vjp(&self, ins: &[Tensor], _: &[Tensor], cts: &[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> {
+    fn vjp(
+        &self,
+        ins: &[Tensor],
+        _: &[Tensor],
+        cts: &[Option<Tensor>],
+    ) -> Result<Vec<Option<Tensor>>> {
         let (u, g) = (&ins[1], ct0(cts)?);
         let starts: Vec<&Tensor> = ins[2..].iter().collect();
         let dx = g.dynamic_update_slice(&u.zeros_like()?, &starts)?;
