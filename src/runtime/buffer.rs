@@ -103,6 +103,19 @@ impl Buffer {
         .unwrap_or(true)
     }
 
+    /// Address of the buffer's device memory (for checking that donation
+    /// reused an allocation; not for dereferencing).
+    pub fn device_address(&self) -> Result<usize> {
+        let mut a = args!(PJRT_Buffer_UnsafePointer_Args { buffer: self.raw });
+        pjrt_call!(
+            self.client.plugin,
+            PJRT_Buffer_UnsafePointer,
+            &mut a,
+            "buffer address"
+        )?;
+        Ok(a.buffer_pointer as usize)
+    }
+
     pub fn device(&self) -> Result<Device> {
         let mut a = args!(PJRT_Buffer_Device_Args { buffer: self.raw });
         pjrt_call!(
