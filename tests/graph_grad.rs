@@ -391,3 +391,32 @@ fn grad_of_unused_input_is_zero() {
         vec![0.0; 3]
     );
 }
+
+#[test]
+fn grad_through_dtype_conversions_is_exact() {
+    // d/dx sum(convert(x, f32) * w) = w (converted back to f64). Finite
+    // differences cannot resolve f32 rounding, so check the exact value.
+    let w = [0.5, -2.0, 3.25];
+    let out = common::eval(&[(common::f64t(&[3]), vec![1.0, 2.0, 3.0])], |g, p| {
+        let wt = g.constant(&w, TensorType::new(DType::F32, &[3]))?;
+        let loss = p[0].convert(DType::F32)?.mul(&wt)?.sum_all()?;
+        let bf = p[0]
+            .convert(DType::BF16)?
+            .convert(DType::F32)?
+            .mul(&wt)?
+            .sum_all()?;
+        let ints = p[0].convert(DType::I32)?.convert(DType::F64)?.sum_all()?;
+        Ok(vec![
+            sharedmoe::graph::grad(&loss, &[&p[0]])?.remove(0),
+            sharedmoe::graph::grad(&bf, &[&p[0]])?.remove(0),
+            sharedmoe::graph::grad(&ints, &[&p[0]])?.remove(0),
+        ])
+    });
+    assert_eq!(out[0], w.to_vec());
+    assert_eq!(out[1], w.to_vec());
+    assert_eq!(
+        out[2],
+        vec![0.0; 3],
+        "integer conversions carry no gradient"
+    );
+}

@@ -490,3 +490,86 @@ fn malformed_program_reports_the_plugin_message() {
         "{err}"
     );
 }
+
+#[test]
+fn traced_donation_updates_parameters_in_place() {
+    use sharedmoe::runtime::Arg;
+    let g = Graph::new();
+    let w = g.param("w", f32t(&[256])).unwrap();
+    let x = g.param("x", f32t(&[256])).unwrap();
+    let loss = w.mul(&x).unwrap().sum_all().unwrap();
+    let dw = sharedmoe::graph::grad(&loss, &[&w]).unwrap().remove(0);
+    let new_w = w.sub(&dw.mul_scalar(0.5).unwrap()).unwrap();
+    let f = g.build(&[&loss, &new_w]).unwrap().donate(&[0]).unwrap();
+    let text = f.to_mlir().unwrap();
+    assert!(text.contains("{tf.aliasing_output = 1 : i32}"), "{text}");
+    let step = f.compile(common::client()).unwrap();
+    let c = common::client();
+    let dev = &c.devices()[0];
+    let mut wb = c.buffer_from_host(&vec![1f32; 256], &[256], dev).unwrap();
+    let xb = c.buffer_from_host(&vec![2f32; 256], &[256], dev).unwrap();
+    let address = wb.device_address().unwrap();
+    for k in 1..=3 {
+        let mut out = step
+            .execute(vec![vec![Arg::Donated(wb), Arg::Borrowed(&xb)]])
+            .unwrap()
+            .remove(0);
+        wb = out.remove(1);
+        assert_eq!(
+            wb.device_address().unwrap(),
+            address,
+            "step {k} did not update w in place"
+        );
+        assert_eq!(wb.to_host::<f32>().unwrap()[0], 1.0 - k as f32);
+    }
+    // Passing a donated parameter as borrowed is refused before PJRT.
+    let err = step
+        .execute(vec![vec![Arg::Borrowed(&wb), Arg::Borrowed(&xb)]])
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("`w`") && err.contains("donated"), "{err}");
+    // As is an argument of the wrong type.
+    let bad = c.buffer_from_host(&vec![1f32; 3], &[3], dev).unwrap();
+    let err = step
+        .execute(vec![vec![Arg::Donated(bad), Arg::Borrowed(&xb)]])
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("`w`") && err.contains("expected f32[256]"),
+        "{err}"
+    );
+}
+
+#[test]
+fn dead_values_are_not_emitted() {
+    let g = Graph::new();
+    let x = g.param("x", f32t(&[4])).unwrap();
+    let _unused = x.exp().unwrap().sin().unwrap();
+    let y = x.tanh().unwrap();
+    let text = g.build(&[&y]).unwrap().to_mlir().unwrap();
+    assert!(
+        text.contains("stablehlo.tanh") && !text.contains("stablehlo.exponential"),
+        "{text}"
+    );
+    let err = g
+        .build(&[&y])
+        .unwrap()
+        .donate(&[0])
+        .unwrap()
+        .donate(&[5])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no parameter 5"), "{err}");
+    let h = Graph::new();
+    let a = h.param("a", f32t(&[4])).unwrap();
+    let s = a.sum_all().unwrap();
+    let err = h
+        .build(&[&s])
+        .unwrap()
+        .donate(&[0])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("no output of the same type"), "{err}");
+}

@@ -246,3 +246,41 @@ fn tpu_client_is_refused_without_tpu_devices() {
     std::fs::remove_dir_all(&dir).unwrap();
     assert!(err.contains("no TPU device"), "{err}");
 }
+
+/// An in-memory key-value store, as the coordinator will serve over gRPC.
+#[derive(Default)]
+struct MemoryStore(std::sync::Mutex<std::collections::HashMap<String, Vec<u8>>>);
+
+impl sharedmoe::runtime::KeyValueStore for MemoryStore {
+    fn put(&self, key: &str, value: &[u8]) -> sharedmoe::runtime::Result<()> {
+        self.0
+            .lock()
+            .unwrap()
+            .insert(key.to_string(), value.to_vec());
+        Ok(())
+    }
+    fn get(&self, key: &str, _timeout: std::time::Duration) -> sharedmoe::runtime::Result<Vec<u8>> {
+        Ok(self.0.lock().unwrap().get(key).cloned().unwrap_or_default())
+    }
+}
+
+#[test]
+fn client_accepts_a_key_value_store_and_options() {
+    use sharedmoe::runtime::ClientOption;
+    let loc = find_plugin(Backend::Cpu, None).unwrap();
+    let plugin = Plugin::load(&loc.path).unwrap();
+    let store = std::sync::Arc::new(MemoryStore::default());
+    let c = Client::new(
+        plugin,
+        &[("cpu_device_count", ClientOption::Int(2))],
+        Some(store),
+    )
+    .unwrap();
+    assert_eq!(c.devices().len(), 2);
+    let exe = c.compile(ADD, &CompileOptions::default()).unwrap();
+    let a = c
+        .buffer_from_host(&[1f32; 4], &[2, 2], &c.devices()[0])
+        .unwrap();
+    let out = exe.execute(&[&[&a, &a]]).unwrap();
+    assert_eq!(out[0][0].to_host::<f32>().unwrap(), vec![2.0; 4]);
+}

@@ -429,3 +429,84 @@ unsafe extern "C" fn kv_put_trampoline(
         ),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
+    #[derive(Default)]
+    struct Store(Mutex<HashMap<String, Vec<u8>>>);
+
+    impl KeyValueStore for Store {
+        fn put(&self, key: &str, value: &[u8]) -> Result<()> {
+            self.0.lock().unwrap().insert(key.into(), value.into());
+            Ok(())
+        }
+        fn get(&self, key: &str, timeout: Duration) -> Result<Vec<u8>> {
+            self.0
+                .lock()
+                .unwrap()
+                .get(key)
+                .cloned()
+                .ok_or_else(|| Error {
+                    code: Some(ErrorCode::DeadlineExceeded),
+                    message: format!("{key} not set within {timeout:?}"),
+                    context: "test store".into(),
+                })
+        }
+    }
+
+    static LAST_ERROR: Mutex<Option<(i32, String)>> = Mutex::new(None);
+
+    unsafe extern "C" fn record_error(
+        code: ffi::PJRT_Error_Code,
+        msg: *const c_char,
+        len: usize,
+    ) -> *mut ffi::PJRT_Error {
+        *LAST_ERROR.lock().unwrap() = Some((code as i32, plugin_str(msg, len)));
+        8 as *mut ffi::PJRT_Error // any non-null marker; never dereferenced
+    }
+
+    #[test]
+    fn key_value_trampolines_round_trip_and_report_errors() {
+        let store: Box<Arc<dyn KeyValueStore>> = Box::new(Arc::new(Store::default()));
+        let user = &*store as *const Arc<dyn KeyValueStore> as *mut std::ffi::c_void;
+        let mut cb: ffi::PJRT_CallbackError = Some(record_error);
+        let (key, value) = ("node/0", b"topology bytes");
+        let mut put = args!(PJRT_KeyValuePutCallback_Args {
+            key: key.as_ptr() as *const c_char,
+            key_size: key.len(),
+            value: value.as_ptr() as *const c_char,
+            value_size: value.len(),
+            callback_error: &mut cb,
+            user_arg: user,
+        });
+        assert!(unsafe { kv_put_trampoline(&mut put) }.is_null());
+        let mut get = args!(PJRT_KeyValueGetCallback_Args {
+            key: key.as_ptr() as *const c_char,
+            key_size: key.len(),
+            timeout_in_ms: 100,
+            callback_error: &mut cb,
+            user_arg: user,
+        });
+        assert!(unsafe { kv_get_trampoline(&mut get) }.is_null());
+        let got =
+            unsafe { std::slice::from_raw_parts(get.value as *const u8, get.value_size) }.to_vec();
+        assert_eq!(got, value);
+        unsafe { get.value_deleter_callback.unwrap()(get.value) };
+        let missing = "node/1";
+        let mut get = args!(PJRT_KeyValueGetCallback_Args {
+            key: missing.as_ptr() as *const c_char,
+            key_size: missing.len(),
+            timeout_in_ms: 5,
+            callback_error: &mut cb,
+            user_arg: user,
+        });
+        assert!(!unsafe { kv_get_trampoline(&mut get) }.is_null());
+        let (code, msg) = LAST_ERROR.lock().unwrap().take().unwrap();
+        assert_eq!(code, ErrorCode::DeadlineExceeded.to_raw());
+        assert!(msg.contains("node/1 not set within 5ms"), "{msg}");
+    }
+}
