@@ -530,7 +530,7 @@ fn traced_donation_updates_parameters_in_place() {
         .to_string();
     assert!(err.contains("`w`") && err.contains("donated"), "{err}");
     // As is an argument of the wrong type.
-    let bad = c.buffer_from_host(&vec![1f32; 3], &[3], dev).unwrap();
+    let bad = c.buffer_from_host(&[1f32; 3], &[3], dev).unwrap();
     let err = step
         .execute(vec![vec![Arg::Donated(bad), Arg::Borrowed(&xb)]])
         .err()

@@ -5,6 +5,7 @@
 //! - one step of a 2-layer MLP (forward + backward + SGD) on [256, 512]
 //!   inputs, traced, differentiated and compiled into one program, with
 //!   parameters donated and kept on device.
+//!
 //! When a JAX peer is available (`scripts/bench-peers.sh` installs it into
 //! `target/bench-venv`), the same MLP step is timed in JAX in the same run
 //! and the ratio is printed.

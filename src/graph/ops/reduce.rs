@@ -111,7 +111,7 @@ impl Primitive for Reduce {
         let init_line = generic(
             "stablehlo.constant",
             &[],
-            &[init.clone()],
+            std::slice::from_ref(&init),
             &format!("value = {lit} : {}", init_ty.mlir()),
         );
         let region = scalar_region(cx, self.kind.combiner(), dtype);
