@@ -10,4 +10,5 @@
 
 pub mod cli;
 pub mod graph;
+pub mod model;
 pub mod runtime;

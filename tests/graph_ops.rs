@@ -573,3 +573,21 @@ fn dead_values_are_not_emitted() {
         .to_string();
     assert!(err.contains("no output of the same type"), "{err}");
 }
+
+#[test]
+fn sort_by_key_is_stable_and_permutes_values() {
+    let out = eval(
+        &[(i32t(&[6]), vec![3.0, 1.0, 3.0, 0.0, 1.0, 2.0])],
+        |g, p| {
+            let idx = g.iota(i32t(&[6]), 0)?;
+            let (k, v) = p[0].sort_by_key(&[&idx])?;
+            Ok(vec![k, v[0].clone()])
+        },
+    );
+    assert_eq!(out[0], vec![0.0, 1.0, 1.0, 2.0, 3.0, 3.0]);
+    assert_eq!(
+        out[1],
+        vec![3.0, 1.0, 4.0, 5.0, 0.0, 2.0],
+        "ties keep their order"
+    );
+}

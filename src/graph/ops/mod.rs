@@ -11,3 +11,4 @@ pub(crate) mod indexing;
 pub(crate) mod linalg;
 pub(crate) mod reduce;
 pub(crate) mod shape;
+pub(crate) mod sort;

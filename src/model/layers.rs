@@ -1,0 +1,137 @@
+//! The transformer's building blocks, traced with `graph`: RMSNorm, RoPE
+//! (rotate-half), causal grouped-query attention and the SwiGLU MLP.
+//!
+//! Shapes are spelled out at the top of each function: B batch, S sequence,
+//! D hidden, H query heads, K key/value heads, G = H/K, Hd head dim, F
+//! intermediate.
+
+use crate::graph::{concatenate, DType, DotDims, Result, Tensor, TensorType};
+
+/// The dtype norms, softmax and losses are computed in: f32, or f64 when
+/// the model itself runs in f64 (gradient checks).
+pub fn accumulation_dtype(compute: DType) -> DType {
+    if compute == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
+/// RMSNorm over the last axis, in f32: x / sqrt(mean(x^2) + eps) * gain.
+/// x [.., D], gain [D] -> [.., D] in x's dtype.
+pub fn rms_norm(x: &Tensor, gain: &Tensor, eps: f64) -> Result<Tensor> {
+    let acc = accumulation_dtype(x.dtype());
+    let xf = x.convert(acc)?;
+    let mut keep = x.dims();
+    *keep.last_mut().expect("rank >= 1") = 1;
+    let ms = xf.square()?.mean(&[-1])?.reshape(&keep)?;
+    xf.mul(&ms.add_scalar(eps)?.rsqrt()?)?
+        .mul(&gain.convert(acc)?)?
+        .convert(x.dtype())
+}
+
+/// cos and sin tables [S, Hd] over the frequency vector [f, f] (HF LLaMA),
+/// computed in f32 from positions 0..S.
+pub fn rope_tables(x: &Tensor, seq: i64, head_dim: i64, theta: f64) -> Result<(Tensor, Tensor)> {
+    let g = x.graph();
+    let acc = accumulation_dtype(x.dtype());
+    let half = head_dim / 2;
+    let inv_freq: Vec<f64> = (0..half)
+        .map(|i| theta.powf(-(2 * i) as f64 / head_dim as f64))
+        .collect();
+    let inv_freq = g.constant(&inv_freq, TensorType::new(acc, &[1, half]))?;
+    let pos = g.iota(TensorType::new(acc, &[seq, 1]), 0)?;
+    let angles = pos.mul(&inv_freq)?; // [S, Hd/2]
+    let emb = concatenate(&[&angles, &angles], 1)?; // [S, Hd]
+    Ok((emb.cos()?, emb.sin()?))
+}
+
+/// Rotary embedding of x [B, S, N, Hd] with tables [S, Hd]:
+/// x * cos + rotate_half(x) * sin, rotate_half(x) = [-x2, x1].
+pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let hd = x.dim(-1)?;
+    let s = x.dim(1)?;
+    let (x1, x2) = (x.slice_axis(-1, 0, hd / 2)?, x.slice_axis(-1, hd / 2, hd)?);
+    let rotated = concatenate(&[&x2.neg()?, &x1], -1)?;
+    let table = |t: &Tensor| t.convert(x.dtype())?.reshape(&[1, s, 1, hd]);
+    x.mul(&table(cos)?)?.add(&rotated.mul(&table(sin)?)?)
+}
+
+/// Weights of one attention block (PyTorch layout [out, in]).
+pub struct AttentionWeights<'a> {
+    pub q: &'a Tensor,
+    pub k: &'a Tensor,
+    pub v: &'a Tensor,
+    pub o: &'a Tensor,
+}
+
+/// Causal grouped-query attention. x [B, S, D] -> [B, S, D]; H query heads
+/// share K key/value heads in groups of G = H / K; softmax in f32 with
+/// scale 1/sqrt(Hd).
+pub fn attention(
+    x: &Tensor,
+    w: &AttentionWeights,
+    heads: i64,
+    kv_heads: i64,
+    rope: &(Tensor, Tensor),
+) -> Result<Tensor> {
+    let (b, s, d) = (x.dim(0)?, x.dim(1)?, x.dim(2)?);
+    let hd = d / heads;
+    let groups = heads / kv_heads;
+    let q = apply_rope(
+        &x.linear(w.q)?.reshape(&[b, s, heads, hd])?,
+        &rope.0,
+        &rope.1,
+    )?;
+    let k = apply_rope(
+        &x.linear(w.k)?.reshape(&[b, s, kv_heads, hd])?,
+        &rope.0,
+        &rope.1,
+    )?;
+    let v = x.linear(w.v)?.reshape(&[b, s, kv_heads, hd])?;
+    let q = q
+        .reshape(&[b, s, kv_heads, groups, hd])?
+        .transpose(&[0, 2, 3, 1, 4])?; // [B, K, G, S, Hd]
+    let k = k.transpose(&[0, 2, 1, 3])?; // [B, K, S, Hd]
+    let v = v.transpose(&[0, 2, 1, 3])?; // [B, K, S, Hd]
+    let acc = accumulation_dtype(x.dtype());
+    let qk = DotDims {
+        lhs_contract: vec![4],
+        rhs_contract: vec![3],
+        lhs_batch: vec![0, 1],
+        rhs_batch: vec![0, 1],
+    };
+    let scores = q
+        .dot_general_as(&k, &qk, acc)?
+        .mul_scalar(1.0 / (hd as f64).sqrt())?; // [B, K, G, S, S]
+    let g = x.graph();
+    let row = g.iota(TensorType::new(DType::I32, &[s, s]), 0)?;
+    let col = g.iota(TensorType::new(DType::I32, &[s, s]), 1)?;
+    let causal = col
+        .le(&row)?
+        .reshape(&[1, 1, 1, s, s])?
+        .broadcast_to(&scores.dims())?;
+    let scores = causal.select(&scores, &scores.full_like(-1e30)?)?;
+    let probs = scores.softmax(-1)?.convert(x.dtype())?;
+    let pv = DotDims {
+        lhs_contract: vec![4],
+        rhs_contract: vec![2],
+        lhs_batch: vec![0, 1],
+        rhs_batch: vec![0, 1],
+    };
+    let out = probs.dot_general(&v, &pv)?; // [B, K, G, S, Hd]
+    out.transpose(&[0, 3, 1, 2, 4])?
+        .reshape(&[b, s, d])?
+        .linear(w.o)
+}
+
+/// silu(x) = x * sigmoid(x).
+pub fn silu(x: &Tensor) -> Result<Tensor> {
+    x.mul(&x.logistic()?)
+}
+
+/// SwiGLU MLP: down(silu(gate(x)) * up(x)). x [.., D], gate/up [F, D],
+/// down [D, F] -> [.., D].
+pub fn swiglu(x: &Tensor, gate: &Tensor, up: &Tensor, down: &Tensor) -> Result<Tensor> {
+    silu(&x.linear(gate)?)?.mul(&x.linear(up)?)?.linear(down)
+}

@@ -1,0 +1,205 @@
+//! The shared mixture-of-experts block: one router and E SwiGLU experts
+//! used by every layer. Per token: p = softmax(W_r x), the top-k experts,
+//! weights = their probabilities renormalised, output = weighted sum of the
+//! chosen experts. Dropless, with the Switch-style balance loss.
+//!
+//! Routed computation (the default) runs each expert only on its tokens:
+//! the N*k (token, expert) assignments are sorted by expert, each expert's
+//! group is padded to a multiple of `moe_block_size`, and the blocks run as
+//! one batched matmul against the experts' weights gathered per block.
+//! Padding costs at most E * (block - 1) extra rows; no token is dropped.
+//! The dense variant computes all E experts on every token (for checking
+//! and for benchmarks).
+
+use crate::graph::{DType, DotDims, Result, Tensor, TensorType};
+
+use super::layers::{accumulation_dtype, silu};
+
+/// The shared block's weights: router [E, D], gate/up [E, F, D], down [E, D, F].
+pub struct MoeWeights<'a> {
+    pub router: &'a Tensor,
+    pub gate: &'a Tensor,
+    pub up: &'a Tensor,
+    pub down: &'a Tensor,
+}
+
+/// How the experts are evaluated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExpertCompute {
+    /// Each expert only on the tokens routed to it.
+    Routed { block: i64 },
+    /// Every expert on every token, masked by the routing weights.
+    Dense,
+}
+
+/// Routing decisions for N tokens.
+struct Routing {
+    /// Router probabilities [N, E] (accumulation dtype).
+    probs: Tensor,
+    /// Chosen experts [N, k] (i32) and their renormalised weights [N, k].
+    experts: Tensor,
+    weights: Tensor,
+}
+
+fn route(x: &Tensor, router: &Tensor, k: i64) -> Result<Routing> {
+    let n = x.dim(0)?;
+    let acc = accumulation_dtype(x.dtype());
+    let probs = x.convert(acc)?.linear(&router.convert(acc)?)?.softmax(-1)?;
+    let (top, experts) = probs.top_k(k)?;
+    let weights = top.div(&top.reduce_sum(&[1])?.reshape(&[n, 1])?)?;
+    Ok(Routing {
+        probs,
+        experts,
+        weights,
+    })
+}
+
+/// Switch balance loss for one application: E * sum_e f_e * P_e, with f_e
+/// the share of the N*k assignments that went to e and P_e the mean router
+/// probability of e. Equals 1 for uniform routing.
+fn balance_loss(r: &Routing, num_experts: i64) -> Result<Tensor> {
+    let (n, k) = (r.experts.dim(0)?, r.experts.dim(1)?);
+    let acc = r.probs.dtype();
+    let g = r.probs.graph();
+    let ids = g.iota(TensorType::new(DType::I32, &[n, k, num_experts]), 2)?;
+    let chosen = ids.eq(&r.experts.reshape(&[n, k, 1])?)?.convert(acc)?;
+    let f = chosen
+        .reduce_sum(&[0, 1])?
+        .mul_scalar(1.0 / (n * k) as f64)?;
+    let p = r.probs.mean(&[0])?;
+    f.mul(&p)?.sum_all()?.mul_scalar(num_experts as f64)
+}
+
+/// The shared MoE on x [N, D]: returns (output [N, D], balance loss).
+pub fn shared_moe(
+    x: &Tensor,
+    w: &MoeWeights,
+    k: i64,
+    compute: ExpertCompute,
+) -> Result<(Tensor, Tensor)> {
+    let e = w.router.dim(0)?;
+    let r = route(x, w.router, k)?;
+    let aux = balance_loss(&r, e)?;
+    let weights = r.weights.convert(x.dtype())?;
+    let y = match compute {
+        ExpertCompute::Dense => dense_experts(x, w, &r.experts, &weights, e)?,
+        ExpertCompute::Routed { block } => routed_experts(x, w, &r.experts, &weights, e, block)?,
+    };
+    Ok((y, aux))
+}
+
+/// Every expert on every token; non-chosen experts get weight 0.
+fn dense_experts(
+    x: &Tensor,
+    w: &MoeWeights,
+    experts: &Tensor,
+    weights: &Tensor,
+    e: i64,
+) -> Result<Tensor> {
+    let (n, k) = (experts.dim(0)?, experts.dim(1)?);
+    let g = x.graph();
+    let ids = g.iota(TensorType::new(DType::I32, &[n, k, e]), 2)?;
+    let onehot = ids.eq(&experts.reshape(&[n, k, 1])?)?.convert(x.dtype())?;
+    let combine = onehot
+        .mul(&weights.reshape(&[n, k, 1])?)?
+        .reduce_sum(&[1])?; // [N, E]
+    let in_proj = DotDims {
+        lhs_contract: vec![1],
+        rhs_contract: vec![2],
+        ..Default::default()
+    };
+    let gate = x.dot_general(w.gate, &in_proj)?; // [N, E, F]
+    let up = x.dot_general(w.up, &in_proj)?;
+    let h = silu(&gate)?.mul(&up)?;
+    let out_proj = DotDims {
+        lhs_contract: vec![2],
+        rhs_contract: vec![2],
+        lhs_batch: vec![1],
+        rhs_batch: vec![0],
+    };
+    let y = h.dot_general(w.down, &out_proj)?; // [E, N, D]
+    let combine_t = combine.transpose(&[1, 0])?.reshape(&[e, n, 1])?;
+    y.mul(&combine_t)?.reduce_sum(&[0])
+}
+
+/// Exclusive prefix sum of a short integer vector [E] (via a triangular
+/// matmul; E is small).
+fn exclusive_cumsum(v: &Tensor) -> Result<Tensor> {
+    let e = v.dim(0)?;
+    let g = v.graph();
+    let i = g.iota(TensorType::new(DType::I32, &[e, e]), 0)?;
+    let j = g.iota(TensorType::new(DType::I32, &[e, e]), 1)?;
+    let before = i.lt(&j)?.convert(v.dtype())?;
+    v.dot_general(
+        &before,
+        &DotDims {
+            lhs_contract: vec![0],
+            rhs_contract: vec![0],
+            ..Default::default()
+        },
+    )
+}
+
+/// Each expert on its own tokens, in padded blocks (see module docs).
+fn routed_experts(
+    x: &Tensor,
+    w: &MoeWeights,
+    experts: &Tensor,
+    weights: &Tensor,
+    e: i64,
+    block: i64,
+) -> Result<Tensor> {
+    let (n, k, d) = (experts.dim(0)?, experts.dim(1)?, x.dim(1)?);
+    let a = n * k; // assignments, token-major: assignment i is token i / k
+    let g = x.graph();
+    let int = |dims: &[i64]| TensorType::new(DType::I32, dims);
+    let (sorted_expert, perm) = {
+        let (keys, mut vals) = experts
+            .reshape(&[a])?
+            .sort_by_key(&[&g.iota(int(&[a]), 0)?])?;
+        (keys, vals.remove(0))
+    };
+    // Group sizes, their starts, and starts after padding to `block`.
+    let counts = g
+        .iota(int(&[a, e]), 1)?
+        .eq(&experts.reshape(&[a, 1])?)?
+        .convert(DType::I32)?
+        .reduce_sum(&[0])?; // [E]
+    let starts = exclusive_cumsum(&counts)?;
+    let padded = counts
+        .add_scalar((block - 1) as f64)?
+        .div(&counts.scalar_like(block as f64)?)?
+        .mul_scalar(block as f64)?;
+    let padded_starts = exclusive_cumsum(&padded)?;
+    // Sorted assignment i lands in row padded_start[e] + (i - start[e]).
+    let rank = g.iota(int(&[a]), 0)?.sub(&starts.take(&sorted_expert)?)?;
+    let slot = padded_starts.take(&sorted_expert)?.add(&rank)?;
+    let token = perm.div(&perm.scalar_like(k as f64)?)?;
+    let rows = (a + e * (block - 1) + block - 1) / block * block;
+    let blocks = rows / block;
+    let xs = g
+        .zeros(TensorType::new(x.dtype(), &[rows, d]))?
+        .scatter_add(&slot, &x.take(&token)?)?;
+    // Block b belongs to the expert whose padded range contains its start.
+    let block_start = g.iota(int(&[blocks, 1]), 0)?.mul_scalar(block as f64)?;
+    let padded_end = padded_starts.add(&padded)?.reshape(&[1, e])?;
+    let block_expert = padded_end
+        .le(&block_start)?
+        .convert(DType::I32)?
+        .reduce_sum(&[1])?
+        .minimum(&g.full((e - 1) as f64, int(&[blocks]))?)?;
+    let xb = xs.reshape(&[blocks, block, d])?;
+    let per_block = DotDims {
+        lhs_contract: vec![2],
+        rhs_contract: vec![2],
+        lhs_batch: vec![0],
+        rhs_batch: vec![0],
+    };
+    let gate = xb.dot_general(&w.gate.take(&block_expert)?, &per_block)?; // [nb, block, F]
+    let up = xb.dot_general(&w.up.take(&block_expert)?, &per_block)?;
+    let h = silu(&gate)?.mul(&up)?;
+    let yb = h.dot_general(&w.down.take(&block_expert)?, &per_block)?; // [nb, block, D]
+    let y = yb.reshape(&[rows, d])?.take(&slot)?; // [A, D], sorted order
+    let wsorted = weights.reshape(&[a])?.take(&perm)?.reshape(&[a, 1])?;
+    g.zeros(x.ty())?.scatter_add(&token, &y.mul(&wsorted)?)
+}
