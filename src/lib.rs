@@ -6,9 +6,15 @@
 //!   compile, execute). The only place with raw pointers.
 //! - [`graph`]: tracing computations in Rust, reverse-mode autodiff, and
 //!   emission of one StableHLO module per compiled function.
+//! - [`model`]: the dense LLaMA baseline and the shared-MoE model.
+//! - [`train`]: the compiled optimizer step, the trainer and the loop.
+//! - [`data`]: token sources; [`ckpt`]: checkpoints.
 //! - [`cli`]: the `sharedmoe` command-line interface.
 
+pub mod ckpt;
 pub mod cli;
+pub mod data;
 pub mod graph;
 pub mod model;
 pub mod runtime;
+pub mod train;

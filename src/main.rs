@@ -15,6 +15,12 @@ enum Command {
     Devices(cli::devices::DevicesArgs),
     /// Benchmarks (prints medians and ratios against peers).
     Bench(cli::bench::BenchArgs),
+    /// Train a model (see configs/).
+    Train(cli::train::TrainArgs),
+    /// Write the step-0 checkpoint that `train --init` starts from.
+    Init(cli::train::InitArgs),
+    /// Print the exact parameter count by component.
+    Params(cli::train::ParamsArgs),
 }
 
 fn main() {
@@ -27,6 +33,9 @@ fn main() {
     let result = match Cli::parse().command {
         Command::Devices(a) => cli::devices::run(&a),
         Command::Bench(a) => cli::bench::run(&a),
+        Command::Train(a) => cli::train::run_train(&a),
+        Command::Init(a) => cli::train::run_init(&a),
+        Command::Params(a) => cli::train::run_params(&a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

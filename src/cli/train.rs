@@ -1,0 +1,87 @@
+//! `sharedmoe train`, `sharedmoe init`, `sharedmoe params`.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+
+use crate::model::{count_breakdown, ModelConfig};
+use crate::train::{self, Config, StartFrom};
+
+/// A config file plus `--set section.key=value` overrides.
+#[derive(clap::Args, Debug)]
+pub struct ConfigArgs {
+    /// TOML config (see configs/).
+    #[arg(long)]
+    pub config: PathBuf,
+    /// Override a config value, e.g. --set train.steps=100 (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+}
+
+impl ConfigArgs {
+    pub fn load(&self) -> Result<Config> {
+        Config::load(&self.config, &self.overrides).map_err(anyhow::Error::msg)
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct TrainArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Start from a step-0 checkpoint written by `sharedmoe init`.
+    #[arg(long, conflicts_with = "resume")]
+    pub init: Option<PathBuf>,
+    /// Continue a run exactly from a checkpoint directory.
+    #[arg(long)]
+    pub resume: Option<PathBuf>,
+    /// PJRT plugin path (overrides discovery).
+    #[arg(long)]
+    pub plugin: Option<PathBuf>,
+}
+
+pub fn run_train(a: &TrainArgs) -> Result<()> {
+    let cfg = a.config.load()?;
+    let start = StartFrom { init: a.init.clone(), resume: a.resume.clone() };
+    let last = train::train(&cfg, &start, a.plugin.as_deref())?;
+    println!("final checkpoint: {}", last.display());
+    Ok(())
+}
+
+#[derive(clap::Args, Debug)]
+pub struct InitArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Checkpoint directory to write.
+    #[arg(long)]
+    pub out: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+}
+
+pub fn run_init(a: &InitArgs) -> Result<()> {
+    let cfg = a.config.load()?;
+    train::write_init(&cfg, &a.out, a.seed).with_context(|| format!("writing {}", a.out.display()))?;
+    println!("wrote step-0 checkpoint {}", a.out.display());
+    Ok(())
+}
+
+#[derive(clap::Args, Debug)]
+pub struct ParamsArgs {
+    /// A TOML config, or a preset name (dense125m, sharedmoe50m, tiny-dense, tiny-sharedmoe).
+    #[arg(long)]
+    pub config: String,
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+}
+
+pub fn run_params(a: &ParamsArgs) -> Result<()> {
+    let model = match ModelConfig::preset(&a.config) {
+        Some(m) if a.overrides.is_empty() => m,
+        _ => ConfigArgs { config: a.config.clone().into(), overrides: a.overrides.clone() }.load()?.model,
+    };
+    for (part, n) in count_breakdown(&model) {
+        println!("{part:>10}  {n:>13}");
+    }
+    println!("{:>10}  {:>13}", "active/tok", crate::model::active_params_per_token(&model));
+    Ok(())
+}

@@ -1,0 +1,7 @@
+//! Token sources for training. Today: pre-tokenised `.bin` files
+//! (DESIGN.md format); parquet and tokenizers arrive with the data
+//! pipeline.
+
+pub mod bin;
+
+pub use bin::{TokenFile, TokenWidth};

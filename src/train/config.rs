@@ -1,0 +1,284 @@
+//! The run configuration (`configs/*.toml`): model, recipe, data and run
+//! directory, with `--set section.key=value` overrides and validation that
+//! names the offending field.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::graph::DType;
+use crate::model::ModelConfig;
+
+/// The training recipe (SPEC.md "Training recipe").
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainConfig {
+    pub seq_len: i64,
+    /// Sequences per optimizer step, over all replicas and micro-batches.
+    pub global_batch: i64,
+    /// Sequences per replica per accumulation step.
+    pub micro_batch: i64,
+    /// Data-parallel replicas (devices) in this process.
+    #[serde(default = "one")]
+    pub replicas: i64,
+    pub steps: i64,
+    pub warmup_steps: i64,
+    pub lr: f64,
+    pub min_lr: f64,
+    #[serde(default = "beta1")]
+    pub beta1: f64,
+    #[serde(default = "beta2")]
+    pub beta2: f64,
+    #[serde(default = "adam_eps")]
+    pub eps: f64,
+    #[serde(default = "weight_decay")]
+    pub weight_decay: f64,
+    #[serde(default = "one_f")]
+    pub grad_clip: f64,
+    /// Dtype of matmul operands: f32 (CPU) or bf16 (TPU/GPU). Parameters
+    /// and optimizer state are always f32.
+    #[serde(default = "compute_dtype")]
+    pub compute_dtype: String,
+    #[serde(default)]
+    pub seed: u64,
+    /// Checkpoint every N steps (0 = only at the end).
+    #[serde(default)]
+    pub checkpoint_every: i64,
+    /// Validation loss every N steps (0 = never).
+    #[serde(default)]
+    pub eval_every: i64,
+    /// Validation micro-batches per evaluation.
+    #[serde(default = "one")]
+    pub eval_batches: i64,
+}
+
+fn one() -> i64 {
+    1
+}
+fn one_f() -> f64 {
+    1.0
+}
+fn beta1() -> f64 {
+    0.9
+}
+fn beta2() -> f64 {
+    0.95
+}
+fn adam_eps() -> f64 {
+    1e-8
+}
+fn weight_decay() -> f64 {
+    0.1
+}
+fn compute_dtype() -> String {
+    "f32".into()
+}
+
+/// Where the tokens come from.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataConfig {
+    /// Pre-tokenised training tokens (`.bin`, DESIGN.md format).
+    #[serde(default)]
+    pub train_bin: PathBuf,
+    #[serde(default)]
+    pub val_bin: PathBuf,
+    /// `u16` (nanoGPT) or `u32`.
+    #[serde(default = "token_dtype")]
+    pub token_dtype: String,
+}
+
+fn token_dtype() -> String {
+    "u16".into()
+}
+
+/// Where and on what the run happens.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunConfig {
+    /// Run directory: metrics.jsonl and checkpoints/ go here.
+    #[serde(default)]
+    pub dir: PathBuf,
+    #[serde(default = "backend")]
+    pub backend: String,
+}
+
+fn backend() -> String {
+    "cpu".into()
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub model: ModelConfig,
+    pub train: TrainConfig,
+    #[serde(default)]
+    pub data: DataConfig,
+    #[serde(default)]
+    pub run: RunConfig,
+}
+
+impl Config {
+    /// Reads a TOML file, applies `overrides` (`section.key=value`, the
+    /// value in TOML syntax or a bare string), and validates. A
+    /// `model.preset` key starts the model from a named preset.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Config, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        Config::parse(&text, overrides).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    pub fn parse(text: &str, overrides: &[String]) -> Result<Config, String> {
+        let mut doc: toml::Value = toml::from_str(text).map_err(|e| e.to_string())?;
+        for o in overrides {
+            apply_override(&mut doc, o)?;
+        }
+        expand_preset(&mut doc)?;
+        let cfg: Config = doc.try_into().map_err(|e: toml::de::Error| e.to_string().trim().to_string())?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn compute_dtype(&self) -> DType {
+        if self.train.compute_dtype == "bf16" {
+            DType::BF16
+        } else {
+            DType::F32
+        }
+    }
+
+    /// Accumulation steps per optimizer step.
+    pub fn accumulation_steps(&self) -> i64 {
+        self.train.global_batch / (self.train.replicas * self.train.micro_batch)
+    }
+
+    pub fn validate(&self) -> Result<(), String> {
+        self.model.validate()?;
+        let t = &self.train;
+        for (name, v) in [
+            ("seq_len", t.seq_len),
+            ("global_batch", t.global_batch),
+            ("micro_batch", t.micro_batch),
+            ("replicas", t.replicas),
+            ("steps", t.steps),
+        ] {
+            if v <= 0 {
+                return Err(format!("train.{name} = {v}: must be positive"));
+            }
+        }
+        if t.global_batch % (t.replicas * t.micro_batch) != 0 {
+            return Err(format!(
+                "train.global_batch = {} is not divisible by train.replicas * train.micro_batch = {} * {}",
+                t.global_batch, t.replicas, t.micro_batch
+            ));
+        }
+        if t.warmup_steps < 0 || t.warmup_steps >= t.steps {
+            return Err(format!("train.warmup_steps = {} must be in 0..train.steps ({})", t.warmup_steps, t.steps));
+        }
+        if !(t.lr > 0.0 && t.min_lr >= 0.0 && t.min_lr <= t.lr) {
+            return Err(format!("train.lr = {} and train.min_lr = {}: need 0 <= min_lr <= lr, lr > 0", t.lr, t.min_lr));
+        }
+        if !["f32", "bf16"].contains(&t.compute_dtype.as_str()) {
+            return Err(format!("train.compute_dtype = {:?}: expected \"f32\" or \"bf16\"", t.compute_dtype));
+        }
+        if !["u16", "u32"].contains(&self.data.token_dtype.as_str()) {
+            return Err(format!("data.token_dtype = {:?}: expected \"u16\" or \"u32\"", self.data.token_dtype));
+        }
+        let tokens = t.micro_batch * t.seq_len * self.model.vocab_size;
+        if tokens >= i32::MAX as i64 {
+            return Err(format!(
+                "train.micro_batch * train.seq_len * model.vocab_size = {tokens} overflows i32 logits indexing; lower train.micro_batch"
+            ));
+        }
+        Ok(())
+    }
+
+    /// The config as TOML (stored in checkpoints).
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("config serialises")
+    }
+}
+
+/// `a.b.c=value`: sets doc[a][b][c], creating tables as needed.
+fn apply_override(doc: &mut toml::Value, o: &str) -> Result<(), String> {
+    let Some((path, raw)) = o.split_once('=') else {
+        return Err(format!("--set {o:?}: expected section.key=value"));
+    };
+    let value: toml::Value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    let keys: Vec<&str> = path.trim().split('.').collect();
+    let mut cur = doc;
+    for k in &keys[..keys.len() - 1] {
+        let table = cur.as_table_mut().ok_or_else(|| format!("--set {path}: `{k}` is not a table"))?;
+        cur = table.entry(k.to_string()).or_insert_with(|| toml::Value::Table(Default::default()));
+    }
+    let table = cur.as_table_mut().ok_or_else(|| format!("--set {path}: parent is not a table"))?;
+    table.insert(keys[keys.len() - 1].to_string(), value);
+    Ok(())
+}
+
+/// Replaces `model.preset = "name"` by the preset's fields, keeping any
+/// field the file sets explicitly.
+fn expand_preset(doc: &mut toml::Value) -> Result<(), String> {
+    let Some(model) = doc.get_mut("model").and_then(|m| m.as_table_mut()) else {
+        return Ok(());
+    };
+    let Some(preset) = model.remove("preset") else {
+        return Ok(());
+    };
+    let name = preset.as_str().ok_or("model.preset must be a string")?;
+    let base = ModelConfig::preset(name)
+        .ok_or_else(|| format!("model.preset = {name:?}: unknown (dense125m, sharedmoe50m, tiny-dense, tiny-sharedmoe)"))?;
+    let toml::Value::Table(mut merged) = toml::Value::try_from(&base).map_err(|e| e.to_string())? else {
+        unreachable!("a struct serialises to a table")
+    };
+    for (k, v) in model.iter() {
+        merged.insert(k.clone(), v.clone());
+    }
+    *model = merged;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = r#"
+[model]
+preset = "tiny-sharedmoe"
+[train]
+seq_len = 16
+global_batch = 8
+micro_batch = 2
+steps = 10
+warmup_steps = 2
+lr = 1e-3
+min_lr = 1e-4
+"#;
+
+    #[test]
+    fn presets_overrides_and_defaults() {
+        let c = Config::parse(BASE, &["model.hidden_size=32".into(), "train.replicas=2".into()]).unwrap();
+        assert_eq!(c.model.hidden_size, 32);
+        assert_eq!(c.model.num_experts, 4);
+        assert_eq!((c.train.replicas, c.accumulation_steps()), (2, 2));
+        assert_eq!(c.train.beta2, 0.95);
+        let round = Config::parse(&c.to_toml(), &[]).unwrap();
+        assert_eq!(round, c);
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let e = Config::parse(&format!("{BASE}\nbogus = 1\n"), &[]).unwrap_err();
+        assert!(e.contains("bogus"), "{e}");
+        let e = Config::parse(BASE, &["model.num_heads=3".into()]).unwrap_err();
+        assert!(e.contains("model.num_heads = 3 does not divide"), "{e}");
+        let e = Config::parse(BASE, &["model.num_kv_heads=3".into()]).unwrap_err();
+        assert!(e.contains("model.num_kv_heads = 3"), "{e}");
+        let e = Config::parse(BASE, &["train.micro_batch=3".into()]).unwrap_err();
+        assert!(e.contains("train.global_batch = 8 is not divisible"), "{e}");
+        let e = Config::parse(BASE, &["model.nonsense=3".into()]).unwrap_err();
+        assert!(e.contains("nonsense"), "{e}");
+    }
+}

@@ -1,0 +1,15 @@
+//! Training: the run configuration, the learning-rate schedule, clipping
+//! and AdamW, the whole optimizer step as one compiled program, the
+//! device-resident trainer and the training loop.
+
+pub mod config;
+pub mod optimizer;
+pub mod run;
+pub mod schedule;
+pub mod step;
+pub mod trainer;
+
+pub use config::Config;
+pub use run::{train, write_init, StartFrom};
+pub use schedule::Schedule;
+pub use trainer::{StepMetrics, Trainer};

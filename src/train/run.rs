@@ -1,0 +1,216 @@
+//! The training loop as SPEC.md's recipe reads: for each step, the next
+//! global batch from the token file, one compiled step, a metrics row,
+//! periodic validation and checkpoints; SIGINT/SIGTERM finish the step,
+//! checkpoint and stop cleanly.
+
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+
+use crate::ckpt;
+use crate::data::{TokenFile, TokenWidth};
+use crate::model::{active_params_per_token, param_specs};
+use crate::runtime::{find_plugin, Backend, Client, ClientOption, Plugin};
+
+use super::config::Config;
+use super::trainer::{fresh_checkpoint, Trainer};
+
+/// Where training starts from.
+#[derive(Clone, Debug, Default)]
+pub struct StartFrom {
+    /// A step-0 checkpoint written by `sharedmoe init`.
+    pub init: Option<PathBuf>,
+    /// A checkpoint to continue exactly.
+    pub resume: Option<PathBuf>,
+}
+
+/// One row of `metrics.jsonl`.
+#[derive(Serialize)]
+struct MetricsRow {
+    step: i64,
+    loss: f64,
+    aux: f64,
+    lr: f64,
+    grad_norm: f64,
+    tokens: i64,
+    step_time_s: f64,
+    tokens_per_s: f64,
+    mfu: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    val_loss: Option<f64>,
+}
+
+/// Model FLOPs per token for one training step: 6 * active parameters
+/// (forward + backward matmuls) + 12 * layers * seq * hidden (attention
+/// scores and values), the nanoGPT/PaLM estimate, counting only the routed
+/// experts for the MoE.
+pub fn flops_per_token(cfg: &Config) -> f64 {
+    let m = &cfg.model;
+    6.0 * active_params_per_token(m) as f64 + 12.0 * (m.num_layers * cfg.train.seq_len * m.hidden_size) as f64
+}
+
+/// Peak FLOP/s of one device, when known: documented bf16 dense peaks for
+/// accelerators; none for CPUs (MFU is then not reported).
+fn device_peak_flops(client: &Client) -> Option<f64> {
+    let kind = client.devices().first().map(|d| d.kind().to_lowercase()).unwrap_or_default();
+    if kind.contains("tpu v4") {
+        Some(275e12)
+    } else if kind.contains("h100") {
+        Some(989e12)
+    } else if kind.contains("h200") {
+        Some(989e12)
+    } else if kind.contains("a100") {
+        Some(312e12)
+    } else {
+        None
+    }
+}
+
+pub fn open_client(cfg: &Config, plugin: Option<&Path>) -> Result<Client> {
+    let backend: Backend = cfg.run.backend.parse()?;
+    let loc = find_plugin(backend, plugin)?;
+    let plugin = Plugin::load(&loc.path)?;
+    let options = match backend {
+        Backend::Cpu => vec![("cpu_device_count", ClientOption::Int(cfg.train.replicas))],
+        _ => vec![],
+    };
+    Ok(Client::new(plugin, &options, None)?)
+}
+
+fn split_rows(file: &TokenFile, cfg: &Config, batch_index: i64) -> Vec<Vec<i32>> {
+    let t = &cfg.train;
+    let per = t.global_batch / t.replicas;
+    (0..t.replicas).map(|r| file.batch_rows(batch_index, t.global_batch, t.seq_len, r * per, per)).collect()
+}
+
+/// Trains `cfg` and returns the final checkpoint directory.
+pub fn train(cfg: &Config, start: &StartFrom, plugin: Option<&Path>) -> Result<PathBuf> {
+    let run_dir = &cfg.run.dir;
+    if run_dir.as_os_str().is_empty() {
+        bail!("run.dir is not set (use --set run.dir=runs/NAME)");
+    }
+    fs::create_dir_all(run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    let width = TokenWidth::parse(&cfg.data.token_dtype).map_err(anyhow::Error::msg)?;
+    let train_file = TokenFile::open(&cfg.data.train_bin, width).map_err(anyhow::Error::msg)?;
+    train_file.check(cfg.train.seq_len, cfg.train.global_batch, cfg.model.vocab_size).map_err(anyhow::Error::msg)?;
+    let val_file = if cfg.train.eval_every > 0 && !cfg.data.val_bin.as_os_str().is_empty() {
+        let f = TokenFile::open(&cfg.data.val_bin, width).map_err(anyhow::Error::msg)?;
+        let per_eval = cfg.train.micro_batch * cfg.train.replicas;
+        f.check(cfg.train.seq_len, per_eval, cfg.model.vocab_size).map_err(anyhow::Error::msg)?;
+        Some(f)
+    } else {
+        None
+    };
+
+    let specs = param_specs(&cfg.model);
+    let checkpoint = match (&start.resume, &start.init) {
+        (Some(dir), _) | (None, Some(dir)) => ckpt::load(dir, &specs).with_context(|| format!("loading {}", dir.display()))?,
+        (None, None) => fresh_checkpoint(cfg, cfg.train.seed),
+    };
+    let client = open_client(cfg, plugin)?;
+    tracing::info!(
+        params = crate::model::count_params(&cfg.model),
+        replicas = cfg.train.replicas,
+        accumulation = cfg.accumulation_steps(),
+        "compiling the train step"
+    );
+    let compile_start = Instant::now();
+    let mut trainer = Trainer::new(cfg.clone(), client.clone(), &checkpoint)?;
+    tracing::info!("compiled in {:.1}s; starting at step {}", compile_start.elapsed().as_secs_f64(), trainer.step_count());
+
+    let stop = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, stop.clone()).context("installing signal handlers")?;
+    }
+    let mut metrics = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(run_dir.join("metrics.jsonl"))
+        .with_context(|| format!("opening {}", run_dir.join("metrics.jsonl").display()))?;
+    let t = &cfg.train;
+    let tokens_per_step = t.global_batch * t.seq_len;
+    let fpt = flops_per_token(cfg);
+    let peak = device_peak_flops(&client).map(|p| p * t.replicas as f64);
+    let bar = indicatif::ProgressBar::new(t.steps as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
+            .expect("valid template"),
+    );
+    bar.set_position(trainer.step_count() as u64);
+    let mut last_ckpt = None;
+    while trainer.step_count() < t.steps {
+        let step = trainer.step_count();
+        let began = Instant::now();
+        let m = trainer.train_step(&split_rows(&train_file, cfg, step))?;
+        let dt = began.elapsed().as_secs_f64();
+        if !m.ce.is_finite() {
+            bail!("step {step}: loss is {} (diverged); last checkpoint: {:?}", m.ce, last_ckpt);
+        }
+        let tps = tokens_per_step as f64 / dt;
+        let val_loss = match &val_file {
+            Some(f) if (step + 1) % t.eval_every == 0 => Some(evaluate(&trainer, f, cfg)?),
+            _ => None,
+        };
+        let row = MetricsRow {
+            step,
+            loss: m.ce,
+            aux: m.aux,
+            lr: m.lr,
+            grad_norm: m.grad_norm,
+            tokens: (step + 1) * tokens_per_step,
+            step_time_s: dt,
+            tokens_per_s: tps,
+            mfu: peak.map(|p| tps * fpt / p),
+            val_loss,
+        };
+        writeln!(metrics, "{}", serde_json::to_string(&row)?)?;
+        bar.set_message(format!("loss {:.4} aux {:.3} {:.0} tok/s", m.ce, m.aux, tps));
+        bar.inc(1);
+        let done = trainer.step_count();
+        let interrupted = stop.load(Ordering::Relaxed);
+        if interrupted || done == t.steps || (t.checkpoint_every > 0 && done % t.checkpoint_every == 0) {
+            let dir = ckpt::step_dir(run_dir, done);
+            ckpt::save(&dir, cfg, &trainer.checkpoint(done)?)?;
+            tracing::info!("checkpoint {}", dir.display());
+            last_ckpt = Some(dir);
+        }
+        if interrupted {
+            bar.abandon_with_message("interrupted: checkpoint written");
+            break;
+        }
+    }
+    metrics.flush()?;
+    bar.finish();
+    match last_ckpt.or_else(|| ckpt::latest(run_dir)) {
+        Some(d) => Ok(d),
+        None => {
+            let dir = ckpt::step_dir(run_dir, trainer.step_count());
+            ckpt::save(&dir, cfg, &trainer.checkpoint(trainer.step_count())?)?;
+            Ok(dir)
+        }
+    }
+}
+
+/// Mean validation CE over `eval_batches` micro-batches per replica.
+fn evaluate(trainer: &Trainer, file: &TokenFile, cfg: &Config) -> Result<f64> {
+    let t = &cfg.train;
+    let per = t.micro_batch * t.replicas;
+    let mut total = 0.0;
+    for b in 0..t.eval_batches {
+        let rows: Vec<Vec<i32>> =
+            (0..t.replicas).map(|r| file.batch_rows(b, per, t.seq_len, r * t.micro_batch, t.micro_batch)).collect();
+        total += trainer.eval(&rows)?.0;
+    }
+    Ok(total / t.eval_batches as f64)
+}
+
+/// Writes the step-0 checkpoint `train --init` starts from.
+pub fn write_init(cfg: &Config, out: &Path, seed: u64) -> Result<()> {
+    ckpt::save(out, cfg, &fresh_checkpoint(cfg, seed))
+}
