@@ -46,7 +46,10 @@ pub struct Checkpoint {
 }
 
 pub fn sha256_hex(text: &str) -> String {
-    Sha256::digest(text.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+    Sha256::digest(text.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
 }
 
 /// HF-style `config.json` (LLaMA keys; the shared-MoE fields alongside).
@@ -76,7 +79,10 @@ pub fn hf_config(cfg: &Config) -> serde_json::Value {
         o.insert("embedding_dim".into(), m.embedding_dim.into());
         o.insert("num_experts".into(), m.num_experts.into());
         o.insert("num_experts_per_tok".into(), m.experts_per_token.into());
-        o.insert("moe_intermediate_size".into(), m.expert_intermediate_size.into());
+        o.insert(
+            "moe_intermediate_size".into(),
+            m.expert_intermediate_size.into(),
+        );
         o.insert("router_aux_loss_coef".into(), m.aux_loss_coef.into());
     }
     v
@@ -90,7 +96,9 @@ fn safetensors_bytes(tensors: &Tensors, prefix: &str) -> Result<Vec<u8>> {
             // SAFETY-free view: f32 slice as little-endian bytes.
             let bytes: &[u8] = bytemuck_f32(data);
             let shape: Vec<usize> = dims.iter().map(|&d| d as usize).collect();
-            TensorView::new(Dtype::F32, shape, bytes).map(|v| (format!("{prefix}{name}"), v)).map_err(anyhow::Error::from)
+            TensorView::new(Dtype::F32, shape, bytes)
+                .map(|v| (format!("{prefix}{name}"), v))
+                .map_err(anyhow::Error::from)
         })
         .collect::<Result<_>>()?;
     let mut meta = HashMap::new();
@@ -100,7 +108,11 @@ fn safetensors_bytes(tensors: &Tensors, prefix: &str) -> Result<Vec<u8>> {
 
 /// Both moments in one file, under `adam_m.` / `adam_v.`.
 fn optimizer_bytes(ckpt: &Checkpoint) -> Result<Vec<u8>> {
-    let prefixed = |t: &Tensors, p: &str| -> Tensors { t.iter().map(|(n, d, v)| (format!("{p}{n}"), d.clone(), v.clone())).collect() };
+    let prefixed = |t: &Tensors, p: &str| -> Tensors {
+        t.iter()
+            .map(|(n, d, v)| (format!("{p}{n}"), d.clone(), v.clone()))
+            .collect()
+    };
     let mut both = prefixed(&ckpt.adam_m, "adam_m.");
     both.extend(prefixed(&ckpt.adam_v, "adam_v."));
     safetensors_bytes(&both, "")
@@ -114,35 +126,56 @@ fn bytemuck_f32(v: &[f32]) -> &[u8] {
 
 fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     let mut f = File::create(path).with_context(|| format!("creating {}", path.display()))?;
-    f.write_all(bytes).with_context(|| format!("writing {}", path.display()))?;
-    f.sync_all().with_context(|| format!("syncing {}", path.display()))?;
+    f.write_all(bytes)
+        .with_context(|| format!("writing {}", path.display()))?;
+    f.sync_all()
+        .with_context(|| format!("syncing {}", path.display()))?;
     Ok(())
 }
 
 fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("syncing directory {}", dir.display()))
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .with_context(|| format!("syncing directory {}", dir.display()))
 }
 
 /// Writes `ckpt` to `dir` atomically (replacing an older one there).
 pub fn save(dir: &Path, cfg: &Config, ckpt: &Checkpoint) -> Result<()> {
-    let parent = dir.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
+    let parent = dir
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
     fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-    let name = dir.file_name().context("checkpoint path has no name")?.to_string_lossy().to_string();
+    let name = dir
+        .file_name()
+        .context("checkpoint path has no name")?
+        .to_string_lossy()
+        .to_string();
     let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
     if tmp.exists() {
         fs::remove_dir_all(&tmp)?;
     }
     fs::create_dir_all(&tmp)?;
-    write_synced(&tmp.join("config.json"), serde_json::to_string_pretty(&hf_config(cfg))?.as_bytes())?;
-    write_synced(&tmp.join("model.safetensors"), &safetensors_bytes(&ckpt.params, "")?)?;
+    write_synced(
+        &tmp.join("config.json"),
+        serde_json::to_string_pretty(&hf_config(cfg))?.as_bytes(),
+    )?;
+    write_synced(
+        &tmp.join("model.safetensors"),
+        &safetensors_bytes(&ckpt.params, "")?,
+    )?;
     write_synced(&tmp.join("optimizer.safetensors"), &optimizer_bytes(ckpt)?)?;
-    write_synced(&tmp.join("state.json"), serde_json::to_string_pretty(&ckpt.state)?.as_bytes())?;
+    write_synced(
+        &tmp.join("state.json"),
+        serde_json::to_string_pretty(&ckpt.state)?.as_bytes(),
+    )?;
     sync_dir(&tmp)?;
     let old = parent.join(format!(".{name}.old-{}", std::process::id()));
     if dir.exists() {
         fs::rename(dir, &old)?;
     }
-    fs::rename(&tmp, dir).with_context(|| format!("renaming {} to {}", tmp.display(), dir.display()))?;
+    fs::rename(&tmp, dir)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), dir.display()))?;
     sync_dir(parent)?;
     if old.exists() {
         fs::remove_dir_all(&old)?;
@@ -154,11 +187,14 @@ pub fn save(dir: &Path, cfg: &Config, ckpt: &Checkpoint) -> Result<()> {
 /// missing tensor or a shape that differs from the config's.
 fn read_tensors(path: &Path, specs: &[ParamSpec], prefix: &str) -> Result<Tensors> {
     let bytes = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let st = SafeTensors::deserialize(&bytes).with_context(|| format!("{}: not a valid safetensors file", path.display()))?;
+    let st = SafeTensors::deserialize(&bytes)
+        .with_context(|| format!("{}: not a valid safetensors file", path.display()))?;
     let mut out = vec![];
     for s in specs {
         let name = format!("{prefix}{}", s.name);
-        let view = st.tensor(&name).map_err(|_| anyhow::anyhow!("{}: tensor `{name}` is missing", path.display()))?;
+        let view = st
+            .tensor(&name)
+            .map_err(|_| anyhow::anyhow!("{}: tensor `{name}` is missing", path.display()))?;
         let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
         if shape != s.dims {
             bail!(
@@ -168,9 +204,17 @@ fn read_tensors(path: &Path, specs: &[ParamSpec], prefix: &str) -> Result<Tensor
             );
         }
         if view.dtype() != Dtype::F32 {
-            bail!("{}: tensor `{name}` is {:?}, expected F32", path.display(), view.dtype());
+            bail!(
+                "{}: tensor `{name}` is {:?}, expected F32",
+                path.display(),
+                view.dtype()
+            );
         }
-        let data: Vec<f32> = view.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let data: Vec<f32> = view
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect();
         out.push((s.name.clone(), shape, data));
     }
     Ok(out)
@@ -186,13 +230,24 @@ pub fn load(dir: &Path, specs: &[ParamSpec]) -> Result<Checkpoint> {
     let params = read_tensors(&dir.join("model.safetensors"), specs, "")?;
     let opt = dir.join("optimizer.safetensors");
     let (adam_m, adam_v) = if opt.exists() {
-        (read_tensors(&opt, specs, "adam_m.")?, read_tensors(&opt, specs, "adam_v.")?)
+        (
+            read_tensors(&opt, specs, "adam_m.")?,
+            read_tensors(&opt, specs, "adam_v.")?,
+        )
     } else {
         // An init-only checkpoint may omit the optimizer: moments start at 0.
-        let zeros: Tensors = params.iter().map(|(n, d, v)| (n.clone(), d.clone(), vec![0.0; v.len()])).collect();
+        let zeros: Tensors = params
+            .iter()
+            .map(|(n, d, v)| (n.clone(), d.clone(), vec![0.0; v.len()]))
+            .collect();
         (zeros.clone(), zeros)
     };
-    Ok(Checkpoint { params, adam_m, adam_v, state })
+    Ok(Checkpoint {
+        params,
+        adam_m,
+        adam_v,
+        state,
+    })
 }
 
 /// `checkpoints/step_00001234` under a run directory.
@@ -206,7 +261,11 @@ pub fn latest(run_dir: &Path) -> Option<PathBuf> {
         .ok()?
         .flatten()
         .map(|e| e.path())
-        .filter(|p| p.file_name().is_some_and(|n| n.to_string_lossy().starts_with("step_")) && p.join("state.json").exists())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("step_"))
+                && p.join("state.json").exists()
+        })
         .collect();
     dirs.sort();
     dirs.pop()

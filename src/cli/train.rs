@@ -34,6 +34,9 @@ pub struct TrainArgs {
     /// Continue a run exactly from a checkpoint directory.
     #[arg(long)]
     pub resume: Option<PathBuf>,
+    /// Stop with a checkpoint after this many steps (resume later).
+    #[arg(long)]
+    pub until_step: Option<i64>,
     /// PJRT plugin path (overrides discovery).
     #[arg(long)]
     pub plugin: Option<PathBuf>,
@@ -41,7 +44,11 @@ pub struct TrainArgs {
 
 pub fn run_train(a: &TrainArgs) -> Result<()> {
     let cfg = a.config.load()?;
-    let start = StartFrom { init: a.init.clone(), resume: a.resume.clone() };
+    let start = StartFrom {
+        init: a.init.clone(),
+        resume: a.resume.clone(),
+        until_step: a.until_step,
+    };
     let last = train::train(&cfg, &start, a.plugin.as_deref())?;
     println!("final checkpoint: {}", last.display());
     Ok(())
@@ -60,7 +67,8 @@ pub struct InitArgs {
 
 pub fn run_init(a: &InitArgs) -> Result<()> {
     let cfg = a.config.load()?;
-    train::write_init(&cfg, &a.out, a.seed).with_context(|| format!("writing {}", a.out.display()))?;
+    train::write_init(&cfg, &a.out, a.seed)
+        .with_context(|| format!("writing {}", a.out.display()))?;
     println!("wrote step-0 checkpoint {}", a.out.display());
     Ok(())
 }
@@ -77,11 +85,23 @@ pub struct ParamsArgs {
 pub fn run_params(a: &ParamsArgs) -> Result<()> {
     let model = match ModelConfig::preset(&a.config) {
         Some(m) if a.overrides.is_empty() => m,
-        _ => ConfigArgs { config: a.config.clone().into(), overrides: a.overrides.clone() }.load()?.model,
+        _ => {
+            ConfigArgs {
+                config: a.config.clone().into(),
+                overrides: a.overrides.clone(),
+            }
+            .load()?
+            .model
+        }
     };
     for (part, n) in count_breakdown(&model) {
         println!("{part:>10}  {n:>13}");
     }
-    println!("{:>10}  {:>13}", "active/tok", crate::model::active_params_per_token(&model));
+    // Shared weights count once per use: the N of 6N FLOPs per token.
+    println!(
+        "{:>10}  {:>13}",
+        "used/token",
+        crate::model::active_params_per_token(&model)
+    );
     Ok(())
 }

@@ -39,7 +39,10 @@ pub struct TokenFile {
 impl TokenFile {
     pub fn open(path: &Path, width: TokenWidth) -> Result<TokenFile, String> {
         let file = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
-        let len = file.metadata().map_err(|e| format!("{}: {e}", path.display()))?.len();
+        let len = file
+            .metadata()
+            .map_err(|e| format!("{}: {e}", path.display()))?
+            .len();
         if len % width.bytes() as u64 != 0 {
             return Err(format!(
                 "{}: {len} bytes is not a whole number of {:?} tokens (wrong data.token_dtype?)",
@@ -49,8 +52,13 @@ impl TokenFile {
         }
         // SAFETY: the file is opened read-only; a concurrent writer could
         // change the bytes under us, which only changes token values.
-        let map = unsafe { memmap2::Mmap::map(&file) }.map_err(|e| format!("{}: {e}", path.display()))?;
-        Ok(TokenFile { path: path.to_path_buf(), map, width })
+        let map =
+            unsafe { memmap2::Mmap::map(&file) }.map_err(|e| format!("{}: {e}", path.display()))?;
+        Ok(TokenFile {
+            path: path.to_path_buf(),
+            map,
+            width,
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -89,8 +97,15 @@ impl TokenFile {
         // Sample the file (all of it when small) for out-of-vocabulary ids.
         let n = self.num_tokens();
         let stride = (n / 1_000_000).max(1);
-        if let Some(i) = (0..n).step_by(stride).find(|&i| self.token(i) as i64 >= vocab) {
-            return Err(format!("{}: token {} at position {i} is >= model.vocab_size {vocab}", self.path.display(), self.token(i)));
+        if let Some(i) = (0..n)
+            .step_by(stride)
+            .find(|&i| self.token(i) as i64 >= vocab)
+        {
+            return Err(format!(
+                "{}: token {} at position {i} is >= model.vocab_size {vocab}",
+                self.path.display(),
+                self.token(i)
+            ));
         }
         Ok(())
     }
@@ -114,8 +129,19 @@ mod tests {
     use super::*;
 
     fn write(tokens: &[u16]) -> PathBuf {
-        let p = std::env::temp_dir().join(format!("sharedmoe-bin-{}-{}.bin", std::process::id(), tokens.len()));
-        std::fs::write(&p, tokens.iter().flat_map(|t| t.to_le_bytes()).collect::<Vec<u8>>()).unwrap();
+        let p = std::env::temp_dir().join(format!(
+            "sharedmoe-bin-{}-{}.bin",
+            std::process::id(),
+            tokens.len()
+        ));
+        std::fs::write(
+            &p,
+            tokens
+                .iter()
+                .flat_map(|t| t.to_le_bytes())
+                .collect::<Vec<u8>>(),
+        )
+        .unwrap();
         p
     }
 
@@ -124,13 +150,19 @@ mod tests {
         let p = write(&(0..20).collect::<Vec<u16>>());
         let f = TokenFile::open(&p, TokenWidth::U16).unwrap();
         assert_eq!(f.num_windows(3), 5); // windows of 4 tokens
-        // step 1, batch 2: windows 2 and 3
-        assert_eq!(f.batch_rows(1, 2, 3, 0, 2), vec![8, 9, 10, 11, 12, 13, 14, 15]);
+                                         // step 1, batch 2: windows 2 and 3
+        assert_eq!(
+            f.batch_rows(1, 2, 3, 0, 2),
+            vec![8, 9, 10, 11, 12, 13, 14, 15]
+        );
         // step 2, batch 3: windows 6, 7, 8 wrap to 1, 2, 3; replica 1 of 3 takes row 1.
         assert_eq!(f.batch_rows(2, 3, 3, 1, 1), vec![8, 9, 10, 11]);
         f.check(3, 5, 20).unwrap();
         let e = f.check(3, 6, 20).unwrap_err();
-        assert!(e.contains("5 windows") && e.contains("fewer than one batch of 6"), "{e}");
+        assert!(
+            e.contains("5 windows") && e.contains("fewer than one batch of 6"),
+            "{e}"
+        );
         let e = f.check(3, 2, 10).unwrap_err();
         assert!(e.contains(">= model.vocab_size 10"), "{e}");
         std::fs::remove_file(p).unwrap();

@@ -133,7 +133,9 @@ impl Config {
             apply_override(&mut doc, o)?;
         }
         expand_preset(&mut doc)?;
-        let cfg: Config = doc.try_into().map_err(|e: toml::de::Error| e.to_string().trim().to_string())?;
+        let cfg: Config = doc
+            .try_into()
+            .map_err(|e: toml::de::Error| e.to_string().trim().to_string())?;
         cfg.validate()?;
         Ok(cfg)
     }
@@ -172,16 +174,28 @@ impl Config {
             ));
         }
         if t.warmup_steps < 0 || t.warmup_steps >= t.steps {
-            return Err(format!("train.warmup_steps = {} must be in 0..train.steps ({})", t.warmup_steps, t.steps));
+            return Err(format!(
+                "train.warmup_steps = {} must be in 0..train.steps ({})",
+                t.warmup_steps, t.steps
+            ));
         }
         if !(t.lr > 0.0 && t.min_lr >= 0.0 && t.min_lr <= t.lr) {
-            return Err(format!("train.lr = {} and train.min_lr = {}: need 0 <= min_lr <= lr, lr > 0", t.lr, t.min_lr));
+            return Err(format!(
+                "train.lr = {} and train.min_lr = {}: need 0 <= min_lr <= lr, lr > 0",
+                t.lr, t.min_lr
+            ));
         }
         if !["f32", "bf16"].contains(&t.compute_dtype.as_str()) {
-            return Err(format!("train.compute_dtype = {:?}: expected \"f32\" or \"bf16\"", t.compute_dtype));
+            return Err(format!(
+                "train.compute_dtype = {:?}: expected \"f32\" or \"bf16\"",
+                t.compute_dtype
+            ));
         }
         if !["u16", "u32"].contains(&self.data.token_dtype.as_str()) {
-            return Err(format!("data.token_dtype = {:?}: expected \"u16\" or \"u32\"", self.data.token_dtype));
+            return Err(format!(
+                "data.token_dtype = {:?}: expected \"u16\" or \"u32\"",
+                self.data.token_dtype
+            ));
         }
         let tokens = t.micro_batch * t.seq_len * self.model.vocab_size;
         if tokens >= i32::MAX as i64 {
@@ -210,10 +224,16 @@ fn apply_override(doc: &mut toml::Value, o: &str) -> Result<(), String> {
     let keys: Vec<&str> = path.trim().split('.').collect();
     let mut cur = doc;
     for k in &keys[..keys.len() - 1] {
-        let table = cur.as_table_mut().ok_or_else(|| format!("--set {path}: `{k}` is not a table"))?;
-        cur = table.entry(k.to_string()).or_insert_with(|| toml::Value::Table(Default::default()));
+        let table = cur
+            .as_table_mut()
+            .ok_or_else(|| format!("--set {path}: `{k}` is not a table"))?;
+        cur = table
+            .entry(k.to_string())
+            .or_insert_with(|| toml::Value::Table(Default::default()));
     }
-    let table = cur.as_table_mut().ok_or_else(|| format!("--set {path}: parent is not a table"))?;
+    let table = cur
+        .as_table_mut()
+        .ok_or_else(|| format!("--set {path}: parent is not a table"))?;
     table.insert(keys[keys.len() - 1].to_string(), value);
     Ok(())
 }
@@ -230,7 +250,8 @@ fn expand_preset(doc: &mut toml::Value) -> Result<(), String> {
     let name = preset.as_str().ok_or("model.preset must be a string")?;
     let base = ModelConfig::preset(name)
         .ok_or_else(|| format!("model.preset = {name:?}: unknown (dense125m, sharedmoe50m, tiny-dense, tiny-sharedmoe)"))?;
-    let toml::Value::Table(mut merged) = toml::Value::try_from(&base).map_err(|e| e.to_string())? else {
+    let toml::Value::Table(mut merged) = toml::Value::try_from(&base).map_err(|e| e.to_string())?
+    else {
         unreachable!("a struct serialises to a table")
     };
     for (k, v) in model.iter() {
@@ -259,7 +280,11 @@ min_lr = 1e-4
 
     #[test]
     fn presets_overrides_and_defaults() {
-        let c = Config::parse(BASE, &["model.hidden_size=32".into(), "train.replicas=2".into()]).unwrap();
+        let c = Config::parse(
+            BASE,
+            &["model.hidden_size=32".into(), "train.replicas=2".into()],
+        )
+        .unwrap();
         assert_eq!(c.model.hidden_size, 32);
         assert_eq!(c.model.num_experts, 4);
         assert_eq!((c.train.replicas, c.accumulation_steps()), (2, 2));

@@ -26,8 +26,13 @@ pub fn global_norm(grads: &[Tensor]) -> Result<Tensor> {
 /// gradients and the norm before clipping.
 pub fn clip_by_global_norm(grads: &[Tensor], max_norm: f64) -> Result<(Vec<Tensor>, Tensor)> {
     let norm = global_norm(grads)?;
-    let scale = norm.scalar_like(max_norm)?.div(&norm.maximum(&norm.scalar_like(max_norm)?)?)?;
-    let clipped = grads.iter().map(|g| g.mul(&scale)).collect::<Result<Vec<_>>>()?;
+    let scale = norm
+        .scalar_like(max_norm)?
+        .div(&norm.maximum(&norm.scalar_like(max_norm)?)?)?;
+    let clipped = grads
+        .iter()
+        .map(|g| g.mul(&scale))
+        .collect::<Result<Vec<_>>>()?;
     Ok((clipped, norm))
 }
 
@@ -41,17 +46,42 @@ pub struct Updated {
 impl AdamW {
     /// `count` is the 1-based update number (f32 scalar), `lr` an f32
     /// scalar; `decay` says whether this tensor is decayed.
-    pub fn update(&self, p: &Tensor, g: &Tensor, m: &Tensor, v: &Tensor, lr: &Tensor, count: &Tensor, decay: bool) -> Result<Updated> {
-        let m = m.mul_scalar(self.beta1)?.add(&g.mul_scalar(1.0 - self.beta1)?)?;
-        let v = v.mul_scalar(self.beta2)?.add(&g.square()?.mul_scalar(1.0 - self.beta2)?)?;
-        let bc1 = count.scalar_like(self.beta1)?.pow(count)?.neg()?.add_scalar(1.0)?;
-        let bc2 = count.scalar_like(self.beta2)?.pow(count)?.neg()?.add_scalar(1.0)?;
+    pub fn update(
+        &self,
+        p: &Tensor,
+        g: &Tensor,
+        m: &Tensor,
+        v: &Tensor,
+        lr: &Tensor,
+        count: &Tensor,
+        decay: bool,
+    ) -> Result<Updated> {
+        let m = m
+            .mul_scalar(self.beta1)?
+            .add(&g.mul_scalar(1.0 - self.beta1)?)?;
+        let v = v
+            .mul_scalar(self.beta2)?
+            .add(&g.square()?.mul_scalar(1.0 - self.beta2)?)?;
+        let bc1 = count
+            .scalar_like(self.beta1)?
+            .pow(count)?
+            .neg()?
+            .add_scalar(1.0)?;
+        let bc2 = count
+            .scalar_like(self.beta2)?
+            .pow(count)?
+            .neg()?
+            .add_scalar(1.0)?;
         let m_hat = m.div(&bc1)?;
         let v_hat = v.div(&bc2)?;
         let mut step = m_hat.div(&v_hat.sqrt()?.add_scalar(self.eps)?)?;
         if decay && self.weight_decay != 0.0 {
             step = step.add(&p.mul_scalar(self.weight_decay)?)?;
         }
-        Ok(Updated { param: p.sub(&step.mul(lr)?)?, m, v })
+        Ok(Updated {
+            param: p.sub(&step.mul(lr)?)?,
+            m,
+            v,
+        })
     }
 }

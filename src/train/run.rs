@@ -28,6 +28,9 @@ pub struct StartFrom {
     pub init: Option<PathBuf>,
     /// A checkpoint to continue exactly.
     pub resume: Option<PathBuf>,
+    /// Stop (with a checkpoint) once this many steps are done, before
+    /// `train.steps`: runs in chunks on preemptible machines.
+    pub until_step: Option<i64>,
 }
 
 /// One row of `metrics.jsonl`.
@@ -52,13 +55,18 @@ struct MetricsRow {
 /// experts for the MoE.
 pub fn flops_per_token(cfg: &Config) -> f64 {
     let m = &cfg.model;
-    6.0 * active_params_per_token(m) as f64 + 12.0 * (m.num_layers * cfg.train.seq_len * m.hidden_size) as f64
+    6.0 * active_params_per_token(m) as f64
+        + 12.0 * (m.num_layers * cfg.train.seq_len * m.hidden_size) as f64
 }
 
 /// Peak FLOP/s of one device, when known: documented bf16 dense peaks for
 /// accelerators; none for CPUs (MFU is then not reported).
 fn device_peak_flops(client: &Client) -> Option<f64> {
-    let kind = client.devices().first().map(|d| d.kind().to_lowercase()).unwrap_or_default();
+    let kind = client
+        .devices()
+        .first()
+        .map(|d| d.kind().to_lowercase())
+        .unwrap_or_default();
     if kind.contains("tpu v4") {
         Some(275e12)
     } else if kind.contains("h100") {
@@ -86,7 +94,9 @@ pub fn open_client(cfg: &Config, plugin: Option<&Path>) -> Result<Client> {
 fn split_rows(file: &TokenFile, cfg: &Config, batch_index: i64) -> Vec<Vec<i32>> {
     let t = &cfg.train;
     let per = t.global_batch / t.replicas;
-    (0..t.replicas).map(|r| file.batch_rows(batch_index, t.global_batch, t.seq_len, r * per, per)).collect()
+    (0..t.replicas)
+        .map(|r| file.batch_rows(batch_index, t.global_batch, t.seq_len, r * per, per))
+        .collect()
 }
 
 /// Trains `cfg` and returns the final checkpoint directory.
@@ -98,11 +108,18 @@ pub fn train(cfg: &Config, start: &StartFrom, plugin: Option<&Path>) -> Result<P
     fs::create_dir_all(run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
     let width = TokenWidth::parse(&cfg.data.token_dtype).map_err(anyhow::Error::msg)?;
     let train_file = TokenFile::open(&cfg.data.train_bin, width).map_err(anyhow::Error::msg)?;
-    train_file.check(cfg.train.seq_len, cfg.train.global_batch, cfg.model.vocab_size).map_err(anyhow::Error::msg)?;
+    train_file
+        .check(
+            cfg.train.seq_len,
+            cfg.train.global_batch,
+            cfg.model.vocab_size,
+        )
+        .map_err(anyhow::Error::msg)?;
     let val_file = if cfg.train.eval_every > 0 && !cfg.data.val_bin.as_os_str().is_empty() {
         let f = TokenFile::open(&cfg.data.val_bin, width).map_err(anyhow::Error::msg)?;
         let per_eval = cfg.train.micro_batch * cfg.train.replicas;
-        f.check(cfg.train.seq_len, per_eval, cfg.model.vocab_size).map_err(anyhow::Error::msg)?;
+        f.check(cfg.train.seq_len, per_eval, cfg.model.vocab_size)
+            .map_err(anyhow::Error::msg)?;
         Some(f)
     } else {
         None
@@ -110,7 +127,9 @@ pub fn train(cfg: &Config, start: &StartFrom, plugin: Option<&Path>) -> Result<P
 
     let specs = param_specs(&cfg.model);
     let checkpoint = match (&start.resume, &start.init) {
-        (Some(dir), _) | (None, Some(dir)) => ckpt::load(dir, &specs).with_context(|| format!("loading {}", dir.display()))?,
+        (Some(dir), _) | (None, Some(dir)) => {
+            ckpt::load(dir, &specs).with_context(|| format!("loading {}", dir.display()))?
+        }
         (None, None) => fresh_checkpoint(cfg, cfg.train.seed),
     };
     let client = open_client(cfg, plugin)?;
@@ -122,7 +141,11 @@ pub fn train(cfg: &Config, start: &StartFrom, plugin: Option<&Path>) -> Result<P
     );
     let compile_start = Instant::now();
     let mut trainer = Trainer::new(cfg.clone(), client.clone(), &checkpoint)?;
-    tracing::info!("compiled in {:.1}s; starting at step {}", compile_start.elapsed().as_secs_f64(), trainer.step_count());
+    tracing::info!(
+        "compiled in {:.1}s; starting at step {}",
+        compile_start.elapsed().as_secs_f64(),
+        trainer.step_count()
+    );
 
     let stop = Arc::new(AtomicBool::new(false));
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
@@ -139,18 +162,25 @@ pub fn train(cfg: &Config, start: &StartFrom, plugin: Option<&Path>) -> Result<P
     let peak = device_peak_flops(&client).map(|p| p * t.replicas as f64);
     let bar = indicatif::ProgressBar::new(t.steps as u64);
     bar.set_style(
-        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}")
-            .expect("valid template"),
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+        )
+        .expect("valid template"),
     );
     bar.set_position(trainer.step_count() as u64);
     let mut last_ckpt = None;
-    while trainer.step_count() < t.steps {
+    let end = start.until_step.map_or(t.steps, |u| u.min(t.steps));
+    while trainer.step_count() < end {
         let step = trainer.step_count();
         let began = Instant::now();
         let m = trainer.train_step(&split_rows(&train_file, cfg, step))?;
         let dt = began.elapsed().as_secs_f64();
         if !m.ce.is_finite() {
-            bail!("step {step}: loss is {} (diverged); last checkpoint: {:?}", m.ce, last_ckpt);
+            bail!(
+                "step {step}: loss is {} (diverged); last checkpoint: {:?}",
+                m.ce,
+                last_ckpt
+            );
         }
         let tps = tokens_per_step as f64 / dt;
         let val_loss = match &val_file {
@@ -170,11 +200,15 @@ pub fn train(cfg: &Config, start: &StartFrom, plugin: Option<&Path>) -> Result<P
             val_loss,
         };
         writeln!(metrics, "{}", serde_json::to_string(&row)?)?;
-        bar.set_message(format!("loss {:.4} aux {:.3} {:.0} tok/s", m.ce, m.aux, tps));
+        bar.set_message(format!(
+            "loss {:.4} aux {:.3} {:.0} tok/s",
+            m.ce, m.aux, tps
+        ));
         bar.inc(1);
         let done = trainer.step_count();
         let interrupted = stop.load(Ordering::Relaxed);
-        if interrupted || done == t.steps || (t.checkpoint_every > 0 && done % t.checkpoint_every == 0) {
+        if interrupted || done == end || (t.checkpoint_every > 0 && done % t.checkpoint_every == 0)
+        {
             let dir = ckpt::step_dir(run_dir, done);
             ckpt::save(&dir, cfg, &trainer.checkpoint(done)?)?;
             tracing::info!("checkpoint {}", dir.display());
@@ -203,8 +237,9 @@ fn evaluate(trainer: &Trainer, file: &TokenFile, cfg: &Config) -> Result<f64> {
     let per = t.micro_batch * t.replicas;
     let mut total = 0.0;
     for b in 0..t.eval_batches {
-        let rows: Vec<Vec<i32>> =
-            (0..t.replicas).map(|r| file.batch_rows(b, per, t.seq_len, r * t.micro_batch, t.micro_batch)).collect();
+        let rows: Vec<Vec<i32>> = (0..t.replicas)
+            .map(|r| file.batch_rows(b, per, t.seq_len, r * t.micro_batch, t.micro_batch))
+            .collect();
         total += trainer.eval(&rows)?.0;
     }
     Ok(total / t.eval_batches as f64)

@@ -20,14 +20,19 @@ impl Schedule {
             return self.peak * (t + 1) as f64 / self.warmup as f64;
         }
         let progress = (t - self.warmup) as f64 / (self.total - self.warmup) as f64;
-        self.final_lr + 0.5 * (self.peak - self.final_lr) * (1.0 + (std::f64::consts::PI * progress).cos())
+        self.final_lr
+            + 0.5 * (self.peak - self.final_lr) * (1.0 + (std::f64::consts::PI * progress).cos())
     }
 
     /// The same in the graph, from an i32 step counter, as an f32 scalar.
     pub fn traced(&self, step: &Tensor) -> Result<Tensor> {
         let t = step.convert(DType::F32)?;
-        let warm = t.add_scalar(1.0)?.mul_scalar(self.peak / self.warmup.max(1) as f64)?;
-        let progress = t.add_scalar(-(self.warmup as f64))?.mul_scalar(1.0 / (self.total - self.warmup) as f64)?;
+        let warm = t
+            .add_scalar(1.0)?
+            .mul_scalar(self.peak / self.warmup.max(1) as f64)?;
+        let progress = t
+            .add_scalar(-(self.warmup as f64))?
+            .mul_scalar(1.0 / (self.total - self.warmup) as f64)?;
         let cosine = progress
             .mul_scalar(std::f64::consts::PI)?
             .cos()?
@@ -45,7 +50,12 @@ mod tests {
 
     #[test]
     fn spec_values() {
-        let s = Schedule { peak: 3e-4, final_lr: 3e-5, warmup: 1000, total: 12_000 };
+        let s = Schedule {
+            peak: 3e-4,
+            final_lr: 3e-5,
+            warmup: 1000,
+            total: 12_000,
+        };
         assert_eq!(s.at(0), 3e-7);
         assert!((s.at(999) - 3e-4).abs() < 1e-18);
         assert!((s.at(1000) - 3e-4).abs() < 1e-18);

@@ -27,7 +27,9 @@ pub struct StepLayout {
 
 impl StepLayout {
     pub fn new(cfg: &Config) -> StepLayout {
-        StepLayout { specs: param_specs(&cfg.model) }
+        StepLayout {
+            specs: param_specs(&cfg.model),
+        }
     }
 
     pub fn n(&self) -> usize {
@@ -50,7 +52,15 @@ impl StepLayout {
 }
 
 fn declare_params(g: &Graph, specs: &[ParamSpec], prefix: &str) -> Result<Vec<Tensor>> {
-    specs.iter().map(|s| g.param(&format!("{prefix}{}", s.name), TensorType::new(DType::F32, &s.dims))).collect()
+    specs
+        .iter()
+        .map(|s| {
+            g.param(
+                &format!("{prefix}{}", s.name),
+                TensorType::new(DType::F32, &s.dims),
+            )
+        })
+        .collect()
 }
 
 /// Mean over replicas of a per-replica value.
@@ -74,7 +84,11 @@ pub fn train_step(cfg: &Config, experts: ExpertCompute) -> Result<Function> {
     let adam_v = declare_params(&g, specs, "adam_v.")?;
     let step = g.param("step", TensorType::scalar(DType::I32))?;
     let windows = g.param("windows", TensorType::new(DType::I32, &[a, m, s + 1]))?;
-    let named: Vec<(String, Tensor)> = specs.iter().map(|p| p.name.clone()).zip(params.iter().cloned()).collect();
+    let named: Vec<(String, Tensor)> = specs
+        .iter()
+        .map(|p| p.name.clone())
+        .zip(params.iter().cloned())
+        .collect();
     let compute = cfg.compute_dtype();
 
     // Accumulate gradient sums over the A micro-batches.
@@ -90,12 +104,18 @@ pub fn train_step(cfg: &Config, experts: ExpertCompute) -> Result<Function> {
         |st| {
             let i = &st[0];
             let zero_i = i.scalar_like(0.0)?;
-            let batch = windows.dynamic_slice(&[i, &zero_i, &zero_i], &[1, m, s + 1])?.reshape(&[m, s + 1])?;
+            let batch = windows
+                .dynamic_slice(&[i, &zero_i, &zero_i], &[1, m, s + 1])?
+                .reshape(&[m, s + 1])?;
             let model = Transformer::new(&cfg.model, &named, compute).with_expert_compute(experts);
             let loss = model.loss(&batch)?;
             let refs: Vec<&Tensor> = params.iter().collect();
             let grads = grad(&loss.total, &refs)?;
-            let mut next = vec![i.add_scalar(1.0)?, st[1].add(&loss.ce.convert(DType::F32)?)?, st[2].add(&loss.aux.convert(DType::F32)?)?];
+            let mut next = vec![
+                i.add_scalar(1.0)?,
+                st[1].add(&loss.ce.convert(DType::F32)?)?,
+                st[2].add(&loss.aux.convert(DType::F32)?)?,
+            ];
             for (acc, gr) in st[3..].iter().zip(&grads) {
                 next.push(acc.add(&gr.convert(DType::F32)?)?);
             }
@@ -111,13 +131,31 @@ pub fn train_step(cfg: &Config, experts: ExpertCompute) -> Result<Function> {
         .collect::<Result<Vec<_>>>()?;
 
     let (grads, grad_norm) = clip_by_global_norm(&grads, t.grad_clip)?;
-    let schedule = Schedule { peak: t.lr, final_lr: t.min_lr, warmup: t.warmup_steps, total: t.steps };
+    let schedule = Schedule {
+        peak: t.lr,
+        final_lr: t.min_lr,
+        warmup: t.warmup_steps,
+        total: t.steps,
+    };
     let lr = schedule.traced(&step)?;
     let count = step.add_scalar(1.0)?.convert(DType::F32)?;
-    let adamw = AdamW { beta1: t.beta1, beta2: t.beta2, eps: t.eps, weight_decay: t.weight_decay };
+    let adamw = AdamW {
+        beta1: t.beta1,
+        beta2: t.beta2,
+        eps: t.eps,
+        weight_decay: t.weight_decay,
+    };
     let (mut new_p, mut new_m, mut new_v) = (vec![], vec![], vec![]);
     for (k, spec) in specs.iter().enumerate() {
-        let u = adamw.update(&params[k], &grads[k], &adam_m[k], &adam_v[k], &lr, &count, spec.decays())?;
+        let u = adamw.update(
+            &params[k],
+            &grads[k],
+            &adam_m[k],
+            &adam_v[k],
+            &lr,
+            &count,
+            spec.decays(),
+        )?;
         new_p.push(u.param);
         new_m.push(u.m);
         new_v.push(u.v);
@@ -126,7 +164,10 @@ pub fn train_step(cfg: &Config, experts: ExpertCompute) -> Result<Function> {
     let mut outs: Vec<&Tensor> = new_p.iter().chain(&new_m).chain(&new_v).collect();
     outs.extend([&next_step, &ce, &aux, &grad_norm, &lr]);
     let donated: Vec<usize> = (0..=layout.step_index()).collect();
-    g.build(&outs)?.with_replicas(t.replicas as usize).with_name("train_step").donate(&donated)
+    g.build(&outs)?
+        .with_replicas(t.replicas as usize)
+        .with_name("train_step")
+        .donate(&donated)
 }
 
 /// Traces the evaluation program: params[n], windows [M, S+1] -> ce, aux
@@ -135,11 +176,17 @@ pub fn eval_step(cfg: &Config, experts: ExpertCompute) -> Result<Function> {
     let specs = param_specs(&cfg.model);
     let g = Graph::new();
     let params = declare_params(&g, &specs, "")?;
-    let windows = g.param("windows", TensorType::new(DType::I32, &[cfg.train.micro_batch, cfg.train.seq_len + 1]))?;
+    let windows = g.param(
+        "windows",
+        TensorType::new(DType::I32, &[cfg.train.micro_batch, cfg.train.seq_len + 1]),
+    )?;
     let named: Vec<(String, Tensor)> = specs.iter().map(|p| p.name.clone()).zip(params).collect();
-    let model = Transformer::new(&cfg.model, &named, cfg.compute_dtype()).with_expert_compute(experts);
+    let model =
+        Transformer::new(&cfg.model, &named, cfg.compute_dtype()).with_expert_compute(experts);
     let loss = model.loss(&windows)?;
     let ce = replica_mean(&loss.ce.convert(DType::F32)?, cfg.train.replicas)?;
     let aux = replica_mean(&loss.aux.convert(DType::F32)?, cfg.train.replicas)?;
-    Ok(g.build(&[&ce, &aux])?.with_replicas(cfg.train.replicas as usize).with_name("eval_step"))
+    Ok(g.build(&[&ce, &aux])?
+        .with_replicas(cfg.train.replicas as usize)
+        .with_name("eval_step"))
 }

@@ -38,8 +38,14 @@ pub struct Trainer {
 
 /// A fresh state: initial parameters from `seed`, zero moments, step 0.
 pub fn fresh_checkpoint(cfg: &Config, seed: u64) -> Checkpoint {
-    let params: Tensors = init_params(&cfg.model, seed).into_iter().map(|(s, v)| (s.name, s.dims, v)).collect();
-    let zeros: Tensors = params.iter().map(|(n, d, v)| (n.clone(), d.clone(), vec![0.0; v.len()])).collect();
+    let params: Tensors = init_params(&cfg.model, seed)
+        .into_iter()
+        .map(|(s, v)| (s.name, s.dims, v))
+        .collect();
+    let zeros: Tensors = params
+        .iter()
+        .map(|(n, d, v)| (n.clone(), d.clone(), vec![0.0; v.len()]))
+        .collect();
     let config_toml = cfg.to_toml();
     Checkpoint {
         params,
@@ -59,7 +65,10 @@ pub fn fresh_checkpoint(cfg: &Config, seed: u64) -> Checkpoint {
 
 fn upload(client: &Client, device: usize, tensors: &Tensors) -> Result<Vec<Buffer>> {
     let dev = &client.devices()[device];
-    tensors.iter().map(|(_, dims, v)| Ok(client.buffer_from_host(v, dims, dev)?)).collect()
+    tensors
+        .iter()
+        .map(|(_, dims, v)| Ok(client.buffer_from_host(v, dims, dev)?))
+        .collect()
 }
 
 impl Trainer {
@@ -68,21 +77,43 @@ impl Trainer {
     pub fn new(cfg: Config, client: Client, start: &Checkpoint) -> Result<Trainer> {
         let replicas = cfg.train.replicas as usize;
         if client.devices().len() < replicas {
-            bail!("train.replicas = {replicas} but the client has {} devices", client.devices().len());
+            bail!(
+                "train.replicas = {replicas} but the client has {} devices",
+                client.devices().len()
+            );
         }
-        let experts = ExpertCompute::Routed { block: cfg.model.moe_block_size };
+        let experts = ExpertCompute::Routed {
+            block: cfg.model.moe_block_size,
+        };
         let layout = StepLayout::new(&cfg);
-        let step_program = train_step(&cfg, experts)?.compile(&client).context("compiling the train step")?;
-        let eval_program = eval_step(&cfg, experts)?.compile(&client).context("compiling the eval step")?;
+        let step_program = train_step(&cfg, experts)?
+            .compile(&client)
+            .context("compiling the train step")?;
+        let eval_program = eval_step(&cfg, experts)?
+            .compile(&client)
+            .context("compiling the eval step")?;
         let mut state = Vec::with_capacity(replicas);
         for r in 0..replicas {
             let mut bufs = upload(&client, r, &start.params)?;
             bufs.extend(upload(&client, r, &start.adam_m)?);
             bufs.extend(upload(&client, r, &start.adam_v)?);
-            bufs.push(client.buffer_from_host(&[start.state.step as i32], &[], &client.devices()[r])?);
+            bufs.push(client.buffer_from_host(
+                &[start.state.step as i32],
+                &[],
+                &client.devices()[r],
+            )?);
             state.push(bufs);
         }
-        Ok(Trainer { cfg, client, layout, step_program, eval_program, state, step: start.state.step, seed: start.state.seed })
+        Ok(Trainer {
+            cfg,
+            client,
+            layout,
+            step_program,
+            eval_program,
+            state,
+            step: start.state.step,
+            seed: start.state.seed,
+        })
     }
 
     /// Optimizer steps done so far.
@@ -102,11 +133,16 @@ impl Trainer {
         let shape = self.replica_shape();
         let per_replica: usize = shape.iter().product::<i64>() as usize;
         if rows.len() != self.state.len() || rows.iter().any(|r| r.len() != per_replica) {
-            bail!("batch: expected {} replicas x {per_replica} tokens", self.state.len());
+            bail!(
+                "batch: expected {} replicas x {per_replica} tokens",
+                self.state.len()
+            );
         }
         let mut args = Vec::with_capacity(rows.len());
         for (r, state) in std::mem::take(&mut self.state).into_iter().enumerate() {
-            let windows = self.client.buffer_from_host(&rows[r], &shape, &self.client.devices()[r])?;
+            let windows =
+                self.client
+                    .buffer_from_host(&rows[r], &shape, &self.client.devices()[r])?;
             let mut list: Vec<Arg> = state.into_iter().map(Arg::Donated).collect();
             list.push(Arg::Donated(windows));
             args.push(list);
@@ -120,10 +156,13 @@ impl Trainer {
             grad_norm: scalar(&outputs[0][m + 2])?,
             lr: scalar(&outputs[0][m + 3])?,
         };
-        self.state = outputs.into_iter().map(|mut o| {
-            o.truncate(m);
-            o
-        }).collect();
+        self.state = outputs
+            .into_iter()
+            .map(|mut o| {
+                o.truncate(m);
+                o
+            })
+            .collect();
         self.step += 1;
         Ok(metrics)
     }
@@ -135,16 +174,29 @@ impl Trainer {
         let n = self.layout.n();
         let mut owned = vec![];
         for (r, row) in rows.iter().enumerate() {
-            owned.push(self.client.buffer_from_host(row, &[t.micro_batch, t.seq_len + 1], &self.client.devices()[r])?);
+            owned.push(self.client.buffer_from_host(
+                row,
+                &[t.micro_batch, t.seq_len + 1],
+                &self.client.devices()[r],
+            )?);
         }
         let args: Vec<Vec<Arg>> = self
             .state
             .iter()
             .zip(&owned)
-            .map(|(s, w)| s[..n].iter().chain(std::iter::once(w)).map(Arg::Borrowed).collect())
+            .map(|(s, w)| {
+                s[..n]
+                    .iter()
+                    .chain(std::iter::once(w))
+                    .map(Arg::Borrowed)
+                    .collect()
+            })
             .collect();
         let out = self.eval_program.execute(args)?;
-        Ok((out[0][0].to_host::<f32>()?[0] as f64, out[0][1].to_host::<f32>()?[0] as f64))
+        Ok((
+            out[0][0].to_host::<f32>()?[0] as f64,
+            out[0][1].to_host::<f32>()?[0] as f64,
+        ))
     }
 
     /// Downloads replica 0's state (replicas hold identical copies).
@@ -156,7 +208,13 @@ impl Trainer {
                 .specs
                 .iter()
                 .enumerate()
-                .map(|(i, spec)| Ok((spec.name.clone(), spec.dims.clone(), s[offset + i].to_host::<f32>()?)))
+                .map(|(i, spec)| {
+                    Ok((
+                        spec.name.clone(),
+                        spec.dims.clone(),
+                        s[offset + i].to_host::<f32>()?,
+                    ))
+                })
                 .collect()
         };
         let config_toml = self.cfg.to_toml();
@@ -180,6 +238,9 @@ impl Trainer {
     /// Parameters of replica `r` as host tensors (for tests and checks).
     pub fn params_of_replica(&self, r: usize) -> Result<Vec<HostTensor>> {
         let n = self.layout.n();
-        self.state[r][..n].iter().map(|b| Ok(HostTensor::from_buffer(b)?)).collect()
+        self.state[r][..n]
+            .iter()
+            .map(|b| Ok(HostTensor::from_buffer(b)?))
+            .collect()
     }
 }

@@ -1,0 +1,369 @@
+//! The compiled training step: AdamW and clipping against hand-computed
+//! values, the schedule in-graph, exact resume, data parallelism equal to
+//! accumulation, learning on real text, and refusals of malformed inputs.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::client;
+use sharedmoe::graph::{DType, Graph, HostTensor, TensorType};
+use sharedmoe::train::optimizer::{clip_by_global_norm, AdamW};
+use sharedmoe::train::trainer::fresh_checkpoint;
+use sharedmoe::train::{Config, Schedule, StartFrom, Trainer};
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("sharedmoe-test-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Byte-level tokens (vocab 256) of the thesis text in shared/seeds: real
+/// text, no tokenizer needed.
+fn real_text_bin(dir: &Path) -> PathBuf {
+    let seeds = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/seeds");
+    let mut bytes = vec![];
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&seeds)
+        .unwrap_or_else(|e| {
+            panic!(
+                "{}: {e} (the shared/ seeds must sit beside the checkout)",
+                seeds.display()
+            )
+        })
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    files.sort();
+    for f in files {
+        bytes.extend(std::fs::read(f).unwrap());
+    }
+    let path = dir.join("text.bin");
+    std::fs::write(
+        &path,
+        bytes
+            .iter()
+            .flat_map(|&b| (b as u16).to_le_bytes())
+            .collect::<Vec<u8>>(),
+    )
+    .unwrap();
+    path
+}
+
+fn tiny_config(dir: &Path, extra: &[&str]) -> Config {
+    let text = format!(
+        r#"
+[model]
+preset = "tiny-sharedmoe"
+[train]
+seq_len = 32
+global_batch = 8
+micro_batch = 2
+steps = 6
+warmup_steps = 2
+lr = 3e-3
+min_lr = 3e-4
+checkpoint_every = 3
+[data]
+train_bin = "{}"
+[run]
+dir = "{}"
+"#,
+        real_text_bin(dir).display(),
+        dir.join("run").display()
+    );
+    Config::parse(
+        &text,
+        &extra.iter().map(|s| s.to_string()).collect::<Vec<_>>(),
+    )
+    .unwrap()
+}
+
+#[test]
+fn adamw_and_clipping_match_a_hand_computed_example() {
+    // Parameters: w (rank 2, decayed) = [[1.0]], b (rank 1, not decayed) =
+    // [-2.0]. Gradients (3, 4) have norm 5, clipped to 1: (0.6, 0.8).
+    let g = Graph::new();
+    let f32t = |d: &[i64]| TensorType::new(DType::F32, d);
+    let (w, b) = (
+        g.param("w", f32t(&[1, 1])).unwrap(),
+        g.param("b", f32t(&[1])).unwrap(),
+    );
+    let (gw, gb) = (
+        g.param("gw", f32t(&[1, 1])).unwrap(),
+        g.param("gb", f32t(&[1])).unwrap(),
+    );
+    let (mw, vw) = (
+        g.param("mw", f32t(&[1, 1])).unwrap(),
+        g.param("vw", f32t(&[1, 1])).unwrap(),
+    );
+    let (mb, vb) = (
+        g.param("mb", f32t(&[1])).unwrap(),
+        g.param("vb", f32t(&[1])).unwrap(),
+    );
+    let count = g.param("count", f32t(&[])).unwrap();
+    let lr = g.scalar(0.01, DType::F32).unwrap();
+    let (clipped, norm) = clip_by_global_norm(&[gw, gb], 1.0).unwrap();
+    let opt = AdamW {
+        beta1: 0.9,
+        beta2: 0.95,
+        eps: 1e-8,
+        weight_decay: 0.1,
+    };
+    let uw = opt
+        .update(&w, &clipped[0], &mw, &vw, &lr, &count, true)
+        .unwrap();
+    let ub = opt
+        .update(&b, &clipped[1], &mb, &vb, &lr, &count, false)
+        .unwrap();
+    let f = g
+        .build(&[&norm, &uw.param, &uw.m, &uw.v, &ub.param, &ub.m, &ub.v])
+        .unwrap()
+        .compile(client())
+        .unwrap();
+    let h = |v: f64, d: &[i64]| HostTensor::from_f64(&[v], f32t(d)).unwrap();
+    let run = |w: f64, b: f64, gw: f64, gb: f64, m: [f64; 2], v: [f64; 2], t: f64| -> Vec<f64> {
+        let ins = [
+            h(w, &[1, 1]),
+            h(b, &[1]),
+            h(gw, &[1, 1]),
+            h(gb, &[1]),
+            h(m[0], &[1, 1]),
+            h(v[0], &[1, 1]),
+            h(m[1], &[1]),
+            h(v[1], &[1]),
+            h(t, &[]),
+        ];
+        f.run(client(), &ins)
+            .unwrap()
+            .iter()
+            .map(|o| o.to_f64()[0])
+            .collect()
+    };
+    // Step 1: m = 0.1 g, v = 0.05 g^2; bias-corrected m_hat = g, v_hat = g^2,
+    // so the Adam direction is g / (|g| + eps).
+    let o = run(1.0, -2.0, 3.0, 4.0, [0.0; 2], [0.0; 2], 1.0);
+    let want_w = 1.0 - 0.01 * (0.6 / (0.6 + 1e-8) + 0.1 * 1.0);
+    let want_b = -2.0 - 0.01 * (0.8 / (0.8 + 1e-8));
+    let want = [5.0, want_w, 0.06, 0.05 * 0.36, want_b, 0.08, 0.05 * 0.64];
+    common::assert_close(&o, &want, 1e-6, "step 1");
+    // Step 2 from that state with gradients (0.5, -0.25) (norm < 1: not clipped).
+    let o2 = run(o[1], o[4], 0.5, -0.25, [o[2], o[5]], [o[3], o[6]], 2.0);
+    let by_hand = |p: f64, g: f64, m: f64, v: f64, decay: bool| {
+        let m2 = 0.9 * m + 0.1 * g;
+        let v2 = 0.95 * v + 0.05 * g * g;
+        let upd = (m2 / (1.0 - 0.81)) / ((v2 / (1.0 - 0.9025)).sqrt() + 1e-8);
+        (p - 0.01 * (upd + if decay { 0.1 * p } else { 0.0 }), m2, v2)
+    };
+    let (pw, m2w, v2w) = by_hand(o[1], 0.5, o[2], o[3], true);
+    let (pb, m2b, v2b) = by_hand(o[4], -0.25, o[5], o[6], false);
+    common::assert_close(
+        &o2,
+        &[(0.25f64 + 0.0625).sqrt(), pw, m2w, v2w, pb, m2b, v2b],
+        1e-6,
+        "step 2",
+    );
+}
+
+#[test]
+fn schedule_in_graph_matches_spec_values() {
+    let s = Schedule {
+        peak: 3e-4,
+        final_lr: 3e-5,
+        warmup: 1000,
+        total: 12_000,
+    };
+    let steps = [0.0, 999.0, 1000.0, 6500.0, 11_999.0];
+    let out = common::eval(
+        &[(TensorType::new(DType::I32, &[5]), steps.to_vec())],
+        |_, p| Ok(vec![s.traced(&p[0])?]),
+    );
+    let want: Vec<f64> = steps.iter().map(|&t| s.at(t as i64)).collect();
+    common::assert_close(&out[0], &want, 1e-6, "lr");
+    assert_eq!(want[0], 3e-7);
+    assert!((want[3] - 1.65e-4).abs() < 1e-15);
+}
+
+fn read_losses(run: &Path) -> Vec<(i64, f64)> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            (v["step"].as_i64().unwrap(), v["loss"].as_f64().unwrap())
+        })
+        .collect()
+}
+
+#[test]
+fn resume_from_a_checkpoint_is_bit_identical() {
+    let dir = scratch("resume");
+    let whole = tiny_config(
+        &dir,
+        &[&format!("run.dir=\"{}\"", dir.join("whole").display())],
+    );
+    let last = sharedmoe::train::train(&whole, &StartFrom::default(), None).unwrap();
+    let parts = tiny_config(
+        &dir,
+        &[&format!("run.dir=\"{}\"", dir.join("parts").display())],
+    );
+    let mid = sharedmoe::train::train(
+        &parts,
+        &StartFrom {
+            until_step: Some(3),
+            ..Default::default()
+        },
+        None,
+    )
+    .unwrap();
+    assert!(mid.ends_with("step_00000003"), "{}", mid.display());
+    let end = sharedmoe::train::train(
+        &parts,
+        &StartFrom {
+            resume: Some(mid),
+            ..Default::default()
+        },
+        None,
+    )
+    .unwrap();
+    let (a, b) = (
+        read_losses(&dir.join("whole")),
+        read_losses(&dir.join("parts")),
+    );
+    assert_eq!(a.len(), 6);
+    assert_eq!(a, b, "per-step losses differ after resume");
+    for file in ["model.safetensors", "optimizer.safetensors"] {
+        assert!(
+            std::fs::read(last.join(file)).unwrap() == std::fs::read(end.join(file)).unwrap(),
+            "{file} differs"
+        );
+    }
+    let state: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(end.join("state.json")).unwrap()).unwrap();
+    assert_eq!(state["step"], 6);
+    assert_eq!(state["next_batch"], 6);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn four_replicas_equal_one_device_accumulating_four_micro_batches() {
+    let dir = scratch("replicas");
+    let parallel = tiny_config(&dir, &["train.replicas=4", "train.micro_batch=2"]);
+    let serial = tiny_config(&dir, &["train.replicas=1", "train.micro_batch=2"]);
+    assert_eq!(
+        (parallel.accumulation_steps(), serial.accumulation_steps()),
+        (1, 4)
+    );
+    let file = sharedmoe::data::TokenFile::open(
+        &parallel.data.train_bin,
+        sharedmoe::data::TokenWidth::U16,
+    )
+    .unwrap();
+    let start = fresh_checkpoint(&serial, 0);
+    let c4 = sharedmoe::train::run::open_client(&parallel, None).unwrap();
+    let c1 = sharedmoe::train::run::open_client(&serial, None).unwrap();
+    let mut p = Trainer::new(parallel.clone(), c4, &start).unwrap();
+    let mut s = Trainer::new(serial.clone(), c1, &start).unwrap();
+    for step in 0..3 {
+        let rows4: Vec<Vec<i32>> = (0..4)
+            .map(|r| file.batch_rows(step, 8, 32, r * 2, 2))
+            .collect();
+        let rows1 = vec![file.batch_rows(step, 8, 32, 0, 8)];
+        let (mp, ms) = (p.train_step(&rows4).unwrap(), s.train_step(&rows1).unwrap());
+        let rel = (mp.ce - ms.ce).abs() / ms.ce;
+        assert!(
+            rel < 1e-5,
+            "step {step}: loss {} (4 replicas) vs {} (accumulated), rel {rel:.2e}",
+            mp.ce,
+            ms.ce
+        );
+        assert!(
+            (mp.aux - ms.aux).abs() / ms.aux < 1e-5
+                && (mp.grad_norm - ms.grad_norm).abs() / ms.grad_norm < 1e-4
+        );
+    }
+    // Every replica holds the same parameters, equal to the serial run's.
+    let serial_params = s.params_of_replica(0).unwrap();
+    for r in 0..4 {
+        for (a, b) in p.params_of_replica(r).unwrap().iter().zip(&serial_params) {
+            common::assert_close(
+                &a.to_f64(),
+                &b.to_f64(),
+                1e-4,
+                &format!("replica {r} params"),
+            );
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn loss_falls_on_real_text_within_200_steps() {
+    let dir = scratch("learn");
+    let cfg = tiny_config(
+        &dir,
+        &[
+            "train.steps=200",
+            "train.warmup_steps=20",
+            "train.seq_len=64",
+            "train.checkpoint_every=0",
+        ],
+    );
+    sharedmoe::train::train(&cfg, &StartFrom::default(), None).unwrap();
+    let losses: Vec<f64> = read_losses(&cfg.run.dir)
+        .into_iter()
+        .map(|(_, l)| l)
+        .collect();
+    let first = losses[0];
+    let last: f64 = losses[losses.len() - 20..].iter().sum::<f64>() / 20.0;
+    println!("loss: first {first:.3}, mean of last 20 {last:.3}");
+    assert!(
+        (first - 256f64.ln()).abs() < 0.2,
+        "initial loss {first} should be near ln 256"
+    );
+    assert!(
+        last < first - 2.0,
+        "loss fell only from {first:.3} to {last:.3}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn malformed_inputs_are_refused_with_names() {
+    let dir = scratch("malformed");
+    // A token file shorter than one batch.
+    let short = dir.join("short.bin");
+    std::fs::write(&short, vec![0u8; 2 * 40]).unwrap();
+    let cfg = tiny_config(&dir, &[&format!("data.train_bin=\"{}\"", short.display())]);
+    let err = sharedmoe::train::train(&cfg, &StartFrom::default(), None)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("short.bin") && err.contains("fewer than one batch of 8"),
+        "{err}"
+    );
+    // A checkpoint whose tensors do not match the config.
+    let ok = tiny_config(&dir, &[]);
+    let ck = dir.join("ck");
+    sharedmoe::train::write_init(&ok, &ck, 0).unwrap();
+    let wider = tiny_config(&dir, &["model.hidden_size=32"]);
+    let err = format!(
+        "{:#}",
+        sharedmoe::train::train(
+            &wider,
+            &StartFrom {
+                init: Some(ck),
+                ..Default::default()
+            },
+            None
+        )
+        .unwrap_err()
+    );
+    assert!(
+        err.contains("model.embed_proj.weight")
+            && err.contains("[64, 16]")
+            && err.contains("[32, 16]"),
+        "{err}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
