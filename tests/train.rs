@@ -367,3 +367,76 @@ fn malformed_inputs_are_refused_with_names() {
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn shipped_configs_follow_the_spec() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+    for (file, params) in [
+        ("dense125m.toml", 137_841_408),
+        ("sharedmoe50m.toml", 49_642_240),
+    ] {
+        let c = Config::load(&root.join(file), &[]).unwrap();
+        assert_eq!(sharedmoe::model::count_params(&c.model), params, "{file}");
+        let t = &c.train;
+        assert_eq!(
+            (t.global_batch, t.seq_len, t.steps, t.warmup_steps),
+            (512, 1024, 12_000, 1000),
+            "{file}"
+        );
+        assert_eq!(
+            (
+                t.lr,
+                t.min_lr,
+                t.beta1,
+                t.beta2,
+                t.eps,
+                t.weight_decay,
+                t.grad_clip
+            ),
+            (3e-4, 3e-5, 0.9, 0.95, 1e-8, 0.1, 1.0)
+        );
+    }
+    for file in ["tiny-dense.toml", "tiny-sharedmoe.toml"] {
+        Config::load(&root.join(file), &[]).unwrap();
+    }
+}
+
+#[test]
+fn sigterm_finishes_the_step_checkpoints_and_exits_zero() {
+    let dir = scratch("sigterm");
+    let cfg = tiny_config(&dir, &["train.steps=100000", "train.checkpoint_every=0"]);
+    let cfg_path = dir.join("run.toml");
+    std::fs::write(&cfg_path, cfg.to_toml()).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sharedmoe"))
+        .args(["train", "--config"])
+        .arg(&cfg_path)
+        .stderr(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let metrics = cfg.run.dir.join("metrics.jsonl");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
+    while std::fs::read_to_string(&metrics)
+        .map(|s| s.lines().count())
+        .unwrap_or(0)
+        < 2
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no training progress within 120 s"
+        );
+        assert!(child.try_wait().unwrap().is_none(), "trainer exited early");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = child.wait().unwrap();
+    assert!(status.success(), "exit status {status}");
+    let rows = std::fs::read_to_string(&metrics).unwrap().lines().count() as i64;
+    let ck = sharedmoe::ckpt::latest(&cfg.run.dir).expect("a checkpoint after SIGTERM");
+    assert!(
+        ck.ends_with(format!("step_{rows:08}")),
+        "checkpoint {} after {rows} logged steps",
+        ck.display()
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
