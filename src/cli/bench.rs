@@ -182,14 +182,28 @@ fn jax_peer() -> Option<Duration> {
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
-    /// Which benchmark: `runtime`.
+    /// Which benchmark: `runtime` or `step`.
     pub which: String,
+    /// Config for `step` (TOML).
+    #[arg(long)]
+    pub config: Option<std::path::PathBuf>,
+    /// Config overrides for `step`, e.g. --set model.hidden_size=256.
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub overrides: Vec<String>,
+    /// Timed steps (after 2 warm-up steps).
+    #[arg(long, default_value_t = 10)]
+    pub steps: usize,
 }
 
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     match args.which.as_str() {
         "runtime" => runtime(),
-        other => anyhow::bail!("unknown benchmark `{other}` (available: runtime)"),
+        "step" => {
+            let Some(path) = &args.config else { anyhow::bail!("bench step needs --config") };
+            let cfg = crate::train::Config::load(path, &args.overrides).map_err(anyhow::Error::msg)?;
+            super::bench_step::step(&cfg, args.steps)
+        }
+        other => anyhow::bail!("unknown benchmark `{other}` (available: runtime, step)"),
     }
 }
 

@@ -75,6 +75,12 @@ impl Trainer {
     /// Compiles the step and eval programs and places `start` on every
     /// replica's device.
     pub fn new(cfg: Config, client: Client, start: &Checkpoint) -> Result<Trainer> {
+        let experts = ExpertCompute::Routed { block: cfg.model.moe_block_size };
+        Trainer::with_experts(cfg, client, start, experts)
+    }
+
+    /// Like [`new`](Self::new) with a chosen expert evaluation (benchmarks).
+    pub fn with_experts(cfg: Config, client: Client, start: &Checkpoint, experts: ExpertCompute) -> Result<Trainer> {
         let replicas = cfg.train.replicas as usize;
         if client.devices().len() < replicas {
             bail!(
@@ -82,9 +88,6 @@ impl Trainer {
                 client.devices().len()
             );
         }
-        let experts = ExpertCompute::Routed {
-            block: cfg.model.moe_block_size,
-        };
         let layout = StepLayout::new(&cfg);
         let step_program = train_step(&cfg, experts)?
             .compile(&client)
