@@ -428,3 +428,22 @@ fn grad_through_dtype_conversions_is_exact() {
         "integer conversions carry no gradient"
     );
 }
+
+#[test]
+fn grad_permute_rows_with_padding_and_fan_out() {
+    // x [3, 2] -> rows [5, 2]: rows 0, 2, 3 take x rows 1, 0, 1 (x row 1
+    // used twice), rows 1 and 4 are padding (index 3 = zero row).
+    check_grad(&[vec![3, 2]], &[randn(4, 6)], |g, p| {
+        let idx = g.constant(
+            &[1.0, 3.0, 0.0, 1.0, 3.0],
+            TensorType::new(DType::I32, &[5]),
+        )?;
+        // inverse [3, 2]: x row 0 -> output row 2 (and nothing = 5);
+        // row 1 -> rows 0 and 3; row 2 -> nothing.
+        let inv = g.constant(
+            &[2.0, 5.0, 0.0, 3.0, 5.0, 5.0],
+            TensorType::new(DType::I32, &[3, 2]),
+        )?;
+        p[0].permute_rows(&idx, &inv)?.sin()
+    });
+}

@@ -591,3 +591,13 @@ fn sort_by_key_is_stable_and_permutes_values() {
         "ties keep their order"
     );
 }
+
+#[test]
+fn permute_rows_selects_rows_and_zero_padding() {
+    let out = eval(&[(f32t(&[2, 2]), vec![1.0, 2.0, 3.0, 4.0])], |g, p| {
+        let idx = g.constant(&[1.0, 2.0, 0.0], i32t(&[3]))?;
+        let inv = g.constant(&[2.0, 0.0], i32t(&[2, 1]))?;
+        Ok(vec![p[0].permute_rows(&idx, &inv)?])
+    });
+    assert_eq!(out[0], vec![3.0, 4.0, 0.0, 0.0, 1.0, 2.0]);
+}

@@ -199,8 +199,11 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     match args.which.as_str() {
         "runtime" => runtime(),
         "step" => {
-            let Some(path) = &args.config else { anyhow::bail!("bench step needs --config") };
-            let cfg = crate::train::Config::load(path, &args.overrides).map_err(anyhow::Error::msg)?;
+            let Some(path) = &args.config else {
+                anyhow::bail!("bench step needs --config")
+            };
+            let cfg =
+                crate::train::Config::load(path, &args.overrides).map_err(anyhow::Error::msg)?;
             super::bench_step::step(&cfg, args.steps)
         }
         other => anyhow::bail!("unknown benchmark `{other}` (available: runtime, step)"),

@@ -18,11 +18,6 @@ use crate::train::{Config, Trainer};
 /// random tokens.
 fn time_steps(cfg: &Config, experts: ExpertCompute, steps: usize) -> Result<f64> {
     let client = open_client(cfg, None)?;
-    let mut cfg = cfg.clone();
-    cfg.model.moe_block_size = match experts {
-        ExpertCompute::Routed { block } => block,
-        ExpertCompute::Dense => cfg.model.moe_block_size,
-    };
     let start = fresh_checkpoint(&cfg, 0);
     let t0 = Instant::now();
     let mut trainer = Trainer::with_experts(cfg.clone(), client, &start, experts)?;
@@ -32,8 +27,13 @@ fn time_steps(cfg: &Config, experts: ExpertCompute, steps: usize) -> Result<f64>
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
     let mut times = vec![];
     for i in 0..steps + 2 {
-        let rows: Vec<Vec<i32>> =
-            (0..t.replicas).map(|_| (0..per).map(|_| rng.gen_range(0..cfg.model.vocab_size as i32)).collect()).collect();
+        let rows: Vec<Vec<i32>> = (0..t.replicas)
+            .map(|_| {
+                (0..per)
+                    .map(|_| rng.gen_range(0..cfg.model.vocab_size as i32))
+                    .collect()
+            })
+            .collect();
         let began = Instant::now();
         trainer.train_step(&rows)?;
         if i >= 2 {
@@ -50,7 +50,9 @@ fn jax_peer(cfg: &Config, steps: usize) -> Result<Vec<(String, f64)>> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let python = root.join("target/bench-venv/bin/python");
     if !python.exists() {
-        println!("peer (JAX): not installed; run scripts/bench-peers.sh to compare in the same run");
+        println!(
+            "peer (JAX): not installed; run scripts/bench-peers.sh to compare in the same run"
+        );
         return Ok(vec![]);
     }
     let spec = serde_json::json!({
@@ -72,7 +74,9 @@ fn jax_peer(cfg: &Config, steps: usize) -> Result<Vec<(String, f64)>> {
         .filter_map(|l| {
             let mut it = l.split_whitespace();
             match (it.next(), it.next(), it.next()) {
-                (Some("median_step_s"), Some(v), Some(s)) => s.parse().ok().map(|s| (v.to_string(), s)),
+                (Some("median_step_s"), Some(v), Some(s)) => {
+                    s.parse().ok().map(|s| (v.to_string(), s))
+                }
                 _ => None,
             }
         })
@@ -94,7 +98,10 @@ pub fn step(cfg: &Config, steps: usize) -> Result<()> {
         t.replicas,
         cfg.accumulation_steps()
     );
-    println!("model FLOPs per token: {:.3e} (6 x used params + 12 x layers x seq x hidden)", fpt);
+    println!(
+        "model FLOPs per token: {:.3e} (6 x used params + 12 x layers x seq x hidden)",
+        fpt
+    );
     let report = |name: &str, secs: f64| {
         println!(
             "{name:<22} step {:>9.2} ms  {:>10.0} tokens/s  {:>8.2} GFLOP/s",
@@ -103,7 +110,13 @@ pub fn step(cfg: &Config, steps: usize) -> Result<()> {
             tokens * fpt / secs / 1e9
         );
     };
-    let ours = time_steps(cfg, ExpertCompute::Routed { block: cfg.model.moe_block_size }, steps)?;
+    let ours = time_steps(
+        cfg,
+        ExpertCompute::Routed {
+            block: cfg.model.moe_block_size,
+        },
+        steps,
+    )?;
     report("sharedmoe (routed)", ours);
     if cfg.model.is_moe() {
         let dense = time_steps(cfg, ExpertCompute::Dense, steps)?;
@@ -115,7 +128,10 @@ pub fn step(cfg: &Config, steps: usize) -> Result<()> {
         report(&format!("jax ({variant})"), *secs);
     }
     if let Some((variant, best)) = peers.iter().min_by(|a, b| a.1.total_cmp(&b.1)) {
-        println!("ratio ours / JAX (best peer: {variant}): {:.2}", ours / best);
+        println!(
+            "ratio ours / JAX (best peer: {variant}): {:.2}",
+            ours / best
+        );
     }
     Ok(())
 }

@@ -41,7 +41,8 @@ pub struct ModelConfig {
     pub aux_loss_coef: f64,
     /// Token block of the routed expert matmuls: each expert's tokens are
     /// padded to a multiple of it (smaller = less padding, more blocks).
-    #[serde(default = "default_moe_block")]
+    /// 0 = chosen from the micro-batch size (padding at most ~25%).
+    #[serde(default)]
     pub moe_block_size: i64,
     #[serde(default = "default_theta")]
     pub rope_theta: f64,
@@ -49,9 +50,6 @@ pub struct ModelConfig {
     pub rms_norm_eps: f64,
 }
 
-fn default_moe_block() -> i64 {
-    128
-}
 fn default_theta() -> f64 {
     10_000.0
 }
@@ -75,7 +73,7 @@ impl ModelConfig {
             experts_per_token: 0,
             expert_intermediate_size: 0,
             aux_loss_coef: 0.0,
-            moe_block_size: default_moe_block(),
+            moe_block_size: 0,
             rope_theta: default_theta(),
             rms_norm_eps: default_eps(),
         }
@@ -187,10 +185,10 @@ impl ModelConfig {
             FfnKind::SharedMoe => {
                 if self.num_experts <= 0
                     || self.expert_intermediate_size <= 0
-                    || self.moe_block_size <= 0
+                    || self.moe_block_size < 0
                 {
                     return Err(format!(
-                        "model.num_experts = {}, model.expert_intermediate_size = {}, model.moe_block_size = {}: all must be positive for a shared MoE",
+                        "model.num_experts = {} and model.expert_intermediate_size = {} must be positive, model.moe_block_size = {} >= 0, for a shared MoE",
                         self.num_experts, self.expert_intermediate_size, self.moe_block_size
                     ));
                 }

@@ -75,7 +75,7 @@ fn compute_dtype() -> String {
 }
 
 /// Where the tokens come from.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
     /// Pre-tokenised training tokens (`.bin`, DESIGN.md format).
@@ -92,8 +92,18 @@ fn token_dtype() -> String {
     "u16".into()
 }
 
+impl Default for DataConfig {
+    fn default() -> Self {
+        DataConfig {
+            train_bin: PathBuf::new(),
+            val_bin: PathBuf::new(),
+            token_dtype: token_dtype(),
+        }
+    }
+}
+
 /// Where and on what the run happens.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RunConfig {
     /// Run directory: metrics.jsonl and checkpoints/ go here.
@@ -105,6 +115,15 @@ pub struct RunConfig {
 
 fn backend() -> String {
     "cpu".into()
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        RunConfig {
+            dir: PathBuf::new(),
+            backend: backend(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]

@@ -97,31 +97,38 @@ pub fn train_step(cfg: &Config, experts: ExpertCompute) -> Result<Function> {
     for p in &params {
         init.push(p.zeros_like()?);
     }
-    let init_refs: Vec<&Tensor> = init.iter().collect();
-    let accumulated = g.while_loop(
-        &init_refs,
-        |st| st[0].lt(&st[0].scalar_like(a as f64)?),
-        |st| {
-            let i = &st[0];
-            let zero_i = i.scalar_like(0.0)?;
-            let batch = windows
-                .dynamic_slice(&[i, &zero_i, &zero_i], &[1, m, s + 1])?
-                .reshape(&[m, s + 1])?;
-            let model = Transformer::new(&cfg.model, &named, compute).with_expert_compute(experts);
-            let loss = model.loss(&batch)?;
-            let refs: Vec<&Tensor> = params.iter().collect();
-            let grads = grad(&loss.total, &refs)?;
-            let mut next = vec![
-                i.add_scalar(1.0)?,
-                st[1].add(&loss.ce.convert(DType::F32)?)?,
-                st[2].add(&loss.aux.convert(DType::F32)?)?,
-            ];
-            for (acc, gr) in st[3..].iter().zip(&grads) {
-                next.push(acc.add(&gr.convert(DType::F32)?)?);
-            }
-            Ok(next)
-        },
-    )?;
+    // One micro-batch: (ce, aux, gradients), accumulated into `acc`.
+    let micro_step = |i: &Tensor, acc: &[Tensor]| -> Result<Vec<Tensor>> {
+        let zero_i = i.scalar_like(0.0)?;
+        let batch = windows
+            .dynamic_slice(&[i, &zero_i, &zero_i], &[1, m, s + 1])?
+            .reshape(&[m, s + 1])?;
+        let model = Transformer::new(&cfg.model, &named, compute).with_expert_compute(experts);
+        let loss = model.loss(&batch)?;
+        let refs: Vec<&Tensor> = params.iter().collect();
+        let grads = grad(&loss.total, &refs)?;
+        let mut next = vec![
+            i.add_scalar(1.0)?,
+            acc[0].add(&loss.ce.convert(DType::F32)?)?,
+            acc[1].add(&loss.aux.convert(DType::F32)?)?,
+        ];
+        for (sum, gr) in acc[2..].iter().zip(&grads) {
+            next.push(sum.add(&gr.convert(DType::F32)?)?);
+        }
+        Ok(next)
+    };
+    // A single micro-batch needs no loop (XLA then sees one straight-line
+    // program and can fuse across what would be the loop boundary).
+    let accumulated = if a == 1 {
+        micro_step(&init[0], &init[1..])?
+    } else {
+        let init_refs: Vec<&Tensor> = init.iter().collect();
+        g.while_loop(
+            &init_refs,
+            |st| st[0].lt(&st[0].scalar_like(a as f64)?),
+            |st| micro_step(&st[0], &st[1..]),
+        )?
+    };
     let inv_a = 1.0 / a as f64;
     let ce = replica_mean(&accumulated[1].mul_scalar(inv_a)?, t.replicas)?;
     let aux = replica_mean(&accumulated[2].mul_scalar(inv_a)?, t.replicas)?;

@@ -75,12 +75,19 @@ impl Trainer {
     /// Compiles the step and eval programs and places `start` on every
     /// replica's device.
     pub fn new(cfg: Config, client: Client, start: &Checkpoint) -> Result<Trainer> {
-        let experts = ExpertCompute::Routed { block: cfg.model.moe_block_size };
+        let experts = ExpertCompute::Routed {
+            block: cfg.model.moe_block_size,
+        };
         Trainer::with_experts(cfg, client, start, experts)
     }
 
     /// Like [`new`](Self::new) with a chosen expert evaluation (benchmarks).
-    pub fn with_experts(cfg: Config, client: Client, start: &Checkpoint, experts: ExpertCompute) -> Result<Trainer> {
+    pub fn with_experts(
+        cfg: Config,
+        client: Client,
+        start: &Checkpoint,
+        experts: ExpertCompute,
+    ) -> Result<Trainer> {
         let replicas = cfg.train.replicas as usize;
         if client.devices().len() < replicas {
             bail!(
