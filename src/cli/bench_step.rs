@@ -10,7 +10,7 @@ use anyhow::{Context, Result};
 use rand::{Rng, SeedableRng};
 
 use crate::model::ExpertCompute;
-use crate::train::run::{flops_per_token, open_client};
+use crate::train::run::{device_peak_flops, flops_per_token, open_client};
 use crate::train::trainer::fresh_checkpoint;
 use crate::train::{Config, Trainer};
 
@@ -102,9 +102,16 @@ pub fn step(cfg: &Config, steps: usize) -> Result<()> {
         "model FLOPs per token: {:.3e} (6 x used params + 12 x layers x seq x hidden)",
         fpt
     );
+    let peak = device_peak_flops(&open_client(cfg, None)?).map(|p| p * t.replicas as f64);
+    if let Some(p) = peak {
+        println!("device peak for MFU: {:.1} GFLOP/s (documented for accelerators, measured matmul on CPU)", p / 1e9);
+    }
     let report = |name: &str, secs: f64| {
+        let mfu = peak
+            .map(|p| format!("  MFU {:.1}%", 100.0 * tokens * fpt / secs / p))
+            .unwrap_or_default();
         println!(
-            "{name:<22} step {:>9.2} ms  {:>10.0} tokens/s  {:>8.2} GFLOP/s",
+            "{name:<22} step {:>9.2} ms  {:>10.0} tokens/s  {:>8.2} GFLOP/s{mfu}",
             secs * 1e3,
             tokens / secs,
             tokens * fpt / secs / 1e9
@@ -117,7 +124,7 @@ pub fn step(cfg: &Config, steps: usize) -> Result<()> {
         },
         steps,
     )?;
-    report("sharedmoe (routed)", ours);
+    report(if cfg.model.is_moe() { "sharedmoe (routed)" } else { "sharedmoe" }, ours);
     if cfg.model.is_moe() {
         let dense = time_steps(cfg, ExpertCompute::Dense, steps)?;
         report("sharedmoe (dense exp.)", dense);

@@ -59,25 +59,63 @@ pub fn flops_per_token(cfg: &Config) -> f64 {
         + 12.0 * (m.num_layers * cfg.train.seq_len * m.hidden_size) as f64
 }
 
-/// Peak FLOP/s of one device, when known: documented bf16 dense peaks for
-/// accelerators; none for CPUs (MFU is then not reported).
-fn device_peak_flops(client: &Client) -> Option<f64> {
+/// Peak FLOP/s of one device: the documented dense bf16 peak for known
+/// accelerators; for anything else (CPUs) the best of a few measured
+/// 2048^3 f32 matmuls, so MFU there means "fraction of what this machine's
+/// XLA matmul reaches".
+pub fn device_peak_flops(client: &Client) -> Option<f64> {
     let kind = client
         .devices()
         .first()
         .map(|d| d.kind().to_lowercase())
         .unwrap_or_default();
-    if kind.contains("tpu v4") {
-        Some(275e12)
-    } else if kind.contains("h100") {
-        Some(989e12)
-    } else if kind.contains("h200") {
-        Some(989e12)
-    } else if kind.contains("a100") {
-        Some(312e12)
-    } else {
-        None
+    let documented = [
+        ("tpu v4", 275e12),
+        ("h100", 989e12),
+        ("h200", 989e12),
+        ("a100", 312e12),
+    ];
+    if let Some((_, peak)) = documented.iter().find(|(k, _)| kind.contains(k)) {
+        return Some(*peak);
     }
+    match measured_matmul_flops(client) {
+        Ok(p) => Some(p),
+        Err(e) => {
+            tracing::warn!("could not measure a matmul peak for MFU: {e:#}");
+            None
+        }
+    }
+}
+
+fn measured_matmul_flops(client: &Client) -> Result<f64> {
+    use crate::graph::{DType, Graph, TensorType};
+    let n = 2048i64;
+    let g = Graph::new();
+    let a = g.param("a", TensorType::new(DType::F32, &[n, n]))?;
+    let b = g.param("b", TensorType::new(DType::F32, &[n, n]))?;
+    let exe = g.build(&[&a.matmul(&b)?])?.compile(client)?;
+    let dev = &client.devices()[0];
+    let ones = vec![1f32; (n * n) as usize];
+    let (x, y) = (
+        client.buffer_from_host(&ones, &[n, n], dev)?,
+        client.buffer_from_host(&ones, &[n, n], dev)?,
+    );
+    let mut best = f64::MAX;
+    for _ in 0..4 {
+        let t = Instant::now();
+        let out = exe.execute(vec![vec![
+            crate::runtime::Arg::Borrowed(&x),
+            crate::runtime::Arg::Borrowed(&y),
+        ]])?;
+        out[0][0].to_bytes()?;
+        best = best.min(t.elapsed().as_secs_f64());
+    }
+    let peak = 2.0 * (n * n * n) as f64 / best;
+    tracing::info!(
+        "measured matmul peak {:.1} GFLOP/s per device (for MFU)",
+        peak / 1e9
+    );
+    Ok(peak)
 }
 
 pub fn open_client(cfg: &Config, plugin: Option<&Path>) -> Result<Client> {
