@@ -19,25 +19,11 @@ fn scratch(name: &str) -> PathBuf {
     d
 }
 
-/// Byte-level tokens (vocab 256) of the thesis text in shared/seeds: real
-/// text, no tokenizer needed.
+/// Byte-level tokens (vocab 256) of real English text
+/// (tests/fixtures/README.md): no tokenizer needed.
 fn real_text_bin(dir: &Path) -> PathBuf {
-    let seeds = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/seeds");
-    let mut bytes = vec![];
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&seeds)
-        .unwrap_or_else(|e| {
-            panic!(
-                "{}: {e} (the shared/ seeds must sit beside the checkout)",
-                seeds.display()
-            )
-        })
-        .flatten()
-        .map(|e| e.path())
-        .collect();
-    files.sort();
-    for f in files {
-        bytes.extend(std::fs::read(f).unwrap());
-    }
+    let text = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/rust-book-ch01-04.txt");
+    let bytes = std::fs::read(&text).unwrap_or_else(|e| panic!("{}: {e}", text.display()));
     let path = dir.join("text.bin");
     std::fs::write(
         &path,

@@ -124,7 +124,14 @@ pub fn step(cfg: &Config, steps: usize) -> Result<()> {
         },
         steps,
     )?;
-    report(if cfg.model.is_moe() { "sharedmoe (routed)" } else { "sharedmoe" }, ours);
+    report(
+        if cfg.model.is_moe() {
+            "sharedmoe (routed)"
+        } else {
+            "sharedmoe"
+        },
+        ours,
+    );
     if cfg.model.is_moe() {
         let dense = time_steps(cfg, ExpertCompute::Dense, steps)?;
         report("sharedmoe (dense exp.)", dense);
