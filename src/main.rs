@@ -21,6 +21,9 @@ enum Command {
     Init(cli::train::InitArgs),
     /// Print the exact parameter count by component.
     Params(cli::train::ParamsArgs),
+    /// Prepare token files.
+    #[command(subcommand)]
+    Data(cli::data::DataCommand),
 }
 
 fn main() {
@@ -36,6 +39,7 @@ fn main() {
         Command::Train(a) => cli::train::run_train(&a),
         Command::Init(a) => cli::train::run_init(&a),
         Command::Params(a) => cli::train::run_params(&a),
+        Command::Data(c) => cli::data::run(&c),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -20,9 +20,9 @@ fn scratch(name: &str) -> PathBuf {
 }
 
 /// Byte-level tokens (vocab 256) of real English text
-/// (tests/fixtures/README.md): no tokenizer needed.
+/// (data/README.md): no tokenizer needed.
 fn real_text_bin(dir: &Path) -> PathBuf {
-    let text = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/rust-book-ch01-04.txt");
+    let text = Path::new(env!("CARGO_MANIFEST_DIR")).join("data/sample/rust-book-ch01-04.txt");
     let bytes = std::fs::read(&text).unwrap_or_else(|e| panic!("{}: {e}", text.display()));
     let path = dir.join("text.bin");
     std::fs::write(

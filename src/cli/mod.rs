@@ -2,5 +2,6 @@
 
 pub mod bench;
 mod bench_step;
+pub mod data;
 pub mod devices;
 pub mod train;

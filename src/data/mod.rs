@@ -3,5 +3,6 @@
 //! pipeline.
 
 pub mod bin;
+pub mod bytes;
 
 pub use bin::{TokenFile, TokenWidth};

@@ -164,12 +164,33 @@ pub fn train(cfg: &Config, start: &StartFrom, plugin: Option<&Path>) -> Result<P
     };
 
     let specs = param_specs(&cfg.model);
-    let checkpoint = match (&start.resume, &start.init) {
+    // Without --resume/--init, a run directory that already holds a
+    // checkpoint is continued from its newest one (re-running the same
+    // command after an interruption picks up where it stopped).
+    let resume = start.resume.clone().or_else(|| {
+        if start.init.is_none() {
+            ckpt::latest(run_dir)
+        } else {
+            None
+        }
+    });
+    let checkpoint = match (&resume, &start.init) {
         (Some(dir), _) | (None, Some(dir)) => {
+            tracing::info!("starting from checkpoint {}", dir.display());
             ckpt::load(dir, &specs).with_context(|| format!("loading {}", dir.display()))?
         }
         (None, None) => fresh_checkpoint(cfg, cfg.train.seed),
     };
+    if checkpoint.state.step >= cfg.train.steps {
+        tracing::info!(
+            "run already complete: {} of {} steps done",
+            checkpoint.state.step,
+            cfg.train.steps
+        );
+        return Ok(resume
+            .or(start.init.clone())
+            .expect("a loaded checkpoint has a path"));
+    }
     let client = open_client(cfg, plugin)?;
     tracing::info!(
         params = crate::model::count_params(&cfg.model),
