@@ -18,7 +18,7 @@ use crate::train::{Config, Trainer};
 /// random tokens.
 fn time_steps(cfg: &Config, experts: ExpertCompute, steps: usize) -> Result<f64> {
     let client = open_client(cfg, None)?;
-    let start = fresh_checkpoint(&cfg, 0);
+    let start = fresh_checkpoint(cfg, 0);
     let t0 = Instant::now();
     let mut trainer = Trainer::with_experts(cfg.clone(), client, &start, experts)?;
     tracing::info!("compiled in {:.1}s", t0.elapsed().as_secs_f64());

@@ -201,7 +201,11 @@ impl ModelConfig {
             }
             _ => {}
         }
-        if !(self.rms_norm_eps > 0.0) || !(self.rope_theta > 0.0) || !(self.aux_loss_coef >= 0.0) {
+        // Written as negations so that NaN is refused too.
+        #[allow(clippy::neg_cmp_op_on_partial_ord)]
+        let bad =
+            !(self.rms_norm_eps > 0.0) || !(self.rope_theta > 0.0) || !(self.aux_loss_coef >= 0.0);
+        if bad {
             return Err("model.rms_norm_eps and model.rope_theta must be positive, model.aux_loss_coef >= 0".into());
         }
         Ok(())

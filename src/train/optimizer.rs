@@ -45,7 +45,10 @@ pub struct Updated {
 
 impl AdamW {
     /// `count` is the 1-based update number (f32 scalar), `lr` an f32
-    /// scalar; `decay` says whether this tensor is decayed.
+    /// scalar; `decay` says whether this tensor is decayed. (The arguments
+    /// are the optimizer's state for one tensor, spelled out as in the
+    /// formula rather than bundled.)
+    #[allow(clippy::too_many_arguments)]
     pub fn update(
         &self,
         p: &Tensor,
