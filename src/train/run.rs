@@ -181,6 +181,12 @@ pub fn train(cfg: &Config, start: &StartFrom, plugin: Option<&Path>) -> Result<P
         }
         (None, None) => fresh_checkpoint(cfg, cfg.train.seed),
     };
+    if resume.is_some() && checkpoint.state.config_sha256 != ckpt::sha256_hex(&cfg.to_toml()) {
+        tracing::warn!(
+            "the config differs from the one the checkpoint was written with; continuing with the new one \
+             (the checkpoint's is in its state.json)"
+        );
+    }
     if checkpoint.state.step >= cfg.train.steps {
         tracing::info!(
             "run already complete: {} of {} steps done",
