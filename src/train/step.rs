@@ -41,10 +41,6 @@ impl StepLayout {
         3 * self.n()
     }
 
-    pub fn windows_index(&self) -> usize {
-        3 * self.n() + 1
-    }
-
     /// Results after the state: ce, aux, grad_norm, lr.
     pub fn metrics_index(&self) -> usize {
         3 * self.n() + 1
