@@ -1,8 +1,10 @@
-//! Token sources for training. Today: pre-tokenised `.bin` files
-//! (DESIGN.md format); parquet and tokenizers arrive with the data
-//! pipeline.
+//! Token sources for training: pre-tokenised `.bin` files (DESIGN.md
+//! format), byte-level tokenisation of text, and FineWeb-Edu parquet
+//! shards read by row group (tokenizers, packing, sharding and the
+//! resumable cursor come next).
 
 pub mod bin;
 pub mod bytes;
+pub mod parquet;
 
 pub use bin::{TokenFile, TokenWidth};
