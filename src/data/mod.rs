@@ -5,6 +5,8 @@
 
 pub mod bin;
 pub mod bytes;
+pub mod packing;
 pub mod parquet;
+pub mod tokenizer;
 
 pub use bin::{TokenFile, TokenWidth};
