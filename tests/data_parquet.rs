@@ -79,7 +79,7 @@ fn row_groups_stream_every_document_in_order() {
     let refs: Vec<(&str, &str)> = docs.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
     write_fineweb(&dir.join("000.parquet"), &refs[..7], 3, true);
     write_fineweb(&dir.join("001.parquet"), &refs[7..], 2, true);
-    let files = expand_inputs(&[dir.clone()]).unwrap();
+    let files = expand_inputs(std::slice::from_ref(&dir)).unwrap();
     assert_eq!(files.len(), 2);
     let (groups, skipped) = all_row_groups(&files, BadFilePolicy::Fail).unwrap();
     assert!(skipped.is_empty());
@@ -140,7 +140,7 @@ fn bad_files_are_named_and_can_be_skipped() {
     w.write(&batch).unwrap();
     w.close().unwrap();
 
-    let files = expand_inputs(&[dir.clone()]).unwrap();
+    let files = expand_inputs(std::slice::from_ref(&dir)).unwrap();
     for (name, want) in [
         ("notes.parquet", "not a readable parquet file"),
         ("truncated.parquet", "not a readable parquet file"),

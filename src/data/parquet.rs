@@ -162,12 +162,15 @@ pub fn row_groups(file: &Path) -> Result<Vec<RowGroupRef>> {
         .collect())
 }
 
+/// Files skipped under [`BadFilePolicy::Skip`], with why.
+pub type Skipped = Vec<(PathBuf, String)>;
+
 /// Row groups of every file, applying the bad-file policy. Returns the
-/// row groups and the files skipped (with why).
+/// row groups and the files skipped.
 pub fn all_row_groups(
     files: &[PathBuf],
     policy: BadFilePolicy,
-) -> Result<(Vec<RowGroupRef>, Vec<(PathBuf, String)>)> {
+) -> Result<(Vec<RowGroupRef>, Skipped)> {
     let mut groups = vec![];
     let mut skipped = vec![];
     for f in files {
