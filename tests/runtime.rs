@@ -36,6 +36,12 @@ fn plugin_api_version_and_devices() {
     assert_eq!(client().platform_name(), "cpu");
     let ids: Vec<i32> = client().devices().iter().map(|d| d.id()).collect();
     assert_eq!(ids, vec![0, 1, 2, 3]);
+    let local: Vec<i32> = client()
+        .devices()
+        .iter()
+        .map(|d| d.local_hardware_id())
+        .collect();
+    assert_eq!(local, vec![0, 1, 2, 3]);
 }
 
 #[test]
@@ -212,7 +218,10 @@ fn missing_plugin_is_a_clear_error() {
     )
     .unwrap_err()
     .to_string();
-    assert!(err.contains("/nonexistent/xla_cpu_pjrt.so"), "{err}");
+    assert!(
+        err.contains("/nonexistent/xla_cpu_pjrt.so") && err.contains("xla-cpu-pjrt"),
+        "{err}"
+    );
     let err = Plugin::load(Path::new("/nonexistent/libfoo.so"))
         .unwrap_err()
         .to_string();

@@ -38,7 +38,13 @@ pub fn run(args: &DevicesArgs) -> anyhow::Result<()> {
     let client = Client::new(plugin, &options, None).context("creating client")?;
     println!("platform: {}", client.platform_name());
     for d in client.devices() {
-        println!("  device {}: {} ({})", d.id(), d.kind(), d.debug_string());
+        println!(
+            "  device {}: {} (local hardware id {}; {})",
+            d.id(),
+            d.kind(),
+            d.local_hardware_id(),
+            d.debug_string()
+        );
     }
     Ok(())
 }

@@ -15,9 +15,9 @@ pub(crate) fn await_event(plugin: &Plugin, event: *mut ffi::PJRT_Event, ctx: &st
     if event.is_null() {
         return Ok(());
     }
-    let mut a = args!(PJRT_Event_Await_Args { event: event });
+    let mut a = args!(PJRT_Event_Await_Args { event });
     let awaited = pjrt_call!(plugin, PJRT_Event_Await, &mut a, ctx);
-    let mut d = args!(PJRT_Event_Destroy_Args { event: event });
+    let mut d = args!(PJRT_Event_Destroy_Args { event });
     let destroyed = pjrt_call!(plugin, PJRT_Event_Destroy, &mut d, ctx);
     awaited.and(destroyed)
 }
@@ -113,7 +113,7 @@ impl Buffer {
             &mut a,
             "buffer address"
         )?;
-        Ok(a.buffer_pointer as usize)
+        Ok(a.buffer_pointer)
     }
 
     pub fn device(&self) -> Result<Device> {

@@ -25,10 +25,30 @@ pub enum ClientOption {
 }
 
 /// A cross-process key-value store handed to the plugin at client creation
-/// (multi-host GPU/TPU topology exchange). `get` blocks up to `timeout`.
+/// (multi-host GPU/TPU topology exchange). Called from plugin threads, so
+/// implementations must be thread-safe; keys are the plugin's own.
 pub trait KeyValueStore: Send + Sync {
     fn put(&self, key: &str, value: &[u8]) -> Result<()>;
+    /// Blocks until `key` is set or `timeout` passes (then an error,
+    /// ideally with code `DeadlineExceeded`).
     fn get(&self, key: &str, timeout: Duration) -> Result<Vec<u8>>;
+    /// Non-blocking get: `Ok(None)` when `key` is not set. The default asks
+    /// `get` with a zero timeout and reads a `NotFound` or
+    /// `DeadlineExceeded` error as "not set".
+    fn try_get(&self, key: &str) -> Result<Option<Vec<u8>>> {
+        match self.get(key, Duration::ZERO) {
+            Ok(v) => Ok(Some(v)),
+            Err(e)
+                if matches!(
+                    e.code,
+                    Some(ErrorCode::NotFound) | Some(ErrorCode::DeadlineExceeded)
+                ) =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
 }
 
 /// The owned `PJRT_Client*`; everything made from a client keeps it alive.
@@ -79,6 +99,7 @@ impl fmt::Debug for Client {
 pub struct Device {
     pub(crate) raw: *mut ffi::PJRT_Device,
     id: i32,
+    local_hardware_id: i32,
     kind: String,
     debug: String,
     _client: Arc<ClientInner>,
@@ -101,6 +122,11 @@ impl Device {
 
     pub fn kind(&self) -> &str {
         &self.kind
+    }
+
+    /// The plugin's hardware id of this device on its host (-1 if unknown).
+    pub fn local_hardware_id(&self) -> i32 {
+        self.local_hardware_id
     }
 
     pub fn debug_string(&self) -> &str {
@@ -188,6 +214,8 @@ impl Client {
             a.kv_get_user_arg = user;
             a.kv_put_callback = Some(kv_put_trampoline);
             a.kv_put_user_arg = user;
+            a.kv_try_get_callback = Some(kv_try_get_trampoline);
+            a.kv_try_get_user_arg = user;
         }
         pjrt_call!(plugin, PJRT_Client_Create, &mut a, &ctx)?;
         if a.client.is_null() {
@@ -280,9 +308,20 @@ impl Client {
             &mut dbg,
             "device debug string"
         );
+        let mut local = args!(PJRT_Device_LocalHardwareId_Args {
+            device: raw,
+            local_hardware_id: -1,
+        });
+        let _ = pjrt_call!(
+            p,
+            PJRT_Device_LocalHardwareId,
+            &mut local,
+            "device local hardware id"
+        );
         Device {
             raw,
             id: id.id,
+            local_hardware_id: local.local_hardware_id,
             kind: plugin_str(kind.device_kind, kind.device_kind_size),
             debug: plugin_str(dbg.debug_string, dbg.debug_string_size),
             _client: self.inner.clone(),
@@ -381,6 +420,17 @@ unsafe extern "C" fn free_value(value: *mut c_char) {
     libc::free(value as *mut libc::c_void);
 }
 
+/// Copies `value` into `malloc`ed memory that the plugin hands back to
+/// `free_value` (the header's contract: the plugin copies the value, then
+/// calls the deleter we return). Null when out of memory.
+unsafe fn malloc_copy(value: &[u8]) -> *mut c_char {
+    let buf = libc::malloc(value.len().max(1)) as *mut c_char;
+    if !buf.is_null() {
+        ptr::copy_nonoverlapping(value.as_ptr() as *const c_char, buf, value.len());
+    }
+    buf
+}
+
 unsafe extern "C" fn kv_get_trampoline(
     args: *mut ffi::PJRT_KeyValueGetCallback_Args,
 ) -> *mut ffi::PJRT_Error {
@@ -390,12 +440,10 @@ unsafe extern "C" fn kv_get_trampoline(
     let timeout = Duration::from_millis(a.timeout_in_ms.max(0) as u64);
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| store.get(&key, timeout))) {
         Ok(Ok(value)) => {
-            // The plugin frees the value through the deleter we hand it.
-            let buf = libc::malloc(value.len().max(1)) as *mut c_char;
+            let buf = malloc_copy(&value);
             if buf.is_null() {
                 return callback_error(a.callback_error, &Error::new("kv get", "out of memory"));
             }
-            ptr::copy_nonoverlapping(value.as_ptr() as *const c_char, buf, value.len());
             a.value = buf;
             a.value_size = value.len();
             a.value_deleter_callback = Some(free_value);
@@ -405,6 +453,42 @@ unsafe extern "C" fn kv_get_trampoline(
         Err(_) => callback_error(
             a.callback_error,
             &Error::new("kv get", format!("store panicked on key {key}")),
+        ),
+    }
+}
+
+unsafe extern "C" fn kv_try_get_trampoline(
+    args: *mut ffi::PJRT_KeyValueTryGetCallback_Args,
+) -> *mut ffi::PJRT_Error {
+    let a = &mut *args;
+    let store = &*(a.user_arg as *const Arc<dyn KeyValueStore>);
+    let key = plugin_str(a.key, a.key_size);
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| store.try_get(&key))) {
+        Ok(Ok(Some(value))) => {
+            let buf = malloc_copy(&value);
+            if buf.is_null() {
+                return callback_error(
+                    a.callback_error,
+                    &Error::new("kv try_get", "out of memory"),
+                );
+            }
+            a.value = buf;
+            a.value_size = value.len();
+            a.value_deleter_callback = Some(free_value);
+            ptr::null_mut()
+        }
+        Ok(Ok(None)) => callback_error(
+            a.callback_error,
+            &Error {
+                code: Some(ErrorCode::NotFound),
+                message: format!("key {key} not found"),
+                context: "kv try_get".into(),
+            },
+        ),
+        Ok(Err(e)) => callback_error(a.callback_error, &e),
+        Err(_) => callback_error(
+            a.callback_error,
+            &Error::new("kv try_get", format!("store panicked on key {key}")),
         ),
     }
 }
@@ -508,5 +592,28 @@ mod tests {
         let (code, msg) = LAST_ERROR.lock().unwrap().take().unwrap();
         assert_eq!(code, ErrorCode::DeadlineExceeded.to_raw());
         assert!(msg.contains("node/1 not set within 5ms"), "{msg}");
+        // try_get: present -> value, absent -> NotFound right away.
+        let mut try_get = args!(PJRT_KeyValueTryGetCallback_Args {
+            key: key.as_ptr() as *const c_char,
+            key_size: key.len(),
+            callback_error: &mut cb,
+            user_arg: user,
+        });
+        assert!(unsafe { kv_try_get_trampoline(&mut try_get) }.is_null());
+        let got =
+            unsafe { std::slice::from_raw_parts(try_get.value as *const u8, try_get.value_size) }
+                .to_vec();
+        assert_eq!(got, value);
+        unsafe { try_get.value_deleter_callback.unwrap()(try_get.value) };
+        let mut try_get = args!(PJRT_KeyValueTryGetCallback_Args {
+            key: missing.as_ptr() as *const c_char,
+            key_size: missing.len(),
+            callback_error: &mut cb,
+            user_arg: user,
+        });
+        assert!(!unsafe { kv_try_get_trampoline(&mut try_get) }.is_null());
+        let (code, msg) = LAST_ERROR.lock().unwrap().take().unwrap();
+        assert_eq!(code, ErrorCode::NotFound.to_raw());
+        assert!(msg.contains("node/1"), "{msg}");
     }
 }

@@ -205,8 +205,8 @@ impl Executable {
             executable: self.raw,
             options: &mut options,
             argument_lists: arg_lists.as_ptr(),
-            num_devices: num_devices,
-            num_args: num_args,
+            num_devices,
+            num_args,
             output_lists: out_lists.as_ptr(),
             device_complete_events: events.as_mut_ptr(),
         });

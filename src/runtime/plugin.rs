@@ -10,6 +10,45 @@ use std::sync::Arc;
 use super::error::{Error, ErrorCode, Result};
 use super::ffi;
 
+/// Calls a PJRT API function by name with a mutable args struct, turning a
+/// missing entry or a returned error into `Err` with `$ctx`.
+macro_rules! pjrt_call {
+    ($plugin:expr, $func:ident, $args:expr, $ctx:expr) => {{
+        let plugin: &$crate::runtime::plugin::Plugin = &$plugin;
+        match plugin.api().$func {
+            Some(f) => {
+                // SAFETY: args is a properly sized, initialised struct of the
+                // type this entry point takes.
+                let err = unsafe { f($args) };
+                plugin.check(err, $ctx)
+            }
+            None => Err($crate::runtime::Error::new(
+                $ctx,
+                concat!("plugin lacks ", stringify!($func)),
+            )),
+        }
+    }};
+}
+pub(crate) use pjrt_call;
+
+/// A PJRT args struct with `struct_size` set to the header's
+/// `<Type>_STRUCT_SIZE` (offset of its last field plus that field's size,
+/// so without trailing padding; plugins built against older or newer
+/// headers use it to tell which fields exist), the given fields, and
+/// everything else zeroed.
+macro_rules! args {
+    ($ty:ident { $($field:ident $(: $value:expr)?),* $(,)? }) => {
+        paste::paste! {
+            $crate::runtime::ffi::$ty {
+                struct_size: $crate::runtime::ffi::[<$ty _STRUCT_SIZE>] as usize,
+                $($field $(: $value)?,)*
+                ..Default::default()
+            }
+        }
+    };
+}
+pub(crate) use args;
+
 /// The accelerator family a plugin drives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Backend {
@@ -160,7 +199,12 @@ fn find_plugin_in(
         }
         return Err(Error::new(
             ctx,
-            format!("--plugin {} does not exist", p.display()),
+            format!(
+                "--plugin {} does not exist; pass an existing plugin, or drop --plugin to \
+                 use the installed package ({})",
+                p.display(),
+                backend.install_hint()
+            ),
         ));
     }
     if let Some(p) = from_env {
@@ -172,7 +216,12 @@ fn find_plugin_in(
         }
         return Err(Error::new(
             ctx,
-            format!("SHAREDMOE_PJRT_PLUGIN={} does not exist", p.display()),
+            format!(
+                "SHAREDMOE_PJRT_PLUGIN={} does not exist; point it at an existing plugin, or \
+                 unset it to use the installed package ({})",
+                p.display(),
+                backend.install_hint()
+            ),
         ));
     }
     for site in sites {
@@ -278,10 +327,7 @@ impl Plugin {
             path: path.to_path_buf(),
             _lib: std::mem::ManuallyDrop::new(lib),
         };
-        let mut args = ffi::PJRT_Plugin_Initialize_Args {
-            struct_size: std::mem::size_of::<ffi::PJRT_Plugin_Initialize_Args>(),
-            ..Default::default()
-        };
+        let mut args = args!(PJRT_Plugin_Initialize_Args {});
         let init = plugin
             .api()
             .PJRT_Plugin_Initialize
@@ -320,35 +366,33 @@ impl Plugin {
             return Ok(());
         }
         let api = self.api();
-        let mut msg = ffi::PJRT_Error_Message_Args {
-            struct_size: std::mem::size_of::<ffi::PJRT_Error_Message_Args>(),
-            error: err,
-            ..Default::default()
-        };
+        let mut msg = args!(PJRT_Error_Message_Args { error: err });
         let message = match api.PJRT_Error_Message {
-            Some(f) => unsafe {
-                f(&mut msg);
-                let bytes = std::slice::from_raw_parts(msg.message as *const u8, msg.message_size);
-                String::from_utf8_lossy(bytes).into_owned()
-            },
+            Some(f) => {
+                // SAFETY: `err` is a live error; the message it returns is
+                // owned by the error and valid until it is destroyed below.
+                unsafe { f(&mut msg) };
+                if msg.message.is_null() {
+                    String::new()
+                } else {
+                    let bytes = unsafe {
+                        std::slice::from_raw_parts(msg.message as *const u8, msg.message_size)
+                    };
+                    String::from_utf8_lossy(bytes).into_owned()
+                }
+            }
             None => "(plugin gave no message)".into(),
         };
-        let mut code_args = ffi::PJRT_Error_GetCode_Args {
-            struct_size: std::mem::size_of::<ffi::PJRT_Error_GetCode_Args>(),
-            error: err,
-            ..Default::default()
-        };
+        let mut code_args = args!(PJRT_Error_GetCode_Args { error: err });
         let code = api.PJRT_Error_GetCode.and_then(|f| {
+            // SAFETY: as above; GetCode returns null on success.
             let e = unsafe { f(&mut code_args) };
             e.is_null()
                 .then(|| ErrorCode::from_raw(code_args.code as i32))
         });
-        let mut destroy = ffi::PJRT_Error_Destroy_Args {
-            struct_size: std::mem::size_of::<ffi::PJRT_Error_Destroy_Args>(),
-            error: err,
-            ..Default::default()
-        };
+        let mut destroy = args!(PJRT_Error_Destroy_Args { error: err });
         if let Some(f) = api.PJRT_Error_Destroy {
+            // SAFETY: destroyed exactly once, after its message was copied.
             unsafe { f(&mut destroy) };
         }
         Err(Error {
@@ -358,40 +402,6 @@ impl Plugin {
         })
     }
 }
-
-/// Calls a PJRT API function by name with a mutable args struct, turning a
-/// missing entry or a returned error into `Err` with `$ctx`.
-macro_rules! pjrt_call {
-    ($plugin:expr, $func:ident, $args:expr, $ctx:expr) => {{
-        let plugin: &$crate::runtime::plugin::Plugin = &$plugin;
-        match plugin.api().$func {
-            Some(f) => {
-                // SAFETY: args is a properly sized, initialised struct of the
-                // type this entry point takes.
-                let err = unsafe { f($args) };
-                plugin.check(err, $ctx)
-            }
-            None => Err($crate::runtime::Error::new(
-                $ctx,
-                concat!("plugin lacks ", stringify!($func)),
-            )),
-        }
-    }};
-}
-pub(crate) use pjrt_call;
-
-/// `struct_size` for a PJRT args struct: the size in the header we were
-/// built against (plugins accept older and newer sizes).
-macro_rules! args {
-    ($ty:ident { $($field:ident : $value:expr),* $(,)? }) => {
-        $crate::runtime::ffi::$ty {
-            struct_size: std::mem::size_of::<$crate::runtime::ffi::$ty>(),
-            $($field: $value,)*
-            ..Default::default()
-        }
-    };
-}
-pub(crate) use args;
 
 #[cfg(test)]
 mod tests {
@@ -455,7 +465,10 @@ mod tests {
         let err = find_plugin_in(Backend::Cpu, Some(Path::new("/no/such.so")), None, &sites)
             .unwrap_err()
             .to_string();
-        assert!(err.contains("/no/such.so"), "{err}");
+        assert!(
+            err.contains("/no/such.so") && err.contains("pip install xla-cpu-pjrt"),
+            "{err}"
+        );
         let err = find_plugin_in(Backend::Cuda, None, None, &[])
             .unwrap_err()
             .to_string();
