@@ -7,6 +7,7 @@ pub mod bin;
 pub mod bytes;
 pub mod packing;
 pub mod parquet;
+pub mod stream;
 pub mod tokenizer;
 
 pub use bin::{TokenFile, TokenWidth};

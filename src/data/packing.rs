@@ -15,7 +15,16 @@ fn fnv1a(bytes: &[u8]) -> u64 {
 /// chosen by hashing the document's id (or its text when it has none).
 pub fn is_validation(id: Option<&str>, text: &str, fraction: f64) -> bool {
     let key = id.unwrap_or(text);
-    (fnv1a(key.as_bytes()) as f64 / u64::MAX as f64) < fraction
+    (avalanche(fnv1a(key.as_bytes())) as f64 / u64::MAX as f64) < fraction
+}
+
+/// The splitmix64 finaliser: FNV-1a leaves the high bits nearly unchanged
+/// between keys that differ only in their last bytes (`<urn:uuid:17>`,
+/// `<urn:uuid:18>`), and the hold-out test reads the high bits.
+fn avalanche(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
+    z ^ (z >> 31)
 }
 
 /// The row groups worker `rank` of `workers` reads: every row group goes
@@ -140,6 +149,11 @@ mod tests {
         assert_eq!(held, again);
         let n = held.iter().filter(|&&h| h).count();
         assert!((60..=140).contains(&n), "{n} of 20000 held out at 0.5%");
+        // Keys that differ only in their last characters spread too.
+        let n = (0..20_000)
+            .filter(|i| is_validation(Some(&format!("<urn:{i}>")), "", 0.2))
+            .count();
+        assert!((3_700..=4_300).contains(&n), "{n} of 20000 held out at 20%");
         // Without an id the text decides.
         assert_eq!(
             is_validation(None, "abc", 0.5),

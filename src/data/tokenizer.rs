@@ -72,3 +72,13 @@ pub fn encode(t: &Tokenizer, text: &str) -> Result<Vec<u32>> {
         .get_ids()
         .to_vec())
 }
+
+/// Token ids of many texts, tokenised in parallel (no special tokens
+/// added, no offsets tracked).
+pub fn encode_many(t: &Tokenizer, texts: &[&str]) -> Result<Vec<Vec<u32>>> {
+    Ok(t.encode_batch_fast(texts.to_vec(), false)
+        .map_err(|e| anyhow!("tokenizing: {e}"))?
+        .into_iter()
+        .map(|e| e.get_ids().to_vec())
+        .collect())
+}
