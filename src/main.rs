@@ -24,6 +24,9 @@ enum Command {
     /// Prepare token files.
     #[command(subcommand)]
     Data(cli::data::DataCommand),
+    /// Train tokenizers.
+    #[command(subcommand)]
+    Tokenizer(cli::tokenizer::TokenizerCommand),
 }
 
 fn main() {
@@ -40,6 +43,7 @@ fn main() {
         Command::Init(a) => cli::train::run_init(&a),
         Command::Params(a) => cli::train::run_params(&a),
         Command::Data(c) => cli::data::run(&c),
+        Command::Tokenizer(c) => cli::tokenizer::run(&c),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

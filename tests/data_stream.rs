@@ -223,7 +223,7 @@ fn resuming_from_a_cursor_gives_the_uninterrupted_stream() {
         let refs: Vec<(&str, &str)> = docs.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
         write_fineweb(&dir.join(format!("{f}.parquet")), &refs, 4 + f, true);
     }
-    let files = expand_inputs(&[dir.clone()]).unwrap();
+    let files = expand_inputs(std::slice::from_ref(&dir)).unwrap();
     let groups = all_row_groups(&files, BadFilePolicy::Fail).unwrap().0;
     let o = opts(7, 5, Split::Train, 1, 2);
     let total = 260; // over three epochs of this worker's share

@@ -16,7 +16,7 @@ fn trained_bpe_round_trips_and_packs() {
         .split("\n\n")
         .filter(|p| !p.trim().is_empty())
         .collect();
-    let tk = train_bpe(paragraphs.iter().copied(), 600, false).unwrap();
+    let tk = train_bpe(paragraphs.iter().copied(), 600, 2, false).unwrap();
     assert_eq!(tk.get_vocab_size(true), 600);
     let eot = eot_id(&tk).unwrap();
     let dir = std::env::temp_dir().join(format!("sharedmoe-tok-{}", std::process::id()));

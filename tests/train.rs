@@ -183,16 +183,51 @@ fn read_losses(run: &Path) -> Vec<(i64, f64)> {
 
 #[test]
 fn resume_from_a_checkpoint_is_bit_identical() {
-    let dir = scratch("resume");
-    let whole = tiny_config(
-        &dir,
-        &[&format!("run.dir=\"{}\"", dir.join("whole").display())],
+    check_resume("resume", &[]);
+}
+
+/// The same with the shipped parquet sample tokenised on the fly: the
+/// stream's cursor goes through state.json.
+#[test]
+fn resume_of_a_parquet_run_is_bit_identical() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let state = check_resume(
+        "resume-parquet",
+        &[
+            "data.train_bin=\"\"",
+            &format!(
+                "data.parquet=[\"{}\"]",
+                root.join("data/fineweb-sample").display()
+            ),
+            &format!(
+                "data.tokenizer=\"{}\"",
+                root.join("data/tokenizer.json").display()
+            ),
+            "data.shuffle_rows=5",
+            "model.vocab_size=32000",
+        ],
     );
+    assert!(
+        state["data_cursor"]["window"].as_u64().unwrap() > 0,
+        "{state}"
+    );
+    assert_eq!(state["tokenizer_sha256"].as_str().unwrap().len(), 64);
+}
+
+/// Trains 6 steps in one go and as 3 + 3 resumed steps; returns the last
+/// state.json.
+fn check_resume(name: &str, extra: &[&str]) -> serde_json::Value {
+    let dir = scratch(name);
+    let with_dir = |sub: &str| -> Vec<String> {
+        let mut v: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        v.push(format!("run.dir=\"{}\"", dir.join(sub).display()));
+        v
+    };
+    let whole = with_dir("whole");
+    let whole = tiny_config(&dir, &whole.iter().map(String::as_str).collect::<Vec<_>>());
     let last = sharedmoe::train::train(&whole, &StartFrom::default(), None).unwrap();
-    let parts = tiny_config(
-        &dir,
-        &[&format!("run.dir=\"{}\"", dir.join("parts").display())],
-    );
+    let parts = with_dir("parts");
+    let parts = tiny_config(&dir, &parts.iter().map(String::as_str).collect::<Vec<_>>());
     let mid = sharedmoe::train::train(
         &parts,
         &StartFrom {
@@ -229,6 +264,7 @@ fn resume_from_a_checkpoint_is_bit_identical() {
     assert_eq!(state["step"], 6);
     assert_eq!(state["next_batch"], 6);
     std::fs::remove_dir_all(&dir).unwrap();
+    state
 }
 
 #[test]

@@ -31,8 +31,16 @@ pub struct TrainingState {
     /// Optimizer steps done; training resumes at this step.
     pub step: i64,
     pub tokens_seen: i64,
-    /// The next global-batch index into the token stream (the data cursor).
+    /// The next global-batch index into the token stream (the `.bin`
+    /// source's data cursor).
     pub next_batch: i64,
+    /// The parquet stream's cursor (parquet sources only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_cursor: Option<crate::data::stream::Cursor>,
+    /// sha256 of the tokenizer.json the run reads parquet through: resuming
+    /// with another tokenizer would change what the cursor means.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokenizer_sha256: Option<String>,
     pub seed: u64,
     pub config_toml: String,
     pub config_sha256: String,

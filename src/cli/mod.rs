@@ -4,4 +4,5 @@ pub mod bench;
 mod bench_step;
 pub mod data;
 pub mod devices;
+pub mod tokenizer;
 pub mod train;

@@ -1,12 +1,14 @@
-//! Token sources for training: pre-tokenised `.bin` files (DESIGN.md
-//! format), byte-level tokenisation of text, and FineWeb-Edu parquet
-//! shards read by row group (tokenizers, packing, sharding and the
-//! resumable cursor come next).
+//! Token sources for training: FineWeb-Edu parquet shards read by row
+//! group, tokenizers (load and train), the resumable packed, sharded and
+//! shuffled token stream, `data prepare` into pre-tokenised `.bin` files
+//! (DESIGN.md format), and byte-level tokenisation of plain text.
 
 pub mod bin;
 pub mod bytes;
+pub mod documents;
 pub mod packing;
 pub mod parquet;
+pub mod prepare;
 pub mod stream;
 pub mod tokenizer;
 

@@ -27,8 +27,15 @@ pub fn eot_id(t: &Tokenizer) -> Result<u32> {
 
 /// Trains a byte-level BPE of `vocab_size` tokens (including the 256 byte
 /// symbols and the end-of-text token) on `texts`, multi-threaded, with a
-/// progress bar when `progress` is set.
-pub fn train_bpe<I, S>(texts: I, vocab_size: usize, progress: bool) -> Result<Tokenizer>
+/// progress bar when `progress` is set. Pairs seen fewer than
+/// `min_frequency` times are not merged, so a small corpus can end with a
+/// smaller vocabulary (callers report it).
+pub fn train_bpe<I, S>(
+    texts: I,
+    vocab_size: usize,
+    min_frequency: u64,
+    progress: bool,
+) -> Result<Tokenizer>
 where
     I: Iterator<Item = S> + Send,
     S: AsRef<str> + Send,
@@ -36,7 +43,7 @@ where
     let mut trainer = BpeTrainerBuilder::new()
         .show_progress(progress)
         .vocab_size(vocab_size)
-        .min_frequency(2)
+        .min_frequency(min_frequency)
         .special_tokens(vec![AddedToken::from(EOT, true)])
         .initial_alphabet(ByteLevel::alphabet())
         .build();

@@ -74,22 +74,50 @@ fn compute_dtype() -> String {
     "f32".into()
 }
 
-/// Where the tokens come from.
+/// Where the tokens come from: pre-tokenised `.bin` files, or parquet
+/// shards tokenised on the fly (exactly one of `train_bin` / `parquet`).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataConfig {
     /// Pre-tokenised training tokens (`.bin`, DESIGN.md format).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_empty_path")]
     pub train_bin: PathBuf,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "is_empty_path")]
     pub val_bin: PathBuf,
     /// `u16` (nanoGPT) or `u32`.
     #[serde(default = "token_dtype")]
     pub token_dtype: String,
+    /// FineWeb-Edu-schema parquet files, directories or globs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub parquet: Vec<PathBuf>,
+    /// tokenizer.json for `parquet` (needs an `<|endoftext|>` token).
+    #[serde(default, skip_serializing_if = "is_empty_path")]
+    pub tokenizer: PathBuf,
+    /// Share of parquet documents held out for validation (by id hash).
+    #[serde(default = "val_fraction")]
+    pub val_fraction: f64,
+    /// Rows per shuffle window of the parquet stream (1 = packed order).
+    #[serde(default = "shuffle_rows")]
+    pub shuffle_rows: usize,
+    /// `fail` or `skip` unreadable parquet files.
+    #[serde(default = "on_bad_file")]
+    pub on_bad_file: String,
 }
 
+fn is_empty_path(p: &Path) -> bool {
+    p.as_os_str().is_empty()
+}
 fn token_dtype() -> String {
     "u16".into()
+}
+fn val_fraction() -> f64 {
+    0.005
+}
+fn shuffle_rows() -> usize {
+    1024
+}
+fn on_bad_file() -> String {
+    "fail".into()
 }
 
 impl Default for DataConfig {
@@ -98,7 +126,49 @@ impl Default for DataConfig {
             train_bin: PathBuf::new(),
             val_bin: PathBuf::new(),
             token_dtype: token_dtype(),
+            parquet: vec![],
+            tokenizer: PathBuf::new(),
+            val_fraction: val_fraction(),
+            shuffle_rows: shuffle_rows(),
+            on_bad_file: on_bad_file(),
         }
+    }
+}
+
+impl DataConfig {
+    fn validate(&self) -> Result<(), String> {
+        match (is_empty_path(&self.train_bin), self.parquet.is_empty()) {
+            (false, false) => {
+                return Err(
+                    "data.train_bin and data.parquet are both set: choose one source".into(),
+                )
+            }
+            (true, false) if is_empty_path(&self.tokenizer) => {
+                return Err("data.parquet needs data.tokenizer (a tokenizer.json)".into())
+            }
+            _ => {}
+        }
+        if !(0.0..1.0).contains(&self.val_fraction) {
+            return Err(format!(
+                "data.val_fraction = {}: expected a value in [0, 1)",
+                self.val_fraction
+            ));
+        }
+        self.on_bad_file
+            .parse::<crate::data::parquet::BadFilePolicy>()
+            .map_err(|_| {
+                format!(
+                    "data.on_bad_file = {:?}: expected \"fail\" or \"skip\"",
+                    self.on_bad_file
+                )
+            })?;
+        if !["u16", "u32"].contains(&self.token_dtype.as_str()) {
+            return Err(format!(
+                "data.token_dtype = {:?}: expected \"u16\" or \"u32\"",
+                self.token_dtype
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -210,12 +280,7 @@ impl Config {
                 t.compute_dtype
             ));
         }
-        if !["u16", "u32"].contains(&self.data.token_dtype.as_str()) {
-            return Err(format!(
-                "data.token_dtype = {:?}: expected \"u16\" or \"u32\"",
-                self.data.token_dtype
-            ));
-        }
+        self.data.validate()?;
         let tokens = t.micro_batch * t.seq_len * self.model.vocab_size;
         if tokens >= i32::MAX as i64 {
             return Err(format!(

@@ -1,7 +1,8 @@
 //! Training: the run configuration, the learning-rate schedule, clipping
 //! and AdamW, the whole optimizer step as one compiled program, the
-//! device-resident trainer and the training loop.
+//! device-resident trainer, the token sources and the training loop.
 
+pub mod batches;
 pub mod config;
 pub mod optimizer;
 pub mod run;

@@ -14,10 +14,10 @@ use anyhow::{bail, Context, Result};
 use serde::Serialize;
 
 use crate::ckpt;
-use crate::data::{TokenFile, TokenWidth};
 use crate::model::{active_params_per_token, param_specs};
 use crate::runtime::{find_plugin, Backend, Client, ClientOption, Plugin};
 
+use super::batches::{Batches, DataPosition};
 use super::config::Config;
 use super::trainer::{fresh_checkpoint, Trainer};
 
@@ -129,14 +129,6 @@ pub fn open_client(cfg: &Config, plugin: Option<&Path>) -> Result<Client> {
     Ok(Client::new(plugin, &options, None)?)
 }
 
-fn split_rows(file: &TokenFile, cfg: &Config, batch_index: i64) -> Vec<Vec<i32>> {
-    let t = &cfg.train;
-    let per = t.global_batch / t.replicas;
-    (0..t.replicas)
-        .map(|r| file.batch_rows(batch_index, t.global_batch, t.seq_len, r * per, per))
-        .collect()
-}
-
 /// Trains `cfg` and returns the final checkpoint directory.
 pub fn train(cfg: &Config, start: &StartFrom, plugin: Option<&Path>) -> Result<PathBuf> {
     let run_dir = &cfg.run.dir;
@@ -144,25 +136,6 @@ pub fn train(cfg: &Config, start: &StartFrom, plugin: Option<&Path>) -> Result<P
         bail!("run.dir is not set (use --set run.dir=runs/NAME)");
     }
     fs::create_dir_all(run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
-    let width = TokenWidth::parse(&cfg.data.token_dtype).map_err(anyhow::Error::msg)?;
-    let train_file = TokenFile::open(&cfg.data.train_bin, width).map_err(anyhow::Error::msg)?;
-    train_file
-        .check(
-            cfg.train.seq_len,
-            cfg.train.global_batch,
-            cfg.model.vocab_size,
-        )
-        .map_err(anyhow::Error::msg)?;
-    let val_file = if cfg.train.eval_every > 0 && !cfg.data.val_bin.as_os_str().is_empty() {
-        let f = TokenFile::open(&cfg.data.val_bin, width).map_err(anyhow::Error::msg)?;
-        let per_eval = cfg.train.micro_batch * cfg.train.replicas;
-        f.check(cfg.train.seq_len, per_eval, cfg.model.vocab_size)
-            .map_err(anyhow::Error::msg)?;
-        Some(f)
-    } else {
-        None
-    };
-
     let specs = param_specs(&cfg.model);
     // Without --resume/--init, a run directory that already holds a
     // checkpoint is continued from its newest one (re-running the same
@@ -187,6 +160,30 @@ pub fn train(cfg: &Config, start: &StartFrom, plugin: Option<&Path>) -> Result<P
              (the checkpoint's is in its state.json)"
         );
     }
+    let at = DataPosition {
+        next_batch: checkpoint.state.next_batch,
+        stream: checkpoint.state.data_cursor,
+    };
+    if !cfg.data.parquet.is_empty() && at.stream.is_none() && at.next_batch > 0 {
+        tracing::warn!(
+            "the checkpoint has no parquet data cursor (it was trained on another source); \
+             the parquet stream starts from its beginning"
+        );
+    }
+    let mut batches = Batches::open(cfg, &at)?;
+    if let (Some(was), Some(now)) = (
+        &checkpoint.state.tokenizer_sha256,
+        &batches.tokenizer_sha256,
+    ) {
+        if was != now {
+            bail!(
+                "{}: not the tokenizer this run was trained with (sha256 {now}, the checkpoint's is {was}); \
+                 the data cursor would point at other tokens",
+                cfg.data.tokenizer.display()
+            );
+        }
+    }
+    tracing::info!("training data: {}", batches.describe(cfg));
     if checkpoint.state.step >= cfg.train.steps {
         tracing::info!(
             "run already complete: {} of {} steps done",
@@ -238,7 +235,8 @@ pub fn train(cfg: &Config, start: &StartFrom, plugin: Option<&Path>) -> Result<P
     while trainer.step_count() < end {
         let step = trainer.step_count();
         let began = Instant::now();
-        let m = trainer.train_step(&split_rows(&train_file, cfg, step))?;
+        let rows = batches.next(cfg)?;
+        let m = trainer.train_step(&rows)?;
         let dt = began.elapsed().as_secs_f64();
         if !m.ce.is_finite() {
             bail!(
@@ -248,9 +246,13 @@ pub fn train(cfg: &Config, start: &StartFrom, plugin: Option<&Path>) -> Result<P
             );
         }
         let tps = tokens_per_step as f64 / dt;
-        let val_loss = match &val_file {
-            Some(f) if (step + 1) % t.eval_every == 0 => Some(evaluate(&trainer, f, cfg)?),
-            _ => None,
+        let val_loss = if t.eval_every > 0
+            && (step + 1) % t.eval_every == 0
+            && !batches.validation().is_empty()
+        {
+            Some(evaluate(&trainer, batches.validation())?)
+        } else {
+            None
         };
         let row = MetricsRow {
             step,
@@ -275,7 +277,7 @@ pub fn train(cfg: &Config, start: &StartFrom, plugin: Option<&Path>) -> Result<P
         if interrupted || done == end || (t.checkpoint_every > 0 && done % t.checkpoint_every == 0)
         {
             let dir = ckpt::step_dir(run_dir, done);
-            ckpt::save(&dir, cfg, &trainer.checkpoint(done)?)?;
+            ckpt::save(&dir, cfg, &snapshot(&trainer, &batches)?)?;
             tracing::info!("checkpoint {}", dir.display());
             last_ckpt = Some(dir);
         }
@@ -290,24 +292,28 @@ pub fn train(cfg: &Config, start: &StartFrom, plugin: Option<&Path>) -> Result<P
         Some(d) => Ok(d),
         None => {
             let dir = ckpt::step_dir(run_dir, trainer.step_count());
-            ckpt::save(&dir, cfg, &trainer.checkpoint(trainer.step_count())?)?;
+            ckpt::save(&dir, cfg, &snapshot(&trainer, &batches)?)?;
             Ok(dir)
         }
     }
 }
 
-/// Mean validation CE over `eval_batches` micro-batches per replica.
-fn evaluate(trainer: &Trainer, file: &TokenFile, cfg: &Config) -> Result<f64> {
-    let t = &cfg.train;
-    let per = t.micro_batch * t.replicas;
+/// The trainer's state plus where the data stands.
+fn snapshot(trainer: &Trainer, batches: &Batches) -> Result<ckpt::Checkpoint> {
+    let pos = batches.position();
+    let mut c = trainer.checkpoint(pos.next_batch)?;
+    c.state.data_cursor = pos.stream;
+    c.state.tokenizer_sha256 = batches.tokenizer_sha256.clone();
+    Ok(c)
+}
+
+/// Mean validation CE over the fixed validation micro-batches.
+fn evaluate(trainer: &Trainer, val: &[Vec<Vec<i32>>]) -> Result<f64> {
     let mut total = 0.0;
-    for b in 0..t.eval_batches {
-        let rows: Vec<Vec<i32>> = (0..t.replicas)
-            .map(|r| file.batch_rows(b, per, t.seq_len, r * t.micro_batch, t.micro_batch))
-            .collect();
-        total += trainer.eval(&rows)?.0;
+    for rows in val {
+        total += trainer.eval(rows)?.0;
     }
-    Ok(total / t.eval_batches as f64)
+    Ok(total / val.len() as f64)
 }
 
 /// Writes the step-0 checkpoint `train --init` starts from.
