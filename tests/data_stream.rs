@@ -52,6 +52,7 @@ fn opts(
     StreamOptions {
         row_len,
         seed: 1234,
+        shuffle_groups: split == Split::Train,
         shuffle_rows,
         val_fraction: 0.2,
         split,

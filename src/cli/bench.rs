@@ -182,7 +182,7 @@ fn jax_peer() -> Option<Duration> {
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
-    /// Which benchmark: `runtime` or `step`.
+    /// Which benchmark: `runtime`, `step` or `data`.
     pub which: String,
     /// Config for `step` (TOML).
     #[arg(long)]
@@ -193,6 +193,18 @@ pub struct BenchArgs {
     /// Timed steps (after 2 warm-up steps).
     #[arg(long, default_value_t = 10)]
     pub steps: usize,
+    /// Parquet files, directories or globs for `data`.
+    #[arg(long, default_value = "data/fineweb-sample")]
+    pub data: Vec<std::path::PathBuf>,
+    /// tokenizer.json for `data`.
+    #[arg(long, default_value = "data/tokenizer.json")]
+    pub tokenizer: std::path::PathBuf,
+    /// Sequence length for `data` (rows of S+1 tokens).
+    #[arg(long, default_value_t = 1024)]
+    pub seq_len: usize,
+    /// Timed passes for `data` (after one warm-up pass).
+    #[arg(long, default_value_t = 5)]
+    pub repeats: usize,
 }
 
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
@@ -206,7 +218,8 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
                 crate::train::Config::load(path, &args.overrides).map_err(anyhow::Error::msg)?;
             super::bench_step::step(&cfg, args.steps)
         }
-        other => anyhow::bail!("unknown benchmark `{other}` (available: runtime, step)"),
+        "data" => super::bench_data::data(&args.data, &args.tokenizer, args.seq_len, args.repeats),
+        other => anyhow::bail!("unknown benchmark `{other}` (available: runtime, step, data)"),
     }
 }
 

@@ -1,6 +1,7 @@
 //! The `sharedmoe` command line: one module per subcommand.
 
 pub mod bench;
+mod bench_data;
 mod bench_step;
 pub mod data;
 pub mod devices;

@@ -47,6 +47,9 @@ pub struct StreamOptions {
     /// Tokens per row: S + 1 (inputs and the shifted targets).
     pub row_len: usize,
     pub seed: u64,
+    /// Shuffle the row groups each epoch (training); off, they are read
+    /// in file order (validation, benchmarks).
+    pub shuffle_groups: bool,
     /// Rows per shuffle window; 0 or 1 keeps the packed order.
     pub shuffle_rows: usize,
     /// Share of documents held out for validation (by id hash).
@@ -115,10 +118,10 @@ fn mix(words: &[u64]) -> u64 {
 }
 
 /// Worker `rank`'s row groups for `epoch`: all row groups shuffled by
-/// (seed, epoch), dealt round robin. The validation split keeps file order.
+/// (seed, epoch) unless `shuffle_groups` is off, dealt round robin.
 pub fn epoch_order(all: &[RowGroupRef], opts: &StreamOptions, epoch: u64) -> Vec<RowGroupRef> {
     let mut groups = all.to_vec();
-    if opts.split == Split::Train {
+    if opts.shuffle_groups {
         shuffle(&mut groups, mix(&[opts.seed, epoch]));
     }
     shard(&groups, opts.rank, opts.workers)

@@ -45,7 +45,7 @@ where
         .vocab_size(vocab_size)
         .min_frequency(min_frequency)
         .special_tokens(vec![AddedToken::from(EOT, true)])
-        .initial_alphabet(ByteLevel::alphabet())
+        .initial_alphabet(ByteLevel::alphabet().into_iter().collect())
         .build();
     let mut builder: TokenizerBuilder<
         BPE,

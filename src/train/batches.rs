@@ -108,6 +108,7 @@ impl Batches {
         let options = |split, shuffle_rows| StreamOptions {
             row_len: (t.seq_len + 1) as usize,
             seed: t.seed,
+            shuffle_groups: split == Split::Train,
             shuffle_rows,
             val_fraction: d.val_fraction,
             split,
