@@ -58,11 +58,12 @@ fn opts(
         split,
         rank,
         workers,
+        epochs: None,
     }
 }
 
 fn rows(s: &mut TokenStream, n: usize) -> Vec<Vec<u32>> {
-    (0..n).map(|_| s.next_row().unwrap()).collect()
+    (0..n).map(|_| s.next_row().unwrap().unwrap()).collect()
 }
 
 #[test]
@@ -83,6 +84,21 @@ fn hand_checked_token_sequence() {
         .0;
     let mut o = opts(4, 1, Split::Train, 0, 1);
     o.val_fraction = 0.0;
+    // One epoch: the 10 tokens make two rows; the last 2 are dropped.
+    let mut one = TokenStream::open(
+        groups.clone(),
+        tk.clone(),
+        StreamOptions {
+            epochs: Some(1),
+            ..o.clone()
+        },
+        None,
+    )
+    .unwrap();
+    assert_eq!(one.next_row().unwrap(), Some(vec![1, 2, 3, 0]));
+    assert_eq!(one.next_row().unwrap(), Some(vec![4, 5, 0, 1]));
+    assert_eq!(one.next_row().unwrap(), None);
+    assert_eq!(one.next_row().unwrap(), None);
     let mut s = TokenStream::open(groups, tk, o, None).unwrap();
     // the=1 cat=2 sat=3 dog=4 ran=5, end of text 0; the stream
     // 1 2 3 0 | 4 5 0 1 | 4 0 then the next epoch 1 2 | 3 0 4 5 | 0 1 4 0.
@@ -143,7 +159,7 @@ fn epoch_docs(groups: &[RowGroupRef], tk: &Arc<Tokenizer>, o: StreamOptions) -> 
     let mut s = TokenStream::open(groups.to_vec(), tk.clone(), o.clone(), None).unwrap();
     (0..n)
         .map(|_| {
-            let r = s.next_row().unwrap();
+            let r = s.next_row().unwrap().unwrap();
             assert_eq!(r[1], 0, "a one-word document then its end of text");
             r[0]
         })

@@ -15,10 +15,16 @@
 //!
 //! Resuming re-reads and re-tokenises at most one row group and one
 //! window; it yields exactly the rows the uninterrupted stream would have.
+//!
+//! Row groups are read and tokenised ahead of the packer on a background
+//! thread, a few at once (rayon), so a training step never waits for a
+//! whole row group and uneven documents do not leave cores idle.
 
+use std::sync::mpsc::{sync_channel, Receiver};
 use std::sync::Arc;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
+use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
@@ -58,6 +64,9 @@ pub struct StreamOptions {
     /// This worker's rank among `workers`.
     pub rank: usize,
     pub workers: usize,
+    /// Stop after this many epochs (the partial row at the end is dropped
+    /// and reported); `None` streams forever, as training does.
+    pub epochs: Option<u64>,
 }
 
 /// Where the packer stands: the next token is token `token` of document
@@ -92,7 +101,6 @@ struct LoadedGroup {
 
 pub struct TokenStream {
     all_groups: Vec<RowGroupRef>,
-    tokenizer: Arc<Tokenizer>,
     eot: u32,
     opts: StreamOptions,
     /// This worker's row groups for `order_epoch`.
@@ -100,6 +108,8 @@ pub struct TokenStream {
     order_epoch: u64,
     pos: Position,
     loaded: Option<LoadedGroup>,
+    /// Row groups from the window start on, loaded in order ahead of use.
+    ahead: Receiver<Result<LoadedGroup>>,
     /// Row groups read in a row that gave this split no token (an epoch's
     /// worth means the split is empty: an error, not a hang).
     barren_groups: usize,
@@ -169,11 +179,17 @@ impl TokenStream {
                 order.len()
             );
         }
+        let ahead = prefetch(
+            groups.clone(),
+            tokenizer.clone(),
+            opts.clone(),
+            cursor.window_start,
+        );
         let mut stream = TokenStream {
             order_epoch: cursor.window_start.epoch,
             order,
+            ahead,
             all_groups: groups,
-            tokenizer,
             eot,
             opts,
             pos: cursor.window_start,
@@ -202,30 +218,40 @@ impl TokenStream {
         self.eot
     }
 
-    /// The next row of `row_len` tokens.
-    pub fn next_row(&mut self) -> Result<Vec<u32>> {
+    /// The next row of `row_len` tokens; `None` once `epochs` are done.
+    pub fn next_row(&mut self) -> Result<Option<Vec<u32>>> {
         if self.cursor.emitted == self.window.len() {
+            if self.window.len() < self.opts.shuffle_rows.max(1) {
+                return Ok(None); // the last, short window is used up
+            }
             self.cursor = Cursor {
                 window_start: self.pos,
                 window: self.cursor.window + 1,
                 emitted: 0,
             };
             self.fill_window()?;
+            if self.window.is_empty() {
+                return Ok(None);
+            }
         }
         let row = std::mem::take(&mut self.window[self.cursor.emitted]);
         self.cursor.emitted += 1;
-        Ok(row)
+        Ok(Some(row))
     }
 
     /// Packs the window that starts at the current position and permutes
-    /// it by (seed, rank, window number).
+    /// it by (seed, rank, window number). Only the last window of a
+    /// stream with an epoch limit is short.
     fn fill_window(&mut self) -> Result<()> {
         let n = self.opts.shuffle_rows.max(1);
         let mut rows = Vec::with_capacity(n);
-        for _ in 0..n {
-            rows.push(self.pack_row()?);
+        while rows.len() < n {
+            match self.pack_row()? {
+                Some(row) => rows.push(row),
+                None => break,
+            }
         }
-        if n > 1 {
+        if rows.len() > 1 {
             shuffle(
                 &mut rows,
                 mix(&[self.opts.seed, self.opts.rank as u64, self.cursor.window]),
@@ -235,10 +261,22 @@ impl TokenStream {
         Ok(())
     }
 
-    fn pack_row(&mut self) -> Result<Vec<u32>> {
+    fn pack_row(&mut self) -> Result<Option<Vec<u32>>> {
         let row_len = self.opts.row_len;
         let mut row = Vec::with_capacity(row_len);
         while row.len() < row_len {
+            if self.opts.epochs.is_some_and(|e| self.pos.epoch >= e) {
+                if !row.is_empty() {
+                    tracing::info!(
+                        split = ?self.opts.split,
+                        rank = self.opts.rank,
+                        "end of data after {} epochs: the last {} tokens (less than a row) are not used",
+                        self.pos.epoch,
+                        row.len()
+                    );
+                }
+                return Ok(None);
+            }
             self.ensure_loaded()?;
             let docs = &self.loaded.as_ref().expect("loaded above").docs;
             let Some(doc) = docs.get(self.pos.doc) else {
@@ -262,7 +300,7 @@ impl TokenStream {
             }
             self.barren_groups = 0;
         }
-        Ok(row)
+        Ok(Some(row))
     }
 
     fn next_group(&mut self) -> Result<()> {
@@ -285,7 +323,7 @@ impl TokenStream {
             tracing::info!(
                 split = ?self.opts.split,
                 rank = self.opts.rank,
-                "epoch {} done ({} row groups); the unfinished row carries into the next epoch, nothing dropped",
+                "epoch {} done ({} row groups); an unfinished row carries into the next epoch",
                 self.pos.epoch,
                 self.order.len()
             );
@@ -295,25 +333,83 @@ impl TokenStream {
         Ok(())
     }
 
-    /// Reads and tokenises the row group at the current position unless
-    /// it is the one already loaded.
+    /// Takes the row group at the current position from the prefetcher
+    /// unless it is the one already loaded.
     fn ensure_loaded(&mut self) -> Result<()> {
         let (epoch, group) = (self.pos.epoch, self.pos.group);
-        let fresh = self
+        if self
             .loaded
             .as_ref()
-            .is_some_and(|g| g.epoch == epoch && g.group == group);
-        if !fresh {
-            if self.order_epoch != epoch {
-                self.order = epoch_order(&self.all_groups, &self.opts, epoch);
-                self.order_epoch = epoch;
-            }
-            let rg = &self.order[group];
-            let docs = load_split(rg, &self.tokenizer, self.opts.split, self.opts.val_fraction)?;
-            self.loaded = Some(LoadedGroup { epoch, group, docs });
+            .is_some_and(|g| g.epoch == epoch && g.group == group)
+        {
+            return Ok(());
         }
+        if self.order_epoch != epoch {
+            self.order = epoch_order(&self.all_groups, &self.opts, epoch);
+            self.order_epoch = epoch;
+        }
+        let next = self
+            .ahead
+            .recv()
+            .map_err(|_| anyhow!("the row-group reader thread stopped"))??;
+        if (next.epoch, next.group) != (epoch, group) {
+            bail!(
+                "internal: the reader delivered row group {} of epoch {}, the packer wanted {group} of {epoch}",
+                next.group,
+                next.epoch
+            );
+        }
+        self.loaded = Some(next);
         Ok(())
     }
+}
+
+/// Starts the background reader: from `from`, every row group of this
+/// worker in stream order, `rayon::current_num_threads()` at a time,
+/// delivered in order through a channel of that depth. It stops at the
+/// first error (delivered), at the epoch limit, or when the stream is
+/// dropped.
+fn prefetch(
+    all: Vec<RowGroupRef>,
+    tokenizer: Arc<Tokenizer>,
+    opts: StreamOptions,
+    from: Position,
+) -> Receiver<Result<LoadedGroup>> {
+    let width = rayon::current_num_threads().max(1);
+    let (tx, rx) = sync_channel(width);
+    std::thread::spawn(move || {
+        let (mut epoch, mut group) = (from.epoch, from.group);
+        let mut order = epoch_order(&all, &opts, epoch);
+        loop {
+            let mut batch = Vec::with_capacity(width);
+            while batch.len() < width && opts.epochs.map_or(true, |e| epoch < e) {
+                batch.push((epoch, group, order[group].clone()));
+                group += 1;
+                if group == order.len() {
+                    epoch += 1;
+                    group = 0;
+                    order = epoch_order(&all, &opts, epoch);
+                }
+            }
+            let loaded: Vec<Result<LoadedGroup>> = batch
+                .into_par_iter()
+                .map(|(epoch, group, rg)| {
+                    let docs = load_split(&rg, &tokenizer, opts.split, opts.val_fraction)?;
+                    Ok(LoadedGroup { epoch, group, docs })
+                })
+                .collect();
+            if loaded.is_empty() {
+                return; // past the epoch limit
+            }
+            for l in loaded {
+                let failed = l.is_err();
+                if tx.send(l).is_err() || failed {
+                    return;
+                }
+            }
+        }
+    });
+    rx
 }
 
 /// The documents of one row group tokenised, `None` where a document

@@ -105,7 +105,7 @@ impl Batches {
                 files.len()
             );
         }
-        let options = |split, shuffle_rows| StreamOptions {
+        let options = |split, shuffle_rows, epochs| StreamOptions {
             row_len: (t.seq_len + 1) as usize,
             seed: t.seed,
             shuffle_groups: split == Split::Train,
@@ -115,34 +115,54 @@ impl Batches {
             // One process feeds all its replicas from one stream.
             rank: 0,
             workers: 1,
+            epochs,
         };
         let stream = TokenStream::open(
             groups.clone(),
             tk.clone(),
-            options(Split::Train, d.shuffle_rows),
+            options(Split::Train, d.shuffle_rows, None),
             at.stream,
         )
         .context("opening the training stream")?;
         let mut val = vec![];
         if t.eval_every > 0 && d.val_fraction > 0.0 {
-            let mut vs = TokenStream::open(groups, tk, options(Split::Validation, 1), None)
-                .context("opening the validation stream")?;
-            for _ in 0..t.eval_batches {
-                let mut per_replica = vec![];
-                for _ in 0..t.replicas {
-                    let rows = (0..t.micro_batch)
-                        .map(|_| vs.next_row())
-                        .collect::<Result<Vec<_>>>()?;
-                    per_replica.push(to_i32(rows));
+            // One pass over the held-out documents, in file order: the
+            // first eval_batches micro-batches per replica it fills.
+            let mut vs =
+                TokenStream::open(groups, tk, options(Split::Validation, 1, Some(1)), None)
+                    .context("opening the validation stream")?;
+            let per_eval = (t.replicas * t.micro_batch) as usize;
+            let mut rows = vec![];
+            while rows.len() < per_eval * t.eval_batches as usize {
+                match vs.next_row()? {
+                    Some(r) => rows.push(r),
+                    None => break,
                 }
-                val.push(per_replica);
             }
-            if vs.cursor().window_start.epoch > 0 {
-                tracing::warn!(
-                    "the validation split is smaller than eval_batches * replicas * micro_batch rows; \
-                     evaluation repeats some of its tokens (raise data.val_fraction)"
+            if rows.len() < per_eval {
+                bail!(
+                    "the validation split (data.val_fraction = {}) holds {} rows of {} tokens; one \
+                     evaluation needs train.replicas * train.micro_batch = {per_eval} (raise data.val_fraction)",
+                    d.val_fraction,
+                    rows.len(),
+                    t.seq_len + 1
                 );
             }
+            let batches = rows.len() / per_eval;
+            if (batches as i64) < t.eval_batches {
+                tracing::warn!(
+                    "the validation split fills {batches} of the {} eval_batches asked for; evaluating on those",
+                    t.eval_batches
+                );
+            }
+            let mut rows = rows.into_iter();
+            val = (0..batches)
+                .map(|_| {
+                    (0..t.replicas)
+                        .map(|_| to_i32(rows.by_ref().take(t.micro_batch as usize)))
+                        .collect()
+                })
+                .collect();
         }
         Ok(Batches {
             source: Source::Stream(Box::new(stream)),
@@ -161,13 +181,18 @@ impl Batches {
             Source::Bin(f) => (0..t.replicas)
                 .map(|r| f.batch_rows(self.next_batch, t.global_batch, t.seq_len, r * per, per))
                 .collect(),
-            Source::Stream(s) => (0..t.replicas)
-                .map(|_| {
-                    Ok(to_i32(
-                        (0..per).map(|_| s.next_row()).collect::<Result<Vec<_>>>()?,
-                    ))
-                })
-                .collect::<Result<Vec<_>>>()?,
+            Source::Stream(s) => {
+                let mut rows = Vec::with_capacity(t.replicas as usize);
+                for _ in 0..t.replicas {
+                    let mut replica = Vec::with_capacity(per as usize);
+                    for _ in 0..per {
+                        // The training stream has no epoch limit.
+                        replica.push(s.next_row()?.expect("an endless stream"));
+                    }
+                    rows.push(to_i32(replica));
+                }
+                rows
+            }
         };
         self.next_batch += 1;
         Ok(rows)
