@@ -9,11 +9,13 @@
 //! - [`model`]: the dense LLaMA baseline and the shared-MoE model.
 //! - [`train`]: the compiled optimizer step, the trainer and the loop.
 //! - [`data`]: token sources; [`ckpt`]: checkpoints.
+//! - [`dist`]: the coordinator and workers of a multi-process job (gRPC).
 //! - [`cli`]: the `sharedmoe` command-line interface.
 
 pub mod ckpt;
 pub mod cli;
 pub mod data;
+pub mod dist;
 pub mod graph;
 pub mod model;
 pub mod runtime;

@@ -27,6 +27,12 @@ enum Command {
     /// Train tokenizers.
     #[command(subcommand)]
     Tokenizer(cli::tokenizer::TokenizerCommand),
+    /// Run the coordinator of a multi-process job.
+    Coordinator(cli::dist::CoordinatorArgs),
+    /// Run a worker of a multi-process job (one per host).
+    Worker(cli::dist::WorkerArgs),
+    /// Start a coordinator and workers on this machine.
+    Launch(cli::dist::LaunchArgs),
 }
 
 fn main() {
@@ -44,6 +50,9 @@ fn main() {
         Command::Params(a) => cli::train::run_params(&a),
         Command::Data(c) => cli::data::run(&c),
         Command::Tokenizer(c) => cli::tokenizer::run(&c),
+        Command::Coordinator(a) => cli::dist::run_coordinator(&a),
+        Command::Worker(a) => cli::dist::run_worker_cmd(&a),
+        Command::Launch(a) => cli::dist::run_launch(&a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

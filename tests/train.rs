@@ -208,7 +208,7 @@ fn resume_of_a_parquet_run_is_bit_identical() {
         ],
     );
     assert!(
-        state["data_cursor"]["window"].as_u64().unwrap() > 0,
+        state["data_cursors"]["0"]["window"].as_u64().unwrap() > 0,
         "{state}"
     );
     assert_eq!(state["tokenizer_sha256"].as_str().unwrap().len(), 64);

@@ -7,7 +7,7 @@
 //! parent fsynced, so a crash leaves either the old checkpoint or the new
 //! one, never a torn one.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -15,9 +15,10 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::data::stream::Cursor;
 use crate::model::{FfnKind, ParamSpec};
 use crate::train::config::Config;
 
@@ -34,9 +35,19 @@ pub struct TrainingState {
     /// The next global-batch index into the token stream (the `.bin`
     /// source's data cursor).
     pub next_batch: i64,
-    /// The parquet stream's cursor (parquet sources only).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub data_cursor: Option<crate::data::stream::Cursor>,
+    /// The parquet streams' cursors by data shard (parquet sources only).
+    /// A state.json from before data shards has one `data_cursor`: it
+    /// reads as shard 0's.
+    #[serde(
+        default,
+        alias = "data_cursor",
+        deserialize_with = "data_cursors",
+        skip_serializing_if = "BTreeMap::is_empty"
+    )]
+    pub data_cursors: BTreeMap<u32, Cursor>,
+    /// `data.shards` of the run: the cursors mean nothing under another.
+    #[serde(default = "one_shard")]
+    pub data_shards: i64,
     /// sha256 of the tokenizer.json the run reads parquet through: resuming
     /// with another tokenizer would change what the cursor means.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -44,6 +55,37 @@ pub struct TrainingState {
     pub seed: u64,
     pub config_toml: String,
     pub config_sha256: String,
+}
+
+fn one_shard() -> i64 {
+    1
+}
+
+/// `data_cursors` (shard -> cursor), or the single `data_cursor` of older
+/// checkpoints (shard 0's).
+fn data_cursors<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<u32, Cursor>, D::Error> {
+    // Keys as strings: a buffered (untagged) map does not parse them as
+    // numbers the way serde_json's own map keys do.
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Stored {
+        Shards(BTreeMap<String, Cursor>),
+        Single(Cursor),
+    }
+    match Option::<Stored>::deserialize(d)? {
+        None => Ok(BTreeMap::new()),
+        Some(Stored::Single(c)) => Ok(BTreeMap::from([(0, c)])),
+        Some(Stored::Shards(m)) => m
+            .into_iter()
+            .map(|(k, c)| {
+                k.parse::<u32>().map(|k| (k, c)).map_err(|_| {
+                    serde::de::Error::custom(format!(
+                        "data_cursors: shard {k:?} is not a shard index"
+                    ))
+                })
+            })
+            .collect(),
+    }
 }
 
 pub struct Checkpoint {
@@ -147,8 +189,50 @@ fn sync_dir(dir: &Path) -> Result<()> {
         .with_context(|| format!("syncing directory {}", dir.display()))
 }
 
+/// The files of a checkpoint directory, in the order they are written.
+pub const FILE_NAMES: [&str; 4] = [
+    "config.json",
+    "model.safetensors",
+    "optimizer.safetensors",
+    "state.json",
+];
+
+/// A checkpoint as its directory's files (name, bytes).
+pub type Files = Vec<(String, Vec<u8>)>;
+
+/// The bytes of every file of `ckpt`'s directory.
+pub fn to_files(cfg: &Config, ckpt: &Checkpoint) -> Result<Files> {
+    Ok(vec![
+        (
+            "config.json".into(),
+            serde_json::to_string_pretty(&hf_config(cfg))?.into_bytes(),
+        ),
+        (
+            "model.safetensors".into(),
+            safetensors_bytes(&ckpt.params, "")?,
+        ),
+        ("optimizer.safetensors".into(), optimizer_bytes(ckpt)?),
+        (
+            "state.json".into(),
+            serde_json::to_string_pretty(&ckpt.state)?.into_bytes(),
+        ),
+    ])
+}
+
 /// Writes `ckpt` to `dir` atomically (replacing an older one there).
 pub fn save(dir: &Path, cfg: &Config, ckpt: &Checkpoint) -> Result<()> {
+    install(dir, &to_files(cfg, ckpt)?)
+}
+
+/// Writes a checkpoint directory's files atomically: a temporary sibling,
+/// every file and the directory fsynced, renamed into place (an older
+/// checkpoint there is replaced), the parent fsynced.
+pub fn install(dir: &Path, files: &[(String, Vec<u8>)]) -> Result<()> {
+    for (name, _) in files {
+        if !FILE_NAMES.contains(&name.as_str()) {
+            bail!("`{name}` is not a checkpoint file (expected one of {FILE_NAMES:?})");
+        }
+    }
     let parent = dir
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -164,19 +248,9 @@ pub fn save(dir: &Path, cfg: &Config, ckpt: &Checkpoint) -> Result<()> {
         fs::remove_dir_all(&tmp)?;
     }
     fs::create_dir_all(&tmp)?;
-    write_synced(
-        &tmp.join("config.json"),
-        serde_json::to_string_pretty(&hf_config(cfg))?.as_bytes(),
-    )?;
-    write_synced(
-        &tmp.join("model.safetensors"),
-        &safetensors_bytes(&ckpt.params, "")?,
-    )?;
-    write_synced(&tmp.join("optimizer.safetensors"), &optimizer_bytes(ckpt)?)?;
-    write_synced(
-        &tmp.join("state.json"),
-        serde_json::to_string_pretty(&ckpt.state)?.as_bytes(),
-    )?;
+    for (file, bytes) in files {
+        write_synced(&tmp.join(file), bytes)?;
+    }
     sync_dir(&tmp)?;
     let old = parent.join(format!(".{name}.old-{}", std::process::id()));
     if dir.exists() {
@@ -191,11 +265,25 @@ pub fn save(dir: &Path, cfg: &Config, ckpt: &Checkpoint) -> Result<()> {
     Ok(())
 }
 
+/// The files of the checkpoint directory `dir`.
+pub fn read_files(dir: &Path) -> Result<Files> {
+    let mut files = vec![];
+    for name in FILE_NAMES {
+        let path = dir.join(name);
+        if path.exists() {
+            files.push((
+                name.to_string(),
+                fs::read(&path).with_context(|| format!("reading {}", path.display()))?,
+            ));
+        }
+    }
+    Ok(files)
+}
+
 /// Reads tensors named `prefix + spec.name` for every spec, refusing a
 /// missing tensor or a shape that differs from the config's.
-fn read_tensors(path: &Path, specs: &[ParamSpec], prefix: &str) -> Result<Tensors> {
-    let bytes = fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    let st = SafeTensors::deserialize(&bytes)
+fn read_tensors(path: &Path, bytes: &[u8], specs: &[ParamSpec], prefix: &str) -> Result<Tensors> {
+    let st = SafeTensors::deserialize(bytes)
         .with_context(|| format!("{}: not a valid safetensors file", path.display()))?;
     let mut out = vec![];
     for s in specs {
@@ -230,17 +318,38 @@ fn read_tensors(path: &Path, specs: &[ParamSpec], prefix: &str) -> Result<Tensor
 
 /// Loads a checkpoint, checking every tensor against `specs`.
 pub fn load(dir: &Path, specs: &[ParamSpec]) -> Result<Checkpoint> {
+    if !dir.join("state.json").exists() {
+        bail!("{}: not a checkpoint (no state.json)", dir.display());
+    }
+    parse(dir, &read_files(dir)?, specs)
+}
+
+/// A checkpoint from its files' bytes (as [`to_files`] makes them),
+/// checking every tensor against `specs`.
+pub fn from_files(files: &[(String, Vec<u8>)], specs: &[ParamSpec]) -> Result<Checkpoint> {
+    parse(Path::new(""), files, specs)
+}
+
+/// `dir` only names the files in errors.
+fn parse(dir: &Path, files: &[(String, Vec<u8>)], specs: &[ParamSpec]) -> Result<Checkpoint> {
+    let file = |name: &str| files.iter().find(|(n, _)| n == name).map(|(_, b)| b);
     let state_path = dir.join("state.json");
     let state: TrainingState = serde_json::from_slice(
-        &fs::read(&state_path).with_context(|| format!("reading {}", state_path.display()))?,
+        file("state.json").with_context(|| format!("{}: missing", state_path.display()))?,
     )
     .with_context(|| format!("{}: not a valid state.json", state_path.display()))?;
-    let params = read_tensors(&dir.join("model.safetensors"), specs, "")?;
+    let model = dir.join("model.safetensors");
+    let params = read_tensors(
+        &model,
+        file("model.safetensors").with_context(|| format!("{}: missing", model.display()))?,
+        specs,
+        "",
+    )?;
     let opt = dir.join("optimizer.safetensors");
-    let (adam_m, adam_v) = if opt.exists() {
+    let (adam_m, adam_v) = if let Some(bytes) = file("optimizer.safetensors") {
         (
-            read_tensors(&opt, specs, "adam_m.")?,
-            read_tensors(&opt, specs, "adam_v.")?,
+            read_tensors(&opt, bytes, specs, "adam_m.")?,
+            read_tensors(&opt, bytes, specs, "adam_v.")?,
         )
     } else {
         // An init-only checkpoint may omit the optimizer: moments start at 0.
@@ -263,10 +372,12 @@ pub fn step_dir(run_dir: &Path, step: i64) -> PathBuf {
     run_dir.join("checkpoints").join(format!("step_{step:08}"))
 }
 
-/// The newest complete checkpoint under a run directory, if any.
-pub fn latest(run_dir: &Path) -> Option<PathBuf> {
-    let mut dirs: Vec<PathBuf> = fs::read_dir(run_dir.join("checkpoints"))
-        .ok()?
+/// The complete checkpoints under a run directory, oldest first.
+pub fn list(run_dir: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = fs::read_dir(run_dir.join("checkpoints")) else {
+        return vec![];
+    };
+    let mut dirs: Vec<PathBuf> = entries
         .flatten()
         .map(|e| e.path())
         .filter(|p| {
@@ -276,5 +387,58 @@ pub fn latest(run_dir: &Path) -> Option<PathBuf> {
         })
         .collect();
     dirs.sort();
-    dirs.pop()
+    dirs
+}
+
+/// The newest complete checkpoint under a run directory, if any.
+pub fn latest(run_dir: &Path) -> Option<PathBuf> {
+    list(run_dir).pop()
+}
+
+/// Removes all but the newest `keep` checkpoints; returns what went.
+pub fn prune(run_dir: &Path, keep: usize) -> Result<Vec<PathBuf>> {
+    let all = list(run_dir);
+    let drop_n = all.len().saturating_sub(keep);
+    let gone: Vec<PathBuf> = all.into_iter().take(drop_n).collect();
+    for d in &gone {
+        fs::remove_dir_all(d).with_context(|| format!("removing {}", d.display()))?;
+    }
+    Ok(gone)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CURSOR: &str = r#"{"window_start": {"epoch": 1, "group": 2, "doc": 3, "token": 4}, "window": 5, "emitted": 6}"#;
+
+    fn state(extra: &str) -> Result<TrainingState, serde_json::Error> {
+        serde_json::from_str(&format!(
+            r#"{{"format": 1, "step": 3, "tokens_seen": 96, "next_batch": 3, {extra}
+                "seed": 0, "config_toml": "", "config_sha256": ""}}"#
+        ))
+    }
+
+    #[test]
+    fn data_cursors_read_old_and_new_state_json() {
+        let c: Cursor = serde_json::from_str(CURSOR).unwrap();
+        // Before data shards: one cursor, no data_shards.
+        let old = state(&format!(r#""data_cursor": {CURSOR},"#)).unwrap();
+        assert_eq!(old.data_cursors, BTreeMap::from([(0, c)]));
+        assert_eq!(old.data_shards, 1);
+        // A .bin run: neither.
+        let bin = state("").unwrap();
+        assert!(bin.data_cursors.is_empty());
+        let json = serde_json::to_value(&bin).unwrap();
+        assert!(json.get("data_cursors").is_none(), "{json}");
+        // Several shards round-trip.
+        let mut two = old.clone();
+        two.data_cursors.insert(1, Cursor::default());
+        two.data_shards = 2;
+        let text = serde_json::to_string(&two).unwrap();
+        assert!(text.contains(r#""data_cursors":{"0":"#), "{text}");
+        assert_eq!(serde_json::from_str::<TrainingState>(&text).unwrap(), two);
+        let e = state(&format!(r#""data_cursors": {{"x": {CURSOR}}},"#)).unwrap_err();
+        assert!(e.to_string().contains("not a shard index"), "{e}");
+    }
 }

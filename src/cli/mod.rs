@@ -5,5 +5,6 @@ mod bench_data;
 mod bench_step;
 pub mod data;
 pub mod devices;
+pub mod dist;
 pub mod tokenizer;
 pub mod train;

@@ -1,9 +1,20 @@
 //! The training loop's two token sources behind one interface: `.bin`
 //! files (DESIGN.md layout, batches indexed by step) or parquet shards
 //! tokenised on the fly through the resumable [`TokenStream`]. Both hand
-//! out each replica's rows of S+1 tokens as i32, and say where they stand
-//! so a checkpoint can resume them exactly.
+//! out each local replica's rows of S+1 tokens as i32, and say where they
+//! stand so a checkpoint can resume them exactly.
+//!
+//! A data-parallel job of R replicas (`train.replicas`) may be spread
+//! over several processes, each feeding a contiguous range of the global
+//! replica indices; the rows a replica gets do not depend on that split.
+//! A `.bin` source indexes the global batch directly. A parquet source is
+//! read as K = `data.shards` independent streams (stream k is worker k of
+//! K of [`TokenStream`]); replica r reads from shard r / (R/K), the R/K
+//! replicas of a shard taking B/R rows each from its stream in increasing
+//! r order. A process covers whole shards and opens only their streams.
 
+use std::collections::BTreeMap;
+use std::ops::Range;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -21,35 +32,117 @@ use super::config::Config;
 pub struct DataPosition {
     /// The next global batch (the `.bin` source's cursor; kept for both).
     pub next_batch: i64,
-    /// The parquet stream's cursor.
-    pub stream: Option<Cursor>,
+    /// The parquet streams' cursors by shard index: those of the shards a
+    /// process owns ([`Batches::position`]), or of all shards of the job
+    /// (a checkpoint, [`DataPosition::merge`]); empty for `.bin` sources
+    /// and fresh starts.
+    pub streams: BTreeMap<u32, Cursor>,
+}
+
+impl DataPosition {
+    /// Where a checkpoint's data stands.
+    pub fn from_state(state: &crate::ckpt::TrainingState) -> DataPosition {
+        DataPosition {
+            next_batch: state.next_batch,
+            streams: state.data_cursors.clone(),
+        }
+    }
+
+    /// The job's position from the positions of its processes: they must
+    /// agree on `next_batch` and hold the cursors of disjoint shards.
+    pub fn merge(parts: impl IntoIterator<Item = DataPosition>) -> Result<DataPosition> {
+        let mut parts = parts.into_iter();
+        let Some(mut all) = parts.next() else {
+            return Ok(DataPosition::default());
+        };
+        for p in parts {
+            if p.next_batch != all.next_batch {
+                bail!(
+                    "cannot merge data positions at different batches ({} and {})",
+                    all.next_batch,
+                    p.next_batch
+                );
+            }
+            for (k, c) in p.streams {
+                if all.streams.insert(k, c).is_some() {
+                    bail!("two data positions hold a cursor for shard {k}");
+                }
+            }
+        }
+        Ok(all)
+    }
 }
 
 enum Source {
     Bin(TokenFile),
-    Stream(Box<TokenStream>),
+    /// The training streams of this process's shards `first..`, in order;
+    /// each feeds `replicas_per_shard` consecutive global replicas.
+    Stream {
+        first: u32,
+        replicas_per_shard: i64,
+        streams: Vec<TokenStream>,
+    },
 }
 
 pub struct Batches {
     source: Source,
     next_batch: i64,
-    /// Validation micro-batches, [eval batch][replica] -> rows, fixed for
-    /// the whole run so every evaluation scores the same tokens.
+    /// The global replica indices this process feeds.
+    local: Range<i64>,
+    /// Validation micro-batches, [eval batch][local replica] -> rows,
+    /// fixed for the whole run so every evaluation scores the same tokens.
     val: Vec<Vec<Vec<i32>>>,
     /// sha256 of the tokenizer.json of a parquet source.
     pub tokenizer_sha256: Option<String>,
 }
 
-fn to_i32(rows: impl IntoIterator<Item = Vec<u32>>) -> Vec<i32> {
-    rows.into_iter().flatten().map(|t| t as i32).collect()
+fn to_i32(rows: &[Vec<u32>]) -> Vec<i32> {
+    rows.iter().flatten().map(|&t| t as i32).collect()
+}
+
+/// Refuses a replica range that is empty or outside the job's replicas.
+fn check_local(cfg: &Config, local: &Range<i64>) -> Result<()> {
+    let r = cfg.train.replicas;
+    if local.start < 0 || local.end > r || local.start >= local.end {
+        bail!(
+            "local replicas {}..{}: expected a non-empty range within 0..{r} (train.replicas = {r})",
+            local.start,
+            local.end
+        );
+    }
+    Ok(())
 }
 
 impl Batches {
-    /// Opens the source `cfg.data` names, positioned at `at`.
-    pub fn open(cfg: &Config, at: &DataPosition) -> Result<Batches> {
+    /// The parquet shards whose replicas are exactly `local` (global
+    /// replica indices): an error unless `local` covers whole shards.
+    pub fn shards_of(cfg: &Config, local: &Range<i64>) -> Result<Range<u32>> {
+        check_local(cfg, local)?;
+        let (r, k) = (cfg.train.replicas, cfg.data.shards);
+        if k < 1 || r % k != 0 {
+            bail!("data.shards = {k} does not divide train.replicas = {r}");
+        }
+        let per = r / k;
+        if local.start % per != 0 || local.end % per != 0 {
+            bail!(
+                "local replicas {}..{} do not cover whole data shards: with train.replicas = {r} and \
+                 data.shards = {k} each shard feeds {per} replicas, so a process's replicas must start \
+                 and end at multiples of {per}",
+                local.start,
+                local.end
+            );
+        }
+        Ok((local.start / per) as u32..(local.end / per) as u32)
+    }
+
+    /// Opens the source `cfg.data` names, positioned at `at`, for the
+    /// global replicas `local` (`0..train.replicas` in a single-process
+    /// run).
+    pub fn open(cfg: &Config, at: &DataPosition, local: Range<i64>) -> Result<Batches> {
         let d = &cfg.data;
+        check_local(cfg, &local)?;
         if !d.parquet.is_empty() {
-            return Self::open_parquet(cfg, at);
+            return Self::open_parquet(cfg, at, local);
         }
         if d.train_bin.as_os_str().is_empty() {
             bail!("no training data: set data.train_bin (a .bin file) or data.parquet + data.tokenizer");
@@ -68,7 +161,8 @@ impl Batches {
                 .map_err(anyhow::Error::msg)?;
             val = (0..t.eval_batches)
                 .map(|b| {
-                    (0..t.replicas)
+                    local
+                        .clone()
                         .map(|r| {
                             f.batch_rows(b, per_eval, t.seq_len, r * t.micro_batch, t.micro_batch)
                         })
@@ -79,13 +173,41 @@ impl Batches {
         Ok(Batches {
             source: Source::Bin(train),
             next_batch: at.next_batch,
+            local,
             val,
             tokenizer_sha256: None,
         })
     }
 
-    fn open_parquet(cfg: &Config, at: &DataPosition) -> Result<Batches> {
+    fn open_parquet(cfg: &Config, at: &DataPosition, local: Range<i64>) -> Result<Batches> {
         let (d, t) = (&cfg.data, &cfg.train);
+        let shards = Self::shards_of(cfg, &local)?;
+        let cursors: Vec<Option<Cursor>> = if at.streams.is_empty() {
+            vec![None; shards.len()]
+        } else {
+            if let Some(k) = at.streams.keys().find(|&&k| k as i64 >= d.shards) {
+                bail!(
+                    "the data position has a cursor for shard {k}, but data.shards = {} \
+                     (the cursors were written with another data.shards?)",
+                    d.shards
+                );
+            }
+            let missing: Vec<u32> = shards
+                .clone()
+                .filter(|k| !at.streams.contains_key(k))
+                .collect();
+            if !missing.is_empty() {
+                bail!(
+                    "the data position holds cursors for shards {:?} but none for shard(s) {missing:?} \
+                     of the shards {}..{} these replicas read: resume with the cursors of every shard \
+                     (or of none, to start the data from its beginning)",
+                    at.streams.keys().collect::<Vec<_>>(),
+                    shards.start,
+                    shards.end
+                );
+            }
+            shards.clone().map(|k| Some(at.streams[&k])).collect()
+        };
         let tk = Arc::new(tokenizer::load(&d.tokenizer)?);
         let vocab = tk.get_vocab_size(true) as i64;
         if vocab > cfg.model.vocab_size {
@@ -105,33 +227,55 @@ impl Batches {
                 files.len()
             );
         }
-        let options = |split, shuffle_rows, epochs| StreamOptions {
+        let options = |split, shuffle_rows, epochs, rank, workers| StreamOptions {
             row_len: (t.seq_len + 1) as usize,
             seed: t.seed,
             shuffle_groups: split == Split::Train,
             shuffle_rows,
             val_fraction: d.val_fraction,
             split,
-            // One process feeds all its replicas from one stream.
-            rank: 0,
-            workers: 1,
+            rank,
+            workers,
             epochs,
         };
-        let stream = TokenStream::open(
-            groups.clone(),
-            tk.clone(),
-            options(Split::Train, d.shuffle_rows, None),
-            at.stream,
-        )
-        .context("opening the training stream")?;
+        let streams = shards
+            .clone()
+            .zip(cursors)
+            .map(|(k, cursor)| {
+                TokenStream::open(
+                    groups.clone(),
+                    tk.clone(),
+                    options(
+                        Split::Train,
+                        d.shuffle_rows,
+                        None,
+                        k as usize,
+                        d.shards as usize,
+                    ),
+                    cursor,
+                )
+                .with_context(|| {
+                    format!(
+                        "opening the training stream of data shard {k} of {}",
+                        d.shards
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
         let mut val = vec![];
         if t.eval_every > 0 && d.val_fraction > 0.0 {
-            // One pass over the held-out documents, in file order: the
-            // first eval_batches micro-batches per replica it fills.
-            let mut vs =
-                TokenStream::open(groups, tk, options(Split::Validation, 1, Some(1)), None)
-                    .context("opening the validation stream")?;
-            let per_eval = (t.replicas * t.micro_batch) as usize;
+            // One pass over the held-out documents, in file order, as one
+            // stream whatever data.shards and the process: the first
+            // eval_batches batches of replicas * micro_batch rows it fills.
+            let mut vs = TokenStream::open(
+                groups,
+                tk,
+                options(Split::Validation, 1, Some(1), 0, 1),
+                None,
+            )
+            .context("opening the validation stream")?;
+            let m = t.micro_batch as usize;
+            let per_eval = t.replicas as usize * m;
             let mut rows = vec![];
             while rows.len() < per_eval * t.eval_batches as usize {
                 match vs.next_row()? {
@@ -155,41 +299,58 @@ impl Batches {
                     t.eval_batches
                 );
             }
-            let mut rows = rows.into_iter();
-            val = (0..batches)
-                .map(|_| {
-                    (0..t.replicas)
-                        .map(|_| to_i32(rows.by_ref().take(t.micro_batch as usize)))
+            // Eval batch b, replica r: rows [r*M, (r+1)*M) of the batch.
+            val = rows
+                .chunks_exact(per_eval)
+                .map(|batch| {
+                    batch
+                        .chunks_exact(m)
+                        .skip(local.start as usize)
+                        .take((local.end - local.start) as usize)
+                        .map(to_i32)
                         .collect()
                 })
                 .collect();
         }
         Ok(Batches {
-            source: Source::Stream(Box::new(stream)),
+            source: Source::Stream {
+                first: shards.start,
+                replicas_per_shard: t.replicas / d.shards,
+                streams,
+            },
             next_batch: at.next_batch,
+            local,
             val,
             tokenizer_sha256: Some(sha256_file(&d.tokenizer)?),
         })
     }
 
-    /// The next global batch, split by replica: replica r's rows,
-    /// [global_batch / replicas, S+1] flattened.
+    /// The next global batch's rows for the local replicas: entry i is
+    /// global replica `local.start + i`'s rows, [global_batch / replicas,
+    /// S+1] flattened.
     pub fn next(&mut self, cfg: &Config) -> Result<Vec<Vec<i32>>> {
         let t = &cfg.train;
         let per = t.global_batch / t.replicas;
         let rows = match &mut self.source {
-            Source::Bin(f) => (0..t.replicas)
+            Source::Bin(f) => self
+                .local
+                .clone()
                 .map(|r| f.batch_rows(self.next_batch, t.global_batch, t.seq_len, r * per, per))
                 .collect(),
-            Source::Stream(s) => {
-                let mut rows = Vec::with_capacity(t.replicas as usize);
-                for _ in 0..t.replicas {
+            Source::Stream {
+                first,
+                replicas_per_shard,
+                streams,
+            } => {
+                let mut rows = Vec::with_capacity((self.local.end - self.local.start) as usize);
+                for r in self.local.clone() {
+                    let s = &mut streams[(r / *replicas_per_shard - *first as i64) as usize];
                     let mut replica = Vec::with_capacity(per as usize);
                     for _ in 0..per {
                         // The training stream has no epoch limit.
                         replica.push(s.next_row()?.expect("an endless stream"));
                     }
-                    rows.push(to_i32(replica));
+                    rows.push(to_i32(&replica));
                 }
                 rows
             }
@@ -198,17 +359,28 @@ impl Batches {
         Ok(rows)
     }
 
+    /// Where this process's data stands: the next batch and the cursors
+    /// of its shards (merge those of all processes for a checkpoint).
     pub fn position(&self) -> DataPosition {
         DataPosition {
             next_batch: self.next_batch,
-            stream: match &self.source {
-                Source::Bin(_) => None,
-                Source::Stream(s) => Some(s.cursor()),
+            streams: match &self.source {
+                Source::Bin(_) => BTreeMap::new(),
+                Source::Stream { first, streams, .. } => (*first..)
+                    .zip(streams)
+                    .map(|(k, s)| (k, s.cursor()))
+                    .collect(),
             },
         }
     }
 
-    /// The fixed validation micro-batches (empty when there are none).
+    /// The global replica indices this process feeds.
+    pub fn local(&self) -> Range<i64> {
+        self.local.clone()
+    }
+
+    /// The fixed validation micro-batches (empty when there are none):
+    /// [eval batch][local replica] -> rows.
     pub fn validation(&self) -> &[Vec<Vec<i32>>] {
         &self.val
     }
@@ -216,11 +388,22 @@ impl Batches {
     pub fn describe(&self, cfg: &Config) -> String {
         match &self.source {
             Source::Bin(f) => format!("{} ({} tokens)", f.path().display(), f.num_tokens()),
-            Source::Stream(_) => format!(
-                "parquet {:?} through {}",
-                cfg.data.parquet,
-                Path::new(&cfg.data.tokenizer).display()
-            ),
+            Source::Stream { first, streams, .. } => {
+                let mut s = format!(
+                    "parquet {:?} through {}",
+                    cfg.data.parquet,
+                    Path::new(&cfg.data.tokenizer).display()
+                );
+                if cfg.data.shards > 1 {
+                    s += &format!(
+                        ", data shards {}..{} of {}",
+                        first,
+                        *first as usize + streams.len(),
+                        cfg.data.shards
+                    );
+                }
+                s
+            }
         }
     }
 }

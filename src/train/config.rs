@@ -102,6 +102,15 @@ pub struct DataConfig {
     /// `fail` or `skip` unreadable parquet files.
     #[serde(default = "on_bad_file")]
     pub on_bad_file: String,
+    /// Independent streams the parquet training data is read as: stream k
+    /// gets every shards-th row group of each epoch's order (from the k-th)
+    /// and feeds the contiguous block of train.replicas / shards replicas
+    /// from k * replicas / shards, so a data-parallel process opens only
+    /// the streams of its replicas.
+    /// The batches depend on it (not on how replicas are spread over
+    /// processes): a run resumes only with the value it started with.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub shards: i64,
 }
 
 fn is_empty_path(p: &Path) -> bool {
@@ -119,6 +128,9 @@ fn shuffle_rows() -> usize {
 fn on_bad_file() -> String {
     "fail".into()
 }
+fn is_one(v: &i64) -> bool {
+    *v == 1
+}
 
 impl Default for DataConfig {
     fn default() -> Self {
@@ -131,6 +143,7 @@ impl Default for DataConfig {
             val_fraction: val_fraction(),
             shuffle_rows: shuffle_rows(),
             on_bad_file: on_bad_file(),
+            shards: 1,
         }
     }
 }
@@ -167,6 +180,9 @@ impl DataConfig {
                 "data.token_dtype = {:?}: expected \"u16\" or \"u32\"",
                 self.token_dtype
             ));
+        }
+        if self.shards < 1 {
+            return Err(format!("data.shards = {}: must be at least 1", self.shards));
         }
         Ok(())
     }
@@ -281,6 +297,12 @@ impl Config {
             ));
         }
         self.data.validate()?;
+        if t.replicas % self.data.shards != 0 {
+            return Err(format!(
+                "data.shards = {} does not divide train.replicas = {}: each data shard feeds a whole block of replicas",
+                self.data.shards, t.replicas
+            ));
+        }
         let tokens = t.micro_batch * t.seq_len * self.model.vocab_size;
         if tokens >= i32::MAX as i64 {
             return Err(format!(
@@ -389,5 +411,13 @@ min_lr = 1e-4
         assert!(e.contains("train.global_batch = 8 is not divisible"), "{e}");
         let e = Config::parse(BASE, &["model.nonsense=3".into()]).unwrap_err();
         assert!(e.contains("nonsense"), "{e}");
+        let e = Config::parse(BASE, &["data.shards=0".into()]).unwrap_err();
+        assert!(e.contains("data.shards = 0"), "{e}");
+        let e =
+            Config::parse(BASE, &["train.replicas=2".into(), "data.shards=4".into()]).unwrap_err();
+        assert!(
+            e.contains("data.shards = 4 does not divide train.replicas = 2"),
+            "{e}"
+        );
     }
 }

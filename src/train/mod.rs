@@ -4,13 +4,16 @@
 
 pub mod batches;
 pub mod config;
+pub mod exchange;
 pub mod optimizer;
 pub mod run;
 pub mod schedule;
 pub mod step;
+pub mod steps;
 pub mod trainer;
 
 pub use config::Config;
+pub use exchange::CrossProcessSum;
 pub use run::{train, write_init, StartFrom};
 pub use schedule::Schedule;
 pub use trainer::{StepMetrics, Trainer};

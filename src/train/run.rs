@@ -1,7 +1,8 @@
-//! The training loop as SPEC.md's recipe reads: for each step, the next
-//! global batch from the token file, one compiled step, a metrics row,
-//! periodic validation and checkpoints; SIGINT/SIGTERM finish the step,
-//! checkpoint and stop cleanly.
+//! A single-process run: the run directory, where training starts
+//! (fresh, `--init`, `--resume` or the run directory's newest checkpoint),
+//! the PJRT client, then the shared step loop ([`super::steps`]) writing
+//! `metrics.jsonl` and checkpoints locally; SIGINT/SIGTERM finish the step,
+//! checkpoint and stop cleanly. Also the MFU arithmetic.
 
 use std::fs::{self, OpenOptions};
 use std::io::Write;
@@ -11,7 +12,6 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use serde::Serialize;
 
 use crate::ckpt;
 use crate::model::{active_params_per_token, param_specs};
@@ -19,6 +19,7 @@ use crate::runtime::{find_plugin, Backend, Client, ClientOption, Plugin};
 
 use super::batches::{Batches, DataPosition};
 use super::config::Config;
+use super::steps::{run_steps, snapshot, LoopOptions, MetricsRow, RunSink};
 use super::trainer::{fresh_checkpoint, Trainer};
 
 /// Where training starts from.
@@ -31,22 +32,6 @@ pub struct StartFrom {
     /// Stop (with a checkpoint) once this many steps are done, before
     /// `train.steps`: runs in chunks on preemptible machines.
     pub until_step: Option<i64>,
-}
-
-/// One row of `metrics.jsonl`.
-#[derive(Serialize)]
-struct MetricsRow {
-    step: i64,
-    loss: f64,
-    aux: f64,
-    lr: f64,
-    grad_norm: f64,
-    tokens: i64,
-    step_time_s: f64,
-    tokens_per_s: f64,
-    mfu: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    val_loss: Option<f64>,
 }
 
 /// Model FLOPs per token for one training step: 6 * active parameters
@@ -118,15 +103,60 @@ fn measured_matmul_flops(client: &Client) -> Result<f64> {
     Ok(peak)
 }
 
+/// A client for every replica of a single-process run.
 pub fn open_client(cfg: &Config, plugin: Option<&Path>) -> Result<Client> {
+    open_client_with(cfg, plugin, cfg.train.replicas)
+}
+
+/// A client of the configured backend; on the CPU with `devices` devices.
+pub fn open_client_with(cfg: &Config, plugin: Option<&Path>, devices: i64) -> Result<Client> {
     let backend: Backend = cfg.run.backend.parse()?;
     let loc = find_plugin(backend, plugin)?;
     let plugin = Plugin::load(&loc.path)?;
     let options = match backend {
-        Backend::Cpu => vec![("cpu_device_count", ClientOption::Int(cfg.train.replicas))],
+        Backend::Cpu => vec![("cpu_device_count", ClientOption::Int(devices))],
         _ => vec![],
     };
     Ok(Client::new(plugin, &options, None)?)
+}
+
+/// Refuses to continue a checkpoint whose data cursors mean something else
+/// under `cfg` (other data shards). Before opening the data.
+pub fn check_data_shards(cfg: &Config, state: &ckpt::TrainingState) -> Result<()> {
+    if cfg.data.parquet.is_empty() {
+        return Ok(());
+    }
+    if !state.data_cursors.is_empty() && state.data_shards != cfg.data.shards {
+        bail!(
+            "the checkpoint was written with data.shards = {}; this run has data.shards = {}, and \
+             the parquet cursors are per shard (resume with --set data.shards={})",
+            state.data_shards,
+            cfg.data.shards,
+            state.data_shards
+        );
+    }
+    if state.data_cursors.is_empty() && state.next_batch > 0 {
+        tracing::warn!(
+            "the checkpoint has no parquet data cursor (it was trained on another source); \
+             the parquet stream starts from its beginning"
+        );
+    }
+    Ok(())
+}
+
+/// Refuses a tokenizer other than the one the checkpoint's cursors count
+/// tokens of. After opening the data.
+pub fn check_tokenizer(cfg: &Config, state: &ckpt::TrainingState, batches: &Batches) -> Result<()> {
+    if let (Some(was), Some(now)) = (&state.tokenizer_sha256, &batches.tokenizer_sha256) {
+        if was != now {
+            bail!(
+                "{}: not the tokenizer this run was trained with (sha256 {now}, the checkpoint's is {was}); \
+                 the data cursor would point at other tokens",
+                cfg.data.tokenizer.display()
+            );
+        }
+    }
+    Ok(())
 }
 
 /// Trains `cfg` and returns the final checkpoint directory.
@@ -160,29 +190,10 @@ pub fn train(cfg: &Config, start: &StartFrom, plugin: Option<&Path>) -> Result<P
              (the checkpoint's is in its state.json)"
         );
     }
-    let at = DataPosition {
-        next_batch: checkpoint.state.next_batch,
-        stream: checkpoint.state.data_cursor,
-    };
-    if !cfg.data.parquet.is_empty() && at.stream.is_none() && at.next_batch > 0 {
-        tracing::warn!(
-            "the checkpoint has no parquet data cursor (it was trained on another source); \
-             the parquet stream starts from its beginning"
-        );
-    }
-    let mut batches = Batches::open(cfg, &at)?;
-    if let (Some(was), Some(now)) = (
-        &checkpoint.state.tokenizer_sha256,
-        &batches.tokenizer_sha256,
-    ) {
-        if was != now {
-            bail!(
-                "{}: not the tokenizer this run was trained with (sha256 {now}, the checkpoint's is {was}); \
-                 the data cursor would point at other tokens",
-                cfg.data.tokenizer.display()
-            );
-        }
-    }
+    check_data_shards(cfg, &checkpoint.state)?;
+    let at = DataPosition::from_state(&checkpoint.state);
+    let mut batches = Batches::open(cfg, &at, 0..cfg.train.replicas)?;
+    check_tokenizer(cfg, &checkpoint.state, &batches)?;
     tracing::info!("training data: {}", batches.describe(cfg));
     if checkpoint.state.step >= cfg.train.steps {
         tracing::info!(
@@ -213,82 +224,29 @@ pub fn train(cfg: &Config, start: &StartFrom, plugin: Option<&Path>) -> Result<P
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, stop.clone()).context("installing signal handlers")?;
     }
-    let mut metrics = OpenOptions::new()
+    let metrics_path = run_dir.join("metrics.jsonl");
+    let metrics = OpenOptions::new()
         .create(true)
         .append(true)
-        .open(run_dir.join("metrics.jsonl"))
-        .with_context(|| format!("opening {}", run_dir.join("metrics.jsonl").display()))?;
-    let t = &cfg.train;
-    let tokens_per_step = t.global_batch * t.seq_len;
-    let fpt = flops_per_token(cfg);
-    let peak = device_peak_flops(&client).map(|p| p * t.replicas as f64);
-    let bar = indicatif::ProgressBar::new(t.steps as u64);
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
-        )
-        .expect("valid template"),
-    );
-    bar.set_position(trainer.step_count() as u64);
-    let mut last_ckpt = None;
-    let end = start.until_step.map_or(t.steps, |u| u.min(t.steps));
-    while trainer.step_count() < end {
-        let step = trainer.step_count();
-        let began = Instant::now();
-        let rows = batches.next(cfg)?;
-        let m = trainer.train_step(&rows)?;
-        let dt = began.elapsed().as_secs_f64();
-        if !m.ce.is_finite() {
-            bail!(
-                "step {step}: loss is {} (diverged); last checkpoint: {:?}",
-                m.ce,
-                last_ckpt
-            );
-        }
-        let tps = tokens_per_step as f64 / dt;
-        let val_loss = if t.eval_every > 0
-            && (step + 1) % t.eval_every == 0
-            && !batches.validation().is_empty()
-        {
-            Some(evaluate(&trainer, batches.validation())?)
-        } else {
-            None
-        };
-        let row = MetricsRow {
-            step,
-            loss: m.ce,
-            aux: m.aux,
-            lr: m.lr,
-            grad_norm: m.grad_norm,
-            tokens: (step + 1) * tokens_per_step,
-            step_time_s: dt,
-            tokens_per_s: tps,
-            mfu: peak.map(|p| tps * fpt / p),
-            val_loss,
-        };
-        writeln!(metrics, "{}", serde_json::to_string(&row)?)?;
-        bar.set_message(format!(
-            "loss {:.4} aux {:.3} {:.0} tok/s",
-            m.ce, m.aux, tps
-        ));
-        bar.inc(1);
-        let done = trainer.step_count();
-        let interrupted = stop.load(Ordering::Relaxed);
-        if interrupted || done == end || (t.checkpoint_every > 0 && done % t.checkpoint_every == 0)
-        {
-            let dir = ckpt::step_dir(run_dir, done);
-            ckpt::save(&dir, cfg, &snapshot(&trainer, &batches)?)?;
-            tracing::info!("checkpoint {}", dir.display());
-            last_ckpt = Some(dir);
-        }
-        if interrupted {
-            bar.abandon_with_message("interrupted: checkpoint written");
-            break;
-        }
-    }
-    metrics.flush()?;
-    bar.finish();
-    match last_ckpt.or_else(|| ckpt::latest(run_dir)) {
+        .open(&metrics_path)
+        .with_context(|| format!("opening {}", metrics_path.display()))?;
+    let mut sink = LocalSink {
+        cfg,
+        run_dir,
+        metrics,
+        stop,
+        last: None,
+    };
+    let opts = LoopOptions {
+        end: start
+            .until_step
+            .map_or(cfg.train.steps, |u| u.min(cfg.train.steps)),
+        peak_flops: device_peak_flops(&client).map(|p| p * cfg.train.replicas as f64),
+        progress: true,
+    };
+    run_steps(cfg, &mut trainer, &mut batches, &mut sink, &opts)?;
+    sink.metrics.flush()?;
+    match sink.last.or_else(|| ckpt::latest(run_dir)) {
         Some(d) => Ok(d),
         None => {
             let dir = ckpt::step_dir(run_dir, trainer.step_count());
@@ -298,22 +256,37 @@ pub fn train(cfg: &Config, start: &StartFrom, plugin: Option<&Path>) -> Result<P
     }
 }
 
-/// The trainer's state plus where the data stands.
-fn snapshot(trainer: &Trainer, batches: &Batches) -> Result<ckpt::Checkpoint> {
-    let pos = batches.position();
-    let mut c = trainer.checkpoint(pos.next_batch)?;
-    c.state.data_cursor = pos.stream;
-    c.state.tokenizer_sha256 = batches.tokenizer_sha256.clone();
-    Ok(c)
+/// A single-process run's results: `metrics.jsonl` and checkpoints in the
+/// run directory; signals ask it to stop.
+struct LocalSink<'a> {
+    cfg: &'a Config,
+    run_dir: &'a Path,
+    metrics: std::fs::File,
+    stop: Arc<AtomicBool>,
+    last: Option<PathBuf>,
 }
 
-/// Mean validation CE over the fixed validation micro-batches.
-fn evaluate(trainer: &Trainer, val: &[Vec<Vec<i32>>]) -> Result<f64> {
-    let mut total = 0.0;
-    for rows in val {
-        total += trainer.eval(rows)?.0;
+impl RunSink for LocalSink<'_> {
+    fn metrics(&mut self, row: &MetricsRow) -> Result<()> {
+        writeln!(self.metrics, "{}", serde_json::to_string(row)?)?;
+        Ok(())
     }
-    Ok(total / val.len() as f64)
+
+    fn checkpoint(&mut self, trainer: &Trainer, batches: &Batches) -> Result<String> {
+        let dir = ckpt::step_dir(self.run_dir, trainer.step_count());
+        ckpt::save(&dir, self.cfg, &snapshot(trainer, batches)?)?;
+        let shown = dir.display().to_string();
+        self.last = Some(dir);
+        Ok(shown)
+    }
+
+    fn stop_requested(&self) -> bool {
+        self.stop.load(Ordering::Relaxed)
+    }
+
+    fn abort(&self) -> Option<String> {
+        None
+    }
 }
 
 /// Writes the step-0 checkpoint `train --init` starts from.

@@ -59,27 +59,48 @@ fn declare_params(g: &Graph, specs: &[ParamSpec], prefix: &str) -> Result<Vec<Te
         .collect()
 }
 
-/// Mean over replicas of a per-replica value.
-fn replica_mean(t: &Tensor, replicas: i64) -> Result<Tensor> {
+/// Sum over the replicas of this program (a no-op for one replica).
+fn replica_sum(t: &Tensor, replicas: usize) -> Result<Tensor> {
     if replicas == 1 {
         return Ok(t.clone());
     }
-    t.all_reduce_sum()?.mul_scalar(1.0 / replicas as f64)
+    t.all_reduce_sum()
 }
 
-/// Traces the training step for `cfg` (see the module docs for the
-/// signature).
-pub fn train_step(cfg: &Config, experts: ExpertCompute) -> Result<Function> {
-    let layout = StepLayout::new(cfg);
-    let specs = &layout.specs;
+/// Mean over replicas of a per-replica value.
+fn replica_mean(t: &Tensor, replicas: usize) -> Result<Tensor> {
+    replica_sum(t, replicas)?.mul_scalar(1.0 / replicas as f64)
+}
+
+/// The step's arguments (see the module docs).
+struct StepInputs {
+    params: Vec<Tensor>,
+    adam_m: Vec<Tensor>,
+    adam_v: Vec<Tensor>,
+    step: Tensor,
+}
+
+fn declare_state(g: &Graph, specs: &[ParamSpec]) -> Result<StepInputs> {
+    Ok(StepInputs {
+        params: declare_params(g, specs, "")?,
+        adam_m: declare_params(g, specs, "adam_m.")?,
+        adam_v: declare_params(g, specs, "adam_v.")?,
+        step: g.param("step", TensorType::scalar(DType::I32))?,
+    })
+}
+
+/// One replica's (ce, aux, gradients), each the mean over its A
+/// micro-batches of `windows` [A, M, S+1].
+fn trace_gradients(
+    g: &Graph,
+    cfg: &Config,
+    experts: ExpertCompute,
+    params: &[Tensor],
+    windows: &Tensor,
+) -> Result<(Tensor, Tensor, Vec<Tensor>)> {
+    let specs = param_specs(&cfg.model);
     let t = &cfg.train;
     let (a, m, s) = (cfg.accumulation_steps(), t.micro_batch, t.seq_len);
-    let g = Graph::new();
-    let params = declare_params(&g, specs, "")?;
-    let adam_m = declare_params(&g, specs, "adam_m.")?;
-    let adam_v = declare_params(&g, specs, "adam_v.")?;
-    let step = g.param("step", TensorType::scalar(DType::I32))?;
-    let windows = g.param("windows", TensorType::new(DType::I32, &[a, m, s + 1]))?;
     let named: Vec<(String, Tensor)> = specs
         .iter()
         .map(|p| p.name.clone())
@@ -90,7 +111,7 @@ pub fn train_step(cfg: &Config, experts: ExpertCompute) -> Result<Function> {
     // Accumulate gradient sums over the A micro-batches.
     let zero = g.scalar(0.0, DType::F32)?;
     let mut init: Vec<Tensor> = vec![g.scalar(0.0, DType::I32)?, zero.clone(), zero.clone()];
-    for p in &params {
+    for p in params {
         init.push(p.zeros_like()?);
     }
     // One micro-batch: (ce, aux, gradients), accumulated into `acc`.
@@ -126,22 +147,29 @@ pub fn train_step(cfg: &Config, experts: ExpertCompute) -> Result<Function> {
         )?
     };
     let inv_a = 1.0 / a as f64;
-    let ce = replica_mean(&accumulated[1].mul_scalar(inv_a)?, t.replicas)?;
-    let aux = replica_mean(&accumulated[2].mul_scalar(inv_a)?, t.replicas)?;
+    let ce = accumulated[1].mul_scalar(inv_a)?;
+    let aux = accumulated[2].mul_scalar(inv_a)?;
     let grads = accumulated[3..]
         .iter()
-        .map(|gsum| replica_mean(&gsum.mul_scalar(inv_a)?, t.replicas))
+        .map(|gsum| gsum.mul_scalar(inv_a))
         .collect::<Result<Vec<_>>>()?;
+    Ok((ce, aux, grads))
+}
 
-    let (grads, grad_norm) = clip_by_global_norm(&grads, t.grad_clip)?;
+/// Clipping and AdamW from the batch-mean gradients: params', m', v',
+/// step + 1, then grad_norm and lr.
+fn trace_update(cfg: &Config, state: &StepInputs, grads: &[Tensor]) -> Result<Vec<Tensor>> {
+    let specs = param_specs(&cfg.model);
+    let t = &cfg.train;
+    let (grads, grad_norm) = clip_by_global_norm(grads, t.grad_clip)?;
     let schedule = Schedule {
         peak: t.lr,
         final_lr: t.min_lr,
         warmup: t.warmup_steps,
         total: t.steps,
     };
-    let lr = schedule.traced(&step)?;
-    let count = step.add_scalar(1.0)?.convert(DType::F32)?;
+    let lr = schedule.traced(&state.step)?;
+    let count = state.step.add_scalar(1.0)?.convert(DType::F32)?;
     let adamw = AdamW {
         beta1: t.beta1,
         beta2: t.beta2,
@@ -151,10 +179,10 @@ pub fn train_step(cfg: &Config, experts: ExpertCompute) -> Result<Function> {
     let (mut new_p, mut new_m, mut new_v) = (vec![], vec![], vec![]);
     for (k, spec) in specs.iter().enumerate() {
         let u = adamw.update(
-            &params[k],
+            &state.params[k],
             &grads[k],
-            &adam_m[k],
-            &adam_v[k],
+            &state.adam_m[k],
+            &state.adam_v[k],
             &lr,
             &count,
             spec.decays(),
@@ -163,19 +191,87 @@ pub fn train_step(cfg: &Config, experts: ExpertCompute) -> Result<Function> {
         new_m.push(u.m);
         new_v.push(u.v);
     }
-    let next_step = step.add_scalar(1.0)?;
-    let mut outs: Vec<&Tensor> = new_p.iter().chain(&new_m).chain(&new_v).collect();
-    outs.extend([&next_step, &ce, &aux, &grad_norm, &lr]);
+    let mut outs: Vec<Tensor> = new_p.into_iter().chain(new_m).chain(new_v).collect();
+    outs.extend([state.step.add_scalar(1.0)?, grad_norm, lr]);
+    Ok(outs)
+}
+
+fn declare_windows(g: &Graph, cfg: &Config) -> Result<Tensor> {
+    let t = &cfg.train;
+    let shape = [cfg.accumulation_steps(), t.micro_batch, t.seq_len + 1];
+    g.param("windows", TensorType::new(DType::I32, &shape))
+}
+
+/// Traces the training step for `cfg` with every replica of the job in
+/// this one program (see the module docs for the signature).
+pub fn train_step(cfg: &Config, experts: ExpertCompute) -> Result<Function> {
+    let layout = StepLayout::new(cfg);
+    let replicas = cfg.train.replicas as usize;
+    let g = Graph::new();
+    let state = declare_state(&g, &layout.specs)?;
+    let windows = declare_windows(&g, cfg)?;
+    let (ce, aux, grads) = trace_gradients(&g, cfg, experts, &state.params, &windows)?;
+    let ce = replica_mean(&ce, replicas)?;
+    let aux = replica_mean(&aux, replicas)?;
+    let grads = grads
+        .iter()
+        .map(|gr| replica_mean(gr, replicas))
+        .collect::<Result<Vec<_>>>()?;
+    let updated = trace_update(cfg, &state, &grads)?;
+    // Results: state', then ce, aux, grad_norm, lr.
+    let k = updated.len() - 2;
+    let mut outs: Vec<&Tensor> = updated[..k].iter().collect();
+    outs.extend([&ce, &aux, &updated[k], &updated[k + 1]]);
     let donated: Vec<usize> = (0..=layout.step_index()).collect();
     g.build(&outs)?
-        .with_replicas(t.replicas as usize)
+        .with_replicas(replicas)
         .with_name("train_step")
         .donate(&donated)
 }
 
-/// Traces the evaluation program: params[n], windows [M, S+1] -> ce, aux
-/// (averaged over replicas).
-pub fn eval_step(cfg: &Config, experts: ExpertCompute) -> Result<Function> {
+/// The first half of a step whose replicas span several processes that
+/// XLA cannot connect (the CPU plugin): params[n], windows -> ce, aux,
+/// grads[n], each SUMMED over this program's `local` replicas (identical
+/// on all of them). The caller sums across processes and divides by the
+/// job's replica count before [`update_step`].
+pub fn gradient_step(cfg: &Config, experts: ExpertCompute, local: usize) -> Result<Function> {
+    let layout = StepLayout::new(cfg);
+    let g = Graph::new();
+    let params = declare_params(&g, &layout.specs, "")?;
+    let windows = declare_windows(&g, cfg)?;
+    let (ce, aux, grads) = trace_gradients(&g, cfg, experts, &params, &windows)?;
+    let mut outs = vec![replica_sum(&ce, local)?, replica_sum(&aux, local)?];
+    for gr in &grads {
+        outs.push(replica_sum(gr, local)?);
+    }
+    let refs: Vec<&Tensor> = outs.iter().collect();
+    Ok(g.build(&refs)?
+        .with_replicas(local)
+        .with_name("gradient_step"))
+}
+
+/// The second half: params[n], m[n], v[n], step, grads[n] (the job's mean
+/// gradients) -> params', m', v', step + 1, grad_norm, lr. Everything but
+/// the gradients is donated, as in [`train_step`].
+pub fn update_step(cfg: &Config, local: usize) -> Result<Function> {
+    let layout = StepLayout::new(cfg);
+    let g = Graph::new();
+    let state = declare_state(&g, &layout.specs)?;
+    let grads = declare_params(&g, &layout.specs, "grad.")?;
+    let updated = trace_update(cfg, &state, &grads)?;
+    let refs: Vec<&Tensor> = updated.iter().collect();
+    let donated: Vec<usize> = (0..=layout.step_index()).collect();
+    g.build(&refs)?
+        .with_replicas(local)
+        .with_name("update_step")
+        .donate(&donated)
+}
+
+/// Traces the evaluation program: params[n], windows [M, S+1] -> ce, aux,
+/// SUMMED over the program's `local` replicas (the caller divides by the
+/// job's replica count, after summing across processes if there are
+/// several).
+pub fn eval_step(cfg: &Config, experts: ExpertCompute, local: usize) -> Result<Function> {
     let specs = param_specs(&cfg.model);
     let g = Graph::new();
     let params = declare_params(&g, &specs, "")?;
@@ -187,9 +283,9 @@ pub fn eval_step(cfg: &Config, experts: ExpertCompute) -> Result<Function> {
     let model =
         Transformer::new(&cfg.model, &named, cfg.compute_dtype()).with_expert_compute(experts);
     let loss = model.loss(&windows)?;
-    let ce = replica_mean(&loss.ce.convert(DType::F32)?, cfg.train.replicas)?;
-    let aux = replica_mean(&loss.aux.convert(DType::F32)?, cfg.train.replicas)?;
+    let ce = replica_sum(&loss.ce.convert(DType::F32)?, local)?;
+    let aux = replica_sum(&loss.aux.convert(DType::F32)?, local)?;
     Ok(g.build(&[&ce, &aux])?
-        .with_replicas(cfg.train.replicas as usize)
+        .with_replicas(local)
         .with_name("eval_step"))
 }

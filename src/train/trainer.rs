@@ -13,7 +13,8 @@ use crate::model::{init_params, ExpertCompute};
 use crate::runtime::{Arg, Buffer, Client};
 
 use super::config::Config;
-use super::step::{eval_step, train_step, StepLayout};
+use super::exchange::CrossProcessSum;
+use super::step::{eval_step, gradient_step, train_step, update_step, StepLayout};
 
 /// What one step reports (SPEC "loss" = cross-entropy).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -24,13 +25,26 @@ pub struct StepMetrics {
     pub lr: f64,
 }
 
+/// How the step's replicas are connected.
+enum StepPrograms {
+    /// Every replica of the job in one program; XLA all-reduces.
+    Fused(Compiled),
+    /// This process's replicas in two programs with a host-side sum across
+    /// processes in between (CPU multi-process jobs).
+    Split {
+        gradient: Compiled,
+        update: Compiled,
+        across: Box<dyn CrossProcessSum>,
+    },
+}
+
 pub struct Trainer {
     pub cfg: Config,
     client: Client,
     layout: StepLayout,
-    step_program: Compiled,
+    programs: StepPrograms,
     eval_program: Compiled,
-    /// Per replica: params[n], m[n], v[n], step.
+    /// Per local replica: params[n], m[n], v[n], step.
     state: Vec<Vec<Buffer>>,
     step: i64,
     seed: u64,
@@ -56,7 +70,8 @@ pub fn fresh_checkpoint(cfg: &Config, seed: u64) -> Checkpoint {
             step: 0,
             tokens_seen: 0,
             next_batch: 0,
-            data_cursor: None,
+            data_cursors: Default::default(),
+            data_shards: cfg.data.shards,
             tokenizer_sha256: None,
             seed,
             config_sha256: crate::ckpt::sha256_hex(&config_toml),
@@ -90,18 +105,64 @@ impl Trainer {
         start: &Checkpoint,
         experts: ExpertCompute,
     ) -> Result<Trainer> {
-        let replicas = cfg.train.replicas as usize;
+        Trainer::build(cfg, client, start, experts, None)
+    }
+
+    /// A trainer for one of several processes whose devices XLA cannot
+    /// connect: this process drives `train.replicas / across.processes()`
+    /// replicas and sums gradients with the others through `across`.
+    pub fn across_processes(
+        cfg: Config,
+        client: Client,
+        start: &Checkpoint,
+        across: Box<dyn CrossProcessSum>,
+    ) -> Result<Trainer> {
+        let experts = ExpertCompute::Routed {
+            block: cfg.model.moe_block_size,
+        };
+        Trainer::build(cfg, client, start, experts, Some(across))
+    }
+
+    fn build(
+        cfg: Config,
+        client: Client,
+        start: &Checkpoint,
+        experts: ExpertCompute,
+        across: Option<Box<dyn CrossProcessSum>>,
+    ) -> Result<Trainer> {
+        let total = cfg.train.replicas as usize;
+        let processes = across.as_ref().map_or(1, |a| a.processes());
+        if total % processes != 0 {
+            bail!(
+                "train.replicas = {total} is not divisible by the {processes} processes of the job"
+            );
+        }
+        let replicas = total / processes;
         if client.devices().len() < replicas {
             bail!(
-                "train.replicas = {replicas} but the client has {} devices",
+                "this process drives {replicas} replicas (train.replicas = {total} over {processes} \
+                 processes) but its client has {} devices",
                 client.devices().len()
             );
         }
         let layout = StepLayout::new(&cfg);
-        let step_program = train_step(&cfg, experts)?
-            .compile(&client)
-            .context("compiling the train step")?;
-        let eval_program = eval_step(&cfg, experts)?
+        let programs = match across {
+            None => StepPrograms::Fused(
+                train_step(&cfg, experts)?
+                    .compile(&client)
+                    .context("compiling the train step")?,
+            ),
+            Some(across) => StepPrograms::Split {
+                gradient: gradient_step(&cfg, experts, replicas)?
+                    .compile(&client)
+                    .context("compiling the gradient step")?,
+                update: update_step(&cfg, replicas)?
+                    .compile(&client)
+                    .context("compiling the update step")?,
+                across,
+            },
+        };
+        let eval_program = eval_step(&cfg, experts, replicas)?
             .compile(&client)
             .context("compiling the eval step")?;
         let mut state = Vec::with_capacity(replicas);
@@ -120,7 +181,7 @@ impl Trainer {
             cfg,
             client,
             layout,
-            step_program,
+            programs,
             eval_program,
             state,
             step: start.state.step,
@@ -139,8 +200,8 @@ impl Trainer {
         vec![self.cfg.accumulation_steps(), t.micro_batch, t.seq_len + 1]
     }
 
-    /// Runs one optimizer step. `rows[r]` holds replica r's share of the
-    /// global batch (B/R windows of S+1 tokens, row-major).
+    /// Runs one optimizer step. `rows[r]` holds local replica r's share of
+    /// the global batch (B/R windows of S+1 tokens, row-major).
     pub fn train_step(&mut self, rows: &[Vec<i32>]) -> Result<StepMetrics> {
         let shape = self.replica_shape();
         let per_replica: usize = shape.iter().product::<i64>() as usize;
@@ -150,16 +211,27 @@ impl Trainer {
                 self.state.len()
             );
         }
-        let mut args = Vec::with_capacity(rows.len());
-        for (r, state) in std::mem::take(&mut self.state).into_iter().enumerate() {
-            let windows =
-                self.client
-                    .buffer_from_host(&rows[r], &shape, &self.client.devices()[r])?;
-            let mut list: Vec<Arg> = state.into_iter().map(Arg::Donated).collect();
-            list.push(Arg::Donated(windows));
-            args.push(list);
+        let windows = rows
+            .iter()
+            .zip(self.client.devices())
+            .map(|(r, dev)| Ok(self.client.buffer_from_host(r, &shape, &dev)?))
+            .collect::<Result<Vec<Buffer>>>()?;
+        if matches!(self.programs, StepPrograms::Split { .. }) {
+            return self.split_step(windows);
         }
-        let outputs = self.step_program.execute(args)?;
+        let StepPrograms::Fused(program) = &self.programs else {
+            unreachable!("checked above")
+        };
+        let args = std::mem::take(&mut self.state)
+            .into_iter()
+            .zip(windows)
+            .map(|(state, w)| {
+                let mut list: Vec<Arg> = state.into_iter().map(Arg::Donated).collect();
+                list.push(Arg::Donated(w));
+                list
+            })
+            .collect();
+        let outputs = program.execute(args)?;
         let m = self.layout.metrics_index();
         let scalar = |b: &Buffer| -> Result<f64> { Ok(b.to_host::<f32>()?[0] as f64) };
         let metrics = StepMetrics {
@@ -179,9 +251,80 @@ impl Trainer {
         Ok(metrics)
     }
 
-    /// Validation loss of one micro-batch per replica ([M, S+1] each):
-    /// (ce, aux) averaged over replicas.
-    pub fn eval(&self, rows: &[Vec<i32>]) -> Result<(f64, f64)> {
+    /// The step as gradient program, host-side sum across processes,
+    /// update program.
+    fn split_step(&mut self, windows: Vec<Buffer>) -> Result<StepMetrics> {
+        let StepPrograms::Split {
+            gradient,
+            update,
+            across,
+        } = &mut self.programs
+        else {
+            unreachable!("called for split programs only")
+        };
+        let n = self.layout.n();
+        let args = self
+            .state
+            .iter()
+            .zip(windows)
+            .map(|(state, w)| {
+                let mut list: Vec<Arg> = state[..n].iter().map(Arg::Borrowed).collect();
+                list.push(Arg::Donated(w));
+                list
+            })
+            .collect();
+        let sums = gradient.execute(args)?;
+        // Local replicas hold identical sums: replica 0's go to the host as
+        // [ce, aux, grads...], summed with the other processes', and are
+        // divided by the job's replica count for the mean.
+        let mut flat: Vec<f32> = Vec::new();
+        for b in &sums[0] {
+            flat.extend(b.to_host::<f32>()?);
+        }
+        across.sum(&mut flat)?;
+        let inv = 1.0 / self.cfg.train.replicas as f32;
+        flat.iter_mut().for_each(|x| *x *= inv);
+        let (ce, aux) = (flat[0] as f64, flat[1] as f64);
+        let mut args = Vec::with_capacity(self.state.len());
+        for (state, dev) in std::mem::take(&mut self.state)
+            .into_iter()
+            .zip(self.client.devices())
+        {
+            let mut list: Vec<Arg> = state.into_iter().map(Arg::Donated).collect();
+            let mut offset = 2;
+            for spec in &self.layout.specs {
+                let len = spec.dims.iter().product::<i64>() as usize;
+                let g =
+                    self.client
+                        .buffer_from_host(&flat[offset..offset + len], &spec.dims, &dev)?;
+                list.push(Arg::Donated(g));
+                offset += len;
+            }
+            args.push(list);
+        }
+        let outputs = update.execute(args)?;
+        let m = self.layout.metrics_index();
+        let scalar = |b: &Buffer| -> Result<f64> { Ok(b.to_host::<f32>()?[0] as f64) };
+        let metrics = StepMetrics {
+            ce,
+            aux,
+            grad_norm: scalar(&outputs[0][m])?,
+            lr: scalar(&outputs[0][m + 1])?,
+        };
+        self.state = outputs
+            .into_iter()
+            .map(|mut o| {
+                o.truncate(m);
+                o
+            })
+            .collect();
+        self.step += 1;
+        Ok(metrics)
+    }
+
+    /// Validation loss of one micro-batch per local replica ([M, S+1]
+    /// each): (ce, aux) averaged over the job's replicas.
+    pub fn eval(&mut self, rows: &[Vec<i32>]) -> Result<(f64, f64)> {
         let t = &self.cfg.train;
         let n = self.layout.n();
         let mut owned = vec![];
@@ -205,10 +348,15 @@ impl Trainer {
             })
             .collect();
         let out = self.eval_program.execute(args)?;
-        Ok((
-            out[0][0].to_host::<f32>()?[0] as f64,
-            out[0][1].to_host::<f32>()?[0] as f64,
-        ))
+        let mut sums = [
+            out[0][0].to_host::<f32>()?[0],
+            out[0][1].to_host::<f32>()?[0],
+        ];
+        if let StepPrograms::Split { across, .. } = &mut self.programs {
+            across.sum(&mut sums)?;
+        }
+        let inv = 1.0 / self.cfg.train.replicas as f64;
+        Ok((sums[0] as f64 * inv, sums[1] as f64 * inv))
     }
 
     /// Downloads replica 0's state (replicas hold identical copies).
@@ -240,7 +388,8 @@ impl Trainer {
                 step: self.step,
                 tokens_seen: self.step * tokens_per_step,
                 next_batch,
-                data_cursor: None,
+                data_cursors: Default::default(),
+                data_shards: self.cfg.data.shards,
                 tokenizer_sha256: None,
                 seed: self.seed,
                 config_sha256: crate::ckpt::sha256_hex(&config_toml),

@@ -1,0 +1,210 @@
+//! `sharedmoe coordinator`, `sharedmoe worker`, `sharedmoe launch`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+use super::train::ConfigArgs;
+use crate::dist::auth::load_secret;
+use crate::dist::coordinator::{serve, CoordinatorOptions};
+use crate::dist::launch::{launch_local, LaunchOptions};
+use crate::dist::worker::{run_worker, WorkerExit, WorkerOptions};
+
+/// Job-level settings of the coordinator (also taken by `launch`).
+#[derive(clap::Args, Debug, Clone)]
+pub struct JobArgs {
+    /// Seconds between a worker's heartbeats.
+    #[arg(long, default_value_t = 0.5)]
+    pub heartbeat_interval_s: f64,
+    /// A worker silent for this long is lost and the job restarts.
+    #[arg(long, default_value_t = 5.0)]
+    pub heartbeat_timeout_s: f64,
+    /// Restarts (lost or failed workers) before the job fails.
+    #[arg(long, default_value_t = 3)]
+    pub max_restarts: u32,
+    /// Checkpoints kept in the run directory.
+    #[arg(long, default_value_t = 3)]
+    pub keep_checkpoints: usize,
+}
+
+impl JobArgs {
+    fn to_flags(&self) -> Vec<String> {
+        vec![
+            format!("--heartbeat-interval-s={}", self.heartbeat_interval_s),
+            format!("--heartbeat-timeout-s={}", self.heartbeat_timeout_s),
+            format!("--max-restarts={}", self.max_restarts),
+            format!("--keep-checkpoints={}", self.keep_checkpoints),
+        ]
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct CoordinatorArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Workers (hosts) in the job.
+    #[arg(long)]
+    pub workers: u32,
+    /// Address to listen on; anything but loopback needs a shared secret.
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+    /// Run directory (default: the config's run.dir).
+    #[arg(long)]
+    pub run_dir: Option<PathBuf>,
+    /// File holding the shared secret (else $SHAREDMOE_SECRET).
+    #[arg(long)]
+    pub secret_file: Option<PathBuf>,
+    /// Write the bound address here once listening.
+    #[arg(long)]
+    pub addr_file: Option<PathBuf>,
+    #[command(flatten)]
+    pub job: JobArgs,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct WorkerArgs {
+    /// The coordinator's address (host:port).
+    #[arg(long)]
+    pub coordinator: String,
+    /// This host's backend: cpu, cuda or tpu.
+    #[arg(long, default_value = "cpu")]
+    pub backend: String,
+    /// The rank this worker must have (e.g. $TPU_WORKER_ID); default any.
+    #[arg(long)]
+    pub rank: Option<u32>,
+    /// File holding the shared secret (else $SHAREDMOE_SECRET).
+    #[arg(long)]
+    pub secret_file: Option<PathBuf>,
+    /// PJRT plugin path (overrides discovery).
+    #[arg(long)]
+    pub plugin: Option<PathBuf>,
+    /// Seconds to keep trying to reach the coordinator.
+    #[arg(long, default_value_t = 120.0)]
+    pub connect_timeout_s: f64,
+}
+
+#[derive(clap::Args, Debug)]
+pub struct LaunchArgs {
+    #[command(flatten)]
+    pub config: ConfigArgs,
+    /// Start a coordinator and this many workers on this machine.
+    #[arg(long)]
+    pub local: u32,
+    /// Run directory (default: the config's run.dir).
+    #[arg(long)]
+    pub run_dir: Option<PathBuf>,
+    /// PJRT plugin path for the workers.
+    #[arg(long)]
+    pub plugin: Option<PathBuf>,
+    /// Times a dead worker is started again.
+    #[arg(long, default_value_t = 3)]
+    pub max_worker_restarts: u32,
+    #[command(flatten)]
+    pub job: JobArgs,
+}
+
+fn seconds(s: f64, what: &str) -> Result<Duration> {
+    if !(s.is_finite() && s > 0.0) {
+        bail!("{what} must be a positive number of seconds, got {s}");
+    }
+    Ok(Duration::from_secs_f64(s))
+}
+
+fn run_dir_of(given: &Option<PathBuf>, cfg: &crate::train::Config) -> Result<PathBuf> {
+    match given {
+        Some(d) => Ok(d.clone()),
+        None if !cfg.run.dir.as_os_str().is_empty() => Ok(cfg.run.dir.clone()),
+        None => bail!("no run directory: pass --run-dir or set run.dir in the config"),
+    }
+}
+
+pub fn run_coordinator(a: &CoordinatorArgs) -> Result<()> {
+    let mut cfg = a.config.load()?;
+    let run_dir = run_dir_of(&a.run_dir, &cfg)?;
+    cfg.run.dir = run_dir.clone();
+    fit_data_shards(&mut cfg, a.workers);
+    let mut opts = CoordinatorOptions::new(a.workers, run_dir);
+    opts.listen = a.listen;
+    opts.secret = load_secret(a.secret_file.as_deref())?;
+    opts.addr_file = a.addr_file.clone();
+    opts.heartbeat_interval = seconds(a.job.heartbeat_interval_s, "--heartbeat-interval-s")?;
+    opts.heartbeat_timeout = seconds(a.job.heartbeat_timeout_s, "--heartbeat-timeout-s")?;
+    if opts.heartbeat_timeout < 2 * opts.heartbeat_interval {
+        bail!("--heartbeat-timeout-s must be at least twice --heartbeat-interval-s");
+    }
+    opts.max_restarts = a.job.max_restarts;
+    opts.keep_checkpoints = a.job.keep_checkpoints.max(1);
+    let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let end = rt.block_on(serve(cfg, opts, None))?;
+    if end.ok {
+        tracing::info!("job over: {}", end.message);
+        Ok(())
+    } else {
+        bail!("job failed: {}", end.message)
+    }
+}
+
+/// A parquet source is read as `data.shards` streams, and every worker must
+/// own whole shards: raise a count that does not divide among the workers
+/// to the worker count (runs with the same data.shards see the same
+/// batches, so a single-process run can reproduce this one).
+fn fit_data_shards(cfg: &mut crate::train::Config, workers: u32) {
+    let w = workers as i64;
+    if !cfg.data.parquet.is_empty() && cfg.data.shards % w != 0 {
+        tracing::warn!(
+            "data.shards = {} cannot be split over {w} workers: using data.shards = {w} \
+             (a single-process run with --set data.shards={w} sees the same batches)",
+            cfg.data.shards
+        );
+        cfg.data.shards = w;
+    }
+}
+
+pub fn run_worker_cmd(a: &WorkerArgs) -> Result<()> {
+    let opts = WorkerOptions {
+        coordinator: a.coordinator.clone(),
+        secret: load_secret(a.secret_file.as_deref())?,
+        plugin: a.plugin.clone(),
+        backend: a.backend.clone(),
+        want_rank: a.rank.map_or(-1, |r| r as i32),
+        connect_timeout: seconds(a.connect_timeout_s, "--connect-timeout-s")?,
+        progress: false,
+    };
+    match run_worker(&opts)? {
+        WorkerExit::Finished => tracing::info!("training finished"),
+        WorkerExit::Preempted => tracing::info!("stopped on signal after a checkpoint"),
+        WorkerExit::Stopped { ok: true, reason } => tracing::info!("the job ended: {reason}"),
+        WorkerExit::Stopped { ok: false, reason } => bail!("the job failed: {reason}"),
+    }
+    Ok(())
+}
+
+pub fn run_launch(a: &LaunchArgs) -> Result<()> {
+    let cfg = a.config.load()?;
+    let run_dir = run_dir_of(&a.run_dir, &cfg)?;
+    let mut config_args = vec![
+        "--config".to_string(),
+        a.config.config.display().to_string(),
+    ];
+    for o in &a.config.overrides {
+        config_args.extend(["--set".to_string(), o.clone()]);
+    }
+    let mut worker_args = vec![];
+    if let Some(p) = &a.plugin {
+        worker_args.extend(["--plugin".to_string(), p.display().to_string()]);
+    }
+    let status = launch_local(&LaunchOptions {
+        workers: a.local,
+        config_args,
+        run_dir,
+        coordinator_args: a.job.to_flags(),
+        worker_args,
+        max_worker_restarts: a.max_worker_restarts,
+    })?;
+    if !status.success() {
+        bail!("the coordinator exited with {status}");
+    }
+    Ok(())
+}

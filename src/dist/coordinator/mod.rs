@@ -1,0 +1,408 @@
+//! The coordinator: one per job. Owns the run directory (metrics and
+//! checkpoints), hands out ranks and the config, runs the start barrier,
+//! watches heartbeats and restarts the job from the last checkpoint when a
+//! worker is lost.
+
+mod service;
+pub mod state;
+
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use tokio::sync::watch;
+use tonic::Status;
+
+use crate::ckpt;
+use crate::model::{count_params, param_specs, ParamSpec};
+use crate::train::Config;
+
+use super::auth;
+use super::proto::coordinator_server::CoordinatorServer;
+use super::transfer::CheckpointFiles;
+pub use service::REDUCE_CHUNK;
+use state::{Finished, Phase, State};
+
+/// gRPC messages larger than this are refused (chunks are 4 MiB).
+pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
+
+#[derive(Clone, Debug)]
+pub struct CoordinatorOptions {
+    pub workers: u32,
+    pub listen: SocketAddr,
+    pub run_dir: PathBuf,
+    pub secret: Option<String>,
+    pub heartbeat_interval: Duration,
+    /// A worker silent for this long is lost.
+    pub heartbeat_timeout: Duration,
+    /// Restarts after lost or failed workers before the job fails.
+    pub max_restarts: u32,
+    /// Checkpoints kept in the run directory (the newest ones).
+    pub keep_checkpoints: usize,
+    /// Where to write the bound address (for `launch` and scripts).
+    pub addr_file: Option<PathBuf>,
+    /// Show a progress bar (off in tests).
+    pub progress: bool,
+}
+
+impl CoordinatorOptions {
+    pub fn new(workers: u32, run_dir: PathBuf) -> CoordinatorOptions {
+        CoordinatorOptions {
+            workers,
+            listen: "127.0.0.1:0".parse().expect("valid address"),
+            run_dir,
+            secret: None,
+            heartbeat_interval: Duration::from_millis(500),
+            heartbeat_timeout: Duration::from_secs(5),
+            max_restarts: 3,
+            keep_checkpoints: 3,
+            addr_file: None,
+            progress: true,
+        }
+    }
+}
+
+pub struct Job {
+    pub job_id: String,
+    pub world: u32,
+    pub backend: String,
+    pub config_toml: String,
+    pub opts: CoordinatorOptions,
+    specs: Vec<ParamSpec>,
+    pub max_checkpoint_bytes: u64,
+    pub max_reduce_len: u64,
+    total_steps: i64,
+    state: Mutex<State>,
+    tick: watch::Sender<u64>,
+    bar: indicatif::ProgressBar,
+}
+
+impl Job {
+    pub fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Wakes everything waiting in [`wait_for`](Self::wait_for).
+    pub fn bump(&self) {
+        self.tick.send_modify(|t| *t += 1);
+    }
+
+    /// Waits until `f` returns a value (re-checked after every change), or
+    /// the timeout passes (`Err(())`).
+    pub async fn wait_for<T>(
+        &self,
+        timeout: Option<Duration>,
+        mut f: impl FnMut(&mut State) -> Option<T>,
+    ) -> Result<T, ()> {
+        let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+        let mut rx = self.tick.subscribe();
+        loop {
+            if let Some(v) = f(&mut self.lock()) {
+                return Ok(v);
+            }
+            match deadline {
+                Some(d) => match tokio::time::timeout_at(d, rx.changed()).await {
+                    Ok(r) => r.map_err(|_| ())?,
+                    Err(_) => return Err(()),
+                },
+                None => rx.changed().await.map_err(|_| ())?,
+            }
+        }
+    }
+
+    /// All workers are in: the attempt starts from the newest checkpoint.
+    fn start_attempt(&self, st: &mut State) {
+        st.phase = Phase::Running;
+        st.start = st.latest.clone();
+        let step = st.start.as_ref().map_or(0, |c| c.step);
+        let now = std::time::Instant::now();
+        let a = st.attempt;
+        for w in st.workers.values_mut().filter(|w| w.attempt == a) {
+            w.last_seen = now;
+        }
+        if let Err(e) = rewind_metrics(&self.opts.run_dir.join("metrics.jsonl"), step) {
+            tracing::warn!("could not rewind metrics.jsonl to step {step}: {e:#}");
+        }
+        self.bar.set_position(step as u64);
+        tracing::info!(
+            "attempt {a}: all {} workers in; starting at step {step}{}",
+            self.world,
+            if step > 0 {
+                " from the newest checkpoint"
+            } else {
+                ""
+            }
+        );
+    }
+
+    fn end_if_all_finished(&self, st: &mut State) {
+        let members: Vec<Finished> = st.members().filter_map(|(_, w)| w.finished).collect();
+        if members.len() < self.world as usize {
+            return;
+        }
+        let step = st.members().map(|(_, w)| w.step).max().unwrap_or(0);
+        if members.contains(&Finished::Preempted) {
+            st.end(
+                true,
+                format!("stopped at step {step} by a preempted worker, checkpoint written; launch again to resume"),
+            );
+        } else {
+            st.end(
+                true,
+                format!("finished: {step} of {} steps", self.total_steps),
+            );
+        }
+    }
+
+    /// Verifies an uploaded checkpoint (every tensor present with the
+    /// config's shape), writes it atomically, keeps the newest K.
+    fn store_checkpoint(&self, files: CheckpointFiles) -> Result<PathBuf, Status> {
+        let parsed = ckpt::from_files(&files.files, &self.specs).map_err(|e| {
+            Status::invalid_argument(format!("checkpoint for step {}: {e:#}", files.step))
+        })?;
+        if parsed.state.step != files.step {
+            return Err(Status::invalid_argument(format!(
+                "checkpoint header says step {} but its state.json says {}",
+                files.step, parsed.state.step
+            )));
+        }
+        let dir = ckpt::step_dir(&self.opts.run_dir, files.step);
+        ckpt::install(&dir, &files.files)
+            .map_err(|e| Status::internal(format!("writing {}: {e:#}", dir.display())))?;
+        match ckpt::prune(&self.opts.run_dir, self.opts.keep_checkpoints) {
+            Ok(removed) => {
+                for r in removed {
+                    tracing::debug!("removed old checkpoint {}", r.display());
+                }
+            }
+            Err(e) => tracing::warn!("pruning old checkpoints: {e:#}"),
+        }
+        let mut st = self.lock();
+        if st.latest.as_ref().map_or(true, |c| c.step <= files.step) {
+            st.latest = Some(Arc::new(files));
+        }
+        Ok(dir)
+    }
+
+    fn log_metrics(&self, step: i64, row: &serde_json::Value) -> Result<()> {
+        let path = self.opts.run_dir.join("metrics.jsonl");
+        let mut f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        writeln!(f, "{row}")?;
+        self.bar.set_position(step as u64 + 1);
+        let get = |k: &str| row.get(k).and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
+        self.bar.set_message(format!(
+            "loss {:.4} {:.0} tok/s",
+            get("loss"),
+            get("tokens_per_s")
+        ));
+        Ok(())
+    }
+}
+
+/// Drops rows at or after `step` (an aborted attempt's steps that will be
+/// trained again), atomically.
+fn rewind_metrics(path: &Path, step: i64) -> Result<()> {
+    let Ok(text) = fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v.get("step").and_then(|s| s.as_i64()))
+                .is_some_and(|s| s < step)
+        })
+        .collect();
+    if kept.len() == text.lines().count() {
+        return Ok(());
+    }
+    let tmp = path.with_extension("jsonl.tmp");
+    let mut body = kept.join("\n");
+    if !body.is_empty() {
+        body.push('\n');
+    }
+    fs::write(&tmp, body)?;
+    fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// The newest checkpoint under `run_dir` that loads, as files.
+fn newest_valid(run_dir: &Path, specs: &[ParamSpec]) -> Option<CheckpointFiles> {
+    for dir in ckpt::list(run_dir).into_iter().rev() {
+        let loaded = ckpt::read_files(&dir).and_then(|files| {
+            let c = ckpt::from_files(&files, specs)?;
+            Ok(CheckpointFiles {
+                step: c.state.step,
+                files,
+            })
+        });
+        match loaded {
+            Ok(c) => return Some(c),
+            Err(e) => tracing::warn!("skipping checkpoint {}: {e:#}", dir.display()),
+        }
+    }
+    None
+}
+
+/// How the job ended.
+#[derive(Debug, Clone)]
+pub struct JobEnd {
+    pub ok: bool,
+    pub message: String,
+}
+
+/// Runs the coordinator until the job is over. `bound` receives the
+/// address once listening.
+pub async fn serve(
+    cfg: Config,
+    opts: CoordinatorOptions,
+    bound: Option<tokio::sync::oneshot::Sender<SocketAddr>>,
+) -> Result<JobEnd> {
+    if opts.workers == 0 {
+        bail!("--workers must be at least 1");
+    }
+    auth::check_listen(&opts.listen, &opts.secret)?;
+    let replicas = cfg.train.replicas;
+    if replicas % opts.workers as i64 != 0 {
+        bail!(
+            "train.replicas = {replicas} is not divisible by --workers {}: every worker drives train.replicas / workers devices",
+            opts.workers
+        );
+    }
+    fs::create_dir_all(&opts.run_dir)
+        .with_context(|| format!("creating {}", opts.run_dir.display()))?;
+    let specs = param_specs(&cfg.model);
+    let latest = newest_valid(&opts.run_dir, &specs);
+    match &latest {
+        Some(c) => tracing::info!("resuming from the checkpoint of step {}", c.step),
+        None => tracing::info!(
+            "no checkpoint in {}: starting from scratch",
+            opts.run_dir.display()
+        ),
+    }
+    let params = count_params(&cfg.model) as u64;
+    let listener = tokio::net::TcpListener::bind(opts.listen)
+        .await
+        .with_context(|| format!("binding {}", opts.listen))?;
+    let addr = listener.local_addr()?;
+    let job_id = format!("{:016x}", rand::random::<u64>());
+    tracing::info!(
+        "coordinator for job {job_id} listening on {addr}: {} workers, run directory {}",
+        opts.workers,
+        opts.run_dir.display()
+    );
+    if let Some(f) = &opts.addr_file {
+        let tmp = f.with_extension("tmp");
+        fs::write(&tmp, addr.to_string())?;
+        fs::rename(&tmp, f)?;
+    }
+    let bar = if opts.progress {
+        indicatif::ProgressBar::new(cfg.train.steps as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+        )
+        .expect("valid template"),
+    );
+    let (tick, _) = watch::channel(0u64);
+    let job = Arc::new(Job {
+        job_id,
+        world: opts.workers,
+        backend: cfg.run.backend.clone(),
+        config_toml: cfg.to_toml(),
+        specs,
+        // params, two moments, headers and JSON.
+        max_checkpoint_bytes: 12 * params + (64 << 20),
+        // gradients plus a few scalars.
+        max_reduce_len: params + 1024,
+        total_steps: cfg.train.steps,
+        opts: opts.clone(),
+        state: Mutex::new(State::new(latest.map(Arc::new))),
+        tick,
+        bar,
+    });
+    if let Some(tx) = bound {
+        let _ = tx.send(addr);
+    }
+    let server = CoordinatorServer::new(service::Service { job: job.clone() })
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let svc = tonic::service::interceptor::InterceptedService::new(
+        server,
+        auth::Check(opts.secret.clone()),
+    );
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(5)))
+            .add_service(svc)
+            .serve_with_incoming_shutdown(
+                tokio_stream::wrappers::TcpListenerStream::new(listener),
+                async {
+                    let _ = stop_rx.await;
+                },
+            ),
+    );
+    let end = monitor(&job).await;
+    let _ = stop_tx.send(());
+    // In-flight calls of the finished job may hang on; do not wait for them.
+    let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
+    job.bar.finish_and_clear();
+    Ok(end)
+}
+
+/// Watches heartbeats until the job is over; then gives the workers a few
+/// heartbeats to hear STOP.
+async fn monitor(job: &Job) -> JobEnd {
+    let period = job.opts.heartbeat_interval / 2;
+    loop {
+        tokio::time::sleep(period).await;
+        let mut st = job.lock();
+        if st.phase == Phase::Running {
+            let a = st.attempt;
+            let lost = st
+                .workers
+                .iter()
+                .filter(|(_, w)| w.attempt == a && w.finished.is_none())
+                .find(|(_, w)| w.last_seen.elapsed() > job.opts.heartbeat_timeout)
+                .map(|(id, w)| {
+                    format!(
+                        "worker {id} (rank {}, host {}, pid {}) lost: no heartbeat for {:.1}s",
+                        w.rank,
+                        w.host,
+                        w.pid,
+                        w.last_seen.elapsed().as_secs_f64()
+                    )
+                });
+            if let Some(reason) = lost {
+                st.restart(reason, job.opts.max_restarts);
+                drop(st);
+                job.bump();
+                continue;
+            }
+        }
+        if let (Phase::Over { ok, message }, Some(since)) = (&st.phase, st.over_since) {
+            let everyone_done = st.members().all(|(_, w)| w.finished.is_some());
+            if everyone_done
+                || since.elapsed() > 2 * job.opts.heartbeat_interval + Duration::from_secs(1)
+            {
+                return JobEnd {
+                    ok: *ok,
+                    message: message.clone(),
+                };
+            }
+        }
+    }
+}

@@ -1,0 +1,507 @@
+//! The coordinator's gRPC handlers over the shared [`Job`].
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio_stream::{Stream, StreamExt};
+use tonic::{Request, Response, Status, Streaming};
+
+use super::state::{Finished, Phase, Worker};
+use super::Job;
+use crate::dist::proto::coordinator_server::Coordinator;
+use crate::dist::proto::*;
+use crate::dist::transfer::{self, Receiver};
+
+/// Floats per all-reduce message (4 MiB).
+pub const REDUCE_CHUNK: usize = 1 << 20;
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+pub struct Service {
+    pub job: Arc<Job>,
+}
+
+/// Unregisters a worker whose Register call was dropped (the worker went
+/// away) before its attempt started.
+struct PendingRegistration {
+    job: Arc<Job>,
+    id: u64,
+    armed: bool,
+}
+
+impl Drop for PendingRegistration {
+    fn drop(&mut self) {
+        if self.armed {
+            let mut st = self.job.lock();
+            if st.phase == Phase::Gathering
+                && st
+                    .workers
+                    .get(&self.id)
+                    .is_some_and(|w| w.attempt == st.attempt)
+            {
+                st.workers.remove(&self.id);
+                tracing::info!("worker {} left before the start", self.id);
+            }
+            drop(st);
+            self.job.bump();
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Coordinator for Service {
+    async fn ping(&self, req: Request<PingRequest>) -> Result<Response<PingReply>, Status> {
+        Ok(Response::new(PingReply {
+            nonce: req.into_inner().nonce,
+            version: env!("CARGO_PKG_VERSION").into(),
+        }))
+    }
+
+    async fn register(
+        &self,
+        req: Request<RegisterRequest>,
+    ) -> Result<Response<RegisterReply>, Status> {
+        let r = req.into_inner();
+        if !["cpu", "cuda", "tpu"].contains(&r.backend.as_str()) {
+            return Err(Status::invalid_argument(format!(
+                "backend `{}`: expected cpu, cuda or tpu",
+                r.backend
+            )));
+        }
+        if r.backend != self.job.backend {
+            return Err(Status::invalid_argument(format!(
+                "worker backend `{}` but the job runs on `{}`",
+                r.backend, self.job.backend
+            )));
+        }
+        let job = &self.job;
+        let world = job.world;
+        // Join the attempt that is gathering.
+        let (id, attempt) = job
+            .wait_for(None, |st| {
+                if let Phase::Over { message, .. } = &st.phase {
+                    return Some(Err(Status::failed_precondition(format!("the job is over: {message}"))));
+                }
+                if st.phase != Phase::Gathering || st.member_count() >= world as usize {
+                    return None;
+                }
+                let rank = match st.assign_rank(r.want_rank, world) {
+                    Ok(rank) => rank,
+                    Err(e) => return Some(Err(e)),
+                };
+                let id = st.next_worker_id;
+                st.next_worker_id += 1;
+                st.workers.insert(
+                    id,
+                    Worker {
+                        rank,
+                        attempt: st.attempt,
+                        host: r.host.clone(),
+                        pid: r.pid,
+                        last_seen: Instant::now(),
+                        step: 0,
+                        finished: None,
+                    },
+                );
+                tracing::info!(
+                    "worker {id} registered: rank {rank} of {world}, host {} pid {}, {} {} device(s), attempt {}",
+                    r.host, r.pid, r.local_devices, r.backend, st.attempt
+                );
+                if st.member_count() == world as usize {
+                    job.start_attempt(st);
+                }
+                Some(Ok((id, st.attempt)))
+            })
+            .await
+            .expect("no timeout")?;
+        // Joining changed the state (and may have started the attempt).
+        job.bump();
+        let mut guard = PendingRegistration {
+            job: job.clone(),
+            id,
+            armed: true,
+        };
+        // The start barrier: wait until every worker of the attempt is in.
+        let reply = job
+            .wait_for(None, |st| {
+                if st.attempt != attempt {
+                    return Some(Err(Status::aborted(format!(
+                        "attempt {attempt} was aborted before it started ({})",
+                        st.abort_reason
+                    ))));
+                }
+                match &st.phase {
+                    Phase::Over { message, .. } => Some(Err(Status::failed_precondition(format!(
+                        "the job is over: {message}"
+                    )))),
+                    Phase::Gathering => None,
+                    Phase::Running => {
+                        let w = st.workers.get(&id)?;
+                        Some(Ok(RegisterReply {
+                            job_id: job.job_id.clone(),
+                            worker_id: id,
+                            attempt,
+                            rank: w.rank,
+                            world,
+                            config_toml: job.config_toml.clone(),
+                            start_step: st.start.as_ref().map_or(0, |c| c.step),
+                            has_checkpoint: st.start.is_some(),
+                            heartbeat_interval_ms: job.opts.heartbeat_interval.as_millis() as u32,
+                        }))
+                    }
+                }
+            })
+            .await
+            .expect("no timeout")?;
+        guard.armed = false;
+        Ok(Response::new(reply))
+    }
+
+    async fn heartbeat(
+        &self,
+        req: Request<HeartbeatRequest>,
+    ) -> Result<Response<HeartbeatReply>, Status> {
+        let r = req.into_inner();
+        let job = &self.job;
+        let mut st = job.lock();
+        if r.job_id != job.job_id {
+            return Err(Status::failed_precondition(format!(
+                "job `{}` is not this coordinator's job (`{}`): register again",
+                r.job_id, job.job_id
+            )));
+        }
+        let current = st.attempt;
+        let over = match &st.phase {
+            Phase::Over { message, .. } => Some(message.clone()),
+            _ => None,
+        };
+        let reason = st.abort_reason.clone();
+        let w = st
+            .workers
+            .get_mut(&r.worker_id)
+            .ok_or_else(|| Status::not_found(format!("unknown worker {}", r.worker_id)))?;
+        let (command, reason) = if let Some(message) = over {
+            (Command::Stop, message)
+        } else if w.attempt != current || r.attempt != current {
+            (Command::Abort, reason)
+        } else {
+            w.last_seen = Instant::now();
+            w.step = r.step;
+            (Command::Continue, String::new())
+        };
+        Ok(Response::new(HeartbeatReply {
+            command: command as i32,
+            reason,
+        }))
+    }
+
+    async fn kv_put(&self, req: Request<KvPutRequest>) -> Result<Response<KvPutReply>, Status> {
+        let r = req.into_inner();
+        if r.key.len() > 1024 || r.value.len() > 4 << 20 {
+            return Err(Status::invalid_argument(
+                "key-value entries are limited to 1 KiB keys and 4 MiB values",
+            ));
+        }
+        {
+            let mut st = self.job.lock();
+            st.member(&r.job_id, &self.job.job_id, r.worker_id, r.attempt)?;
+            st.kv.insert(r.key, r.value);
+        }
+        self.job.bump();
+        Ok(Response::new(KvPutReply {}))
+    }
+
+    async fn kv_get(&self, req: Request<KvGetRequest>) -> Result<Response<KvGetReply>, Status> {
+        let r = req.into_inner();
+        let timeout = Duration::from_millis(r.timeout_ms as u64);
+        let value = self
+            .job
+            .wait_for(Some(timeout), |st| {
+                if let Err(e) = st.member(&r.job_id, &self.job.job_id, r.worker_id, r.attempt) {
+                    return Some(Err(e));
+                }
+                st.kv.get(&r.key).map(|v| Ok(v.clone()))
+            })
+            .await
+            .map_err(|_| {
+                Status::deadline_exceeded(format!("key `{}` not set within {timeout:?}", r.key))
+            })??;
+        Ok(Response::new(KvGetReply { value }))
+    }
+
+    async fn barrier(
+        &self,
+        req: Request<BarrierRequest>,
+    ) -> Result<Response<BarrierReply>, Status> {
+        let r = req.into_inner();
+        let world = self.job.world as usize;
+        {
+            let mut st = self.job.lock();
+            st.member(&r.job_id, &self.job.job_id, r.worker_id, r.attempt)?;
+            st.barriers
+                .entry(r.name.clone())
+                .or_default()
+                .insert(r.worker_id);
+        }
+        self.job.bump();
+        let timeout = (r.timeout_ms > 0).then(|| Duration::from_millis(r.timeout_ms as u64));
+        self.job
+            .wait_for(timeout, |st| {
+                if let Err(e) = st.member(&r.job_id, &self.job.job_id, r.worker_id, r.attempt) {
+                    return Some(Err(e));
+                }
+                (st.barriers.get(&r.name).map_or(0, |b| b.len()) >= world).then_some(Ok(()))
+            })
+            .await
+            .map_err(|_| Status::deadline_exceeded(format!("barrier `{}` timed out", r.name)))??;
+        Ok(Response::new(BarrierReply {}))
+    }
+
+    type FetchCheckpointStream = BoxStream<CheckpointChunk>;
+
+    async fn fetch_checkpoint(
+        &self,
+        req: Request<FetchCheckpointRequest>,
+    ) -> Result<Response<Self::FetchCheckpointStream>, Status> {
+        let r = req.into_inner();
+        let files = {
+            let st = self.job.lock();
+            st.member(&r.job_id, &self.job.job_id, r.worker_id, r.attempt)?;
+            st.start.clone().ok_or_else(|| {
+                Status::not_found("this attempt starts from scratch: no checkpoint")
+            })?
+        };
+        let from = transfer::Sender {
+            job_id: self.job.job_id.clone(),
+            worker_id: 0,
+            attempt: r.attempt,
+        };
+        let chunks = transfer::chunks(&from, &files);
+        Ok(Response::new(Box::pin(tokio_stream::iter(
+            chunks.into_iter().map(Ok),
+        ))))
+    }
+
+    async fn upload_checkpoint(
+        &self,
+        req: Request<Streaming<CheckpointChunk>>,
+    ) -> Result<Response<UploadCheckpointReply>, Status> {
+        let mut stream = req.into_inner();
+        let mut rx = Receiver::new(self.job.max_checkpoint_bytes);
+        let began = Instant::now();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk?;
+            let first = rx.header().is_none();
+            rx.push(chunk)?;
+            if first {
+                let h = rx.header().expect("header accepted");
+                self.job
+                    .lock()
+                    .member(&h.job_id, &self.job.job_id, h.worker_id, h.attempt)?;
+            }
+        }
+        let files = rx.finish()?;
+        let bytes = files.total_bytes();
+        let job = self.job.clone();
+        let path = tokio::task::spawn_blocking(move || job.store_checkpoint(files))
+            .await
+            .map_err(|e| Status::internal(format!("checkpoint writer: {e}")))??;
+        let secs = began.elapsed().as_secs_f64();
+        tracing::info!(
+            "checkpoint {} ({:.1} MB in {secs:.2}s, {:.0} MB/s)",
+            path.display(),
+            bytes as f64 / 1e6,
+            bytes as f64 / 1e6 / secs.max(1e-9)
+        );
+        Ok(Response::new(UploadCheckpointReply {
+            path: path.display().to_string(),
+            bytes,
+        }))
+    }
+
+    async fn report_metrics(
+        &self,
+        req: Request<Streaming<MetricsRow>>,
+    ) -> Result<Response<MetricsAck>, Status> {
+        let mut stream = req.into_inner();
+        while let Some(row) = stream.next().await {
+            let row = row?;
+            self.job
+                .lock()
+                .member(&row.job_id, &self.job.job_id, row.worker_id, row.attempt)?;
+            let value: serde_json::Value = serde_json::from_str(&row.json)
+                .map_err(|e| Status::invalid_argument(format!("metrics row is not JSON: {e}")))?;
+            if !value.is_object() || value.get("step").and_then(|s| s.as_i64()) != Some(row.step) {
+                return Err(Status::invalid_argument(format!(
+                    "metrics row must be a JSON object with \"step\": {}",
+                    row.step
+                )));
+            }
+            self.job
+                .log_metrics(row.step, &value)
+                .map_err(|e| Status::internal(format!("{e:#}")))?;
+        }
+        Ok(Response::new(MetricsAck {}))
+    }
+
+    type AllReduceStream = BoxStream<ReduceChunk>;
+
+    async fn all_reduce(
+        &self,
+        req: Request<Streaming<ReduceChunk>>,
+    ) -> Result<Response<Self::AllReduceStream>, Status> {
+        let mut stream = req.into_inner();
+        let job = &self.job;
+        let mut part: Vec<f32> = vec![];
+        let mut head: Option<ReduceChunk> = None;
+        let mut rank = 0;
+        while let Some(c) = stream.next().await {
+            let c = c?;
+            match &head {
+                None => {
+                    let st = job.lock();
+                    rank = st
+                        .member(&c.job_id, &job.job_id, c.worker_id, c.attempt)?
+                        .rank;
+                    if c.total_len > job.max_reduce_len {
+                        return Err(Status::resource_exhausted(format!(
+                            "all-reduce of {} values; this job's limit is {}",
+                            c.total_len, job.max_reduce_len
+                        )));
+                    }
+                    if c.seq != 0 {
+                        return Err(Status::invalid_argument(format!(
+                            "all-reduce chunk {} out of sequence (expected 0)",
+                            c.seq
+                        )));
+                    }
+                    part.reserve(c.total_len as usize);
+                }
+                Some(h) => {
+                    let expected = (part.len() / REDUCE_CHUNK) as u32;
+                    if (
+                        c.job_id.as_str(),
+                        c.worker_id,
+                        c.attempt,
+                        c.step,
+                        c.total_len,
+                    ) != (
+                        h.job_id.as_str(),
+                        h.worker_id,
+                        h.attempt,
+                        h.step,
+                        h.total_len,
+                    ) {
+                        return Err(Status::invalid_argument("all-reduce chunks of one call must agree on job, worker, attempt, step and length"));
+                    }
+                    if c.seq != expected {
+                        return Err(Status::invalid_argument(format!(
+                            "all-reduce chunk {} out of sequence (expected {expected})",
+                            c.seq
+                        )));
+                    }
+                }
+            }
+            if part.len() + c.values.len() > c.total_len as usize
+                || (c.values.len() != REDUCE_CHUNK
+                    && part.len() + c.values.len() != c.total_len as usize)
+            {
+                return Err(Status::invalid_argument(format!(
+                    "all-reduce chunk {} has {} values: chunks hold {REDUCE_CHUNK} but the last",
+                    c.seq,
+                    c.values.len()
+                )));
+            }
+            part.extend_from_slice(&c.values);
+            if head.is_none() {
+                head = Some(ReduceChunk {
+                    values: vec![],
+                    ..c
+                });
+            }
+        }
+        let head = head.ok_or_else(|| Status::invalid_argument("empty all-reduce stream"))?;
+        if part.len() != head.total_len as usize {
+            return Err(Status::invalid_argument(format!(
+                "truncated all-reduce: {} of {} values",
+                part.len(),
+                head.total_len
+            )));
+        }
+        let (seq, world) = (head.step, job.world);
+        {
+            let mut st = job.lock();
+            st.member(&head.job_id, &job.job_id, head.worker_id, head.attempt)?;
+            st.add_part(seq, rank, part, world)?;
+        }
+        job.bump();
+        let sum = job
+            .wait_for(None, |st| {
+                if let Err(e) = st.member(&head.job_id, &job.job_id, head.worker_id, head.attempt) {
+                    return Some(Err(e));
+                }
+                st.take_result(seq, rank, world).map(Ok)
+            })
+            .await
+            .expect("no timeout")?;
+        let total = sum.len() as u64;
+        let chunks: Vec<Result<ReduceChunk, Status>> = sum
+            .chunks(REDUCE_CHUNK)
+            .enumerate()
+            .map(|(i, c)| {
+                Ok(ReduceChunk {
+                    job_id: String::new(),
+                    worker_id: 0,
+                    attempt: head.attempt,
+                    step: seq,
+                    seq: i as u32,
+                    total_len: total,
+                    values: c.to_vec(),
+                })
+            })
+            .collect();
+        Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
+    }
+
+    async fn finish(&self, req: Request<FinishRequest>) -> Result<Response<FinishReply>, Status> {
+        let r = req.into_inner();
+        let job = &self.job;
+        {
+            let mut st = job.lock();
+            let rank = st
+                .member(&r.job_id, &job.job_id, r.worker_id, r.attempt)?
+                .rank;
+            let outcome = Outcome::try_from(r.outcome).unwrap_or(Outcome::Unspecified);
+            match outcome {
+                Outcome::Finished | Outcome::Preempted => {
+                    let f = if outcome == Outcome::Finished {
+                        Finished::Done
+                    } else {
+                        Finished::Preempted
+                    };
+                    if let Some(w) = st.workers.get_mut(&r.worker_id) {
+                        w.finished = Some(f);
+                        w.step = r.step;
+                    }
+                    tracing::info!(
+                        "rank {rank} {} at step {}",
+                        if f == Finished::Done {
+                            "finished"
+                        } else {
+                            "stopped (preempted)"
+                        },
+                        r.step
+                    );
+                    job.end_if_all_finished(&mut st);
+                }
+                Outcome::Failed | Outcome::Unspecified => {
+                    let reason = format!("rank {rank} failed at step {}: {}", r.step, r.message);
+                    st.restart(reason, job.opts.max_restarts);
+                }
+            }
+        }
+        job.bump();
+        Ok(Response::new(FinishReply {}))
+    }
+}

@@ -1,0 +1,278 @@
+//! The job as the coordinator sees it: which workers belong to which
+//! attempt, where the attempt starts, and the small shared stores
+//! (key-value, barriers, host all-reduce). Pure bookkeeping behind one
+//! mutex; the gRPC handlers wait on `tick` for changes.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tonic::Status;
+
+use crate::dist::transfer::CheckpointFiles;
+
+#[derive(Clone, Debug, PartialEq)]
+pub enum Phase {
+    /// Waiting for all workers to register for `attempt`.
+    Gathering,
+    Running,
+    /// The job is over; `ok` says whether it succeeded.
+    Over {
+        ok: bool,
+        message: String,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Finished {
+    Done,
+    Preempted,
+}
+
+#[derive(Clone, Debug)]
+pub struct Worker {
+    pub rank: u32,
+    pub attempt: u32,
+    pub host: String,
+    pub pid: u32,
+    pub last_seen: Instant,
+    pub step: i64,
+    pub finished: Option<Finished>,
+}
+
+/// One all-reduce: each rank's part, then the sum.
+#[derive(Default)]
+pub struct Reduction {
+    pub len: usize,
+    pub parts: BTreeMap<u32, Vec<f32>>,
+    pub result: Option<Arc<Vec<f32>>>,
+    pub fetched: HashSet<u32>,
+}
+
+pub struct State {
+    pub attempt: u32,
+    pub phase: Phase,
+    pub restarts: u32,
+    pub next_worker_id: u64,
+    pub workers: HashMap<u64, Worker>,
+    /// The newest valid checkpoint (what an attempt starts from).
+    pub latest: Option<Arc<CheckpointFiles>>,
+    /// What the running attempt started from.
+    pub start: Option<Arc<CheckpointFiles>>,
+    pub kv: HashMap<String, Vec<u8>>,
+    pub barriers: HashMap<String, HashSet<u64>>,
+    pub reductions: BTreeMap<i64, Reduction>,
+    /// Why the previous attempt ended (told to its workers).
+    pub abort_reason: String,
+    /// When the job ended (to let workers hear STOP before exiting).
+    pub over_since: Option<Instant>,
+}
+
+impl State {
+    pub fn new(latest: Option<Arc<CheckpointFiles>>) -> State {
+        State {
+            attempt: 0,
+            phase: Phase::Gathering,
+            restarts: 0,
+            next_worker_id: 1,
+            workers: HashMap::new(),
+            latest,
+            start: None,
+            kv: HashMap::new(),
+            barriers: HashMap::new(),
+            reductions: BTreeMap::new(),
+            abort_reason: String::new(),
+            over_since: None,
+        }
+    }
+
+    /// Workers of the current attempt.
+    pub fn members(&self) -> impl Iterator<Item = (&u64, &Worker)> {
+        let a = self.attempt;
+        self.workers.iter().filter(move |(_, w)| w.attempt == a)
+    }
+
+    pub fn member_count(&self) -> usize {
+        self.members().count()
+    }
+
+    /// The worker `id` of the current attempt, or the status to refuse
+    /// its request with.
+    pub fn member(
+        &self,
+        job_id: &str,
+        my_job: &str,
+        id: u64,
+        attempt: u32,
+    ) -> Result<&Worker, Status> {
+        if job_id != my_job {
+            return Err(Status::failed_precondition(format!(
+                "job `{job_id}` is not this coordinator's job (`{my_job}`): register again"
+            )));
+        }
+        let w = self
+            .workers
+            .get(&id)
+            .ok_or_else(|| Status::not_found(format!("unknown worker {id}")))?;
+        if w.attempt != self.attempt || attempt != self.attempt {
+            return Err(Status::aborted(format!(
+                "attempt {attempt} is over ({}); register again",
+                self.abort_reason
+            )));
+        }
+        if let Phase::Over { message, .. } = &self.phase {
+            return Err(Status::failed_precondition(format!(
+                "the job is over: {message}"
+            )));
+        }
+        Ok(w)
+    }
+
+    /// Lowest free rank, or `want` when it is free.
+    pub fn assign_rank(&self, want: i32, world: u32) -> Result<u32, Status> {
+        let taken: HashSet<u32> = self.members().map(|(_, w)| w.rank).collect();
+        if want >= 0 {
+            let want = want as u32;
+            if want >= world {
+                return Err(Status::invalid_argument(format!(
+                    "rank {want} asked for, but the job has {world} workers (ranks 0..{})",
+                    world - 1
+                )));
+            }
+            if taken.contains(&want) {
+                return Err(Status::already_exists(format!("rank {want} is taken")));
+            }
+            return Ok(want);
+        }
+        Ok((0..world)
+            .find(|r| !taken.contains(r))
+            .expect("a free rank below world"))
+    }
+
+    /// Ends the current attempt; the next one gathers its workers again,
+    /// or the job fails when restarts are used up.
+    pub fn restart(&mut self, reason: String, max_restarts: u32) {
+        self.restarts += 1;
+        self.kv.clear();
+        self.barriers.clear();
+        self.reductions.clear();
+        self.start = None;
+        if self.restarts > max_restarts {
+            tracing::error!("{reason}; giving up after {max_restarts} restarts");
+            self.end(
+                false,
+                format!("{reason}; gave up after {max_restarts} restarts"),
+            );
+            return;
+        }
+        tracing::warn!(
+            "{reason}: aborting attempt {} and restarting from the last checkpoint (restart {} of {max_restarts})",
+            self.attempt,
+            self.restarts
+        );
+        self.abort_reason = reason;
+        self.attempt += 1;
+        self.phase = Phase::Gathering;
+    }
+
+    pub fn end(&mut self, ok: bool, message: String) {
+        if !matches!(self.phase, Phase::Over { .. }) {
+            self.phase = Phase::Over { ok, message };
+            self.over_since = Some(Instant::now());
+        }
+    }
+
+    /// Adds `rank`'s part to reduction `seq`; computes the sum (in rank
+    /// order, so it is the same bits whatever the arrival order) once all
+    /// `world` parts are in.
+    pub fn add_part(
+        &mut self,
+        seq: i64,
+        rank: u32,
+        part: Vec<f32>,
+        world: u32,
+    ) -> Result<(), Status> {
+        if let Some((other, _)) = self
+            .reductions
+            .iter()
+            .find(|(s, r)| **s != seq && r.result.is_none())
+        {
+            return Err(Status::failed_precondition(format!(
+                "rank {rank} sent all-reduce {seq} while all-reduce {other} is incomplete"
+            )));
+        }
+        let r = self.reductions.entry(seq).or_default();
+        if r.parts.is_empty() && r.result.is_none() {
+            r.len = part.len();
+        } else if part.len() != r.len {
+            return Err(Status::invalid_argument(format!(
+                "rank {rank} sent {} values to all-reduce {seq}, the others {}",
+                part.len(),
+                r.len
+            )));
+        }
+        if r.result.is_some() || r.parts.contains_key(&rank) {
+            return Err(Status::already_exists(format!(
+                "rank {rank} sent all-reduce {seq} twice"
+            )));
+        }
+        r.parts.insert(rank, part);
+        if r.parts.len() == world as usize {
+            let mut parts = std::mem::take(&mut r.parts).into_values();
+            let mut sum = parts.next().expect("world >= 1 parts");
+            for p in parts {
+                sum.iter_mut().zip(&p).for_each(|(s, x)| *s += x);
+            }
+            r.result = Some(Arc::new(sum));
+        }
+        Ok(())
+    }
+
+    /// The sum of reduction `seq` once complete; forgets it after every
+    /// rank has fetched it.
+    pub fn take_result(&mut self, seq: i64, rank: u32, world: u32) -> Option<Arc<Vec<f32>>> {
+        let r = self.reductions.get_mut(&seq)?;
+        let result = r.result.clone()?;
+        r.fetched.insert(rank);
+        if r.fetched.len() == world as usize {
+            self.reductions.remove(&seq);
+        }
+        Some(result)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sums_in_rank_order_whatever_the_arrival_order() {
+        // 1e8 + 1 - 1e8 in f32 depends on the order of addition.
+        let parts = [vec![1e8f32], vec![1.0], vec![-1e8]];
+        let mut results = vec![];
+        for order in [[0u32, 1, 2], [2, 1, 0], [1, 2, 0]] {
+            let mut st = State::new(None);
+            for &r in &order {
+                st.add_part(5, r, parts[r as usize].clone(), 3).unwrap();
+            }
+            let got = st.take_result(5, 0, 3).unwrap();
+            results.push(got[0]);
+        }
+        assert_eq!(results, vec![(1e8f32 + 1.0) - 1e8; 3]);
+    }
+
+    #[test]
+    fn reductions_refuse_mismatches_and_are_forgotten_once_fetched() {
+        let mut st = State::new(None);
+        st.add_part(0, 0, vec![1.0, 2.0], 2).unwrap();
+        assert!(st.add_part(0, 1, vec![1.0], 2).is_err());
+        assert!(st.add_part(0, 0, vec![1.0, 2.0], 2).is_err());
+        assert!(st.add_part(1, 1, vec![1.0, 2.0], 2).is_err());
+        assert!(st.take_result(0, 0, 2).is_none());
+        st.add_part(0, 1, vec![3.0, 4.0], 2).unwrap();
+        assert_eq!(*st.take_result(0, 0, 2).unwrap(), vec![4.0, 6.0]);
+        assert!(st.reductions.contains_key(&0));
+        st.take_result(0, 1, 2).unwrap();
+        assert!(st.reductions.is_empty());
+    }
+}

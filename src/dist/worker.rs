@@ -1,0 +1,520 @@
+//! A worker: one per host. Registers with the coordinator, builds its PJRT
+//! client and the compiled step for its local devices, reads its data
+//! shard and trains; rank 0 streams metrics and checkpoints. When another
+//! worker is lost the attempt is aborted and the worker registers again for
+//! the restart; SIGTERM (preemption) finishes the step, lets rank 0 write a
+//! checkpoint and exits 0.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use tokio::runtime::Runtime;
+use tokio_stream::StreamExt;
+use tonic::Code;
+
+use super::client::{connect, Client, Session};
+use super::host_sum::HostSum;
+use super::proto::*;
+use super::transfer::{self, CheckpointFiles, Receiver};
+use crate::ckpt::{self, Checkpoint};
+use crate::data::stream::Cursor;
+use crate::model::param_specs;
+use crate::train::batches::{Batches, DataPosition};
+use crate::train::run::{check_data_shards, check_tokenizer, device_peak_flops, open_client_with};
+use crate::train::steps::{run_steps, snapshot, LoopEnd, LoopOptions, MetricsRow, RunSink};
+use crate::train::trainer::fresh_checkpoint;
+use crate::train::{Config, Trainer};
+
+#[derive(Clone, Debug)]
+pub struct WorkerOptions {
+    pub coordinator: String,
+    pub secret: Option<String>,
+    pub plugin: Option<PathBuf>,
+    /// This host's backend (cpu, cuda, tpu): must be the job's.
+    pub backend: String,
+    /// -1: any rank.
+    pub want_rank: i32,
+    /// How long to keep trying to reach the coordinator.
+    pub connect_timeout: Duration,
+    pub progress: bool,
+}
+
+/// How a worker process ends.
+#[derive(Debug, PartialEq, Eq)]
+pub enum WorkerExit {
+    Finished,
+    Preempted,
+    /// The coordinator ended the job (see its log for why).
+    Stopped {
+        ok: bool,
+        reason: String,
+    },
+}
+
+/// What the heartbeat task tells the training thread.
+#[derive(Default)]
+struct Signals {
+    abort: AtomicBool,
+    stop: AtomicBool,
+    stop_ok: AtomicBool,
+    reason: Mutex<String>,
+    step: AtomicI64,
+}
+
+fn is_job_over(e: &tonic::Status) -> bool {
+    e.code() == Code::FailedPrecondition && e.message().contains("the job is over")
+}
+
+pub fn run_worker(opts: &WorkerOptions) -> Result<WorkerExit> {
+    let rt = Runtime::new().context("starting the async runtime")?;
+    let client = {
+        let _guard = rt.enter();
+        connect(&opts.coordinator, opts.secret.as_deref())?
+    };
+    let sigterm = Arc::new(AtomicBool::new(false));
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        signal_hook::flag::register(sig, sigterm.clone()).context("installing signal handlers")?;
+    }
+    loop {
+        let reg = match rt.block_on(register(client.clone(), opts, &sigterm))? {
+            Some(r) => r,
+            None => return Ok(WorkerExit::Preempted), // signalled while waiting
+        };
+        let session = Session {
+            job_id: reg.job_id.clone(),
+            worker_id: reg.worker_id,
+            attempt: reg.attempt,
+            rank: reg.rank,
+            world: reg.world,
+        };
+        tracing::info!(
+            "rank {} of {} (attempt {}), starting at step {}",
+            reg.rank,
+            reg.world,
+            reg.attempt,
+            reg.start_step
+        );
+        let signals = Arc::new(Signals::default());
+        let beat = rt.spawn(heartbeats(
+            client.clone(),
+            session.clone(),
+            signals.clone(),
+            Duration::from_millis(reg.heartbeat_interval_ms.max(50) as u64),
+        ));
+        let result = run_attempt(&rt, &client, &session, &reg, &signals, &sigterm, opts);
+        beat.abort();
+        let finish = |outcome: Outcome, step: i64, message: String| {
+            let req = FinishRequest {
+                job_id: session.job_id.clone(),
+                worker_id: session.worker_id,
+                attempt: session.attempt,
+                outcome: outcome as i32,
+                step,
+                message,
+            };
+            rt.block_on(client.clone().finish(req))
+        };
+        let step = signals.step.load(Ordering::Relaxed);
+        match result {
+            Ok(LoopEnd::Reached) => {
+                finish(Outcome::Finished, step, String::new()).context("reporting the finish")?;
+                return Ok(WorkerExit::Finished);
+            }
+            Ok(LoopEnd::Stopped) => {
+                finish(Outcome::Preempted, step, String::new()).context("reporting the stop")?;
+                return Ok(WorkerExit::Preempted);
+            }
+            Err(e) if signals.stop.load(Ordering::Relaxed) => {
+                tracing::info!("the coordinator ended the job ({e:#})");
+                return Ok(WorkerExit::Stopped {
+                    ok: signals.stop_ok.load(Ordering::Relaxed),
+                    reason: signals.reason.lock().map(|r| r.clone()).unwrap_or_default(),
+                });
+            }
+            Err(e) if signals.abort.load(Ordering::Relaxed) => {
+                let why = signals.reason.lock().map(|r| r.clone()).unwrap_or_default();
+                tracing::warn!(
+                    "attempt {} aborted ({why}); registering again",
+                    session.attempt
+                );
+                tracing::debug!("the attempt ended with: {e:#}");
+            }
+            Err(e) => {
+                tracing::error!("attempt {} failed at step {step}: {e:#}", session.attempt);
+                // Tell the coordinator (it restarts or ends the job); if it
+                // is unreachable, registering again finds out.
+                if let Err(s) = finish(Outcome::Failed, step, format!("{e:#}")) {
+                    tracing::debug!("could not report the failure: {s}");
+                }
+            }
+        }
+        if sigterm.load(Ordering::Relaxed) {
+            return Ok(WorkerExit::Preempted);
+        }
+    }
+}
+
+/// Registers (retrying while the coordinator is unreachable); `None` when
+/// a signal arrived while waiting.
+async fn register(
+    mut client: Client,
+    opts: &WorkerOptions,
+    sigterm: &AtomicBool,
+) -> Result<Option<RegisterReply>> {
+    let host = hostname::get()
+        .map(|h| h.to_string_lossy().to_string())
+        .unwrap_or_else(|_| "unknown".into());
+    let began = Instant::now();
+    let mut warned = false;
+    loop {
+        if sigterm.load(Ordering::Relaxed) {
+            return Ok(None);
+        }
+        let req = RegisterRequest {
+            host: host.clone(),
+            backend: opts.backend.clone(),
+            local_devices: 0,
+            pid: std::process::id(),
+            want_rank: opts.want_rank,
+        };
+        let call = client.register(req);
+        let outcome = tokio::select! {
+            r = call => r,
+            _ = wait_for_flag(sigterm) => return Ok(None),
+        };
+        match outcome {
+            Ok(r) => return Ok(Some(r.into_inner())),
+            Err(e) if is_job_over(&e) => bail!("{}", e.message()),
+            Err(e)
+                if matches!(
+                    e.code(),
+                    Code::Unavailable | Code::Unknown | Code::Aborted | Code::Cancelled
+                ) =>
+            {
+                if began.elapsed() > opts.connect_timeout {
+                    bail!(
+                        "could not join the job at {} within {:?}: {}",
+                        opts.coordinator,
+                        opts.connect_timeout,
+                        e.message()
+                    );
+                }
+                if !warned && e.code() == Code::Unavailable {
+                    tracing::info!(
+                        "waiting for the coordinator at {} ({})",
+                        opts.coordinator,
+                        e.message()
+                    );
+                    warned = true;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => bail!("registering with {}: {}", opts.coordinator, e.message()),
+        }
+    }
+}
+
+async fn wait_for_flag(flag: &AtomicBool) {
+    while !flag.load(Ordering::Relaxed) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Sends heartbeats; raises `abort` when told to or when the coordinator
+/// has not answered for a few intervals.
+async fn heartbeats(mut client: Client, s: Session, signals: Arc<Signals>, every: Duration) {
+    let mut last_ok = Instant::now();
+    loop {
+        tokio::time::sleep(every).await;
+        let req = HeartbeatRequest {
+            job_id: s.job_id.clone(),
+            worker_id: s.worker_id,
+            attempt: s.attempt,
+            step: signals.step.load(Ordering::Relaxed),
+        };
+        match client.heartbeat(req).await {
+            Ok(r) => {
+                last_ok = Instant::now();
+                let r = r.into_inner();
+                match Command::try_from(r.command).unwrap_or(Command::Continue) {
+                    Command::Abort => {
+                        *signals.reason.lock().expect("not poisoned") = r.reason;
+                        signals.abort.store(true, Ordering::Relaxed);
+                        return;
+                    }
+                    Command::Stop => {
+                        signals
+                            .stop_ok
+                            .store(!r.reason.contains("gave up"), Ordering::Relaxed);
+                        *signals.reason.lock().expect("not poisoned") = r.reason;
+                        signals.stop.store(true, Ordering::Relaxed);
+                        return;
+                    }
+                    _ => {}
+                }
+            }
+            Err(e) => {
+                tracing::debug!("heartbeat: {e}");
+                if e.code() != Code::Unavailable && e.code() != Code::Unknown {
+                    *signals.reason.lock().expect("not poisoned") = e.message().to_string();
+                    signals.abort.store(true, Ordering::Relaxed);
+                    return;
+                }
+                if last_ok.elapsed() > every * 10 {
+                    *signals.reason.lock().expect("not poisoned") = format!(
+                        "coordinator unreachable for {:.1}s",
+                        last_ok.elapsed().as_secs_f64()
+                    );
+                    signals.abort.store(true, Ordering::Relaxed);
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Downloads the checkpoint the attempt starts from.
+async fn fetch_checkpoint(mut client: Client, s: &Session) -> Result<CheckpointFiles> {
+    let mut stream = client
+        .fetch_checkpoint(FetchCheckpointRequest {
+            job_id: s.job_id.clone(),
+            worker_id: s.worker_id,
+            attempt: s.attempt,
+        })
+        .await
+        .context("fetching the start checkpoint")?
+        .into_inner();
+    let mut rx = Receiver::new(u64::MAX);
+    while let Some(c) = stream.next().await {
+        rx.push(c.context("fetching the start checkpoint")?)?;
+    }
+    Ok(rx.finish()?)
+}
+
+/// One attempt: from registration to the end of training (or an error).
+fn run_attempt(
+    rt: &Runtime,
+    client: &Client,
+    s: &Session,
+    reg: &RegisterReply,
+    signals: &Arc<Signals>,
+    sigterm: &Arc<AtomicBool>,
+    opts: &WorkerOptions,
+) -> Result<LoopEnd> {
+    let cfg = Config::parse(&reg.config_toml, &[]).map_err(|e| anyhow!("the job's config: {e}"))?;
+    let world = s.world as i64;
+    let local = cfg.train.replicas / world;
+    let first = s.rank as i64 * local;
+    let specs = param_specs(&cfg.model);
+    let start: Checkpoint = if reg.has_checkpoint {
+        let files = rt.block_on(fetch_checkpoint(client.clone(), s))?;
+        ckpt::from_files(&files.files, &specs).context("the start checkpoint")?
+    } else {
+        fresh_checkpoint(&cfg, cfg.train.seed)
+    };
+    signals.step.store(start.state.step, Ordering::Relaxed);
+    check_data_shards(&cfg, &start.state)?;
+    let at = DataPosition::from_state(&start.state);
+    let mut batches = Batches::open(&cfg, &at, first..first + local)?;
+    check_tokenizer(&cfg, &start.state, &batches)?;
+    let client_pjrt = open_client_with(&cfg, opts.plugin.as_deref(), local)?;
+    let began = Instant::now();
+    let vote = sigterm.clone();
+    let (mut trainer, agreed) = if world > 1 {
+        let sum = HostSum::new(rt.handle().clone(), client.clone(), s.clone(), vote);
+        let agreed = sum.agreed.clone();
+        (
+            Trainer::across_processes(cfg.clone(), client_pjrt.clone(), &start, Box::new(sum))?,
+            agreed,
+        )
+    } else {
+        (
+            Trainer::new(cfg.clone(), client_pjrt.clone(), &start)?,
+            sigterm.clone(),
+        )
+    };
+    tracing::info!("compiled in {:.1}s", began.elapsed().as_secs_f64());
+    // Everyone compiled: the first step's time is the step's.
+    rt.block_on(client.clone().barrier(BarrierRequest {
+        job_id: s.job_id.clone(),
+        worker_id: s.worker_id,
+        attempt: s.attempt,
+        name: "compiled".into(),
+        timeout_ms: 0,
+    }))
+    .context("the start barrier")?;
+    let metrics = if s.rank == 0 {
+        Some(MetricsStream::open(rt, client.clone(), s.clone()))
+    } else {
+        None
+    };
+    let mut sink = WorkerSink {
+        rt,
+        client: client.clone(),
+        session: s.clone(),
+        signals: signals.clone(),
+        agreed,
+        metrics,
+    };
+    let peak = device_peak_flops(&client_pjrt).map(|p| p * cfg.train.replicas as f64);
+    let end = run_steps(
+        &cfg,
+        &mut trainer,
+        &mut batches,
+        &mut sink,
+        &LoopOptions {
+            end: cfg.train.steps,
+            peak_flops: peak,
+            progress: opts.progress && s.rank == 0,
+        },
+    );
+    if let Some(m) = sink.metrics.take() {
+        if let Err(e) = m.close(rt) {
+            tracing::warn!("metrics stream: {e:#}");
+        }
+    }
+    end
+}
+
+/// Rank 0's metrics rows, streamed to the coordinator in the background.
+struct MetricsStream {
+    tx: tokio::sync::mpsc::UnboundedSender<MetricsRow>,
+    task: tokio::task::JoinHandle<Result<(), tonic::Status>>,
+}
+
+impl MetricsStream {
+    fn open(rt: &Runtime, mut client: Client, s: Session) -> MetricsStream {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel::<MetricsRow>();
+        let rows = tokio_stream::wrappers::UnboundedReceiverStream::new(rx).map(move |row| {
+            super::proto::MetricsRow {
+                job_id: s.job_id.clone(),
+                worker_id: s.worker_id,
+                attempt: s.attempt,
+                step: row.step,
+                json: serde_json::to_string(&row).expect("metrics rows serialise"),
+            }
+        });
+        let task = rt.spawn(async move { client.report_metrics(rows).await.map(|_| ()) });
+        MetricsStream { tx, task }
+    }
+
+    fn close(self, rt: &Runtime) -> Result<()> {
+        drop(self.tx);
+        rt.block_on(self.task)??;
+        Ok(())
+    }
+}
+
+struct WorkerSink<'a> {
+    rt: &'a Runtime,
+    client: Client,
+    session: Session,
+    signals: Arc<Signals>,
+    /// Some worker asked to stop (SIGTERM), agreed through the all-reduce.
+    agreed: Arc<AtomicBool>,
+    metrics: Option<MetricsStream>,
+}
+
+impl WorkerSink<'_> {
+    fn kv_put(&self, key: String, value: Vec<u8>) -> Result<()> {
+        let s = &self.session;
+        self.rt.block_on(self.client.clone().kv_put(KvPutRequest {
+            job_id: s.job_id.clone(),
+            worker_id: s.worker_id,
+            attempt: s.attempt,
+            key,
+            value,
+        }))?;
+        Ok(())
+    }
+
+    fn kv_get(&self, key: String) -> Result<Vec<u8>> {
+        let s = &self.session;
+        Ok(self
+            .rt
+            .block_on(self.client.clone().kv_get(KvGetRequest {
+                job_id: s.job_id.clone(),
+                worker_id: s.worker_id,
+                attempt: s.attempt,
+                key: key.clone(),
+                timeout_ms: 600_000,
+            }))
+            .with_context(|| format!("waiting for `{key}`"))?
+            .into_inner()
+            .value)
+    }
+}
+
+impl RunSink for WorkerSink<'_> {
+    fn metrics(&mut self, row: &MetricsRow) -> Result<()> {
+        self.signals.step.store(row.step + 1, Ordering::Relaxed);
+        if let Some(m) = &self.metrics {
+            m.tx.send(row.clone())
+                .map_err(|_| anyhow!("the metrics stream closed"))?;
+        }
+        Ok(())
+    }
+
+    fn checkpoint(&mut self, trainer: &Trainer, batches: &Batches) -> Result<String> {
+        let step = trainer.step_count();
+        let s = &self.session;
+        // Every worker's data cursors (its shards') go to rank 0 through the
+        // key-value store; rank 0 writes the checkpoint with all of them.
+        let mine = batches.position().streams;
+        self.kv_put(
+            format!("cursors/{step}/{}", s.rank),
+            serde_json::to_vec(&mine)?,
+        )?;
+        if s.rank != 0 {
+            return Ok(String::new());
+        }
+        let mut c = snapshot(trainer, batches)?;
+        for r in 1..s.world {
+            let theirs: BTreeMap<u32, Cursor> =
+                serde_json::from_slice(&self.kv_get(format!("cursors/{step}/{r}"))?)
+                    .with_context(|| format!("rank {r}'s data cursors"))?;
+            c.state.data_cursors.extend(theirs);
+        }
+        let files = CheckpointFiles {
+            step,
+            files: ckpt::to_files(&trainer.cfg, &c)?,
+        };
+        let from = transfer::Sender {
+            job_id: s.job_id.clone(),
+            worker_id: s.worker_id,
+            attempt: s.attempt,
+        };
+        let chunks = transfer::chunks(&from, &files);
+        let reply = self
+            .rt
+            .block_on(
+                self.client
+                    .clone()
+                    .upload_checkpoint(tokio_stream::iter(chunks)),
+            )
+            .context("uploading the checkpoint")?
+            .into_inner();
+        Ok(reply.path)
+    }
+
+    fn stop_requested(&self) -> bool {
+        self.agreed.load(Ordering::Relaxed)
+    }
+
+    fn abort(&self) -> Option<String> {
+        if self.signals.abort.load(Ordering::Relaxed) || self.signals.stop.load(Ordering::Relaxed) {
+            return Some(
+                self.signals
+                    .reason
+                    .lock()
+                    .map(|r| r.clone())
+                    .unwrap_or_default(),
+            );
+        }
+        None
+    }
+}
