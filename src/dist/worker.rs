@@ -360,7 +360,12 @@ fn run_attempt(
         agreed,
         metrics,
     };
-    let peak = device_peak_flops(&client_pjrt).map(|p| p * cfg.train.replicas as f64);
+    // Only rank 0 reports metrics, so only it measures the peak for MFU.
+    let peak = if s.rank == 0 {
+        device_peak_flops(&client_pjrt).map(|p| p * cfg.train.replicas as f64)
+    } else {
+        None
+    };
     let end = run_steps(
         &cfg,
         &mut trainer,

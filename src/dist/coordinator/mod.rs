@@ -188,14 +188,16 @@ impl Job {
         Ok(dir)
     }
 
-    fn log_metrics(&self, step: i64, row: &serde_json::Value) -> Result<()> {
+    /// Appends `line` (the row as the worker wrote it, keys in its order)
+    /// to metrics.jsonl; `row` is the same parsed.
+    fn log_metrics(&self, step: i64, line: &str, row: &serde_json::Value) -> Result<()> {
         let path = self.opts.run_dir.join("metrics.jsonl");
         let mut f = OpenOptions::new()
             .create(true)
             .append(true)
             .open(&path)
             .with_context(|| format!("opening {}", path.display()))?;
-        writeln!(f, "{row}")?;
+        writeln!(f, "{}", line.trim())?;
         self.bar.set_position(step as u64 + 1);
         let get = |k: &str| row.get(k).and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
         self.bar.set_message(format!(

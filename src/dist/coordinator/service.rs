@@ -339,7 +339,7 @@ impl Coordinator for Service {
                 )));
             }
             self.job
-                .log_metrics(row.step, &value)
+                .log_metrics(row.step, &row.json, &value)
                 .map_err(|e| Status::internal(format!("{e:#}")))?;
         }
         Ok(Response::new(MetricsAck {}))
