@@ -182,7 +182,7 @@ fn jax_peer() -> Option<Duration> {
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
-    /// Which benchmark: `runtime`, `step` or `data`.
+    /// Which benchmark: `runtime`, `step`, `data` or `dist`.
     pub which: String,
     /// Config for `step` (TOML).
     #[arg(long)]
@@ -202,9 +202,18 @@ pub struct BenchArgs {
     /// Sequence length for `data` (rows of S+1 tokens).
     #[arg(long, default_value_t = 1024)]
     pub seq_len: usize,
-    /// Timed passes for `data` (after one warm-up pass).
+    /// Timed passes for `data` and `dist` (after one warm-up pass).
     #[arg(long, default_value_t = 5)]
     pub repeats: usize,
+    /// Worker-process counts for `dist`'s all-reduce.
+    #[arg(long, value_delimiter = ',', default_value = "2,4")]
+    pub processes: Vec<u32>,
+    /// (`allreduce-worker`, started by `dist`) the coordinator's address.
+    #[arg(long, hide = true)]
+    pub coordinator: Option<String>,
+    /// (`allreduce-worker`) floats per all-reduce.
+    #[arg(long, hide = true)]
+    pub len: Option<usize>,
 }
 
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
@@ -219,7 +228,17 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             super::bench_step::step(&cfg, args.steps)
         }
         "data" => super::bench_data::data(&args.data, &args.tokenizer, args.seq_len, args.repeats),
-        other => anyhow::bail!("unknown benchmark `{other}` (available: runtime, step, data)"),
+        "dist" => {
+            let default = std::path::PathBuf::from("configs/sharedmoe50m.toml");
+            let config = args.config.as_ref().unwrap_or(&default);
+            super::bench_dist::dist(config, &args.processes, args.repeats)
+        }
+        "allreduce-worker" => super::bench_dist::all_reduce_worker(
+            args.coordinator.as_deref().unwrap_or_default(),
+            args.len.unwrap_or(1 << 20),
+            args.repeats,
+        ),
+        other => anyhow::bail!("unknown benchmark `{other}` (available: runtime, step, data, dist)"),
     }
 }
 

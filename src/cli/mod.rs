@@ -2,6 +2,7 @@
 
 pub mod bench;
 mod bench_data;
+mod bench_dist;
 mod bench_step;
 pub mod data;
 pub mod devices;
