@@ -330,6 +330,48 @@ pub fn from_files(files: &[(String, Vec<u8>)], specs: &[ParamSpec]) -> Result<Ch
     parse(Path::new(""), files, specs)
 }
 
+/// Checks that `files` hold a checkpoint of the model `specs` describe
+/// (state.json parses; every tensor present, F32, with the config's shape)
+/// without converting the tensors: what a receiver verifies before
+/// writing. Returns the state.
+pub fn verify_files(files: &[(String, Vec<u8>)], specs: &[ParamSpec]) -> Result<TrainingState> {
+    let file = |name: &str| {
+        files
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, b)| b)
+            .with_context(|| format!("{name}: missing"))
+    };
+    let state: TrainingState = serde_json::from_slice(file("state.json")?)
+        .context("state.json: not a valid state.json")?;
+    let check = |name: &str, prefixes: &[&str]| -> Result<()> {
+        let st = SafeTensors::deserialize(file(name)?)
+            .with_context(|| format!("{name}: not a valid safetensors file"))?;
+        for prefix in prefixes {
+            for s in specs {
+                let t = format!("{prefix}{}", s.name);
+                let view = st
+                    .tensor(&t)
+                    .map_err(|_| anyhow::anyhow!("{name}: tensor `{t}` is missing"))?;
+                let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+                if shape != s.dims || view.dtype() != Dtype::F32 {
+                    bail!(
+                        "{name}: tensor `{t}` is {:?} {shape:?}, expected F32 {:?}",
+                        view.dtype(),
+                        s.dims
+                    );
+                }
+            }
+        }
+        Ok(())
+    };
+    check("model.safetensors", &[""])?;
+    if files.iter().any(|(n, _)| n == "optimizer.safetensors") {
+        check("optimizer.safetensors", &["adam_m.", "adam_v."])?;
+    }
+    Ok(state)
+}
+
 /// `dir` only names the files in errors.
 fn parse(dir: &Path, files: &[(String, Vec<u8>)], specs: &[ParamSpec]) -> Result<Checkpoint> {
     let file = |name: &str| files.iter().find(|(n, _)| n == name).map(|(_, b)| b);

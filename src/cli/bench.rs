@@ -238,7 +238,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             args.len.unwrap_or(1 << 20),
             args.repeats,
         ),
-        other => anyhow::bail!("unknown benchmark `{other}` (available: runtime, step, data, dist)"),
+        other => {
+            anyhow::bail!("unknown benchmark `{other}` (available: runtime, step, data, dist)")
+        }
     }
 }
 

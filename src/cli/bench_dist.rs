@@ -47,7 +47,12 @@ fn scratch(name: &str) -> Result<PathBuf> {
 }
 
 /// An in-process coordinator for `world` workers; its address.
-fn start_coordinator(rt: &tokio::runtime::Runtime, cfg: &Config, world: u32, dir: &Path) -> Result<String> {
+fn start_coordinator(
+    rt: &tokio::runtime::Runtime,
+    cfg: &Config,
+    world: u32,
+    dir: &Path,
+) -> Result<String> {
     let mut opts = CoordinatorOptions::new(world, dir.to_path_buf());
     opts.progress = false;
     opts.heartbeat_timeout = Duration::from_secs(3600);
@@ -58,7 +63,10 @@ fn start_coordinator(rt: &tokio::runtime::Runtime, cfg: &Config, world: u32, dir
             eprintln!("coordinator: {e:#}");
         }
     });
-    Ok(rt.block_on(rx).context("the coordinator did not start")?.to_string())
+    Ok(rt
+        .block_on(rx)
+        .context("the coordinator did not start")?
+        .to_string())
 }
 
 async fn register(client: &mut Client) -> Result<Session> {
@@ -253,7 +261,12 @@ pub fn all_reduce_worker(addr: &str, len: usize, repeats: usize) -> Result<()> {
         connect(addr, None)?
     };
     let s = rt.block_on(register(&mut client))?;
-    let mut sum = HostSum::new(rt.handle().clone(), client, s.clone(), Arc::new(AtomicBool::new(false)));
+    let mut sum = HostSum::new(
+        rt.handle().clone(),
+        client,
+        s.clone(),
+        Arc::new(AtomicBool::new(false)),
+    );
     let mut v: Vec<f32> = (0..len).map(|i| (i % 7) as f32 + s.rank as f32).collect();
     let mut secs = vec![];
     for _ in 0..repeats + 1 {
@@ -266,7 +279,10 @@ pub fn all_reduce_worker(addr: &str, len: usize, repeats: usize) -> Result<()> {
         }
     }
     secs.remove(0);
-    println!("{}", serde_json::json!({"rank": s.rank, "median_s": median(secs)}));
+    println!(
+        "{}",
+        serde_json::json!({"rank": s.rank, "median_s": median(secs)})
+    );
     Ok(())
 }
 
@@ -275,7 +291,10 @@ fn all_reduce(cfg: &Config, n: u32, repeats: usize) -> Result<()> {
     let mb = (len * 4) as f64 / 1e6;
     let dir = scratch(&format!("allreduce-{n}"))?;
     let rt = tokio::runtime::Runtime::new()?;
-    let addr = start_coordinator(&rt, cfg, n, &dir)?;
+    // One replica per worker process.
+    let mut job = cfg.clone();
+    job.train.replicas = n as i64;
+    let addr = start_coordinator(&rt, &job, n, &dir)?;
     let exe = std::env::current_exe()?;
     let children = (0..n)
         .map(|_| {
@@ -319,7 +338,9 @@ fn wire(n: u32, bytes: usize, repeats: usize) -> Result<f64> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
     let addr = listener.local_addr()?;
     let hub = std::thread::spawn(move || -> Result<()> {
-        let mut conns: Vec<TcpStream> = (0..n).map(|_| Ok(listener.accept()?.0)).collect::<Result<_>>()?;
+        let mut conns: Vec<TcpStream> = (0..n)
+            .map(|_| Ok(listener.accept()?.0))
+            .collect::<Result<_>>()?;
         let mut buf = vec![0u8; bytes];
         for _ in 0..repeats + 1 {
             for c in &mut conns {
@@ -356,4 +377,3 @@ fn wire(n: u32, bytes: usize, repeats: usize) -> Result<f64> {
     hub.join().expect("hub thread")?;
     Ok(all.into_iter().fold(0.0, f64::max))
 }
-

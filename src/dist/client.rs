@@ -8,7 +8,7 @@ use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 
 use super::auth::Attach;
-use super::coordinator::MAX_MESSAGE_BYTES;
+use super::coordinator::{MAX_MESSAGE_BYTES, WINDOW_BYTES};
 use super::proto::coordinator_client::CoordinatorClient;
 
 pub type Client = CoordinatorClient<InterceptedService<Channel, Attach>>;
@@ -30,6 +30,8 @@ pub fn connect(addr: &str, secret: Option<&str>) -> Result<Client> {
         .connect_timeout(Duration::from_secs(5))
         .http2_keep_alive_interval(Duration::from_secs(5))
         .keep_alive_timeout(Duration::from_secs(10))
+        .initial_stream_window_size(WINDOW_BYTES)
+        .initial_connection_window_size(WINDOW_BYTES)
         .connect_lazy();
     Ok(
         CoordinatorClient::with_interceptor(channel, Attach::new(secret)?)

@@ -12,6 +12,7 @@ use tokio_stream::StreamExt;
 
 use super::client::{Client, Session};
 use super::coordinator::REDUCE_CHUNK;
+use super::floats;
 use super::proto::ReduceChunk;
 use crate::train::CrossProcessSum;
 
@@ -53,7 +54,7 @@ impl HostSum {
                 step: self.seq,
                 seq: i as u32,
                 total_len: total,
-                values: c.to_vec(),
+                values: floats::to_bytes(c),
             })
             .collect();
         let mut replies = self
@@ -65,7 +66,8 @@ impl HostSum {
         let mut sum = Vec::with_capacity(values.len());
         while let Some(c) = replies.next().await {
             let c = c.with_context(|| format!("all-reduce {}", self.seq))?;
-            sum.extend_from_slice(&c.values);
+            floats::extend_from_bytes(&mut sum, &c.values)
+                .with_context(|| format!("all-reduce {}: a ragged chunk", self.seq))?;
         }
         if sum.len() != values.len() {
             bail!(

@@ -12,6 +12,7 @@
 pub mod auth;
 pub mod client;
 pub mod coordinator;
+pub mod floats;
 pub mod host_sum;
 pub mod launch;
 pub mod transfer;

@@ -9,6 +9,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::state::{Finished, Phase, Worker};
 use super::Job;
+use crate::dist::floats;
 use crate::dist::proto::coordinator_server::Coordinator;
 use crate::dist::proto::*;
 use crate::dist::transfer::{self, Receiver};
@@ -403,20 +404,21 @@ impl Coordinator for Service {
                     }
                 }
             }
-            if part.len() + c.values.len() > c.total_len as usize
-                || (c.values.len() != REDUCE_CHUNK
-                    && part.len() + c.values.len() != c.total_len as usize)
+            let n = c.values.len() / 4;
+            if c.values.len() % 4 != 0
+                || part.len() + n > c.total_len as usize
+                || (n != REDUCE_CHUNK && part.len() + n != c.total_len as usize)
             {
                 return Err(Status::invalid_argument(format!(
-                    "all-reduce chunk {} has {} values: chunks hold {REDUCE_CHUNK} but the last",
+                    "all-reduce chunk {} has {} bytes: chunks hold {REDUCE_CHUNK} f32 values but the last",
                     c.seq,
                     c.values.len()
                 )));
             }
-            part.extend_from_slice(&c.values);
+            floats::extend_from_bytes(&mut part, &c.values).expect("length checked");
             if head.is_none() {
                 head = Some(ReduceChunk {
-                    values: vec![],
+                    values: Vec::new(),
                     ..c
                 });
             }
@@ -457,7 +459,7 @@ impl Coordinator for Service {
                     step: seq,
                     seq: i as u32,
                     total_len: total,
-                    values: c.to_vec(),
+                    values: floats::to_bytes(c),
                 })
             })
             .collect();
