@@ -14,6 +14,7 @@ pub mod client;
 pub mod coordinator;
 pub mod floats;
 pub mod host_sum;
+pub mod kv;
 pub mod launch;
 pub mod transfer;
 pub mod worker;

@@ -18,13 +18,16 @@ use tonic::Code;
 
 use super::client::{connect, Client, Session};
 use super::host_sum::HostSum;
+use super::kv::CoordinatorKv;
 use super::proto::*;
 use super::transfer::{self, CheckpointFiles, Receiver};
 use crate::ckpt::{self, Checkpoint};
 use crate::data::stream::Cursor;
 use crate::model::param_specs;
 use crate::train::batches::{Batches, DataPosition};
-use crate::train::run::{check_data_shards, check_tokenizer, device_peak_flops, open_client_with};
+use crate::train::run::{
+    check_data_shards, check_tokenizer, device_peak_flops, open_job_client, JobMember,
+};
 use crate::train::steps::{run_steps, snapshot, LoopEnd, LoopOptions, MetricsRow, RunSink};
 use crate::train::trainer::fresh_checkpoint;
 use crate::train::{Config, Trainer};
@@ -321,9 +324,29 @@ fn run_attempt(
     let at = DataPosition::from_state(&start.state);
     let mut batches = Batches::open(&cfg, &at, first..first + local)?;
     check_tokenizer(&cfg, &start.state, &batches)?;
-    let client_pjrt = open_client_with(&cfg, opts.plugin.as_deref(), local)?;
+    let member = JobMember {
+        node_id: s.rank as i64,
+        num_nodes: world,
+        kv: Arc::new(CoordinatorKv {
+            rt: rt.handle().clone(),
+            client: client.clone(),
+            session: s.clone(),
+        }),
+    };
+    let client_pjrt = open_job_client(&cfg, opts.plugin.as_deref(), local, Some(member))?;
     let began = Instant::now();
     let vote = sigterm.clone();
+    if world > 1 && cfg.run.backend != "cpu" {
+        // The step whose replicas span every chip of the job (XLA
+        // collectives across hosts) is the accelerator launch path's; the
+        // client above is already created multi-host.
+        bail!(
+            "multi-host {} training needs the cross-host compiled step, which is not built yet; \
+             run one worker per job on {} for now",
+            cfg.run.backend,
+            cfg.run.backend
+        );
+    }
     let (mut trainer, agreed) = if world > 1 {
         let sum = HostSum::new(rt.handle().clone(), client.clone(), s.clone(), vote);
         let agreed = sum.agreed.clone();

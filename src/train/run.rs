@@ -15,7 +15,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::ckpt;
 use crate::model::{active_params_per_token, param_specs};
-use crate::runtime::{find_plugin, Backend, Client, ClientOption, Plugin};
+use crate::runtime::{find_plugin, Backend, Client, ClientOption, KeyValueStore, Plugin};
 
 use super::batches::{Batches, DataPosition};
 use super::config::Config;
@@ -110,14 +110,43 @@ pub fn open_client(cfg: &Config, plugin: Option<&Path>) -> Result<Client> {
 
 /// A client of the configured backend; on the CPU with `devices` devices.
 pub fn open_client_with(cfg: &Config, plugin: Option<&Path>, devices: i64) -> Result<Client> {
+    open_job_client(cfg, plugin, devices, None)
+}
+
+/// This process's place in a multi-host job, for client creation.
+pub struct JobMember {
+    pub node_id: i64,
+    pub num_nodes: i64,
+    /// The job's key-value store (the coordinator's).
+    pub kv: Arc<dyn KeyValueStore>,
+}
+
+/// A client for one process of a job: on the CPU with `devices` devices;
+/// on GPUs with `node_id` / `num_nodes` and the key-value store through
+/// which the CUDA plugin's processes find each other. (libtpu discovers
+/// TPU pods itself.)
+pub fn open_job_client(
+    cfg: &Config,
+    plugin: Option<&Path>,
+    devices: i64,
+    member: Option<JobMember>,
+) -> Result<Client> {
     let backend: Backend = cfg.run.backend.parse()?;
     let loc = find_plugin(backend, plugin)?;
     let plugin = Plugin::load(&loc.path)?;
-    let options = match backend {
+    let mut options = match backend {
         Backend::Cpu => vec![("cpu_device_count", ClientOption::Int(devices))],
         _ => vec![],
     };
-    Ok(Client::new(plugin, &options, None)?)
+    let mut kv = None;
+    if let (Backend::Cuda, Some(m)) = (backend, member) {
+        if m.num_nodes > 1 {
+            options.push(("node_id", ClientOption::Int(m.node_id)));
+            options.push(("num_nodes", ClientOption::Int(m.num_nodes)));
+            kv = Some(m.kv);
+        }
+    }
+    Ok(Client::new(plugin, &options, kv)?)
 }
 
 /// Refuses to continue a checkpoint whose data cursors mean something else
