@@ -73,6 +73,9 @@ fn main() {
     prost_build::Config::new()
         .compile_protos(&["proto/xla_compile_options.proto"], &["proto"])
         .expect("compile proto/xla_compile_options.proto");
+    prost_build::Config::new()
+        .compile_protos(&["proto/tensorboard.proto"], &["proto"])
+        .expect("compile proto/tensorboard.proto");
     tonic_build::configure()
         .build_client(true)
         .build_server(true)

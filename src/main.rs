@@ -33,6 +33,15 @@ enum Command {
     Worker(cli::dist::WorkerArgs),
     /// Start a coordinator and workers on this machine.
     Launch(cli::dist::LaunchArgs),
+    /// Run an experiment of the thesis end to end (exp1: dense vs shared MoE).
+    Experiment(cli::experiment::ExperimentArgs),
+    /// Cross-entropy and perplexity of a checkpoint.
+    Eval(cli::eval::EvalArgs),
+    /// Checkpoint tools.
+    #[command(subcommand)]
+    Checkpoint(cli::checkpoint::CheckpointCommand),
+    /// Plot train and validation loss of runs, overlaid.
+    Plot(cli::plot::PlotArgs),
 }
 
 fn main() {
@@ -53,6 +62,10 @@ fn main() {
         Command::Coordinator(a) => cli::dist::run_coordinator(&a),
         Command::Worker(a) => cli::dist::run_worker_cmd(&a),
         Command::Launch(a) => cli::dist::run_launch(&a),
+        Command::Experiment(a) => cli::experiment::run(&a),
+        Command::Eval(a) => cli::eval::run(&a),
+        Command::Checkpoint(c) => cli::checkpoint::run(&c),
+        Command::Plot(a) => cli::plot::run(&a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -10,6 +10,7 @@ pub mod run;
 pub mod schedule;
 pub mod step;
 pub mod steps;
+pub mod tensorboard;
 pub mod trainer;
 
 pub use config::Config;

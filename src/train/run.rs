@@ -20,6 +20,7 @@ use crate::runtime::{find_plugin, Backend, Client, ClientOption, KeyValueStore, 
 use super::batches::{Batches, DataPosition};
 use super::config::Config;
 use super::steps::{run_steps, snapshot, LoopOptions, MetricsRow, RunSink};
+use super::tensorboard::EventWriter;
 use super::trainer::{fresh_checkpoint, Trainer};
 
 /// Where training starts from.
@@ -263,6 +264,7 @@ pub fn train(cfg: &Config, start: &StartFrom, plugin: Option<&Path>) -> Result<P
         cfg,
         run_dir,
         metrics,
+        events: EventWriter::create(&run_dir.join("tensorboard"))?,
         stop,
         last: None,
     };
@@ -275,6 +277,7 @@ pub fn train(cfg: &Config, start: &StartFrom, plugin: Option<&Path>) -> Result<P
     };
     run_steps(cfg, &mut trainer, &mut batches, &mut sink, &opts)?;
     sink.metrics.flush()?;
+    sink.events.flush()?;
     match sink.last.or_else(|| ckpt::latest(run_dir)) {
         Some(d) => Ok(d),
         None => {
@@ -291,6 +294,8 @@ struct LocalSink<'a> {
     cfg: &'a Config,
     run_dir: &'a Path,
     metrics: std::fs::File,
+    /// The same rows as TensorBoard scalars.
+    events: EventWriter,
     stop: Arc<AtomicBool>,
     last: Option<PathBuf>,
 }
@@ -298,6 +303,7 @@ struct LocalSink<'a> {
 impl RunSink for LocalSink<'_> {
     fn metrics(&mut self, row: &MetricsRow) -> Result<()> {
         writeln!(self.metrics, "{}", serde_json::to_string(row)?)?;
+        self.events.write_row(&serde_json::to_value(row)?)?;
         Ok(())
     }
 

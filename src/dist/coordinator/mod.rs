@@ -19,6 +19,7 @@ use tonic::Status;
 
 use crate::ckpt;
 use crate::model::{count_params, param_specs, ParamSpec};
+use crate::train::tensorboard::EventWriter;
 use crate::train::Config;
 
 use super::auth;
@@ -79,6 +80,8 @@ pub struct Job {
     pub max_checkpoint_bytes: u64,
     pub max_reduce_len: u64,
     total_steps: i64,
+    /// metrics.jsonl's rows as TensorBoard scalars.
+    events: Mutex<EventWriter>,
     state: Mutex<State>,
     tick: watch::Sender<u64>,
     bar: indicatif::ProgressBar,
@@ -201,6 +204,11 @@ impl Job {
             .open(&path)
             .with_context(|| format!("opening {}", path.display()))?;
         writeln!(f, "{}", line.trim())?;
+        {
+            let mut ev = self.events.lock().unwrap_or_else(|p| p.into_inner());
+            ev.write_row(row)?;
+            ev.flush()?;
+        }
         self.bar.set_position(step as u64 + 1);
         let get = |k: &str| row.get(k).and_then(|v| v.as_f64()).unwrap_or(f64::NAN);
         self.bar.set_message(format!(
@@ -333,6 +341,7 @@ pub async fn serve(
         // gradients plus a few scalars.
         max_reduce_len: params + 1024,
         total_steps: cfg.train.steps,
+        events: Mutex::new(EventWriter::create(&opts.run_dir.join("tensorboard"))?),
         opts: opts.clone(),
         state: Mutex::new(State::new(latest.map(Arc::new))),
         tick,

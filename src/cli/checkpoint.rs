@@ -1,0 +1,86 @@
+//! `sharedmoe checkpoint inspect DIR`: what a checkpoint holds.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use safetensors::SafeTensors;
+
+use crate::ckpt::{self, TrainingState};
+
+#[derive(clap::Subcommand, Debug)]
+pub enum CheckpointCommand {
+    /// Step, tensors and shapes, config, data cursors of a checkpoint.
+    Inspect {
+        /// The checkpoint directory (runs/NAME/checkpoints/step_NNNNNNNN).
+        dir: PathBuf,
+    },
+}
+
+pub fn run(c: &CheckpointCommand) -> Result<()> {
+    match c {
+        CheckpointCommand::Inspect { dir } => print!("{}", inspect(dir)?),
+    }
+    Ok(())
+}
+
+/// The report `inspect` prints.
+pub fn inspect(dir: &std::path::Path) -> Result<String> {
+    use std::fmt::Write as _;
+    let files = ckpt::read_files(dir)?;
+    let file = |name: &str| files.iter().find(|(n, _)| n == name).map(|(_, b)| b);
+    let state_path = dir.join("state.json");
+    let state: TrainingState = serde_json::from_slice(
+        file("state.json")
+            .with_context(|| format!("{}: no state.json (not a checkpoint)", dir.display()))?,
+    )
+    .with_context(|| format!("{}: not a valid state.json", state_path.display()))?;
+    let mut s = String::new();
+    writeln!(s, "checkpoint {}", dir.display())?;
+    writeln!(
+        s,
+        "step {}  tokens seen {}  seed {}",
+        state.step, state.tokens_seen, state.seed
+    )?;
+    writeln!(s, "files:")?;
+    for (name, bytes) in &files {
+        writeln!(s, "  {name:<24} {:>12} bytes", bytes.len())?;
+    }
+    for name in ["model.safetensors", "optimizer.safetensors"] {
+        let Some(bytes) = file(name) else { continue };
+        let st = SafeTensors::deserialize(bytes)
+            .with_context(|| format!("{name}: not a valid safetensors file"))?;
+        let mut names: Vec<String> = st.names().into_iter().cloned().collect();
+        names.sort();
+        let total: usize = names
+            .iter()
+            .map(|n| {
+                st.tensor(n)
+                    .map(|t| t.shape().iter().product::<usize>())
+                    .unwrap_or(0)
+            })
+            .sum();
+        writeln!(s, "{name}: {} tensors, {total} values", names.len())?;
+        if name == "model.safetensors" {
+            for n in &names {
+                let t = st.tensor(n)?;
+                writeln!(s, "  {n:<40} {:?} {:?}", t.dtype(), t.shape())?;
+            }
+        }
+    }
+    writeln!(
+        s,
+        "data: next batch {}, data.shards {}",
+        state.next_batch, state.data_shards
+    )?;
+    for (shard, c) in &state.data_cursors {
+        writeln!(s, "  shard {shard}: {}", serde_json::to_string(c)?)?;
+    }
+    if let Some(t) = &state.tokenizer_sha256 {
+        writeln!(s, "tokenizer sha256 {t}")?;
+    }
+    writeln!(s, "config (sha256 {}):", state.config_sha256)?;
+    for line in state.config_toml.lines() {
+        writeln!(s, "  {line}")?;
+    }
+    Ok(s)
+}

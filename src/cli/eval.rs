@@ -1,0 +1,154 @@
+//! `sharedmoe eval --ckpt D [--data P... --tokenizer T]`: cross-entropy and
+//! perplexity of a checkpoint. Without `--data`, on the run's own fixed
+//! validation batches (the numbers `val_loss` logged during training);
+//! with it, on every document of those parquet files once, in file order.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{anyhow, bail, Context, Result};
+
+use crate::ckpt;
+use crate::data::parquet::{all_row_groups, expand_inputs, BadFilePolicy};
+use crate::data::stream::{Split, StreamOptions, TokenStream};
+use crate::data::tokenizer;
+use crate::model::param_specs;
+use crate::train::batches::{Batches, DataPosition};
+use crate::train::run::open_client;
+use crate::train::{Config, Trainer};
+
+#[derive(clap::Args, Debug)]
+pub struct EvalArgs {
+    /// Checkpoint directory.
+    #[arg(long)]
+    pub ckpt: PathBuf,
+    /// Parquet files, directories or globs to score (default: the run's
+    /// validation batches).
+    #[arg(long)]
+    pub data: Vec<PathBuf>,
+    /// tokenizer.json for --data (default: the run's).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Score at most this many batches of train.replicas x micro_batch rows.
+    #[arg(long)]
+    pub batches: Option<usize>,
+    /// PJRT plugin path (overrides discovery).
+    #[arg(long)]
+    pub plugin: Option<PathBuf>,
+}
+
+/// Mean CE over the batches, and how many rows of S+1 tokens were scored.
+pub struct EvalResult {
+    pub ce: f64,
+    pub rows: usize,
+    pub tokens: usize,
+}
+
+pub fn run(a: &EvalArgs) -> Result<()> {
+    let r = evaluate(a)?;
+    println!(
+        "{}: cross-entropy {:.4} nats/token, perplexity {:.2} ({} rows, {} predicted tokens)",
+        a.ckpt.display(),
+        r.ce,
+        r.ce.exp(),
+        r.rows,
+        r.tokens
+    );
+    Ok(())
+}
+
+/// The rows of every document of `cfg.data.parquet`, once, in file order,
+/// cut as in training, grouped [batch][replica] -> rows.
+fn all_documents(cfg: &Config, max_batches: usize) -> Result<Vec<Vec<Vec<i32>>>> {
+    let (t, d) = (&cfg.train, &cfg.data);
+    let tk = Arc::new(tokenizer::load(&d.tokenizer)?);
+    let policy: BadFilePolicy = d.on_bad_file.parse().map_err(anyhow::Error::msg)?;
+    let (groups, _) = all_row_groups(&expand_inputs(&d.parquet)?, policy)?;
+    let mut stream = TokenStream::open(
+        groups,
+        tk,
+        StreamOptions {
+            row_len: (t.seq_len + 1) as usize,
+            seed: t.seed,
+            shuffle_groups: false,
+            shuffle_rows: 1,
+            // Every document: the "training" split of a zero hold-out.
+            val_fraction: 0.0,
+            split: Split::Train,
+            rank: 0,
+            workers: 1,
+            epochs: Some(1),
+        },
+        None,
+    )?;
+    let per_replica = t.micro_batch as usize;
+    let mut batches = vec![];
+    'fill: while batches.len() < max_batches {
+        let mut batch = vec![];
+        for _ in 0..t.replicas {
+            let mut rows = Vec::with_capacity(per_replica * (t.seq_len + 1) as usize);
+            for _ in 0..per_replica {
+                match stream.next_row()? {
+                    Some(r) => rows.extend(r.into_iter().map(|x| x as i32)),
+                    None => break 'fill, // a partial batch is not scored
+                }
+            }
+            batch.push(rows);
+        }
+        batches.push(batch);
+    }
+    Ok(batches)
+}
+
+pub fn evaluate(a: &EvalArgs) -> Result<EvalResult> {
+    let state_path = a.ckpt.join("state.json");
+    let state: ckpt::TrainingState = serde_json::from_slice(
+        &std::fs::read(&state_path).with_context(|| format!("reading {}", state_path.display()))?,
+    )
+    .with_context(|| format!("{}: not a valid state.json", state_path.display()))?;
+    let mut cfg = Config::parse(&state.config_toml, &[])
+        .map_err(|e| anyhow!("{}: the checkpoint's config: {e}", state_path.display()))?;
+    let checkpoint = ckpt::load(&a.ckpt, &param_specs(&cfg.model))?;
+    let max = a.batches.unwrap_or(usize::MAX);
+    let batches = if a.data.is_empty() {
+        if cfg.train.eval_every == 0 {
+            cfg.train.eval_every = 1; // (only to build the validation batches)
+        }
+        let val = Batches::open(&cfg, &DataPosition::default(), 0..cfg.train.replicas)?;
+        if val.validation().is_empty() {
+            bail!("the run has no validation data (data.val_fraction = 0 or data.val_bin unset): pass --data");
+        }
+        val.validation()
+            .iter()
+            .take(max)
+            .cloned()
+            .collect::<Vec<_>>()
+    } else {
+        cfg.data.parquet = a.data.clone();
+        cfg.data.train_bin = PathBuf::new();
+        if let Some(t) = &a.tokenizer {
+            cfg.data.tokenizer = t.clone();
+        }
+        all_documents(&cfg, max)?
+    };
+    if batches.is_empty() {
+        bail!(
+            "not one batch of {} x {} rows of {} tokens in the data",
+            cfg.train.replicas,
+            cfg.train.micro_batch,
+            cfg.train.seq_len + 1
+        );
+    }
+    let client = open_client(&cfg, a.plugin.as_deref())?;
+    let mut trainer = Trainer::new(cfg.clone(), client, &checkpoint)?;
+    let mut total = 0.0;
+    for b in &batches {
+        total += trainer.eval(b)?.0;
+    }
+    let rows = batches.len() * (cfg.train.replicas * cfg.train.micro_batch) as usize;
+    Ok(EvalResult {
+        ce: total / batches.len() as f64,
+        rows,
+        tokens: rows * cfg.train.seq_len as usize,
+    })
+}
