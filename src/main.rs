@@ -37,6 +37,10 @@ enum Command {
     Experiment(cli::experiment::ExperimentArgs),
     /// Cross-entropy and perplexity of a checkpoint.
     Eval(cli::eval::EvalArgs),
+    /// Which shared experts the router picks per layer (counts, overlap, heatmaps).
+    Experts(cli::experts::ExpertsArgs),
+    /// Text from a checkpoint (greedy or sampled, with a KV cache).
+    Generate(cli::generate::GenerateArgs),
     /// Checkpoint tools.
     #[command(subcommand)]
     Checkpoint(cli::checkpoint::CheckpointCommand),
@@ -64,6 +68,8 @@ fn main() {
         Command::Launch(a) => cli::dist::run_launch(&a),
         Command::Experiment(a) => cli::experiment::run(&a),
         Command::Eval(a) => cli::eval::run(&a),
+        Command::Experts(a) => cli::experts::run(&a),
+        Command::Generate(a) => cli::generate::run(&a),
         Command::Checkpoint(c) => cli::checkpoint::run(&c),
         Command::Plot(a) => cli::plot::run(&a),
     };

@@ -14,11 +14,14 @@ pub enum CheckpointCommand {
         /// The checkpoint directory (runs/NAME/checkpoints/step_NNNNNNNN).
         dir: PathBuf,
     },
+    /// A dense checkpoint as a Hugging Face LlamaForCausalLM directory.
+    ExportHf(crate::cli::export_hf::ExportHfArgs),
 }
 
 pub fn run(c: &CheckpointCommand) -> Result<()> {
     match c {
         CheckpointCommand::Inspect { dir } => print!("{}", inspect(dir)?),
+        CheckpointCommand::ExportHf(a) => crate::cli::export_hf::run(a)?,
     }
     Ok(())
 }

@@ -3,7 +3,7 @@
 //! validation batches (the numbers `val_loss` logged during training);
 //! with it, on every document of those parquet files once, in file order.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -100,21 +100,32 @@ fn all_documents(cfg: &Config, max_batches: usize) -> Result<Vec<Vec<Vec<i32>>>>
     Ok(batches)
 }
 
-pub fn evaluate(a: &EvalArgs) -> Result<EvalResult> {
-    let state_path = a.ckpt.join("state.json");
+/// The training config stored in checkpoint `dir`'s state.json.
+pub fn checkpoint_config(dir: &Path) -> Result<Config> {
+    let state_path = dir.join("state.json");
     let state: ckpt::TrainingState = serde_json::from_slice(
         &std::fs::read(&state_path).with_context(|| format!("reading {}", state_path.display()))?,
     )
     .with_context(|| format!("{}: not a valid state.json", state_path.display()))?;
-    let mut cfg = Config::parse(&state.config_toml, &[])
-        .map_err(|e| anyhow!("{}: the checkpoint's config: {e}", state_path.display()))?;
-    let checkpoint = ckpt::load(&a.ckpt, &param_specs(&cfg.model))?;
-    let max = a.batches.unwrap_or(usize::MAX);
-    let batches = if a.data.is_empty() {
+    Config::parse(&state.config_toml, &[])
+        .map_err(|e| anyhow!("{}: the checkpoint's config: {e}", state_path.display()))
+}
+
+/// What `eval` scores, grouped [batch][replica] -> rows of S+1 tokens, at
+/// most `max` batches: the run's validation batches when `data` is empty,
+/// else every document of those parquet files (tokenised with `tokenizer`,
+/// default the run's); `cfg`'s data section is pointed at them.
+pub fn eval_batches(
+    cfg: &mut Config,
+    data: &[PathBuf],
+    tokenizer: Option<&Path>,
+    max: usize,
+) -> Result<Vec<Vec<Vec<i32>>>> {
+    let batches = if data.is_empty() {
         if cfg.train.eval_every == 0 {
             cfg.train.eval_every = 1; // (only to build the validation batches)
         }
-        let val = Batches::open(&cfg, &DataPosition::default(), 0..cfg.train.replicas)?;
+        let val = Batches::open(cfg, &DataPosition::default(), 0..cfg.train.replicas)?;
         if val.validation().is_empty() {
             bail!("the run has no validation data (data.val_fraction = 0 or data.val_bin unset): pass --data");
         }
@@ -124,12 +135,12 @@ pub fn evaluate(a: &EvalArgs) -> Result<EvalResult> {
             .cloned()
             .collect::<Vec<_>>()
     } else {
-        cfg.data.parquet = a.data.clone();
+        cfg.data.parquet = data.to_vec();
         cfg.data.train_bin = PathBuf::new();
-        if let Some(t) = &a.tokenizer {
-            cfg.data.tokenizer = t.clone();
+        if let Some(t) = tokenizer {
+            cfg.data.tokenizer = t.to_path_buf();
         }
-        all_documents(&cfg, max)?
+        all_documents(cfg, max)?
     };
     if batches.is_empty() {
         bail!(
@@ -139,6 +150,14 @@ pub fn evaluate(a: &EvalArgs) -> Result<EvalResult> {
             cfg.train.seq_len + 1
         );
     }
+    Ok(batches)
+}
+
+pub fn evaluate(a: &EvalArgs) -> Result<EvalResult> {
+    let mut cfg = checkpoint_config(&a.ckpt)?;
+    let checkpoint = ckpt::load(&a.ckpt, &param_specs(&cfg.model))?;
+    let max = a.batches.unwrap_or(usize::MAX);
+    let batches = eval_batches(&mut cfg, &a.data, a.tokenizer.as_deref(), max)?;
     let client = open_client(&cfg, a.plugin.as_deref())?;
     let mut trainer = Trainer::new(cfg.clone(), client, &checkpoint)?;
     let mut total = 0.0;

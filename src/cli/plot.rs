@@ -150,7 +150,9 @@ pub fn ema(values: &[(i64, f64)], w: f64) -> Vec<(i64, f64)> {
     out
 }
 
-fn register_fonts() -> Result<()> {
+/// Registers the bundled DejaVu Sans as "sans-serif" (once per process);
+/// every plot of this crate calls it before drawing text.
+pub fn register_fonts() -> Result<()> {
     static REGISTERED: OnceLock<bool> = OnceLock::new();
     if !*REGISTERED.get_or_init(|| register_font("sans-serif", FontStyle::Normal, FONT).is_ok()) {
         bail!("the bundled font assets/fonts/DejaVuSans.ttf does not parse");

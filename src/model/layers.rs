@@ -33,14 +33,27 @@ pub fn rms_norm(x: &Tensor, gain: &Tensor, eps: f64) -> Result<Tensor> {
 /// cos and sin tables [S, Hd] over the frequency vector [f, f] (HF LLaMA),
 /// computed in f32 from positions 0..S.
 pub fn rope_tables(x: &Tensor, seq: i64, head_dim: i64, theta: f64) -> Result<(Tensor, Tensor)> {
-    let g = x.graph();
     let acc = accumulation_dtype(x.dtype());
+    let pos = x.graph().iota(TensorType::new(acc, &[seq, 1]), 0)?;
+    rope_at_positions(&pos, head_dim, theta)
+}
+
+/// The tables [1, Hd] of the one run-time position `pos` (an integer
+/// scalar): decoding with a cache.
+pub fn rope_at(x: &Tensor, pos: &Tensor, head_dim: i64, theta: f64) -> Result<(Tensor, Tensor)> {
+    let acc = accumulation_dtype(x.dtype());
+    rope_at_positions(&pos.convert(acc)?.reshape(&[1, 1])?, head_dim, theta)
+}
+
+/// cos and sin [S, Hd] of positions [S, 1] (in the accumulation dtype).
+fn rope_at_positions(pos: &Tensor, head_dim: i64, theta: f64) -> Result<(Tensor, Tensor)> {
     let half = head_dim / 2;
     let inv_freq: Vec<f64> = (0..half)
         .map(|i| theta.powf(-(2 * i) as f64 / head_dim as f64))
         .collect();
-    let inv_freq = g.constant(&inv_freq, TensorType::new(acc, &[1, half]))?;
-    let pos = g.iota(TensorType::new(acc, &[seq, 1]), 0)?;
+    let inv_freq = pos
+        .graph()
+        .constant(&inv_freq, TensorType::new(pos.dtype(), &[1, half]))?;
     let angles = pos.mul(&inv_freq)?; // [S, Hd/2]
     let emb = concatenate(&[&angles, &angles], 1)?; // [S, Hd]
     Ok((emb.cos()?, emb.sin()?))
@@ -65,16 +78,15 @@ pub struct AttentionWeights<'a> {
     pub o: &'a Tensor,
 }
 
-/// Causal grouped-query attention. x [B, S, D] -> [B, S, D]; H query heads
-/// share K key/value heads in groups of G = H / K; softmax in f32 with
-/// scale 1/sqrt(Hd).
-pub fn attention(
+/// Queries [B, K, G, S, Hd], keys and values [B, K, S, Hd] of x [B, S, D],
+/// RoPE applied to queries and keys.
+fn project_qkv(
     x: &Tensor,
     w: &AttentionWeights,
     heads: i64,
     kv_heads: i64,
     rope: &(Tensor, Tensor),
-) -> Result<Tensor> {
+) -> Result<(Tensor, Tensor, Tensor)> {
     let (b, s, d) = (x.dim(0)?, x.dim(1)?, x.dim(2)?);
     let hd = d / heads;
     let groups = heads / kv_heads;
@@ -94,7 +106,16 @@ pub fn attention(
         .transpose(&[0, 2, 3, 1, 4])?; // [B, K, G, S, Hd]
     let k = k.transpose(&[0, 2, 1, 3])?; // [B, K, S, Hd]
     let v = v.transpose(&[0, 2, 1, 3])?; // [B, K, S, Hd]
-    let acc = accumulation_dtype(x.dtype());
+    Ok((q, k, v))
+}
+
+/// softmax(q k^T / sqrt(Hd) where `allowed`) v, then the output projection:
+/// q [B, K, G, Sq, Hd], k and v [B, K, Sk, Hd], allowed [Sq, Sk] (bool)
+/// -> [B, Sq, D].
+fn attend(q: &Tensor, k: &Tensor, v: &Tensor, allowed: &Tensor, o: &Tensor) -> Result<Tensor> {
+    let (b, sq, hd) = (q.dim(0)?, q.dim(3)?, q.dim(4)?);
+    let d = q.dim(1)? * q.dim(2)? * hd;
+    let acc = accumulation_dtype(q.dtype());
     let qk = DotDims {
         lhs_contract: vec![4],
         rhs_contract: vec![3],
@@ -102,27 +123,77 @@ pub fn attention(
         rhs_batch: vec![0, 1],
     };
     let scores = q
-        .dot_general_as(&k, &qk, acc)?
-        .mul_scalar(1.0 / (hd as f64).sqrt())?; // [B, K, G, S, S]
-    let g = x.graph();
-    let row = g.iota(TensorType::new(DType::I32, &[s, s]), 0)?;
-    let col = g.iota(TensorType::new(DType::I32, &[s, s]), 1)?;
-    let causal = col
-        .le(&row)?
-        .reshape(&[1, 1, 1, s, s])?
+        .dot_general_as(k, &qk, acc)?
+        .mul_scalar(1.0 / (hd as f64).sqrt())?; // [B, K, G, Sq, Sk]
+    let mask = allowed
+        .reshape(&[1, 1, 1, sq, k.dim(2)?])?
         .broadcast_to(&scores.dims())?;
-    let scores = causal.select(&scores, &scores.full_like(-1e30)?)?;
-    let probs = scores.softmax(-1)?.convert(x.dtype())?;
+    let scores = mask.select(&scores, &scores.full_like(-1e30)?)?;
+    let probs = scores.softmax(-1)?.convert(q.dtype())?;
     let pv = DotDims {
         lhs_contract: vec![4],
         rhs_contract: vec![2],
         lhs_batch: vec![0, 1],
         rhs_batch: vec![0, 1],
     };
-    let out = probs.dot_general(&v, &pv)?; // [B, K, G, S, Hd]
+    let out = probs.dot_general(v, &pv)?; // [B, K, G, Sq, Hd]
     out.transpose(&[0, 3, 1, 2, 4])?
-        .reshape(&[b, s, d])?
-        .linear(w.o)
+        .reshape(&[b, sq, d])?
+        .linear(o)
+}
+
+/// Causal grouped-query attention. x [B, S, D] -> [B, S, D]; H query heads
+/// share K key/value heads in groups of G = H / K; softmax in f32 with
+/// scale 1/sqrt(Hd).
+pub fn attention(
+    x: &Tensor,
+    w: &AttentionWeights,
+    heads: i64,
+    kv_heads: i64,
+    rope: &(Tensor, Tensor),
+) -> Result<Tensor> {
+    let s = x.dim(1)?;
+    let (q, k, v) = project_qkv(x, w, heads, kv_heads, rope)?;
+    let g = x.graph();
+    let row = g.iota(TensorType::new(DType::I32, &[s, s]), 0)?;
+    let col = g.iota(TensorType::new(DType::I32, &[s, s]), 1)?;
+    attend(&q, &k, &v, &col.le(&row)?, w.o)
+}
+
+/// One decoding position of causal attention with a key/value cache.
+/// x [B, 1, D] at run-time position `pos` (i32 scalar; `rope` its tables
+/// [1, Hd]); caches [B, K, Smax, Hd] holding positions 0..pos-1. Returns
+/// the output [B, 1, D] and the caches with this position written.
+#[allow(clippy::too_many_arguments)] // attention()'s arguments plus the position and caches
+pub fn attention_cached(
+    x: &Tensor,
+    w: &AttentionWeights,
+    heads: i64,
+    kv_heads: i64,
+    rope: &(Tensor, Tensor),
+    pos: &Tensor,
+    cache_k: &Tensor,
+    cache_v: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let (q, k, v) = project_qkv(x, w, heads, kv_heads, rope)?;
+    let zero = pos.scalar_like(0.0)?;
+    let starts = [&zero, &zero, pos, &zero];
+    let cache_k = cache_k.dynamic_update_slice(&k.convert(cache_k.dtype())?, &starts)?;
+    let cache_v = cache_v.dynamic_update_slice(&v.convert(cache_v.dtype())?, &starts)?;
+    let smax = cache_k.dim(2)?;
+    let col = x.graph().iota(TensorType::new(DType::I32, &[1, smax]), 1)?;
+    let allowed = col.le(&pos
+        .convert(DType::I32)?
+        .reshape(&[1, 1])?
+        .broadcast_to(&[1, smax])?)?;
+    let out = attend(
+        &q,
+        &cache_k.convert(x.dtype())?,
+        &cache_v.convert(x.dtype())?,
+        &allowed,
+        w.o,
+    )?;
+    Ok((out, cache_k, cache_v))
 }
 
 /// silu(x) = x * sigmoid(x).

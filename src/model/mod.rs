@@ -7,9 +7,11 @@
 //! blocks, logits, loss), `params` (naming, init, counting), `config`.
 
 pub mod config;
+pub mod generate;
 pub mod layers;
 pub mod moe;
 pub mod params;
+pub mod routing;
 pub mod transformer;
 
 pub use config::{FfnKind, ModelConfig};

@@ -34,15 +34,17 @@ pub enum ExpertCompute {
 }
 
 /// Routing decisions for N tokens.
-struct Routing {
+pub struct Routing {
     /// Router probabilities [N, E] (accumulation dtype).
-    probs: Tensor,
+    pub probs: Tensor,
     /// Chosen experts [N, k] (i32) and their renormalised weights [N, k].
-    experts: Tensor,
-    weights: Tensor,
+    pub experts: Tensor,
+    pub weights: Tensor,
 }
 
-fn route(x: &Tensor, router: &Tensor, k: i64) -> Result<Routing> {
+/// The router on x [N, D] with weights [E, D]: p = softmax(W_r x) in the
+/// accumulation dtype, the top-k experts and their renormalised weights.
+pub fn route(x: &Tensor, router: &Tensor, k: i64) -> Result<Routing> {
     let n = x.dim(0)?;
     let acc = accumulation_dtype(x.dtype());
     let probs = x.convert(acc)?.linear(&router.convert(acc)?)?.softmax(-1)?;

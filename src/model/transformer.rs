@@ -7,7 +7,8 @@ use crate::graph::{DType, GraphError, Result, Tensor};
 
 use super::config::{FfnKind, ModelConfig};
 use super::layers::{
-    accumulation_dtype, attention, rms_norm, rope_tables, swiglu, AttentionWeights,
+    accumulation_dtype, attention, attention_cached, rms_norm, rope_at, rope_tables, swiglu,
+    AttentionWeights,
 };
 use super::moe::{shared_moe, ExpertCompute, MoeWeights};
 
@@ -64,70 +65,163 @@ impl<'a> Transformer<'a> {
         }
     }
 
+    /// Input embeddings [B, S, D] of tokens [B, S] (through the factorised
+    /// projection when the model has one).
+    pub fn embed(&self, inputs: &Tensor) -> Result<Tensor> {
+        let h = self.p("model.embed_tokens.weight")?.take(inputs)?; // [B, S, D] or [B, S, e]
+        if self.cfg.embedding_dim > 0 {
+            return h.linear(&self.p("model.embed_proj.weight")?);
+        }
+        Ok(h)
+    }
+
+    /// Layer `i`'s parameter `name`.
+    fn layer_param(&self, i: i64, name: &str) -> Result<Tensor> {
+        self.p(&format!("model.layers.{i}.{name}"))
+    }
+
+    /// Layer `i`'s attention projections (q, k, v, o).
+    fn attention_params(&self, i: i64) -> Result<[Tensor; 4]> {
+        Ok([
+            self.layer_param(i, "self_attn.q_proj.weight")?,
+            self.layer_param(i, "self_attn.k_proj.weight")?,
+            self.layer_param(i, "self_attn.v_proj.weight")?,
+            self.layer_param(i, "self_attn.o_proj.weight")?,
+        ])
+    }
+
+    /// Layer `i`'s pre-attention RMSNorm of h [B, S, D].
+    pub fn attention_norm(&self, i: i64, h: &Tensor) -> Result<Tensor> {
+        rms_norm(
+            h,
+            &self.layer_param(i, "input_layernorm.weight")?,
+            self.cfg.rms_norm_eps,
+        )
+    }
+
+    /// Layer `i`'s feed-forward half, residual included: h + FFN(RMSNorm(h))
+    /// for h [B, S, D], and the balance loss of the shared MoE (None for a
+    /// dense model).
+    pub fn ffn_block(&self, i: i64, h: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+        let c = self.cfg;
+        let x = self.ffn_norm(i, h)?;
+        let (y, aux) = match c.ffn {
+            FfnKind::Dense => (
+                swiglu(
+                    &x,
+                    &self.layer_param(i, "mlp.gate_proj.weight")?,
+                    &self.layer_param(i, "mlp.up_proj.weight")?,
+                    &self.layer_param(i, "mlp.down_proj.weight")?,
+                )?,
+                None,
+            ),
+            FfnKind::SharedMoe => {
+                let w = MoeWeights {
+                    router: &self.p("model.shared_moe.router.weight")?,
+                    gate: &self.p("model.shared_moe.experts.gate_proj")?,
+                    up: &self.p("model.shared_moe.experts.up_proj")?,
+                    down: &self.p("model.shared_moe.experts.down_proj")?,
+                };
+                let (b, s, d) = (x.dim(0)?, x.dim(1)?, c.hidden_size);
+                let (y, aux) = shared_moe(
+                    &x.reshape(&[b * s, d])?,
+                    &w,
+                    c.experts_per_token,
+                    self.experts,
+                )?;
+                (y.reshape(&[b, s, d])?, Some(aux))
+            }
+        };
+        Ok((h.add(&y)?, aux))
+    }
+
+    /// The final RMSNorm.
+    pub fn final_norm(&self, h: &Tensor) -> Result<Tensor> {
+        rms_norm(h, &self.p("model.norm.weight")?, self.cfg.rms_norm_eps)
+    }
+
+    /// Layer `i`'s pre-FFN RMSNorm of h [B, S, D]: the input of its MLP, or
+    /// of the shared router and experts.
+    pub fn ffn_norm(&self, i: i64, h: &Tensor) -> Result<Tensor> {
+        rms_norm(
+            h,
+            &self.layer_param(i, "post_attention_layernorm.weight")?,
+            self.cfg.rms_norm_eps,
+        )
+    }
+
     /// Final hidden states [B, S, D] for input tokens [B, S], and the mean
     /// balance loss over layers.
     pub fn hidden(&self, inputs: &Tensor) -> Result<(Tensor, Tensor)> {
+        self.hidden_observed(inputs, &mut |_, _| Ok(()))
+    }
+
+    /// [`hidden`](Self::hidden), calling `observe(i, h)` with the residual
+    /// stream h [B, S, D] entering layer `i`'s FFN half (after its
+    /// attention) as it is traced; the traced forward is unchanged. For
+    /// analyses such as `model::routing`.
+    pub fn hidden_observed(
+        &self,
+        inputs: &Tensor,
+        observe: &mut dyn FnMut(i64, &Tensor) -> Result<()>,
+    ) -> Result<(Tensor, Tensor)> {
         let c = self.cfg;
-        let (b, s) = (inputs.dim(0)?, inputs.dim(1)?);
-        let table = self.p("model.embed_tokens.weight")?;
-        let mut h = table.take(inputs)?; // [B, S, D] or [B, S, e]
-        if c.embedding_dim > 0 {
-            h = h.linear(&self.p("model.embed_proj.weight")?)?;
-        }
+        let s = inputs.dim(1)?;
+        let mut h = self.embed(inputs)?;
         let rope = rope_tables(&h, s, c.head_dim(), c.rope_theta)?;
         let acc = accumulation_dtype(self.compute);
         let mut aux_sum = inputs.graph().scalar(0.0, acc)?;
         for i in 0..c.num_layers {
-            let l = |n: &str| self.p(&format!("model.layers.{i}.{n}"));
-            let (q, k, v, o) = (
-                l("self_attn.q_proj.weight")?,
-                l("self_attn.k_proj.weight")?,
-                l("self_attn.v_proj.weight")?,
-                l("self_attn.o_proj.weight")?,
-            );
-            let x = rms_norm(&h, &l("input_layernorm.weight")?, c.rms_norm_eps)?;
-            h = h.add(&attention(
-                &x,
-                &AttentionWeights {
-                    q: &q,
-                    k: &k,
-                    v: &v,
-                    o: &o,
-                },
-                c.num_heads,
-                c.num_kv_heads,
-                &rope,
-            )?)?;
-            let x = rms_norm(&h, &l("post_attention_layernorm.weight")?, c.rms_norm_eps)?;
-            let y = match c.ffn {
-                FfnKind::Dense => swiglu(
-                    &x,
-                    &l("mlp.gate_proj.weight")?,
-                    &l("mlp.up_proj.weight")?,
-                    &l("mlp.down_proj.weight")?,
-                )?,
-                FfnKind::SharedMoe => {
-                    let w = MoeWeights {
-                        router: &self.p("model.shared_moe.router.weight")?,
-                        gate: &self.p("model.shared_moe.experts.gate_proj")?,
-                        up: &self.p("model.shared_moe.experts.up_proj")?,
-                        down: &self.p("model.shared_moe.experts.down_proj")?,
-                    };
-                    let d = c.hidden_size;
-                    let (y, aux) = shared_moe(
-                        &x.reshape(&[b * s, d])?,
-                        &w,
-                        c.experts_per_token,
-                        self.experts,
-                    )?;
-                    aux_sum = aux_sum.add(&aux)?;
-                    y.reshape(&[b, s, d])?
-                }
+            let [q, k, v, o] = self.attention_params(i)?;
+            let x = self.attention_norm(i, &h)?;
+            let w = AttentionWeights {
+                q: &q,
+                k: &k,
+                v: &v,
+                o: &o,
             };
-            h = h.add(&y)?;
+            h = h.add(&attention(&x, &w, c.num_heads, c.num_kv_heads, &rope)?)?;
+            observe(i, &h)?;
+            let (next, aux) = self.ffn_block(i, &h)?;
+            h = next;
+            if let Some(aux) = aux {
+                aux_sum = aux_sum.add(&aux)?;
+            }
         }
-        let h = rms_norm(&h, &self.p("model.norm.weight")?, c.rms_norm_eps)?;
+        let h = self.final_norm(&h)?;
         Ok((h, aux_sum.mul_scalar(1.0 / c.num_layers as f64)?))
+    }
+
+    /// One decoding position with key/value caches: tokens [B, 1] at
+    /// run-time position `pos` (i32 scalar), caches[l] = (k, v)
+    /// [B, K, Smax, Hd] holding positions 0..pos-1. Returns the final
+    /// hidden states [B, 1, D] and the caches with `pos` written.
+    pub fn decode(
+        &self,
+        tokens: &Tensor,
+        pos: &Tensor,
+        caches: &[(Tensor, Tensor)],
+    ) -> Result<(Tensor, Vec<(Tensor, Tensor)>)> {
+        let c = self.cfg;
+        let mut h = self.embed(tokens)?;
+        let rope = rope_at(&h, pos, c.head_dim(), c.rope_theta)?;
+        let mut out = Vec::with_capacity(caches.len());
+        for (i, (ck, cv)) in (0..c.num_layers).zip(caches) {
+            let [q, k, v, o] = self.attention_params(i)?;
+            let x = self.attention_norm(i, &h)?;
+            let w = AttentionWeights {
+                q: &q,
+                k: &k,
+                v: &v,
+                o: &o,
+            };
+            let (a, ck, cv) =
+                attention_cached(&x, &w, c.num_heads, c.num_kv_heads, &rope, pos, ck, cv)?;
+            h = h.add(&a)?;
+            h = self.ffn_block(i, &h)?.0;
+            out.push((ck, cv));
+        }
+        Ok((self.final_norm(&h)?, out))
     }
 
     /// Logits [B, S, V] in f32 (f64 for f64 models) through the tied

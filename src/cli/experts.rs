@@ -1,0 +1,471 @@
+//! `sharedmoe experts --ckpt D [--data P... --tokenizer T] [--batches N]
+//! [--out DIR]`: which of the shared experts the ONE router picks at each
+//! layer of a shared-MoE checkpoint, on the rows `eval` scores (the run's
+//! validation batches, or every document of `--data`).
+//!
+//! The router runs inside a compiled program over the training forward
+//! (`model::routing`); counting happens on the host. Writes into `--out`
+//! (default: the run directory's `experts/`):
+//! - `expert_counts.csv`: layer, expert, count (tokens that chose the
+//!   expert there), fraction (count / tokens; a layer's fractions sum to
+//!   k), mass (mean renormalised weight; a layer's masses sum to 1);
+//! - `layer_overlap.csv`: layer_a, layer_b, overlap (share of tokens whose
+//!   top-k sets at a and b intersect), jaccard (mean Jaccard index of the
+//!   sets), overlap_other_token (the same between a token at a and another
+//!   token at b: what the layers' expert usage alone gives);
+//! - `expert_heatmap.png` (L x E, fraction of tokens) and
+//!   `layer_overlap.png` (L x L, overlap);
+//!
+//! and prints the most-used experts per layer and the overlap of layers 3
+//! and 10 (the thesis claims they choose the same experts).
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
+use plotters::style::FontTransform;
+
+use crate::ckpt;
+use crate::graph::HostTensor;
+use crate::model::param_specs;
+use crate::model::routing::{choices_from_outputs, routing_program, uniform_overlap, RoutingStats};
+use crate::runtime::Arg;
+use crate::train::run::open_client_with;
+use crate::train::Config;
+
+use super::eval::{checkpoint_config, eval_batches};
+use super::plot::register_fonts;
+
+#[derive(clap::Args, Debug)]
+pub struct ExpertsArgs {
+    /// Checkpoint directory (of a shared-MoE model).
+    #[arg(long)]
+    pub ckpt: PathBuf,
+    /// Parquet files, directories or globs to route (default: the run's
+    /// validation batches).
+    #[arg(long)]
+    pub data: Vec<PathBuf>,
+    /// tokenizer.json for --data (default: the run's).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
+    /// Route at most this many batches of train.replicas x micro_batch rows.
+    #[arg(long)]
+    pub batches: Option<usize>,
+    /// Output directory (default: the run directory's `experts/`).
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// PJRT plugin path (overrides discovery).
+    #[arg(long)]
+    pub plugin: Option<PathBuf>,
+}
+
+pub fn run(a: &ExpertsArgs) -> Result<()> {
+    let mut cfg = checkpoint_config(&a.ckpt)?;
+    if !cfg.model.is_moe() {
+        bail!(
+            "{}: a dense model (model.ffn = \"dense\") has no experts; `experts` analyses \
+             shared-MoE checkpoints",
+            a.ckpt.display()
+        );
+    }
+    let checkpoint = ckpt::load(&a.ckpt, &param_specs(&cfg.model))?;
+    let max = a.batches.unwrap_or(usize::MAX);
+    let batches = eval_batches(&mut cfg, &a.data, a.tokenizer.as_deref(), max)?;
+    let stats = route(&cfg, &checkpoint, &batches, a.plugin.as_deref())?;
+    let out = a.out.clone().unwrap_or_else(|| default_out(&a.ckpt));
+    let files = write_outputs(&stats, &out)?;
+    print!("{}", summary(&stats, batches.len()));
+    for f in files {
+        println!("{}", f.display());
+    }
+    Ok(())
+}
+
+/// `RUN/experts` for a checkpoint `RUN/checkpoints/step_N`, else `D/experts`.
+fn default_out(ckpt: &Path) -> PathBuf {
+    match ckpt.parent() {
+        Some(p) if p.file_name().is_some_and(|n| n == "checkpoints") => {
+            p.parent().unwrap_or(Path::new(".")).join("experts")
+        }
+        _ => ckpt.join("experts"),
+    }
+}
+
+/// Runs the routing program over every row group of `batches` (one
+/// micro-batch per call, on one device) and accumulates the statistics.
+fn route(
+    cfg: &Config,
+    checkpoint: &ckpt::Checkpoint,
+    batches: &[Vec<Vec<i32>>],
+    plugin: Option<&Path>,
+) -> Result<RoutingStats> {
+    let (m, t) = (&cfg.model, &cfg.train);
+    let client = open_client_with(cfg, plugin, 1)?;
+    let program = routing_program(m, cfg.compute_dtype(), t.micro_batch, t.seq_len, false)?
+        .compile(&client)?;
+    let dev = &client.devices()[0];
+    let specs = param_specs(m);
+    let params = specs
+        .iter()
+        .zip(&checkpoint.params)
+        .map(|(s, (name, dims, v))| {
+            if *name != s.name {
+                bail!("checkpoint tensor `{name}` where `{}` was expected", s.name);
+            }
+            Ok(client.buffer_from_host(v, dims, dev)?)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let mut stats = RoutingStats::new(
+        m.num_layers as usize,
+        m.num_experts as usize,
+        m.experts_per_token as usize,
+    );
+    for rows in batches.iter().flatten() {
+        let windows = client.buffer_from_host(rows, &[t.micro_batch, t.seq_len + 1], dev)?;
+        let args = params
+            .iter()
+            .chain(std::iter::once(&windows))
+            .map(Arg::Borrowed)
+            .collect();
+        let outs = program.execute(vec![args])?;
+        let host = outs[0]
+            .iter()
+            .map(HostTensor::from_buffer)
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        stats
+            .add(&choices_from_outputs(&host, false))
+            .map_err(|e| anyhow!("routing program results: {e}"))?;
+    }
+    Ok(stats)
+}
+
+/// Writes both CSVs and both PNGs into `out` (created if needed); returns
+/// their paths.
+pub fn write_outputs(s: &RoutingStats, out: &Path) -> Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let (big_l, e) = (s.layers, s.experts);
+    let counts = out.join("expert_counts.csv");
+    let mut text = String::from("layer,expert,count,fraction,mass\n");
+    for l in 0..big_l {
+        for x in 0..e {
+            text += &format!(
+                "{l},{x},{},{:.6},{:.6}\n",
+                s.counts[l][x],
+                s.fraction(l, x),
+                s.mass(l, x)
+            );
+        }
+    }
+    write(&counts, &text)?;
+    let overlap = out.join("layer_overlap.csv");
+    let mut text = String::from("layer_a,layer_b,overlap,jaccard,overlap_other_token\n");
+    for a in 0..big_l {
+        for b in 0..big_l {
+            text += &format!(
+                "{a},{b},{:.6},{:.6},{:.6}\n",
+                s.overlap(a, b),
+                s.jaccard(a, b),
+                s.overlap_other_token(a, b)
+            );
+        }
+    }
+    write(&overlap, &text)?;
+    register_fonts()?;
+    let fractions: Vec<Vec<f64>> = (0..big_l)
+        .map(|l| (0..e).map(|x| s.fraction(l, x)).collect())
+        .collect();
+    let top = fractions.iter().flatten().fold(0.0f64, |m, &v| m.max(v));
+    let heatmap = out.join("expert_heatmap.png");
+    draw_heatmap(
+        &heatmap,
+        &Heatmap {
+            title: format!(
+                "Share of tokens routed to each expert, per layer (top-{} of {e}, {} tokens)",
+                s.k, s.tokens
+            ),
+            x_desc: "expert",
+            y_desc: "layer",
+            bar_desc: "fraction of tokens",
+            values: &fractions,
+            range: (0.0, if top > 0.0 { top } else { 1.0 }),
+        },
+    )?;
+    let overlaps: Vec<Vec<f64>> = (0..big_l)
+        .map(|a| (0..big_l).map(|b| s.overlap(a, b)).collect())
+        .collect();
+    let overlap_png = out.join("layer_overlap.png");
+    draw_heatmap(
+        &overlap_png,
+        &Heatmap {
+            title: format!(
+                "Tokens whose top-{} experts at two layers intersect (uniform routing: {:.2})",
+                s.k,
+                uniform_overlap(e, s.k)
+            ),
+            x_desc: "layer",
+            y_desc: "layer",
+            bar_desc: "fraction of tokens",
+            values: &overlaps,
+            range: (0.0, 1.0),
+        },
+    )?;
+    Ok(vec![counts, overlap, heatmap, overlap_png])
+}
+
+fn write(path: &Path, text: &str) -> Result<()> {
+    std::fs::File::create(path)
+        .and_then(|mut f| f.write_all(text.as_bytes()))
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// The printed report: most-used experts per layer, routing mass, the
+/// mean overlap between layers and that of layers 3 and 10.
+pub fn summary(s: &RoutingStats, batches: usize) -> String {
+    let (big_l, e, k) = (s.layers, s.experts, s.k);
+    let mut o = format!(
+        "{} tokens ({batches} batches) through {big_l} layers sharing {e} experts, top-{k}\n\
+         most used experts per layer (share of tokens; a layer's shares sum to {k}):\n",
+        s.tokens
+    );
+    for l in 0..big_l {
+        let ranked = s.ranked(l);
+        let top: Vec<String> = ranked
+            .iter()
+            .take(3)
+            .map(|&x| format!("e{x} {:.1}%", 100.0 * s.fraction(l, x)))
+            .collect();
+        let least = ranked[e - 1];
+        o += &format!(
+            "  layer {l:>2}: {}   (least: e{least} {:.1}%)\n",
+            top.join(", "),
+            100.0 * s.fraction(l, least)
+        );
+    }
+    let mut by_mass: Vec<usize> = (0..e).collect();
+    by_mass.sort_by(|&a, &b| s.overall_mass(b).total_cmp(&s.overall_mass(a)));
+    let mass: Vec<String> = by_mass
+        .iter()
+        .map(|&x| format!("e{x} {:.3}", s.overall_mass(x)))
+        .collect();
+    o += &format!(
+        "routing mass over all layers (sums to 1): {}\n",
+        mass.join(", ")
+    );
+    let chance = uniform_overlap(e, k);
+    if big_l > 1 {
+        let pairs =
+            (0..big_l).flat_map(|a| (0..big_l).filter(move |&b| b != a).map(move |b| (a, b)));
+        let n = (big_l * (big_l - 1)) as f64;
+        let (mut ov, mut jac, mut other) = (0.0, 0.0, 0.0);
+        for (a, b) in pairs {
+            ov += s.overlap(a, b);
+            jac += s.jaccard(a, b);
+            other += s.overlap_other_token(a, b);
+        }
+        o += &format!(
+            "two different layers share an expert for {:.1}% of tokens on average (mean Jaccard \
+             {:.3}); a token against another token: {:.1}%; uniform random routing: {:.1}%\n",
+            100.0 * ov / n,
+            jac / n,
+            100.0 * other / n,
+            100.0 * chance
+        );
+    }
+    let pair = |a: usize, b: usize, name: &str| {
+        format!(
+            "layers {a} and {b} ({name}): {:.1}% of tokens share an expert (mean Jaccard {:.3}; \
+             a token against another token: {:.1}%; uniform random routing: {:.1}%)\n",
+            100.0 * s.overlap(a, b),
+            s.jaccard(a, b),
+            100.0 * s.overlap_other_token(a, b),
+            100.0 * chance
+        )
+    };
+    if big_l > 10 {
+        o += &pair(3, 10, "counted from 0, as in the CSVs and plots");
+        o += &pair(2, 9, "the thesis's layers 3 and 10 if it counts from 1");
+    } else {
+        o += &format!(
+            "layers 3 and 10 (the thesis's claim): this model has only {big_l} layers (0..{})\n",
+            big_l - 1
+        );
+    }
+    o
+}
+
+/// A matrix to draw: `values[row][col]`, row 0 at the top.
+struct Heatmap<'a> {
+    title: String,
+    x_desc: &'a str,
+    y_desc: &'a str,
+    bar_desc: &'a str,
+    values: &'a [Vec<f64>],
+    /// Values mapped to the ends of the colour scale.
+    range: (f64, f64),
+}
+
+/// Size of the heatmap PNGs, in pixels.
+pub const WIDTH: u32 = 1400;
+pub const HEIGHT: u32 = 900;
+
+/// Viridis, sampled at 0, 1/4, 1/2, 3/4, 1.
+const VIRIDIS: [(f64, f64, f64); 5] = [
+    (68.0, 1.0, 84.0),
+    (59.0, 82.0, 139.0),
+    (33.0, 145.0, 140.0),
+    (94.0, 201.0, 98.0),
+    (253.0, 231.0, 37.0),
+];
+
+/// The colour of t in [0, 1] (clamped), interpolated linearly.
+fn viridis(t: f64) -> RGBColor {
+    let t = if t.is_finite() {
+        t.clamp(0.0, 1.0)
+    } else {
+        0.0
+    };
+    let x = t * (VIRIDIS.len() - 1) as f64;
+    let i = (x.floor() as usize).min(VIRIDIS.len() - 2);
+    let f = x - i as f64;
+    let (a, b) = (VIRIDIS[i], VIRIDIS[i + 1]);
+    let mix = |p: f64, q: f64| (p + f * (q - p)).round() as u8;
+    RGBColor(mix(a.0, b.0), mix(a.1, b.1), mix(a.2, b.2))
+}
+
+/// Draws the matrix as coloured cells (with their values when the cells
+/// are large enough), row and column indices, axis names, a title and a
+/// colour bar, laid out by hand in pixels.
+fn draw_heatmap(path: &Path, h: &Heatmap) -> Result<()> {
+    let rows = h.values.len();
+    let cols = h.values.first().map_or(0, Vec::len);
+    if rows == 0 || cols == 0 {
+        bail!("nothing to draw in {}", path.display());
+    }
+    let root = BitMapBackend::new(path, (WIDTH, HEIGHT)).into_drawing_area();
+    let e = |err| anyhow!("drawing {}: {err}", path.display());
+    root.fill(&WHITE).map_err(e)?;
+    let (w, hh) = (WIDTH as i32, HEIGHT as i32);
+    let (left, top, right, bottom) = (120, 80, w - 230, hh - 110);
+    let centred = |size: f64| {
+        ("sans-serif", size)
+            .into_font()
+            .color(&BLACK)
+            .pos(Pos::new(HPos::Center, VPos::Center))
+    };
+    root.draw_text(&h.title, &centred(26.0), (w / 2, 36))
+        .map_err(e)?;
+    let x_at = |c: usize| left + ((right - left) as f64 * c as f64 / cols as f64).round() as i32;
+    let y_at = |r: usize| top + ((bottom - top) as f64 * r as f64 / rows as f64).round() as i32;
+    let (lo, hi) = h.range;
+    let scale = |v: f64| (v - lo) / (hi - lo);
+    let (cell_w, cell_h) = (x_at(1) - x_at(0), y_at(1) - y_at(0));
+    let number_size = (cell_h as f64 * 0.4).min(cell_w as f64 * 0.27).min(20.0);
+    for (r, row) in h.values.iter().enumerate() {
+        for (c, &v) in row.iter().enumerate() {
+            let (x0, y0, x1, y1) = (x_at(c), y_at(r), x_at(c + 1), y_at(r + 1));
+            root.draw(&Rectangle::new(
+                [(x0, y0), (x1, y1)],
+                viridis(scale(v)).filled(),
+            ))
+            .map_err(e)?;
+            if number_size >= 9.0 {
+                let ink = if scale(v) > 0.6 { BLACK } else { WHITE };
+                let style = ("sans-serif", number_size)
+                    .into_font()
+                    .color(&ink)
+                    .pos(Pos::new(HPos::Center, VPos::Center));
+                root.draw_text(&format!("{v:.2}"), &style, ((x0 + x1) / 2, (y0 + y1) / 2))
+                    .map_err(e)?;
+            }
+        }
+    }
+    root.draw(&Rectangle::new([(left, top), (right, bottom)], BLACK))
+        .map_err(e)?;
+    // Indices: every column/row when they fit, else every n-th.
+    let label_size = 18.0;
+    let every = |n: usize, px: i32| ((n as f64 * 24.0 / px as f64).ceil() as usize).max(1);
+    let col_step = every(cols, right - left);
+    for c in (0..cols).step_by(col_step) {
+        let x = (x_at(c) + x_at(c + 1)) / 2;
+        root.draw_text(&c.to_string(), &centred(label_size), (x, bottom + 16))
+            .map_err(e)?;
+    }
+    let row_step = every(rows, bottom - top);
+    for r in (0..rows).step_by(row_step) {
+        let y = (y_at(r) + y_at(r + 1)) / 2;
+        let style = ("sans-serif", label_size)
+            .into_font()
+            .color(&BLACK)
+            .pos(Pos::new(HPos::Right, VPos::Center));
+        root.draw_text(&r.to_string(), &style, (left - 10, y))
+            .map_err(e)?;
+    }
+    root.draw_text(h.x_desc, &centred(24.0), ((left + right) / 2, bottom + 55))
+        .map_err(e)?;
+    let vertical = |size: f64| {
+        ("sans-serif", size)
+            .into_font()
+            .transform(FontTransform::Rotate270)
+            .color(&BLACK)
+            .pos(Pos::new(HPos::Center, VPos::Center))
+    };
+    root.draw_text(h.y_desc, &vertical(24.0), (left - 70, (top + bottom) / 2))
+        .map_err(e)?;
+    // The colour bar: 200 slices from hi (top) to lo (bottom), 5 ticks.
+    let (bx0, bx1) = (right + 50, right + 85);
+    let slices = 200;
+    for i in 0..slices {
+        let y0 = top + (bottom - top) * i / slices;
+        let y1 = top + (bottom - top) * (i + 1) / slices;
+        let t = 1.0 - (i as f64 + 0.5) / slices as f64;
+        root.draw(&Rectangle::new([(bx0, y0), (bx1, y1)], viridis(t).filled()))
+            .map_err(e)?;
+    }
+    root.draw(&Rectangle::new([(bx0, top), (bx1, bottom)], BLACK))
+        .map_err(e)?;
+    for i in 0..=4 {
+        let t = i as f64 / 4.0;
+        let y = bottom - ((bottom - top) as f64 * t).round() as i32;
+        root.draw(&PathElement::new(vec![(bx1, y), (bx1 + 6, y)], BLACK))
+            .map_err(e)?;
+        let style = ("sans-serif", 16.0)
+            .into_font()
+            .color(&BLACK)
+            .pos(Pos::new(HPos::Left, VPos::Center));
+        root.draw_text(&format!("{:.2}", lo + t * (hi - lo)), &style, (bx1 + 10, y))
+            .map_err(e)?;
+    }
+    root.draw_text(h.bar_desc, &vertical(20.0), (bx1 + 95, (top + bottom) / 2))
+        .map_err(e)?;
+    root.present()
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn viridis_ends_and_clamps() {
+        assert_eq!(viridis(0.0), RGBColor(68, 1, 84));
+        assert_eq!(viridis(1.0), RGBColor(253, 231, 37));
+        assert_eq!(viridis(2.0), viridis(1.0));
+        assert_eq!(viridis(f64::NAN), viridis(0.0));
+        assert_eq!(viridis(0.5), RGBColor(33, 145, 140));
+    }
+
+    #[test]
+    fn default_out_is_the_run_directory() {
+        assert_eq!(
+            default_out(Path::new("runs/x/checkpoints/step_00000005")),
+            PathBuf::from("runs/x/experts")
+        );
+        assert_eq!(
+            default_out(Path::new("init")),
+            PathBuf::from("init/experts")
+        );
+    }
+}

@@ -1,0 +1,324 @@
+//! Which experts the ONE shared router picks at each layer: a compiled
+//! analysis program over the same forward as training
+//! ([`Transformer::hidden_observed`]), and host-side statistics over its
+//! choices (use per layer and expert, routing mass, and how much the
+//! expert sets of two layers overlap for the same token).
+//!
+//! The program only reads the model; it never changes the training forward
+//! or the router ([`route`] is the very function the MoE block uses).
+//!
+//! Shapes: L layers, E experts, k experts per token, M rows of S tokens,
+//! N = M * S tokens, D hidden.
+
+use crate::graph::{DType, Function, Graph, GraphError, HostTensor, Result, Tensor, TensorType};
+
+use super::config::ModelConfig;
+use super::moe::route;
+use super::params::param_specs;
+use super::transformer::Transformer;
+
+/// One layer's routing of N tokens, traced.
+pub struct LayerRouting {
+    /// The router's input x [N, D] (the layer's pre-FFN RMSNorm output).
+    pub input: Tensor,
+    /// p = softmax(W_r x) [N, E] (accumulation dtype).
+    pub probs: Tensor,
+    /// The top-k experts [N, k] (i32), most probable first.
+    pub experts: Tensor,
+    /// Their probabilities renormalised to sum to 1 [N, k].
+    pub weights: Tensor,
+}
+
+/// Traces the model on tokens [M, S] and returns, per layer, what the
+/// shared router saw and chose. Refuses a dense model.
+pub fn trace_routing(
+    cfg: &ModelConfig,
+    params: &[(String, Tensor)],
+    compute: DType,
+    inputs: &Tensor,
+) -> Result<Vec<LayerRouting>> {
+    if !cfg.is_moe() {
+        return Err(GraphError::Usage(
+            "routing analysis needs a shared-MoE model; this one is dense".into(),
+        ));
+    }
+    let name = "model.shared_moe.router.weight";
+    let Some((_, router)) = params.iter().find(|(n, _)| n == name) else {
+        return Err(GraphError::Usage(format!(
+            "model parameter `{name}` was not provided"
+        )));
+    };
+    // As the model uses it: the parameter in the compute dtype.
+    let router = router.convert(compute)?;
+    let model = Transformer::new(cfg, params, compute);
+    let (b, s, d) = (inputs.dim(0)?, inputs.dim(1)?, cfg.hidden_size);
+    let mut layers = Vec::with_capacity(cfg.num_layers as usize);
+    model.hidden_observed(inputs, &mut |i, h| {
+        let x = model.ffn_norm(i, h)?.reshape(&[b * s, d])?;
+        let r = route(&x, &router, cfg.experts_per_token)?;
+        layers.push(LayerRouting {
+            input: x,
+            probs: r.probs,
+            experts: r.experts,
+            weights: r.weights,
+        });
+        Ok(())
+    })?;
+    Ok(layers)
+}
+
+/// The routing program: parameters (f32, in [`param_specs`] order, named
+/// as there) and `windows` [M, S+1] (i32; the tokens are window[:, :S], as
+/// in the loss) -> per layer, in order: probs [N, E] (f32), experts [N, k]
+/// (i32), weights [N, k] (f32), and with `with_inputs` also the router's
+/// input [N, D] (f32). See [`outputs_per_layer`].
+pub fn routing_program(
+    cfg: &ModelConfig,
+    compute: DType,
+    rows: i64,
+    seq_len: i64,
+    with_inputs: bool,
+) -> Result<Function> {
+    let g = Graph::new();
+    let named = param_specs(cfg)
+        .into_iter()
+        .map(|s| {
+            let t = g.param(&s.name, TensorType::new(DType::F32, &s.dims))?;
+            Ok((s.name, t))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let windows = g.param("windows", TensorType::new(DType::I32, &[rows, seq_len + 1]))?;
+    let inputs = windows.slice_axis(1, 0, seq_len)?;
+    let mut outs = vec![];
+    for l in trace_routing(cfg, &named, compute, &inputs)? {
+        outs.push(l.probs.convert(DType::F32)?);
+        outs.push(l.experts);
+        outs.push(l.weights.convert(DType::F32)?);
+        if with_inputs {
+            outs.push(l.input.convert(DType::F32)?);
+        }
+    }
+    let refs: Vec<&Tensor> = outs.iter().collect();
+    Ok(g.build(&refs)?.with_name("routing"))
+}
+
+/// How many results [`routing_program`] returns per layer.
+pub fn outputs_per_layer(with_inputs: bool) -> usize {
+    if with_inputs {
+        4
+    } else {
+        3
+    }
+}
+
+/// One layer's choices for N tokens, on the host.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LayerChoices {
+    /// Chosen experts, token-major [N * k].
+    pub experts: Vec<usize>,
+    /// Their renormalised weights [N * k].
+    pub weights: Vec<f64>,
+}
+
+/// The per-layer choices in [`routing_program`]'s results.
+pub fn choices_from_outputs(outs: &[HostTensor], with_inputs: bool) -> Vec<LayerChoices> {
+    outs.chunks(outputs_per_layer(with_inputs))
+        .map(|l| LayerChoices {
+            experts: l[1].to_f64().into_iter().map(|e| e as usize).collect(),
+            weights: l[2].to_f64(),
+        })
+        .collect()
+}
+
+/// Routing statistics accumulated over batches of tokens.
+#[derive(Clone, Debug, PartialEq)]
+pub struct RoutingStats {
+    pub layers: usize,
+    pub experts: usize,
+    pub k: usize,
+    /// Tokens seen (each goes through every layer).
+    pub tokens: u64,
+    /// [l][e]: tokens whose top-k at layer l holds e.
+    pub counts: Vec<Vec<u64>>,
+    /// [l][e]: sum over tokens of e's renormalised weight (0 if not chosen).
+    mass: Vec<Vec<f64>>,
+    /// [a][b]: tokens whose top-k sets at layers a and b intersect.
+    shared: Vec<Vec<u64>>,
+    /// [a][b]: sum over tokens of |A ∩ B| / |A ∪ B|.
+    jaccard: Vec<Vec<f64>>,
+    /// [a][b]: as `shared` between token t at a and its partner token at b.
+    shared_other: Vec<Vec<u64>>,
+    /// Token pairs behind `shared_other`.
+    pairs: u64,
+}
+
+impl RoutingStats {
+    pub fn new(layers: usize, experts: usize, k: usize) -> RoutingStats {
+        let m = |n| vec![vec![0; n]; layers];
+        let f = |n| vec![vec![0.0; n]; layers];
+        RoutingStats {
+            layers,
+            experts,
+            k,
+            tokens: 0,
+            counts: m(experts),
+            mass: f(experts),
+            shared: m(layers),
+            jaccard: f(layers),
+            shared_other: m(layers),
+            pairs: 0,
+        }
+    }
+
+    /// Adds one batch: `layers[l]` holds every token's choices at layer l,
+    /// the same tokens in the same order at every layer. Refuses a wrong
+    /// number of layers or choices, an expert out of range or chosen twice
+    /// by one token. The partner of token t (for the different-token
+    /// baseline) is token (t + N/2) mod N of the same batch.
+    pub fn add(&mut self, layers: &[LayerChoices]) -> std::result::Result<(), String> {
+        let (big_l, e, k) = (self.layers, self.experts, self.k);
+        if layers.len() != big_l {
+            return Err(format!(
+                "choices for {} layers, expected {big_l}",
+                layers.len()
+            ));
+        }
+        let n = layers[0].experts.len() / k.max(1);
+        for (l, c) in layers.iter().enumerate() {
+            if c.experts.len() != n * k || c.weights.len() != n * k {
+                return Err(format!(
+                    "layer {l}: {} experts and {} weights, expected {} ({n} tokens x k = {k})",
+                    c.experts.len(),
+                    c.weights.len(),
+                    n * k
+                ));
+            }
+            for (t, set) in c.experts.chunks(k).enumerate() {
+                for (j, &x) in set.iter().enumerate() {
+                    if x >= e {
+                        return Err(format!("layer {l}, token {t}: expert {x} of {e}"));
+                    }
+                    if set[..j].contains(&x) {
+                        return Err(format!("layer {l}, token {t}: expert {x} chosen twice"));
+                    }
+                }
+            }
+        }
+        let set = |l: usize, t: usize| &layers[l].experts[t * k..(t + 1) * k];
+        for (l, c) in layers.iter().enumerate() {
+            for (&x, &w) in c.experts.iter().zip(&c.weights) {
+                self.counts[l][x] += 1;
+                self.mass[l][x] += w;
+            }
+        }
+        for t in 0..n {
+            let partner = (t + n / 2) % n;
+            for a in 0..big_l {
+                for b in 0..big_l {
+                    if b >= a {
+                        let common = intersection(set(a, t), set(b, t));
+                        self.shared[a][b] += u64::from(common > 0);
+                        self.jaccard[a][b] += common as f64 / (2 * k - common) as f64;
+                    }
+                    if n > 1 {
+                        let common = intersection(set(a, t), set(b, partner));
+                        self.shared_other[a][b] += u64::from(common > 0);
+                    }
+                }
+            }
+        }
+        for a in 0..big_l {
+            for b in 0..a {
+                self.shared[a][b] = self.shared[b][a];
+                self.jaccard[a][b] = self.jaccard[b][a];
+            }
+        }
+        self.tokens += n as u64;
+        if n > 1 {
+            self.pairs += n as u64;
+        }
+        Ok(())
+    }
+
+    fn per_token(&self, sum: f64) -> f64 {
+        if self.tokens == 0 {
+            0.0
+        } else {
+            sum / self.tokens as f64
+        }
+    }
+
+    /// Share of the tokens that chose expert e at layer l (a layer's
+    /// fractions sum to k).
+    pub fn fraction(&self, l: usize, e: usize) -> f64 {
+        self.per_token(self.counts[l][e] as f64)
+    }
+
+    /// Mean over tokens of e's renormalised weight at layer l (a layer's
+    /// masses sum to 1).
+    pub fn mass(&self, l: usize, e: usize) -> f64 {
+        self.per_token(self.mass[l][e])
+    }
+
+    /// [`mass`](Self::mass) averaged over layers.
+    pub fn overall_mass(&self, e: usize) -> f64 {
+        (0..self.layers).map(|l| self.mass(l, e)).sum::<f64>() / self.layers.max(1) as f64
+    }
+
+    /// Share of tokens whose top-k sets at layers a and b share an expert.
+    pub fn overlap(&self, a: usize, b: usize) -> f64 {
+        self.per_token(self.shared[a][b] as f64)
+    }
+
+    /// Mean over tokens of the Jaccard index of the top-k sets at a and b.
+    pub fn jaccard(&self, a: usize, b: usize) -> f64 {
+        self.per_token(self.jaccard[a][b])
+    }
+
+    /// [`overlap`](Self::overlap) between a token at layer a and ANOTHER
+    /// token at layer b: what the layers' expert usage alone gives.
+    pub fn overlap_other_token(&self, a: usize, b: usize) -> f64 {
+        if self.pairs == 0 {
+            0.0
+        } else {
+            self.shared_other[a][b] as f64 / self.pairs as f64
+        }
+    }
+
+    /// Experts of layer l by decreasing count (ties: lower index first).
+    pub fn ranked(&self, l: usize) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.experts).collect();
+        order.sort_by_key(|&e| std::cmp::Reverse(self.counts[l][e]));
+        order
+    }
+}
+
+/// Size of the intersection of two sets of distinct experts.
+fn intersection(a: &[usize], b: &[usize]) -> usize {
+    a.iter().filter(|x| b.contains(x)).count()
+}
+
+/// The chance that two independent uniformly random k-sets of E experts
+/// intersect: 1 - C(E-k, k) / C(E, k).
+pub fn uniform_overlap(experts: usize, k: usize) -> f64 {
+    if 2 * k > experts {
+        return 1.0;
+    }
+    let disjoint: f64 = (0..k)
+        .map(|i| (experts - k - i) as f64 / (experts - i) as f64)
+        .product();
+    1.0 - disjoint
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn uniform_overlap_of_two_of_sixteen() {
+        // C(14, 2) / C(16, 2) = 91 / 120 disjoint.
+        assert!((uniform_overlap(16, 2) - 29.0 / 120.0).abs() < 1e-12);
+        assert_eq!(uniform_overlap(4, 1), 0.25);
+        assert_eq!(uniform_overlap(3, 2), 1.0);
+    }
+}
