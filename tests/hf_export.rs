@@ -77,51 +77,7 @@ fn root() -> &'static Path {
 /// previous run left the marker listing exactly them. A failed install
 /// fails the test with pip's output.
 fn hf_python() -> PathBuf {
-    let venv = root().join("target/hf-venv");
-    let python = venv.join("bin/python");
-    let marker = venv.join("installed-packages.txt");
-    let want = PACKAGES.join("\n");
-    if std::fs::read_to_string(&marker).is_ok_and(|m| m == want) {
-        return python;
-    }
-    eprintln!(
-        "installing {} packages into {}",
-        PACKAGES.len(),
-        venv.display()
-    );
-    if !python.exists() {
-        let st = Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(&venv)
-            .status()
-            .expect("running python3 -m venv (is python3 installed?)");
-        assert!(
-            st.success(),
-            "python3 -m venv {} failed: {st}",
-            venv.display()
-        );
-    }
-    let out = Command::new(&python)
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-        ])
-        .args(PACKAGES)
-        .output()
-        .expect("running pip");
-    assert!(
-        out.status.success(),
-        "pip install into {} failed ({}):\n{}{}",
-        venv.display(),
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    std::fs::write(&marker, want).unwrap();
-    python
+    common::python_venv("hf-venv", PACKAGES)
 }
 
 fn sharedmoe(args: &[&str]) -> std::process::Output {

@@ -2,7 +2,9 @@
 //! (from the pinned `tensorboard` pip package, installed on first use into
 //! its own venv, `target/tb-venv`) must see our tags, steps and values.
 
-use std::path::{Path, PathBuf};
+mod common;
+
+use std::path::PathBuf;
 use std::process::Command;
 
 use sharedmoe::train::tensorboard::EventWriter;
@@ -14,47 +16,7 @@ const PACKAGES: &[&str] = &["tensorboard==2.20.0", "protobuf==7.36.2", "numpy==2
 /// The venv's python, creating the venv and installing PACKAGES unless a
 /// previous run left the marker saying they are in.
 fn tb_python() -> PathBuf {
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/tb-venv");
-    let python = venv.join("bin/python");
-    let marker = venv.join(format!("installed-{}", PACKAGES.join(",")));
-    if marker.exists() {
-        return python;
-    }
-    eprintln!("installing {} into {}", PACKAGES.join(", "), venv.display());
-    if !python.exists() {
-        let st = Command::new("python3")
-            .args(["-m", "venv"])
-            .arg(&venv)
-            .status()
-            .expect("running python3 -m venv (is python3 installed?)");
-        assert!(
-            st.success(),
-            "python3 -m venv {} failed: {st}",
-            venv.display()
-        );
-    }
-    let out = Command::new(&python)
-        .args([
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--disable-pip-version-check",
-        ])
-        .args(PACKAGES)
-        .output()
-        .expect("running pip");
-    assert!(
-        out.status.success(),
-        "pip install {} into {} failed ({}):\n{}{}",
-        PACKAGES.join(" "),
-        venv.display(),
-        out.status,
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    std::fs::write(&marker, b"").unwrap();
-    python
+    common::python_venv("tb-venv", PACKAGES)
 }
 
 const READER: &str = r#"

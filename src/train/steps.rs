@@ -60,6 +60,23 @@ pub struct LoopOptions {
     pub progress: bool,
 }
 
+/// The progress line of a run of `steps` steps (hidden when `visible` is
+/// false): the same for a single run and for the coordinator.
+pub fn step_bar(steps: i64, visible: bool) -> indicatif::ProgressBar {
+    let bar = if visible {
+        indicatif::ProgressBar::new(steps.max(0) as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
+        )
+        .expect("valid template"),
+    );
+    bar
+}
+
 /// The trainer's state plus where the data stands.
 pub fn snapshot(trainer: &Trainer, batches: &Batches) -> Result<Checkpoint> {
     let pos = batches.position();
@@ -89,17 +106,7 @@ pub fn run_steps(
     let t = &cfg.train;
     let tokens_per_step = t.global_batch * t.seq_len;
     let fpt = flops_per_token(cfg);
-    let bar = if opts.progress {
-        indicatif::ProgressBar::new(t.steps as u64)
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
-        )
-        .expect("valid template"),
-    );
+    let bar = step_bar(t.steps, opts.progress);
     bar.set_position(trainer.step_count() as u64);
     let mut last_ckpt: Option<String> = None;
     while trainer.step_count() < opts.end {

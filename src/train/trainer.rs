@@ -50,6 +50,11 @@ pub struct Trainer {
     seed: u64,
 }
 
+/// A device scalar (f32) as f64.
+fn scalar(b: &Buffer) -> Result<f64> {
+    Ok(b.to_host::<f32>()?[0] as f64)
+}
+
 /// A fresh state: initial parameters from `seed`, zero moments, step 0.
 pub fn fresh_checkpoint(cfg: &Config, seed: u64) -> Checkpoint {
     let params: Tensors = init_params(&cfg.model, seed)
@@ -233,13 +238,19 @@ impl Trainer {
             .collect();
         let outputs = program.execute(args)?;
         let m = self.layout.metrics_index();
-        let scalar = |b: &Buffer| -> Result<f64> { Ok(b.to_host::<f32>()?[0] as f64) };
         let metrics = StepMetrics {
             ce: scalar(&outputs[0][m])?,
             aux: scalar(&outputs[0][m + 1])?,
             grad_norm: scalar(&outputs[0][m + 2])?,
             lr: scalar(&outputs[0][m + 3])?,
         };
+        self.keep_state(outputs);
+        Ok(metrics)
+    }
+
+    /// The step's outputs minus the metrics become the state; one step done.
+    fn keep_state(&mut self, outputs: Vec<Vec<Buffer>>) {
+        let m = self.layout.metrics_index();
         self.state = outputs
             .into_iter()
             .map(|mut o| {
@@ -248,7 +259,6 @@ impl Trainer {
             })
             .collect();
         self.step += 1;
-        Ok(metrics)
     }
 
     /// The step as gradient program, host-side sum across processes,
@@ -304,21 +314,13 @@ impl Trainer {
         }
         let outputs = update.execute(args)?;
         let m = self.layout.metrics_index();
-        let scalar = |b: &Buffer| -> Result<f64> { Ok(b.to_host::<f32>()?[0] as f64) };
         let metrics = StepMetrics {
             ce,
             aux,
             grad_norm: scalar(&outputs[0][m])?,
             lr: scalar(&outputs[0][m + 1])?,
         };
-        self.state = outputs
-            .into_iter()
-            .map(|mut o| {
-                o.truncate(m);
-                o
-            })
-            .collect();
-        self.step += 1;
+        self.keep_state(outputs);
         Ok(metrics)
     }
 

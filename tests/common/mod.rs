@@ -165,3 +165,58 @@ where
     }
     worst
 }
+
+/// `target/<name>/bin/python` of a venv holding exactly `packages`,
+/// created and installed unless a previous run left the marker listing
+/// them. A failed install fails the test with pip's output.
+pub fn python_venv(name: &str, packages: &[&str]) -> std::path::PathBuf {
+    use std::process::Command;
+    let venv = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target")
+        .join(name);
+    let python = venv.join("bin/python");
+    let marker = venv.join("installed-packages.txt");
+    let want = packages.join("\n");
+    if std::fs::read_to_string(&marker).is_ok_and(|m| m == want) {
+        return python;
+    }
+    eprintln!(
+        "installing {} packages into {}",
+        packages.len(),
+        venv.display()
+    );
+    if !python.exists() {
+        let st = Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(&venv)
+            .status()
+            .expect("running python3 -m venv (is python3 installed?)");
+        assert!(
+            st.success(),
+            "python3 -m venv {} failed: {st}",
+            venv.display()
+        );
+    }
+    let out = Command::new(&python)
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+        ])
+        .args(packages)
+        .output()
+        .expect("running pip");
+    assert!(
+        out.status.success(),
+        "pip install {} into {} failed ({}):\n{}{}",
+        packages.join(" "),
+        venv.display(),
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    std::fs::write(&marker, want).unwrap();
+    python
+}

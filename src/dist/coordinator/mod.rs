@@ -318,17 +318,7 @@ pub async fn serve(
         fs::write(&tmp, addr.to_string())?;
         fs::rename(&tmp, f)?;
     }
-    let bar = if opts.progress {
-        indicatif::ProgressBar::new(cfg.train.steps as u64)
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
-    bar.set_style(
-        indicatif::ProgressStyle::with_template(
-            "{bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}] {msg}",
-        )
-        .expect("valid template"),
-    );
+    let bar = crate::train::steps::step_bar(cfg.train.steps, opts.progress);
     let (tick, _) = watch::channel(0u64);
     let job = Arc::new(Job {
         job_id,
