@@ -17,24 +17,47 @@ use crate::train::batches::{Batches, DataPosition};
 use crate::train::run::open_client;
 use crate::train::{Config, Trainer};
 
+/// A checkpoint and the rows to run it on (shared by `eval` and `experts`).
 #[derive(clap::Args, Debug)]
-pub struct EvalArgs {
+pub struct CheckpointRows {
     /// Checkpoint directory.
     #[arg(long)]
     pub ckpt: PathBuf,
-    /// Parquet files, directories or globs to score (default: the run's
-    /// validation batches).
+    /// Parquet files, directories or globs (default: the run's validation
+    /// batches).
     #[arg(long)]
     pub data: Vec<PathBuf>,
     /// tokenizer.json for --data (default: the run's).
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
-    /// Score at most this many batches of train.replicas x micro_batch rows.
+    /// At most this many batches of train.replicas x micro_batch rows.
     #[arg(long)]
     pub batches: Option<usize>,
     /// PJRT plugin path (overrides discovery).
     #[arg(long)]
     pub plugin: Option<PathBuf>,
+}
+
+impl CheckpointRows {
+    /// The checkpoint's config.
+    pub fn config(&self) -> Result<Config> {
+        checkpoint_config(&self.ckpt)
+    }
+
+    /// The checkpoint (checked against `cfg`) and the batches to run it on;
+    /// `cfg`'s data section is pointed at them.
+    pub fn load(&self, cfg: &mut Config) -> Result<(ckpt::Checkpoint, Vec<Vec<Vec<i32>>>)> {
+        let checkpoint = ckpt::load(&self.ckpt, &param_specs(&cfg.model))?;
+        let max = self.batches.unwrap_or(usize::MAX);
+        let batches = eval_batches(cfg, &self.data, self.tokenizer.as_deref(), max)?;
+        Ok((checkpoint, batches))
+    }
+}
+
+#[derive(clap::Args, Debug)]
+pub struct EvalArgs {
+    #[command(flatten)]
+    pub rows: CheckpointRows,
 }
 
 /// Mean CE over the batches, and how many rows of S+1 tokens were scored.
@@ -48,7 +71,7 @@ pub fn run(a: &EvalArgs) -> Result<()> {
     let r = evaluate(a)?;
     println!(
         "{}: cross-entropy {:.4} nats/token, perplexity {:.2} ({} rows, {} predicted tokens)",
-        a.ckpt.display(),
+        a.rows.ckpt.display(),
         r.ce,
         r.ce.exp(),
         r.rows,
@@ -154,11 +177,9 @@ pub fn eval_batches(
 }
 
 pub fn evaluate(a: &EvalArgs) -> Result<EvalResult> {
-    let mut cfg = checkpoint_config(&a.ckpt)?;
-    let checkpoint = ckpt::load(&a.ckpt, &param_specs(&cfg.model))?;
-    let max = a.batches.unwrap_or(usize::MAX);
-    let batches = eval_batches(&mut cfg, &a.data, a.tokenizer.as_deref(), max)?;
-    let client = open_client(&cfg, a.plugin.as_deref())?;
+    let mut cfg = a.rows.config()?;
+    let (checkpoint, batches) = a.rows.load(&mut cfg)?;
+    let client = open_client(&cfg, a.rows.plugin.as_deref())?;
     let mut trainer = Trainer::new(cfg.clone(), client, &checkpoint)?;
     let mut total = 0.0;
     for b in &batches {

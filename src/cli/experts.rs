@@ -35,46 +35,31 @@ use crate::runtime::Arg;
 use crate::train::run::open_client_with;
 use crate::train::Config;
 
-use super::eval::{checkpoint_config, eval_batches};
+use super::eval::CheckpointRows;
 use super::plot::register_fonts;
 
 #[derive(clap::Args, Debug)]
 pub struct ExpertsArgs {
-    /// Checkpoint directory (of a shared-MoE model).
-    #[arg(long)]
-    pub ckpt: PathBuf,
-    /// Parquet files, directories or globs to route (default: the run's
-    /// validation batches).
-    #[arg(long)]
-    pub data: Vec<PathBuf>,
-    /// tokenizer.json for --data (default: the run's).
-    #[arg(long)]
-    pub tokenizer: Option<PathBuf>,
-    /// Route at most this many batches of train.replicas x micro_batch rows.
-    #[arg(long)]
-    pub batches: Option<usize>,
+    /// The checkpoint (of a shared-MoE model) and the rows to route.
+    #[command(flatten)]
+    pub rows: CheckpointRows,
     /// Output directory (default: the run directory's `experts/`).
     #[arg(long)]
     pub out: Option<PathBuf>,
-    /// PJRT plugin path (overrides discovery).
-    #[arg(long)]
-    pub plugin: Option<PathBuf>,
 }
 
 pub fn run(a: &ExpertsArgs) -> Result<()> {
-    let mut cfg = checkpoint_config(&a.ckpt)?;
+    let mut cfg = a.rows.config()?;
     if !cfg.model.is_moe() {
         bail!(
             "{}: a dense model (model.ffn = \"dense\") has no experts; `experts` analyses \
              shared-MoE checkpoints",
-            a.ckpt.display()
+            a.rows.ckpt.display()
         );
     }
-    let checkpoint = ckpt::load(&a.ckpt, &param_specs(&cfg.model))?;
-    let max = a.batches.unwrap_or(usize::MAX);
-    let batches = eval_batches(&mut cfg, &a.data, a.tokenizer.as_deref(), max)?;
-    let stats = route(&cfg, &checkpoint, &batches, a.plugin.as_deref())?;
-    let out = a.out.clone().unwrap_or_else(|| default_out(&a.ckpt));
+    let (checkpoint, batches) = a.rows.load(&mut cfg)?;
+    let stats = route(&cfg, &checkpoint, &batches, a.rows.plugin.as_deref())?;
+    let out = a.out.clone().unwrap_or_else(|| default_out(&a.rows.ckpt));
     let files = write_outputs(&stats, &out)?;
     print!("{}", summary(&stats, batches.len()));
     for f in files {

@@ -3,14 +3,13 @@
 
 use std::path::PathBuf;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 
 use crate::ckpt;
 use crate::data::tokenizer;
 use crate::model::generate::{Generator, Sampling};
 use crate::model::param_specs;
 use crate::train::run::open_client_with;
-use crate::train::Config;
 
 #[derive(clap::Args, Debug)]
 pub struct GenerateArgs {
@@ -41,13 +40,7 @@ pub struct GenerateArgs {
 }
 
 pub fn run(a: &GenerateArgs) -> Result<()> {
-    let state_path = a.ckpt.join("state.json");
-    let state: ckpt::TrainingState = serde_json::from_slice(
-        &std::fs::read(&state_path).with_context(|| format!("reading {}", state_path.display()))?,
-    )
-    .with_context(|| format!("{}: not a valid state.json", state_path.display()))?;
-    let mut cfg = Config::parse(&state.config_toml, &[])
-        .map_err(|e| anyhow!("{}: the checkpoint's config: {e}", state_path.display()))?;
+    let mut cfg = super::eval::checkpoint_config(&a.ckpt)?;
     if let Some(t) = &a.tokenizer {
         cfg.data.tokenizer = t.clone();
     }
