@@ -71,7 +71,8 @@ pub struct WorkerArgs {
     /// This host's backend: cpu, cuda or tpu.
     #[arg(long, default_value = "cpu")]
     pub backend: String,
-    /// The rank this worker must have (e.g. $TPU_WORKER_ID); default any.
+    /// The rank this worker must have; default any, and on TPU the slice's
+    /// worker number (TPU_WORKER_ID on GKE, the TPU VM's metadata).
     #[arg(long)]
     pub rank: Option<u32>,
     /// File holding the shared secret (else $SHAREDMOE_SECRET).
@@ -163,12 +164,24 @@ fn fit_data_shards(cfg: &mut crate::train::Config, workers: u32) {
 }
 
 pub fn run_worker_cmd(a: &WorkerArgs) -> Result<()> {
+    let rank = match (a.rank, a.backend.as_str()) {
+        (None, "tpu") => {
+            let host = crate::dist::tpu::discover()?;
+            tracing::info!(
+                "TPU slice worker {} of {} hosts",
+                host.worker_id,
+                host.hostnames.len()
+            );
+            Some(host.worker_id)
+        }
+        (r, _) => r,
+    };
     let opts = WorkerOptions {
         coordinator: a.coordinator.clone(),
         secret: load_secret(a.secret_file.as_deref())?,
         plugin: a.plugin.clone(),
         backend: a.backend.clone(),
-        want_rank: a.rank.map_or(-1, |r| r as i32),
+        want_rank: rank.map_or(-1, |r| r as i32),
         connect_timeout: seconds(a.connect_timeout_s, "--connect-timeout-s")?,
         progress: false,
     };
@@ -191,7 +204,10 @@ pub fn run_launch(a: &LaunchArgs) -> Result<()> {
     for o in &a.config.overrides {
         config_args.extend(["--set".to_string(), o.clone()]);
     }
-    let mut worker_args = vec![];
+    let mut worker_args = vec!["--backend".to_string(), cfg.run.backend.clone()];
+    if let Some(b) = a.config.backend {
+        config_args.extend(["--backend".to_string(), b.to_string()]);
+    }
     if let Some(p) = &a.plugin {
         worker_args.extend(["--plugin".to_string(), p.display().to_string()]);
     }

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Context, Result};
 
 use crate::model::{count_breakdown, ModelConfig};
+use crate::runtime::Backend;
 use crate::train::{self, Config, StartFrom};
 
 /// A config file plus `--set section.key=value` overrides.
@@ -16,11 +17,19 @@ pub struct ConfigArgs {
     /// Override a config value, e.g. --set train.steps=100 (repeatable).
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,
+    /// cpu, cuda or tpu: shorthand for --set run.backend=... (with
+    /// train.compute_dtype = "auto", TPU and GPU compute in bf16).
+    #[arg(long)]
+    pub backend: Option<Backend>,
 }
 
 impl ConfigArgs {
     pub fn load(&self) -> Result<Config> {
-        Config::load(&self.config, &self.overrides).map_err(anyhow::Error::msg)
+        let mut overrides = self.overrides.clone();
+        if let Some(b) = self.backend {
+            overrides.push(format!("run.backend={b}"));
+        }
+        Config::load(&self.config, &overrides).map_err(anyhow::Error::msg)
     }
 }
 
@@ -89,6 +98,7 @@ pub fn run_params(a: &ParamsArgs) -> Result<()> {
             ConfigArgs {
                 config: a.config.clone().into(),
                 overrides: a.overrides.clone(),
+                backend: None,
             }
             .load()?
             .model

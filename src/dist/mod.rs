@@ -16,6 +16,7 @@ pub mod floats;
 pub mod host_sum;
 pub mod kv;
 pub mod launch;
+pub mod tpu;
 pub mod transfer;
 pub mod worker;
 

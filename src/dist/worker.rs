@@ -29,6 +29,7 @@ use crate::train::run::{
     check_data_shards, check_tokenizer, device_peak_flops, open_job_client, JobMember,
 };
 use crate::train::steps::{run_steps, snapshot, LoopEnd, LoopOptions, MetricsRow, RunSink};
+use crate::train::placement::Placement;
 use crate::train::trainer::fresh_checkpoint;
 use crate::train::{Config, Trainer};
 
@@ -311,7 +312,6 @@ fn run_attempt(
     let cfg = Config::parse(&reg.config_toml, &[]).map_err(|e| anyhow!("the job's config: {e}"))?;
     let world = s.world as i64;
     let local = cfg.train.replicas / world;
-    let first = s.rank as i64 * local;
     let specs = param_specs(&cfg.model);
     let start: Checkpoint = if reg.has_checkpoint {
         let files = rt.block_on(fetch_checkpoint(client.clone(), s))?;
@@ -321,9 +321,6 @@ fn run_attempt(
     };
     signals.step.store(start.state.step, Ordering::Relaxed);
     check_data_shards(&cfg, &start.state)?;
-    let at = DataPosition::from_state(&start.state);
-    let mut batches = Batches::open(&cfg, &at, first..first + local)?;
-    check_tokenizer(&cfg, &start.state, &batches)?;
     let member = JobMember {
         node_id: s.rank as i64,
         num_nodes: world,
@@ -334,20 +331,24 @@ fn run_attempt(
         }),
     };
     let client_pjrt = open_job_client(&cfg, opts.plugin.as_deref(), local, Some(member))?;
+    // The CPU plugin's processes cannot join one XLA program: each runs its
+    // share of the replicas and gradients are summed through the
+    // coordinator. Accelerator clients are multi-host (libtpu's topology
+    // discovery, the CUDA plugin through the key-value store above): one
+    // program spans every chip of the job and XLA's collectives sum.
+    let host_sum = world > 1 && cfg.run.backend == "cpu";
+    let replicas = if host_sum {
+        s.rank as i64 * local..(s.rank as i64 + 1) * local
+    } else {
+        let r = Placement::job(&client_pjrt, cfg.train.replicas as usize)?.local;
+        r.start as i64..r.end as i64
+    };
+    let at = DataPosition::from_state(&start.state);
+    let mut batches = Batches::open(&cfg, &at, replicas)?;
+    check_tokenizer(&cfg, &start.state, &batches)?;
     let began = Instant::now();
     let vote = sigterm.clone();
-    if world > 1 && cfg.run.backend != "cpu" {
-        // The step whose replicas span every chip of the job (XLA
-        // collectives across hosts) is the accelerator launch path's; the
-        // client above is already created multi-host.
-        bail!(
-            "multi-host {} training needs the cross-host compiled step, which is not built yet; \
-             run one worker per job on {} for now",
-            cfg.run.backend,
-            cfg.run.backend
-        );
-    }
-    let (mut trainer, agreed) = if world > 1 {
+    let (mut trainer, agreed) = if host_sum {
         let sum = HostSum::new(rt.handle().clone(), client.clone(), s.clone(), vote);
         let agreed = sum.agreed.clone();
         (
@@ -355,6 +356,9 @@ fn run_attempt(
             agreed,
         )
     } else {
+        // A SIGTERM stops this process after its step. On a TPU slice all
+        // hosts are preempted together; a lone stopped host is seen by the
+        // coordinator as lost and the job restarts from its last checkpoint.
         (
             Trainer::new(cfg.clone(), client_pjrt.clone(), &start)?,
             sigterm.clone(),

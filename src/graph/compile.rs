@@ -124,11 +124,29 @@ pub struct Compiled {
 }
 
 impl Function {
-    /// Emits the module and compiles it for `num_replicas` devices.
+    /// Emits the module and compiles it for `num_replicas` devices (the
+    /// client's first ones).
     pub fn compile(&self, client: &Client) -> Result<Compiled> {
+        self.compile_on(client, None)
+    }
+
+    /// Compiles with replica r on device `assignment[r]`. In a multi-host
+    /// job the assignment names every host's devices and each process
+    /// executes only its own replicas.
+    pub fn compile_on(&self, client: &Client, assignment: Option<&[i64]>) -> Result<Compiled> {
+        if let Some(a) = assignment {
+            if a.len() != self.num_replicas {
+                return usage(format!(
+                    "a device assignment of {} devices for {} replicas",
+                    a.len(),
+                    self.num_replicas
+                ));
+            }
+        }
         let mlir = self.to_mlir()?;
         let options = CompileOptions {
             num_replicas: self.num_replicas,
+            device_assignment: assignment.map(<[i64]>::to_vec),
             ..Default::default()
         };
         let exe = client.compile(&mlir, &options)?;
@@ -156,12 +174,14 @@ impl Compiled {
         self.num_replicas
     }
 
-    /// Runs with one argument list per replica. Donated parameters must be
+    /// Runs with one argument list per replica this process runs (every
+    /// replica unless the program spans hosts). Donated parameters must be
     /// passed as [`Arg::Donated`]; they are consumed.
     pub fn execute(&self, args: Vec<Vec<Arg<'_>>>) -> Result<Vec<Vec<Buffer>>> {
-        if args.len() != self.num_replicas {
+        let local = self.exe.num_replicas();
+        if args.len() != local {
             return usage(format!(
-                "{} argument lists for {} replicas",
+                "{} argument lists for the {local} replicas this process runs (of {})",
                 args.len(),
                 self.num_replicas
             ));

@@ -99,6 +99,7 @@ impl fmt::Debug for Client {
 pub struct Device {
     pub(crate) raw: *mut ffi::PJRT_Device,
     id: i32,
+    process_index: i32,
     local_hardware_id: i32,
     kind: String,
     debug: String,
@@ -124,6 +125,11 @@ impl Device {
         &self.kind
     }
 
+    /// The process (host) that drives this device in a multi-host job.
+    pub fn process_index(&self) -> i32 {
+        self.process_index
+    }
+
     /// The plugin's hardware id of this device on its host (-1 if unknown).
     pub fn local_hardware_id(&self) -> i32 {
         self.local_hardware_id
@@ -131,6 +137,15 @@ impl Device {
 
     pub fn debug_string(&self) -> &str {
         &self.debug
+    }
+
+    /// Bytes of device memory: (usable limit, in use), where the plugin
+    /// reports them (accelerators do; the CPU plugin does not).
+    pub fn memory(&self) -> Option<(i64, i64)> {
+        let p = &self._client.plugin;
+        let mut a = args!(PJRT_Device_MemoryStats_Args { device: self.raw });
+        pjrt_call!(p, PJRT_Device_MemoryStats, &mut a, "device memory").ok()?;
+        a.bytes_limit_is_set.then_some((a.bytes_limit, a.bytes_in_use))
     }
 }
 
@@ -154,12 +169,9 @@ impl Client {
     ) -> Result<Client> {
         let ctx = format!("creating PJRT client from {}", plugin.path().display());
         if plugin.is_tpu() && !super::plugin::tpu_present() {
-            return Err(Error::new(
-                ctx,
-                "no TPU device on this machine (/dev/accel* or /dev/vfio/*); refusing to create a libtpu client, \
-                 which would query the cloud metadata server",
-            ));
+            return Err(Error::new(ctx, super::plugin::NO_TPU));
         }
+        plugin.initialize()?;
         let strings: Vec<String> = options
             .iter()
             .map(|(_, v)| {
@@ -261,6 +273,46 @@ impl Client {
         }
     }
 
+    /// This process's index in a multi-host job (0 when alone).
+    pub fn process_index(&self) -> i32 {
+        let mut a = args!(PJRT_Client_ProcessIndex_Args {
+            client: self.inner.raw
+        });
+        match pjrt_call!(
+            self.inner.plugin,
+            PJRT_Client_ProcessIndex,
+            &mut a,
+            "process index"
+        ) {
+            Ok(()) => a.process_index,
+            Err(e) => {
+                tracing::warn!("{e}");
+                0
+            }
+        }
+    }
+
+    /// Every device of the job, this process's and the other hosts' (a
+    /// multi-host client sees them all; only [`devices`](Self::devices) are
+    /// addressable from here).
+    pub fn global_devices(&self) -> Vec<Device> {
+        let mut a = args!(PJRT_Client_Devices_Args {
+            client: self.inner.raw
+        });
+        if let Err(e) = pjrt_call!(
+            self.inner.plugin,
+            PJRT_Client_Devices,
+            &mut a,
+            "listing the job's devices"
+        ) {
+            tracing::error!("{e}");
+            return vec![];
+        }
+        // SAFETY: the plugin returns `num` device pointers owned by the client.
+        let raws = unsafe { std::slice::from_raw_parts(a.devices, a.num_devices) };
+        raws.iter().map(|&d| self.device_from_raw(d)).collect()
+    }
+
     /// The devices this process can address, in the plugin's order.
     pub fn devices(&self) -> Vec<Device> {
         let mut a = args!(PJRT_Client_AddressableDevices_Args {
@@ -308,6 +360,15 @@ impl Client {
             &mut dbg,
             "device debug string"
         );
+        let mut process = args!(PJRT_DeviceDescription_ProcessIndex_Args {
+            device_description: dd
+        });
+        let _ = pjrt_call!(
+            p,
+            PJRT_DeviceDescription_ProcessIndex,
+            &mut process,
+            "device process index"
+        );
         let mut local = args!(PJRT_Device_LocalHardwareId_Args {
             device: raw,
             local_hardware_id: -1,
@@ -321,6 +382,7 @@ impl Client {
         Device {
             raw,
             id: id.id,
+            process_index: process.process_index,
             local_hardware_id: local.local_hardware_id,
             kind: plugin_str(kind.device_kind, kind.device_kind_size),
             debug: plugin_str(dbg.debug_string, dbg.debug_string_size),

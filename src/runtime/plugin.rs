@@ -247,6 +247,11 @@ fn find_plugin_in(
     ))
 }
 
+/// Why a libtpu client (or initialisation) is refused here.
+pub(crate) const NO_TPU: &str = "no TPU device on this machine (/dev/accel* or /dev/vfio/*); refusing to \
+     initialise libtpu or create a TPU client, which would query the cloud metadata server. Run on a \
+     TPU VM (or a GKE TPU node), or choose another backend";
+
 /// True when this machine has TPU chips (as on TPU VMs: `/dev/accel*` or
 /// `/dev/vfio/*`). Checked before creating a libtpu client: without chips,
 /// libtpu queries the cloud metadata server over the network for minutes.
@@ -272,6 +277,8 @@ pub fn tpu_present() -> bool {
 pub struct Plugin {
     api: *const ffi::PJRT_Api,
     path: PathBuf,
+    /// `PJRT_Plugin_Initialize`'s outcome, run once before the first client.
+    initialized: std::sync::OnceLock<Result<()>>,
     _lib: std::mem::ManuallyDrop<libloading::Library>,
 }
 
@@ -294,9 +301,12 @@ impl fmt::Debug for Plugin {
 }
 
 impl Plugin {
-    /// Loads the library, reads its API table and initialises the plugin.
-    /// Loading does not create a client (for libtpu that is what contacts
-    /// the cloud metadata server).
+    /// Loads the library and reads its API table (`GetPjrtApi`), nothing
+    /// more: initialisation waits for the first client
+    /// ([`initialize`](Self::initialize)), because libtpu's
+    /// `PJRT_Plugin_Initialize` already asks the cloud metadata server for
+    /// the TPU topology (minutes of network retries on a machine without
+    /// TPU). So a plugin can always be found, loaded and its version read.
     pub fn load(path: &Path) -> Result<Arc<Plugin>> {
         let ctx = format!("loading PJRT plugin {}", path.display());
         if !path.is_file() {
@@ -322,20 +332,33 @@ impl Plugin {
         if api.is_null() {
             return Err(Error::new(ctx, "GetPjrtApi returned null"));
         }
-        let plugin = Plugin {
+        let plugin = Arc::new(Plugin {
             api,
             path: path.to_path_buf(),
+            initialized: std::sync::OnceLock::new(),
             _lib: std::mem::ManuallyDrop::new(lib),
-        };
-        let mut args = args!(PJRT_Plugin_Initialize_Args {});
-        let init = plugin
-            .api()
-            .PJRT_Plugin_Initialize
-            .ok_or_else(|| Error::new(&ctx, "missing PJRT_Plugin_Initialize"))?;
-        plugin.check(unsafe { init(&mut args) }, &ctx)?;
-        let plugin = Arc::new(plugin);
+        });
         loaded.push(plugin.clone());
         Ok(plugin)
+    }
+
+    /// Runs `PJRT_Plugin_Initialize` once (later calls return the first
+    /// outcome). Refuses libtpu on a machine without TPU chips, since
+    /// initialising it queries the cloud metadata server.
+    pub fn initialize(&self) -> Result<()> {
+        let ctx = format!("initialising PJRT plugin {}", self.path.display());
+        if self.is_tpu() && !tpu_present() {
+            return Err(Error::new(ctx, NO_TPU));
+        }
+        let outcome = self.initialized.get_or_init(|| {
+            let mut args = args!(PJRT_Plugin_Initialize_Args {});
+            match self.api().PJRT_Plugin_Initialize {
+                // SAFETY: a properly sized args struct, as the entry point takes.
+                Some(init) => self.check(unsafe { init(&mut args) }, &ctx),
+                None => Err(Error::new(&ctx, "plugin lacks PJRT_Plugin_Initialize")),
+            }
+        });
+        outcome.clone()
     }
 
     /// The PJRT C API version the plugin implements (major, minor).

@@ -35,8 +35,9 @@ pub struct TrainConfig {
     pub weight_decay: f64,
     #[serde(default = "one_f")]
     pub grad_clip: f64,
-    /// Dtype of matmul operands: f32 (CPU) or bf16 (TPU/GPU). Parameters
-    /// and optimizer state are always f32.
+    /// Dtype of matmul operands: `f32`, `bf16`, or `auto` (bf16 on TPU and
+    /// GPU, f32 on the CPU). Parameters, optimizer state, norms, softmax
+    /// and the loss stay f32 whatever this is.
     #[serde(default = "compute_dtype")]
     pub compute_dtype: String,
     #[serde(default)]
@@ -71,7 +72,7 @@ fn weight_decay() -> f64 {
     0.1
 }
 fn compute_dtype() -> String {
-    "f32".into()
+    "auto".into()
 }
 
 /// Where the tokens come from: pre-tokenised `.bin` files, or parquet
@@ -246,10 +247,10 @@ impl Config {
     }
 
     pub fn compute_dtype(&self) -> DType {
-        if self.train.compute_dtype == "bf16" {
-            DType::BF16
-        } else {
-            DType::F32
+        match (self.train.compute_dtype.as_str(), self.run.backend.as_str()) {
+            ("bf16", _) => DType::BF16,
+            ("auto", "cuda" | "gpu" | "tpu") => DType::BF16,
+            _ => DType::F32,
         }
     }
 
@@ -290,13 +291,19 @@ impl Config {
                 t.lr, t.min_lr
             ));
         }
-        if !["f32", "bf16"].contains(&t.compute_dtype.as_str()) {
+        if !["f32", "bf16", "auto"].contains(&t.compute_dtype.as_str()) {
             return Err(format!(
-                "train.compute_dtype = {:?}: expected \"f32\" or \"bf16\"",
+                "train.compute_dtype = {:?}: expected \"f32\", \"bf16\" or \"auto\"",
                 t.compute_dtype
             ));
         }
         self.data.validate()?;
+        if !["cpu", "cuda", "gpu", "tpu"].contains(&self.run.backend.as_str()) {
+            return Err(format!(
+                "run.backend = {:?}: expected \"cpu\", \"cuda\" or \"tpu\"",
+                self.run.backend
+            ));
+        }
         if t.replicas % self.data.shards != 0 {
             return Err(format!(
                 "data.shards = {} does not divide train.replicas = {}: each data shard feeds a whole block of replicas",

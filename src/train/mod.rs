@@ -6,6 +6,7 @@ pub mod batches;
 pub mod config;
 pub mod exchange;
 pub mod optimizer;
+pub mod placement;
 pub mod run;
 pub mod schedule;
 pub mod step;

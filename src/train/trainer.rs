@@ -10,10 +10,11 @@ use anyhow::{bail, Context, Result};
 use crate::ckpt::{Checkpoint, Tensors, TrainingState};
 use crate::graph::{Compiled, HostTensor};
 use crate::model::{init_params, ExpertCompute};
-use crate::runtime::{Arg, Buffer, Client};
+use crate::runtime::{Arg, Buffer, Client, Device};
 
 use super::config::Config;
 use super::exchange::CrossProcessSum;
+use super::placement::Placement;
 use super::step::{eval_step, gradient_step, train_step, update_step, StepLayout};
 
 /// What one step reports (SPEC "loss" = cross-entropy).
@@ -41,6 +42,8 @@ enum StepPrograms {
 pub struct Trainer {
     pub cfg: Config,
     client: Client,
+    /// This process's replicas and their devices.
+    placement: Placement,
     layout: StepLayout,
     programs: StepPrograms,
     eval_program: Compiled,
@@ -85,8 +88,7 @@ pub fn fresh_checkpoint(cfg: &Config, seed: u64) -> Checkpoint {
     }
 }
 
-fn upload(client: &Client, device: usize, tensors: &Tensors) -> Result<Vec<Buffer>> {
-    let dev = &client.devices()[device];
+fn upload(client: &Client, dev: &Device, tensors: &Tensors) -> Result<Vec<Buffer>> {
     tensors
         .iter()
         .map(|(_, dims, v)| Ok(client.buffer_from_host(v, dims, dev)?))
@@ -136,55 +138,60 @@ impl Trainer {
         across: Option<Box<dyn CrossProcessSum>>,
     ) -> Result<Trainer> {
         let total = cfg.train.replicas as usize;
-        let processes = across.as_ref().map_or(1, |a| a.processes());
-        if total % processes != 0 {
-            bail!(
-                "train.replicas = {total} is not divisible by the {processes} processes of the job"
-            );
-        }
-        let replicas = total / processes;
-        if client.devices().len() < replicas {
-            bail!(
-                "this process drives {replicas} replicas (train.replicas = {total} over {processes} \
-                 processes) but its client has {} devices",
-                client.devices().len()
-            );
-        }
         let layout = StepLayout::new(&cfg);
-        let programs = match across {
-            None => StepPrograms::Fused(
-                train_step(&cfg, experts)?
-                    .compile(&client)
-                    .context("compiling the train step")?,
-            ),
-            Some(across) => StepPrograms::Split {
-                gradient: gradient_step(&cfg, experts, replicas)?
-                    .compile(&client)
-                    .context("compiling the gradient step")?,
-                update: update_step(&cfg, replicas)?
-                    .compile(&client)
-                    .context("compiling the update step")?,
-                across,
-            },
+        // One program over every replica of the job (on a multi-host client,
+        // every host's chips), or, when XLA cannot connect the processes,
+        // this process's share with a host-side sum between two programs.
+        let (placement, programs, eval_replicas) = match across {
+            None => {
+                let placement = Placement::job(&client, total)?;
+                let program = train_step(&cfg, experts)?
+                    .compile_on(&client, Some(&placement.assignment))
+                    .context("compiling the train step")?;
+                (placement, StepPrograms::Fused(program), total)
+            }
+            Some(across) => {
+                let processes = across.processes();
+                if total % processes != 0 {
+                    bail!(
+                        "train.replicas = {total} is not divisible by the {processes} processes of the job"
+                    );
+                }
+                let replicas = total / processes;
+                let placement = Placement::local(&client, replicas).with_context(|| {
+                    format!(
+                        "this process drives {replicas} replicas (train.replicas = {total} over \
+                         {processes} processes)"
+                    )
+                })?;
+                let on = Some(placement.assignment.as_slice());
+                let programs = StepPrograms::Split {
+                    gradient: gradient_step(&cfg, experts, replicas)?
+                        .compile_on(&client, on)
+                        .context("compiling the gradient step")?,
+                    update: update_step(&cfg, replicas)?
+                        .compile_on(&client, on)
+                        .context("compiling the update step")?,
+                    across,
+                };
+                (placement, programs, replicas)
+            }
         };
-        let eval_program = eval_step(&cfg, experts, replicas)?
-            .compile(&client)
+        let eval_program = eval_step(&cfg, experts, eval_replicas)?
+            .compile_on(&client, Some(&placement.assignment))
             .context("compiling the eval step")?;
-        let mut state = Vec::with_capacity(replicas);
-        for r in 0..replicas {
-            let mut bufs = upload(&client, r, &start.params)?;
-            bufs.extend(upload(&client, r, &start.adam_m)?);
-            bufs.extend(upload(&client, r, &start.adam_v)?);
-            bufs.push(client.buffer_from_host(
-                &[start.state.step as i32],
-                &[],
-                &client.devices()[r],
-            )?);
+        let mut state = Vec::with_capacity(placement.devices.len());
+        for dev in &placement.devices {
+            let mut bufs = upload(&client, dev, &start.params)?;
+            bufs.extend(upload(&client, dev, &start.adam_m)?);
+            bufs.extend(upload(&client, dev, &start.adam_v)?);
+            bufs.push(client.buffer_from_host(&[start.state.step as i32], &[], dev)?);
             state.push(bufs);
         }
         Ok(Trainer {
             cfg,
             client,
+            placement,
             layout,
             programs,
             eval_program,
@@ -192,6 +199,11 @@ impl Trainer {
             step: start.state.step,
             seed: start.state.seed,
         })
+    }
+
+    /// The job's replicas this process runs (its share of every batch).
+    pub fn local_replicas(&self) -> std::ops::Range<usize> {
+        self.placement.local.clone()
     }
 
     /// Optimizer steps done so far.
@@ -218,8 +230,8 @@ impl Trainer {
         }
         let windows = rows
             .iter()
-            .zip(self.client.devices())
-            .map(|(r, dev)| Ok(self.client.buffer_from_host(r, &shape, &dev)?))
+            .zip(&self.placement.devices)
+            .map(|(r, dev)| Ok(self.client.buffer_from_host(r, &shape, dev)?))
             .collect::<Result<Vec<Buffer>>>()?;
         if matches!(self.programs, StepPrograms::Split { .. }) {
             return self.split_step(windows);
@@ -298,7 +310,7 @@ impl Trainer {
         let mut args = Vec::with_capacity(self.state.len());
         for (state, dev) in std::mem::take(&mut self.state)
             .into_iter()
-            .zip(self.client.devices())
+            .zip(&self.placement.devices)
         {
             let mut list: Vec<Arg> = state.into_iter().map(Arg::Donated).collect();
             let mut offset = 2;
@@ -306,7 +318,7 @@ impl Trainer {
                 let len = spec.dims.iter().product::<i64>() as usize;
                 let g =
                     self.client
-                        .buffer_from_host(&flat[offset..offset + len], &spec.dims, &dev)?;
+                        .buffer_from_host(&flat[offset..offset + len], &spec.dims, dev)?;
                 list.push(Arg::Donated(g));
                 offset += len;
             }
@@ -330,12 +342,18 @@ impl Trainer {
         let t = &self.cfg.train;
         let n = self.layout.n();
         let mut owned = vec![];
-        for (r, row) in rows.iter().enumerate() {
-            owned.push(self.client.buffer_from_host(
-                row,
-                &[t.micro_batch, t.seq_len + 1],
-                &self.client.devices()[r],
-            )?);
+        if rows.len() != self.placement.devices.len() {
+            bail!(
+                "eval batch: {} rows for {} local replicas",
+                rows.len(),
+                self.placement.devices.len()
+            );
+        }
+        for (row, dev) in rows.iter().zip(&self.placement.devices) {
+            owned.push(
+                self.client
+                    .buffer_from_host(row, &[t.micro_batch, t.seq_len + 1], dev)?,
+            );
         }
         let args: Vec<Vec<Arg>> = self
             .state
