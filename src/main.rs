@@ -11,8 +11,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// List the devices a PJRT plugin sees.
-    Devices(cli::devices::DevicesArgs),
+    /// Check this machine for a run: plugin, client, devices and memory, a
+    /// compiled program, the coordinator (one line per problem with the fix).
+    #[command(alias = "devices")]
+    Doctor(cli::doctor::DoctorArgs),
     /// Benchmarks (prints medians and ratios against peers).
     Bench(cli::bench::BenchArgs),
     /// Train a model (see configs/).
@@ -56,7 +58,7 @@ fn main() {
         .with_writer(std::io::stderr)
         .init();
     let result = match Cli::parse().command {
-        Command::Devices(a) => cli::devices::run(&a),
+        Command::Doctor(a) => cli::doctor::run(&a),
         Command::Bench(a) => cli::bench::run(&a),
         Command::Train(a) => cli::train::run_train(&a),
         Command::Init(a) => cli::train::run_init(&a),

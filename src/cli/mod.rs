@@ -6,7 +6,7 @@ mod bench_dist;
 mod bench_step;
 pub mod checkpoint;
 pub mod data;
-pub mod devices;
+pub mod doctor;
 pub mod dist;
 pub mod eval;
 pub mod experiment;

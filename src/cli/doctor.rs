@@ -1,0 +1,263 @@
+//! `sharedmoe doctor`: checks, in order, everything a run on this machine
+//! needs (the plugin, its client and devices, a compiled program, the
+//! coordinator) and says in one line per failure what to do about it.
+//!
+//! Each check prints `ok`, `FAIL` or `skip` and its finding; a check whose
+//! prerequisite failed is skipped. The exit status is 1 when any failed.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+
+use crate::graph::{DType, Graph, TensorType};
+use crate::runtime::{find_plugin, tpu_present, Arg, Backend, Client, ClientOption, Plugin};
+use crate::train::placement::Placement;
+
+#[derive(clap::Args, Debug)]
+pub struct DoctorArgs {
+    /// cpu, cuda or tpu (default: the config's run.backend, else cpu).
+    #[arg(long)]
+    pub backend: Option<Backend>,
+    /// Take the backend from this run config.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Path of the PJRT plugin (overrides discovery).
+    #[arg(long)]
+    pub plugin: Option<PathBuf>,
+    /// Number of CPU devices (cpu backend only).
+    #[arg(long, default_value_t = 1)]
+    pub devices: usize,
+    /// Also check that this coordinator (host:port) answers.
+    #[arg(long)]
+    pub coordinator: Option<String>,
+    /// The coordinator's shared secret (else $SHAREDMOE_SECRET).
+    #[arg(long)]
+    pub secret_file: Option<PathBuf>,
+}
+
+/// Prints the checks' findings and remembers whether one failed.
+struct Report {
+    failed: bool,
+}
+
+impl Report {
+    fn ok(&mut self, what: &str, finding: impl AsRef<str>) {
+        println!("ok    {what:<12} {}", finding.as_ref());
+    }
+    fn fail(&mut self, what: &str, finding: impl AsRef<str>) {
+        self.failed = true;
+        println!("FAIL  {what:<12} {}", finding.as_ref());
+    }
+    fn skip(&mut self, what: &str, why: &str) {
+        println!("skip  {what:<12} {why}");
+    }
+    fn detail(&self, line: impl AsRef<str>) {
+        println!("      {:<12} {}", "", line.as_ref());
+    }
+}
+
+pub fn run(a: &DoctorArgs) -> Result<()> {
+    let backend = match (a.backend, &a.config) {
+        (Some(b), _) => b,
+        (None, Some(path)) => crate::train::Config::load(path, &[])
+            .map_err(anyhow::Error::msg)?
+            .run
+            .backend
+            .parse()?,
+        (None, None) => Backend::Cpu,
+    };
+    println!("sharedmoe doctor: backend {backend}");
+    let mut r = Report { failed: false };
+    let client = check_backend(&mut r, backend, a);
+    match &client {
+        Some(c) => check_program(&mut r, c),
+        None => r.skip("program", "needs a client"),
+    }
+    check_coordinator(&mut r, a);
+    if r.failed {
+        std::process::exit(1);
+    }
+    Ok(())
+}
+
+/// Plugin, API version, devices present, client and its devices.
+fn check_backend(r: &mut Report, backend: Backend, a: &DoctorArgs) -> Option<Client> {
+    let loc = match find_plugin(backend, a.plugin.as_deref()) {
+        Ok(l) => l,
+        Err(e) => {
+            let first = e.message.lines().next().unwrap_or_default().to_string();
+            r.fail("plugin", first);
+            r.skip("client", "needs the plugin");
+            return None;
+        }
+    };
+    r.ok("plugin", format!("{} ({})", loc.path.display(), loc.source));
+    let plugin = match Plugin::load(&loc.path) {
+        Ok(p) => p,
+        Err(e) => {
+            r.fail(
+                "load",
+                format!("{e}: reinstall the package, or pass a working --plugin"),
+            );
+            return None;
+        }
+    };
+    let (major, minor) = plugin.api_version();
+    r.ok("api", format!("PJRT C API {major}.{minor} (GetPjrtApi)"));
+    if backend == Backend::Tpu && !tpu_present() {
+        r.fail(
+            "devices",
+            "no TPU chips here (/dev/accel*, /dev/vfio/* absent): run on a TPU VM or a GKE TPU node \
+             (not creating a libtpu client, which would query the cloud metadata server), or use --backend cpu",
+        );
+        r.skip("client", "needs TPU chips");
+        return None;
+    }
+    let options = match backend {
+        Backend::Cpu => vec![("cpu_device_count", ClientOption::Int(a.devices as i64))],
+        _ => vec![],
+    };
+    let client = match Client::new(plugin, &options, None) {
+        Ok(c) => c,
+        Err(e) => {
+            let fix = match backend {
+                Backend::Cuda if !std::path::Path::new("/dev/nvidiactl").exists() => {
+                    "no NVIDIA GPU here (no /dev/nvidiactl: no GPU or no driver): run on a machine whose \
+                     `nvidia-smi` lists a GPU, or use --backend cpu"
+                }
+                Backend::Cuda => {
+                    "no usable NVIDIA GPU: check that `nvidia-smi` lists one, that the driver supports the \
+                     plugin's CUDA version, and CUDA_VISIBLE_DEVICES"
+                }
+                Backend::Tpu => "the TPU is busy or unhealthy: stop other TPU processes (`sudo lsof -w /dev/accel*`)",
+                Backend::Cpu => "reinstall xla-cpu-pjrt (scripts/setup.sh)",
+            };
+            r.fail("client", format!("{fix} (the plugin says: {})", e.message.trim()));
+            return None;
+        }
+    };
+    let local = client.devices();
+    let global = client.global_devices().len();
+    r.ok(
+        "client",
+        format!(
+            "platform {}, {} device(s) here, {global} in the job, process {}",
+            client.platform_name(),
+            local.len(),
+            client.process_index()
+        ),
+    );
+    for d in &local {
+        let memory = match d.memory() {
+            Some((limit, used)) => format!(
+                "{:.1} GiB usable, {:.1} GiB in use",
+                limit as f64 / (1u64 << 30) as f64,
+                used as f64 / (1u64 << 30) as f64
+            ),
+            None => "memory not reported".into(),
+        };
+        r.detail(format!(
+            "device {}: {} (hardware id {}), {memory}",
+            d.id(),
+            d.kind(),
+            d.local_hardware_id()
+        ));
+    }
+    Some(client)
+}
+
+/// Compiles and runs a small program over every local device: a bf16
+/// matmul with f32 accumulation and an all-reduce, checked against the
+/// closed form.
+fn check_program(r: &mut Report, client: &Client) {
+    match run_program(client) {
+        Ok((n, compiled, ran)) => r.ok(
+            "program",
+            format!(
+                "bf16 matmul + all-reduce over {n} device(s): exact; compiled in {:.0} ms, ran in {:.1} ms",
+                compiled.as_secs_f64() * 1e3,
+                ran.as_secs_f64() * 1e3
+            ),
+        ),
+        Err(e) => r.fail(
+            "program",
+            format!("{e:#}: the plugin cannot run our programs; report this with the plugin's version"),
+        ),
+    }
+}
+
+fn run_program(client: &Client) -> Result<(usize, Duration, Duration)> {
+    let n = client.devices().len();
+    let placement = Placement::local(client, n)?;
+    // Replica k multiplies its 8x8 input (all k+1) by itself in bf16: every
+    // entry is 8 (k+1)^2, exact in bf16 and f32; the all-reduce sums them.
+    let g = Graph::new();
+    let x = g.param("x", TensorType::new(DType::F32, &[8, 8]))?;
+    let xb = x.convert(DType::BF16)?;
+    let mut y = xb.matmul(&xb)?.convert(DType::F32)?;
+    if n > 1 {
+        y = y.all_reduce_sum()?;
+    }
+    let began = Instant::now();
+    let program = g
+        .build(&[&y])?
+        .with_replicas(n)
+        .compile_on(client, Some(&placement.assignment))?;
+    let compiled = began.elapsed();
+    let inputs = placement
+        .devices
+        .iter()
+        .enumerate()
+        .map(|(k, d)| Ok(client.buffer_from_host(&[(k + 1) as f32; 64], &[8, 8], d)?))
+        .collect::<Result<Vec<_>>>()?;
+    let began = Instant::now();
+    let out = program.execute(inputs.iter().map(|b| vec![Arg::Borrowed(b)]).collect())?;
+    let got = out[0][0].to_host::<f32>()?;
+    let ran = began.elapsed();
+    let want = (1..=n).map(|k| 8.0 * (k * k) as f32).sum::<f32>();
+    if got.iter().any(|&v| v != want) {
+        anyhow::bail!("wrong result: {} instead of {want}", got[0]);
+    }
+    Ok((n, compiled, ran))
+}
+
+fn check_coordinator(r: &mut Report, a: &DoctorArgs) {
+    let Some(addr) = &a.coordinator else {
+        r.skip("coordinator", "no --coordinator given");
+        return;
+    };
+    match ping(addr, a) {
+        Ok(version) => r.ok("coordinator", format!("{addr} answers (sharedmoe {version})")),
+        Err(e) => r.fail("coordinator", e),
+    }
+}
+
+/// Pings the coordinator; the error is the one line to print.
+fn ping(addr: &str, a: &DoctorArgs) -> std::result::Result<String, String> {
+    use crate::dist::proto::PingRequest;
+    let secret = crate::dist::auth::load_secret(a.secret_file.as_deref()).map_err(|e| format!("{e:#}"))?;
+    let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
+    let mut client = {
+        let _guard = rt.enter();
+        crate::dist::client::connect(addr, secret.as_deref()).map_err(|e| format!("{e:#}"))?
+    };
+    let call = async {
+        tokio::time::timeout(Duration::from_secs(10), client.ping(PingRequest { nonce: 7 })).await
+    };
+    match rt.block_on(call) {
+        Ok(Ok(reply)) => Ok(reply.into_inner().version),
+        Ok(Err(s)) if s.code() == tonic::Code::Unauthenticated => Err(format!(
+            "{addr} refused our secret ({}): pass the job's --secret-file or set SHAREDMOE_SECRET",
+            s.message()
+        )),
+        Ok(Err(s)) => Err(format!(
+            "cannot reach {addr} ({}): start it (`sharedmoe coordinator ...`) or check the address, \
+             port and firewall",
+            s.message()
+        )),
+        Err(_) => Err(format!(
+            "{addr} did not answer in 10 s: check the address, port and firewall"
+        )),
+    }
+}
