@@ -2,6 +2,8 @@
 # One-command set-up for a fresh machine: system packages (libclang for
 # bindgen, protoc for gRPC code generation), the CPU PJRT plugin in .venv,
 # then a release build. Idempotent; extra arguments go to `cargo build`.
+# SHAREDMOE_ACCEL=tpu|cuda12|cuda13 also installs that accelerator's PJRT
+# plugin into .venv (libtpu; the CUDA plugin with its NVIDIA libraries).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,6 +33,16 @@ if ! ls .venv/lib/python3*/site-packages/xla_plugins/xla_cpu_pjrt/xla_cpu_pjrt.s
 else
   say "xla-cpu-pjrt present in .venv"
 fi
+
+case "${SHAREDMOE_ACCEL:-}" in
+  "") ;;
+  tpu) say "installing libtpu (the TPU PJRT plugin) into .venv"
+       .venv/bin/pip install --quiet "libtpu==0.0.52" ;;
+  cuda12|cuda13)
+       say "installing the ${SHAREDMOE_ACCEL} PJRT plugin and NVIDIA libraries into .venv"
+       .venv/bin/pip install --quiet "jax-${SHAREDMOE_ACCEL}-plugin[with-cuda]" ;;
+  *) echo "SHAREDMOE_ACCEL=${SHAREDMOE_ACCEL}: expected tpu, cuda12 or cuda13" >&2; exit 2 ;;
+esac
 
 say "building (release)"
 cargo build --release "$@"

@@ -65,9 +65,14 @@ pub struct CoordinatorArgs {
 
 #[derive(clap::Args, Debug)]
 pub struct WorkerArgs {
-    /// The coordinator's address (host:port).
+    /// The coordinator's address (host:port). On TPU it defaults to worker
+    /// 0 of this slice (from TPU_WORKER_HOSTNAMES or the TPU VM's
+    /// metadata) at --coordinator-port.
     #[arg(long)]
-    pub coordinator: String,
+    pub coordinator: Option<String>,
+    /// The port of the default TPU coordinator address.
+    #[arg(long, default_value_t = 50051)]
+    pub coordinator_port: u16,
     /// This host's backend: cpu, cuda or tpu.
     #[arg(long, default_value = "cpu")]
     pub backend: String,
@@ -164,20 +169,34 @@ fn fit_data_shards(cfg: &mut crate::train::Config, workers: u32) {
 }
 
 pub fn run_worker_cmd(a: &WorkerArgs) -> Result<()> {
-    let rank = match (a.rank, a.backend.as_str()) {
-        (None, "tpu") => {
-            let host = crate::dist::tpu::discover()?;
-            tracing::info!(
-                "TPU slice worker {} of {} hosts",
-                host.worker_id,
-                host.hostnames.len()
-            );
-            Some(host.worker_id)
+    // On a TPU slice the worker's rank is the slice's worker number and
+    // the coordinator runs on worker 0, unless told otherwise.
+    let slice = if a.backend == "tpu" && (a.rank.is_none() || a.coordinator.is_none()) {
+        let host = crate::dist::tpu::discover()?;
+        tracing::info!(
+            "TPU slice worker {} of {} hosts",
+            host.worker_id,
+            host.hostnames.len()
+        );
+        Some(host)
+    } else {
+        None
+    };
+    let rank = a.rank.or(slice.as_ref().map(|h| h.worker_id));
+    let coordinator = match (&a.coordinator, &slice) {
+        (Some(c), _) => c.clone(),
+        (None, Some(h)) => match h.hostnames.first() {
+            Some(w0) => format!("{w0}:{}", a.coordinator_port),
+            None => {
+                bail!("the TPU slice's worker hostnames are unknown: pass --coordinator HOST:PORT")
+            }
+        },
+        (None, None) => {
+            bail!("--coordinator HOST:PORT is required (it has a default on TPU slices only)")
         }
-        (r, _) => r,
     };
     let opts = WorkerOptions {
-        coordinator: a.coordinator.clone(),
+        coordinator,
         secret: load_secret(a.secret_file.as_deref())?,
         plugin: a.plugin.clone(),
         backend: a.backend.clone(),

@@ -133,7 +133,10 @@ fn check_backend(r: &mut Report, backend: Backend, a: &DoctorArgs) -> Option<Cli
                 Backend::Tpu => "the TPU is busy or unhealthy: stop other TPU processes (`sudo lsof -w /dev/accel*`)",
                 Backend::Cpu => "reinstall xla-cpu-pjrt (scripts/setup.sh)",
             };
-            r.fail("client", format!("{fix} (the plugin says: {})", e.message.trim()));
+            r.fail(
+                "client",
+                format!("{fix} (the plugin says: {})", e.message.trim()),
+            );
             return None;
         }
     };
@@ -228,7 +231,10 @@ fn check_coordinator(r: &mut Report, a: &DoctorArgs) {
         return;
     };
     match ping(addr, a) {
-        Ok(version) => r.ok("coordinator", format!("{addr} answers (sharedmoe {version})")),
+        Ok(version) => r.ok(
+            "coordinator",
+            format!("{addr} answers (sharedmoe {version})"),
+        ),
         Err(e) => r.fail("coordinator", e),
     }
 }
@@ -236,14 +242,19 @@ fn check_coordinator(r: &mut Report, a: &DoctorArgs) {
 /// Pings the coordinator; the error is the one line to print.
 fn ping(addr: &str, a: &DoctorArgs) -> std::result::Result<String, String> {
     use crate::dist::proto::PingRequest;
-    let secret = crate::dist::auth::load_secret(a.secret_file.as_deref()).map_err(|e| format!("{e:#}"))?;
+    let secret =
+        crate::dist::auth::load_secret(a.secret_file.as_deref()).map_err(|e| format!("{e:#}"))?;
     let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
     let mut client = {
         let _guard = rt.enter();
         crate::dist::client::connect(addr, secret.as_deref()).map_err(|e| format!("{e:#}"))?
     };
     let call = async {
-        tokio::time::timeout(Duration::from_secs(10), client.ping(PingRequest { nonce: 7 })).await
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            client.ping(PingRequest { nonce: 7 }),
+        )
+        .await
     };
     match rt.block_on(call) {
         Ok(Ok(reply)) => Ok(reply.into_inner().version),

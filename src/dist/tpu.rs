@@ -115,11 +115,7 @@ fn metadata(key: &str) -> Result<String> {
     s.read_to_string(&mut reply).with_context(ctx)?;
     let (head, body) = reply.split_once("\r\n\r\n").unwrap_or((&reply, ""));
     if !head.starts_with("HTTP/1.0 200") && !head.starts_with("HTTP/1.1 200") {
-        bail!(
-            "{}: {}",
-            ctx(),
-            head.lines().next().unwrap_or("no reply")
-        );
+        bail!("{}: {}", ctx(), head.lines().next().unwrap_or("no reply"));
     }
     Ok(body.to_string())
 }
@@ -129,7 +125,12 @@ mod tests {
     use super::*;
 
     fn env<'a>(pairs: &'a [(&'a str, &'a str)]) -> impl Fn(&str) -> Option<String> + 'a {
-        move |k| pairs.iter().find(|(n, _)| *n == k).map(|(_, v)| v.to_string())
+        move |k| {
+            pairs
+                .iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.to_string())
+        }
     }
 
     #[test]
@@ -155,7 +156,8 @@ mod tests {
 
     #[test]
     fn metadata_endpoints() {
-        let v = "unknown:0:10.130.0.5,unknown:1:10.130.0.6,unknown:2:10.130.0.7,unknown:3:10.130.0.8";
+        let v =
+            "unknown:0:10.130.0.5,unknown:1:10.130.0.6,unknown:2:10.130.0.7,unknown:3:10.130.0.8";
         assert_eq!(
             parse_endpoints(v).unwrap(),
             vec!["10.130.0.5", "10.130.0.6", "10.130.0.7", "10.130.0.8"]

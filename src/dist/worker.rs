@@ -25,11 +25,11 @@ use crate::ckpt::{self, Checkpoint};
 use crate::data::stream::Cursor;
 use crate::model::param_specs;
 use crate::train::batches::{Batches, DataPosition};
+use crate::train::placement::Placement;
 use crate::train::run::{
     check_data_shards, check_tokenizer, device_peak_flops, open_job_client, JobMember,
 };
 use crate::train::steps::{run_steps, snapshot, LoopEnd, LoopOptions, MetricsRow, RunSink};
-use crate::train::placement::Placement;
 use crate::train::trainer::fresh_checkpoint;
 use crate::train::{Config, Trainer};
 

@@ -145,7 +145,8 @@ impl Device {
         let p = &self._client.plugin;
         let mut a = args!(PJRT_Device_MemoryStats_Args { device: self.raw });
         pjrt_call!(p, PJRT_Device_MemoryStats, &mut a, "device memory").ok()?;
-        a.bytes_limit_is_set.then_some((a.bytes_limit, a.bytes_in_use))
+        a.bytes_limit_is_set
+            .then_some((a.bytes_limit, a.bytes_in_use))
     }
 }
 

@@ -427,4 +427,24 @@ min_lr = 1e-4
             "{e}"
         );
     }
+
+    #[test]
+    fn compute_dtype_follows_the_backend_when_auto() {
+        let dtype = |sets: &[&str]| {
+            let sets: Vec<String> = sets.iter().map(|s| s.to_string()).collect();
+            Config::parse(BASE, &sets).unwrap().compute_dtype()
+        };
+        assert_eq!(dtype(&[]), DType::F32);
+        assert_eq!(dtype(&["run.backend=tpu"]), DType::BF16);
+        assert_eq!(dtype(&["run.backend=cuda"]), DType::BF16);
+        assert_eq!(
+            dtype(&["run.backend=cuda", "train.compute_dtype=f32"]),
+            DType::F32
+        );
+        assert_eq!(dtype(&["train.compute_dtype=bf16"]), DType::BF16);
+        let e = Config::parse(BASE, &["run.backend=rocm".into()]).unwrap_err();
+        assert!(e.contains("run.backend = \"rocm\""), "{e}");
+        let e = Config::parse(BASE, &["train.compute_dtype=f16".into()]).unwrap_err();
+        assert!(e.contains("train.compute_dtype = \"f16\""), "{e}");
+    }
 }

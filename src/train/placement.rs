@@ -40,7 +40,11 @@ pub struct DeviceSlot {
 /// device of the job): the device assignment and the block of replicas
 /// that `me` (a process index) runs. Each process contributes the same
 /// number of replicas, its first devices in hardware order.
-pub fn layout(devices: &[DeviceSlot], replicas: usize, me: i32) -> Result<(Vec<i64>, Range<usize>)> {
+pub fn layout(
+    devices: &[DeviceSlot],
+    replicas: usize,
+    me: i32,
+) -> Result<(Vec<i64>, Range<usize>)> {
     let mut by_process: BTreeMap<i32, Vec<DeviceSlot>> = BTreeMap::new();
     for d in devices {
         by_process.entry(d.process).or_default().push(*d);
@@ -93,7 +97,12 @@ impl Placement {
         Placement::from_devices(client, &mine, replicas, me)
     }
 
-    fn from_devices(client: &Client, devices: &[Device], replicas: usize, me: i32) -> Result<Placement> {
+    fn from_devices(
+        client: &Client,
+        devices: &[Device],
+        replicas: usize,
+        me: i32,
+    ) -> Result<Placement> {
         let slots: Vec<DeviceSlot> = devices
             .iter()
             .map(|d| DeviceSlot {
@@ -140,7 +149,10 @@ mod tests {
         assert_eq!(layout(&devs, 2, 0).unwrap(), (vec![0, 1], 0..2));
         assert_eq!(layout(&devs, 4, 0).unwrap(), (vec![0, 1, 2, 3], 0..4));
         let err = layout(&devs, 5, 0).unwrap_err().to_string();
-        assert!(err.contains("needs 5 devices") && err.contains("has 4"), "{err}");
+        assert!(
+            err.contains("needs 5 devices") && err.contains("has 4"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -166,7 +178,10 @@ mod tests {
         assert_eq!((assignment.len(), local), (8, 6..8));
         assert_eq!(&assignment[6..8], &[3, 7]);
         let err = layout(&devs, 6, 0).unwrap_err().to_string();
-        assert!(err.contains("4 hosts") && err.contains("multiple of 4"), "{err}");
+        assert!(
+            err.contains("4 hosts") && err.contains("multiple of 4"),
+            "{err}"
+        );
         let err = layout(&devs, 16, 7).unwrap_err().to_string();
         assert!(err.contains("index 7"), "{err}");
     }

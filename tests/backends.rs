@@ -1,0 +1,328 @@
+//! Backend selection and plugin discovery for cpu, tpu and cuda with the
+//! real plugins (xla-cpu-pjrt; libtpu and jax-cuda12-pjrt installed into a
+//! venv here), and `sharedmoe doctor`'s report for each. On this machine
+//! the CPU really runs; libtpu is loaded and its API version read, but no
+//! TPU client is created (there are no chips, and creating one would query
+//! the cloud metadata server); the CUDA plugin reports that no GPU exists.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use sharedmoe::runtime::{tpu_present, Client, Plugin};
+
+const BIN: &str = env!("CARGO_BIN_EXE_sharedmoe");
+
+/// A venv with the TPU and CUDA plugins (the wheels only: no JAX).
+fn accel_venv() -> &'static Path {
+    static VENV: OnceLock<PathBuf> = OnceLock::new();
+    VENV.get_or_init(|| {
+        let python = common::python_venv(
+            "accel-venv",
+            &["libtpu==0.0.52", "jax-cuda12-pjrt==0.12.0.1"],
+        );
+        python.parent().unwrap().parent().unwrap().to_path_buf()
+    })
+}
+
+fn site_packages(venv: &Path) -> PathBuf {
+    std::fs::read_dir(venv.join("lib"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path().join("site-packages"))
+        .find(|p| p.is_dir())
+        .expect("a site-packages directory in the venv")
+}
+
+/// Runs the binary with `venv` as $VIRTUAL_ENV; a run that outlives
+/// `limit` is killed and fails the test (a libtpu that went looking for
+/// the metadata server would hang for minutes).
+fn sharedmoe(args: &[&str], venv: Option<&Path>, limit: Duration) -> (i32, String) {
+    let mut cmd = Command::new(BIN);
+    cmd.args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_remove("VIRTUAL_ENV")
+        .env_remove("SHAREDMOE_PJRT_PLUGIN")
+        .env_remove("SHAREDMOE_SECRET")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    if let Some(v) = venv {
+        cmd.env("VIRTUAL_ENV", v);
+    }
+    let mut child = cmd.spawn().expect("starting sharedmoe");
+    let began = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        if began.elapsed() > limit {
+            child.kill().unwrap();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "sharedmoe {args:?} still running after {limit:?}:\n{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let Output {
+        status,
+        stdout,
+        stderr,
+    } = child.wait_with_output().unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&stdout),
+        String::from_utf8_lossy(&stderr)
+    );
+    (status.code().unwrap_or(-1), text)
+}
+
+const LIMIT: Duration = Duration::from_secs(120);
+
+/// The doctor's line for `check` (its status and finding).
+fn line<'a>(report: &'a str, check: &str) -> &'a str {
+    report
+        .lines()
+        .find(|l| l.split_whitespace().nth(1) == Some(check))
+        .unwrap_or_else(|| panic!("no `{check}` line in:\n{report}"))
+}
+
+#[test]
+fn cpu_backend_really_runs() {
+    let (code, out) = sharedmoe(
+        &["doctor", "--backend", "cpu", "--devices", "2"],
+        None,
+        LIMIT,
+    );
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("sharedmoe doctor: backend cpu"), "{out}");
+    assert!(
+        line(&out, "plugin").starts_with("ok") && out.contains("package xla-cpu-pjrt"),
+        "{out}"
+    );
+    assert!(line(&out, "api").contains("PJRT C API 0."), "{out}");
+    assert!(line(&out, "client").contains("2 device(s) here"), "{out}");
+    assert!(out.contains("device 1: cpu"), "{out}");
+    let program = line(&out, "program");
+    assert!(
+        program.starts_with("ok") && program.contains("over 2 device(s): exact"),
+        "{out}"
+    );
+    assert!(line(&out, "coordinator").starts_with("skip"), "{out}");
+}
+
+#[test]
+fn tpu_plugin_loads_reports_its_version_and_refuses_a_client_without_chips() {
+    if tpu_present() {
+        eprintln!("skipped: this machine has TPU chips");
+        return;
+    }
+    let venv = accel_venv();
+    // First in a time-limited child process.
+    let (code, out) = sharedmoe(&["doctor", "--backend", "tpu"], Some(venv), LIMIT);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        line(&out, "plugin").starts_with("ok") && out.contains("package libtpu in"),
+        "{out}"
+    );
+    assert!(line(&out, "api").contains("PJRT C API 0."), "{out}");
+    let devices = line(&out, "devices");
+    assert!(
+        devices.starts_with("FAIL")
+            && devices.contains("no TPU chips")
+            && devices.contains("TPU VM"),
+        "{out}"
+    );
+    assert!(line(&out, "client").starts_with("skip"), "{out}");
+    assert!(line(&out, "program").starts_with("skip"), "{out}");
+    let libtpu = site_packages(venv).join("libtpu/libtpu.so");
+    // In-process (after the time-limited run above, which would have
+    // caught a hang): loading runs GetPjrtApi only (no initialisation, which in
+    // libtpu already asks the metadata server).
+    let plugin = Plugin::load(&libtpu).unwrap();
+    let (major, minor) = plugin.api_version();
+    assert!(
+        major == 0 && minor >= 81,
+        "libtpu's PJRT C API {major}.{minor}"
+    );
+    assert!(
+        out.contains(&format!("PJRT C API {major}.{minor} ")),
+        "{out}"
+    );
+    assert!(plugin.is_tpu());
+    let err = plugin.initialize().unwrap_err().to_string();
+    assert!(err.contains("no TPU device"), "{err}");
+    let err = Client::new(plugin, &[], None).unwrap_err().to_string();
+    assert!(
+        err.contains("no TPU device") && err.contains("metadata server"),
+        "{err}"
+    );
+}
+
+#[test]
+fn cuda_plugin_is_found_and_reports_no_gpu() {
+    if Path::new("/dev/nvidiactl").exists() {
+        eprintln!("skipped: this machine has an NVIDIA driver");
+        return;
+    }
+    let venv = accel_venv();
+    let (code, out) = sharedmoe(&["doctor", "--backend", "cuda"], Some(venv), LIMIT);
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        line(&out, "plugin").starts_with("ok") && out.contains("package jax-cuda12-pjrt in"),
+        "{out}"
+    );
+    assert!(line(&out, "api").contains("PJRT C API 0."), "{out}");
+    let client = line(&out, "client");
+    assert!(
+        client.starts_with("FAIL")
+            && client.contains("no NVIDIA GPU")
+            && client.contains("No visible GPU devices"),
+        "{out}"
+    );
+    assert!(line(&out, "program").starts_with("skip"), "{out}");
+}
+
+#[test]
+fn a_missing_plugin_is_one_line_naming_the_package() {
+    // This checkout's .venv holds only the CPU plugin.
+    let system_has_plugins = Command::new("python3")
+        .args(["-c", "import jax_plugins"])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if system_has_plugins {
+        eprintln!("skipped: the system python has jax plugins");
+        return;
+    }
+    let (code, out) = sharedmoe(&["doctor", "--backend", "cuda"], None, LIMIT);
+    assert_eq!(code, 1, "{out}");
+    let plugin = line(&out, "plugin");
+    assert!(
+        plugin.starts_with("FAIL")
+            && plugin.contains("pip install jax-cuda13-pjrt or jax-cuda12-pjrt"),
+        "{out}"
+    );
+}
+
+#[test]
+fn the_backend_comes_from_the_flag_or_the_config() {
+    let dir = std::env::temp_dir().join(format!("sharedmoe-backends-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let cfg = dir.join("tpu.toml");
+    let text = std::fs::read_to_string(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/tiny-sharedmoe.toml"),
+    )
+    .unwrap();
+    assert!(text.contains("backend = \"cpu\""));
+    std::fs::write(&cfg, text.replace("backend = \"cpu\"", "backend = \"tpu\"")).unwrap();
+    let venv = (!tpu_present()).then(accel_venv);
+    let (_, out) = sharedmoe(&["doctor", "--config", cfg.to_str().unwrap()], venv, LIMIT);
+    assert!(out.contains("backend tpu"), "{out}");
+    if tpu_present() {
+        return;
+    }
+    // Training selects the backend by --backend (over the config's).
+    let run_dir = format!("run.dir={}", dir.join("run").display());
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/tiny-sharedmoe.toml");
+    let train = |backend: &str| {
+        sharedmoe(
+            &[
+                "train",
+                "--config",
+                config.to_str().unwrap(),
+                "--backend",
+                backend,
+                "--set",
+                &run_dir,
+            ],
+            venv,
+            LIMIT,
+        )
+    };
+    let (code, out) = train("tpu");
+    assert_ne!(code, 0, "{out}");
+    assert!(out.contains("no TPU device on this machine"), "{out}");
+    if !Path::new("/dev/nvidiactl").exists() {
+        let (code, out) = train("cuda");
+        assert_ne!(code, 0, "{out}");
+        assert!(out.contains("No visible GPU devices"), "{out}");
+    }
+    let (code, out) = train("rocm");
+    assert_ne!(code, 0, "{out}");
+    assert!(
+        out.contains("rocm") && out.contains("cpu, cuda or tpu"),
+        "{out}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn doctor_checks_the_coordinator_and_its_secret() {
+    let dir = std::env::temp_dir().join(format!("sharedmoe-doctor-coord-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let addr_file = dir.join("addr");
+    let secret = "0123456789abcdef0123456789abcdef";
+    let config = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs/tiny-sharedmoe.toml");
+    let mut coordinator = Command::new(BIN)
+        .args(["coordinator", "--config"])
+        .arg(&config)
+        .args(["--workers", "1", "--listen", "127.0.0.1:0", "--run-dir"])
+        .arg(dir.join("run"))
+        .arg("--addr-file")
+        .arg(&addr_file)
+        .env("SHAREDMOE_SECRET", secret)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let began = Instant::now();
+    let addr = loop {
+        if let Ok(a) = std::fs::read_to_string(&addr_file) {
+            if !a.trim().is_empty() {
+                break a.trim().to_string();
+            }
+        }
+        assert!(began.elapsed() < LIMIT, "the coordinator did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let secret_file = dir.join("secret");
+    std::fs::write(&secret_file, secret).unwrap();
+    let (code, out) = sharedmoe(
+        &[
+            "doctor",
+            "--coordinator",
+            &addr,
+            "--secret-file",
+            secret_file.to_str().unwrap(),
+        ],
+        None,
+        LIMIT,
+    );
+    let ok = line(&out, "coordinator").to_string();
+    let (code_nosecret, out_nosecret) = sharedmoe(&["doctor", "--coordinator", &addr], None, LIMIT);
+    coordinator.kill().unwrap();
+    coordinator.wait().unwrap();
+    let (code_down, out_down) = sharedmoe(&["doctor", "--coordinator", &addr], None, LIMIT);
+    std::fs::remove_dir_all(&dir).unwrap();
+
+    assert_eq!(code, 0, "{out}");
+    assert!(
+        ok.starts_with("ok") && ok.contains(&addr) && ok.contains("answers"),
+        "{out}"
+    );
+    assert_eq!(code_nosecret, 1, "{out_nosecret}");
+    let refused = line(&out_nosecret, "coordinator");
+    assert!(
+        refused.starts_with("FAIL") && refused.contains("SHAREDMOE_SECRET"),
+        "{out_nosecret}"
+    );
+    assert_eq!(code_down, 1, "{out_down}");
+    let down = line(&out_down, "coordinator");
+    assert!(
+        down.starts_with("FAIL") && down.contains("cannot reach"),
+        "{out_down}"
+    );
+}
