@@ -45,6 +45,12 @@ step() {
   echo "# $*"
 }
 
+# The script's header comment (from line 2 up to `set -euo`) as its help.
+usage() {
+  sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'
+  exit "${1:-0}"
+}
+
 # The value of option $1, or a clear error when it is missing.
 need_value() {
   [[ $# -ge 2 && -n $2 && $2 != --* ]] || die "$1 needs a value"

@@ -25,11 +25,6 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 # shellcheck source=deploy/common.sh
 source "$ROOT/deploy/common.sh"
 
-usage() {
-  sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'
-  exit "${1:-0}"
-}
-
 CONFIG="configs/sharedmoe50m.toml" RUN_DIR="" GPUS="" CUDA=12
 BINARY="target/release/sharedmoe"
 SETS=()

@@ -40,11 +40,6 @@ ROOT=$(cd "$(dirname "$0")/.." && pwd)
 # shellcheck source=deploy/common.sh
 source "$ROOT/deploy/common.sh"
 
-usage() {
-  sed -n '2,/^set -euo/p' "$0" | sed -e '$d' -e 's/^# \{0,1\}//'
-  exit "${1:-0}"
-}
-
 [[ $# -ge 1 ]] || usage 2
 COMMAND=$1
 shift

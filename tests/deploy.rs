@@ -87,27 +87,23 @@ fn scripts_are_shellcheck_clean() {
     );
 }
 
+/// `tpu-pod.sh COMMAND --name exp1 --project my-proj EXTRA... --dry-run`:
+/// the commands it printed (it must succeed).
+fn tpu_dry_run(tmp: &Path, command: &str, extra: &[&str]) -> (Vec<String>, String) {
+    let mut args = vec![command, "--name", "exp1", "--project", "my-proj"];
+    args.extend(extra);
+    args.push("--dry-run");
+    let (code, out, err) = script("tpu-pod.sh", &args, tmp);
+    assert_eq!(code, 0, "{args:?}: {out}{err}");
+    (commands(&out), out)
+}
+
 #[test]
 fn tpu_pod_dry_run_prints_the_exact_v4_32_commands() {
     let tmp = scratch("tpu");
     let t = tmp.display();
     let r = root().display();
-    let (code, out, err) = script(
-        "tpu-pod.sh",
-        &[
-            "up",
-            "--name",
-            "exp1",
-            "--project",
-            "my-proj",
-            "--spot",
-            "--set",
-            "train.steps=100",
-            "--dry-run",
-        ],
-        &tmp,
-    );
-    assert_eq!(code, 0, "{out}{err}");
+    let (cmds, out) = tpu_dry_run(&tmp, "up", &["--spot", "--set", "train.steps=100"]);
     let w = "--project=my-proj --zone=us-central2-b";
     let want = vec![
         format!("gcloud compute tpus tpu-vm create exp1 {w} --accelerator-type=v4-32 --version=tpu-ubuntu2204-base --spot"),
@@ -120,65 +116,29 @@ fn tpu_pod_dry_run_prints_the_exact_v4_32_commands() {
         format!("gcloud compute tpus tpu-vm ssh exp1 {w} --worker=0 --command='cd sharedmoe && chmod 600 secret && nohup ./sharedmoe coordinator --config configs/sharedmoe50m.toml --backend tpu --set train.replicas=16 --set train.steps=100 --workers 4 --listen 0.0.0.0:50051 --secret-file secret --run-dir runs/exp1 > coordinator.log 2>&1 < /dev/null &'"),
         format!("gcloud compute tpus tpu-vm ssh exp1 {w} --worker=all --command='cd sharedmoe && chmod 600 secret && nohup ./sharedmoe worker --backend tpu --coordinator-port 50051 --secret-file secret > worker.log 2>&1 < /dev/null &'"),
     ];
-    assert_eq!(commands(&out), want, "{out}");
+    assert_eq!(cmds, want, "{out}");
     assert!(out.contains("# create v4-32 (4 hosts, 16 chips)"), "{out}");
     // Nothing was created locally either.
     assert!(!tmp.join("sharedmoe-exp1.tgz").exists());
 
-    let (code, out, err) = script(
-        "tpu-pod.sh",
-        &[
-            "stop",
-            "--name",
-            "exp1",
-            "--project",
-            "my-proj",
-            "--dry-run",
-        ],
-        &tmp,
-    );
-    assert_eq!(code, 0, "{out}{err}");
+    let (cmds, _) = tpu_dry_run(&tmp, "stop", &[]);
     assert_eq!(
-        commands(&out),
+        cmds,
         vec![
             format!("gcloud compute tpus tpu-vm ssh exp1 {w} --worker=all --command='pkill -TERM -f \"[s]haredmoe worker\" || true'"),
             format!("gcloud compute tpus tpu-vm ssh exp1 {w} --worker=0 --command='while pgrep -f \"[s]haredmoe worker\" > /dev/null; do sleep 2; done; pkill -TERM -f \"[s]haredmoe coordinator\" || true'"),
         ]
     );
-    let (code, out, _) = script(
-        "tpu-pod.sh",
-        &[
-            "teardown",
-            "--name",
-            "exp1",
-            "--project",
-            "my-proj",
-            "--dry-run",
-        ],
-        &tmp,
-    );
-    assert_eq!(code, 0);
+    let (cmds, _) = tpu_dry_run(&tmp, "teardown", &[]);
     assert_eq!(
-        commands(&out),
+        cmds,
         vec![format!(
             "gcloud compute tpus tpu-vm delete exp1 {w} --quiet"
         )]
     );
-    let (code, out, _) = script(
-        "tpu-pod.sh",
-        &[
-            "fetch",
-            "--name",
-            "exp1",
-            "--project",
-            "my-proj",
-            "--dry-run",
-        ],
-        &tmp,
-    );
-    assert_eq!(code, 0);
+    let (cmds, _) = tpu_dry_run(&tmp, "fetch", &[]);
     assert_eq!(
-        commands(&out),
+        cmds,
         vec![
             "mkdir -p runs".to_string(),
             format!("gcloud compute tpus tpu-vm scp --recurse exp1:sharedmoe/runs/exp1 runs/ {w} --worker=0"),

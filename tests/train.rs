@@ -507,3 +507,29 @@ fn bf16_compute_tracks_f32_losses_and_keeps_f32_master_weights() {
         .all(|(_, _, v)| v.iter().all(|x| x.is_finite())));
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A process's stop vote is summed inside the fused step, so every
+/// replica (every host of a pod) sees it after the same step.
+#[test]
+fn a_stop_vote_reaches_every_replica_through_the_step() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let dir = scratch("stop-vote");
+    let cfg = tiny_config(&dir, &["train.replicas=2"]);
+    let file =
+        sharedmoe::data::TokenFile::open(&cfg.data.train_bin, sharedmoe::data::TokenWidth::U16)
+            .unwrap();
+    let client = sharedmoe::train::run::open_client(&cfg, None).unwrap();
+    let mut t = Trainer::new(cfg.clone(), client, &fresh_checkpoint(&cfg, 0)).unwrap();
+    let flag = std::sync::Arc::new(AtomicBool::new(false));
+    t.set_stop_vote(flag.clone());
+    let rows = |step| -> Vec<Vec<i32>> {
+        (0..2)
+            .map(|r| file.batch_rows(step, 8, 32, r * 4, 4))
+            .collect()
+    };
+    assert!(!t.train_step(&rows(0)).unwrap().stop);
+    flag.store(true, Ordering::Relaxed);
+    assert!(t.train_step(&rows(1)).unwrap().stop);
+    assert_eq!(t.step_count(), 2);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -356,13 +356,11 @@ fn run_attempt(
             agreed,
         )
     } else {
-        // A SIGTERM stops this process after its step. On a TPU slice all
-        // hosts are preempted together; a lone stopped host is seen by the
-        // coordinator as lost and the job restarts from its last checkpoint.
-        (
-            Trainer::new(cfg.clone(), client_pjrt.clone(), &start)?,
-            sigterm.clone(),
-        )
+        // One program over every chip of the job: a SIGTERM here is a vote
+        // summed inside the step, so all hosts stop after the same step.
+        let mut trainer = Trainer::new(cfg.clone(), client_pjrt.clone(), &start)?;
+        trainer.set_stop_vote(sigterm.clone());
+        (trainer, Arc::new(AtomicBool::new(false)))
     };
     tracing::info!("compiled in {:.1}s", began.elapsed().as_secs_f64());
     // Everyone compiled: the first step's time is the step's.

@@ -4,10 +4,13 @@
 //! Step program, per replica (R replicas, A accumulation steps, M sequences
 //! per micro-batch, S sequence length, n parameter tensors):
 //!   inputs:  params[n], adam_m[n], adam_v[n] (f32), step (i32 scalar),
-//!            windows [A, M, S+1] (i32) -- all but windows donated
+//!            windows [A, M, S+1] (i32), stop (f32 scalar: this process
+//!            votes to stop after the step) -- the state is donated
 //!   outputs: params'[n], adam_m'[n], adam_v'[n], step + 1,
 //!            ce, aux, grad_norm, lr (f32 scalars; ce/aux of this step's
-//!            batch before the update, averaged over the global batch)
+//!            batch before the update, averaged over the global batch),
+//!            stop votes (summed over every replica of the job, so that all
+//!            hosts of a pod stop after the same step)
 //! Reads like the recipe: accumulate gradients over A micro-batches in a
 //! loop, average, all-reduce across replicas, clip to the global norm,
 //! AdamW with the scheduled learning rate.
@@ -41,7 +44,8 @@ impl StepLayout {
         3 * self.n()
     }
 
-    /// Results after the state: ce, aux, grad_norm, lr.
+    /// Results after the state: ce, aux, grad_norm, lr (and, in the fused
+    /// step, the stop votes).
     pub fn metrics_index(&self) -> usize {
         3 * self.n() + 1
     }
@@ -210,7 +214,9 @@ pub fn train_step(cfg: &Config, experts: ExpertCompute) -> Result<Function> {
     let g = Graph::new();
     let state = declare_state(&g, &layout.specs)?;
     let windows = declare_windows(&g, cfg)?;
+    let stop = g.param("stop", TensorType::new(DType::F32, &[]))?;
     let (ce, aux, grads) = trace_gradients(&g, cfg, experts, &state.params, &windows)?;
+    let votes = replica_sum(&stop, replicas)?;
     let ce = replica_mean(&ce, replicas)?;
     let aux = replica_mean(&aux, replicas)?;
     let grads = grads
@@ -218,10 +224,10 @@ pub fn train_step(cfg: &Config, experts: ExpertCompute) -> Result<Function> {
         .map(|gr| replica_mean(gr, replicas))
         .collect::<Result<Vec<_>>>()?;
     let updated = trace_update(cfg, &state, &grads)?;
-    // Results: state', then ce, aux, grad_norm, lr.
+    // Results: state', then ce, aux, grad_norm, lr, stop votes.
     let k = updated.len() - 2;
     let mut outs: Vec<&Tensor> = updated[..k].iter().collect();
-    outs.extend([&ce, &aux, &updated[k], &updated[k + 1]]);
+    outs.extend([&ce, &aux, &updated[k], &updated[k + 1], &votes]);
     let donated: Vec<usize> = (0..=layout.step_index()).collect();
     g.build(&outs)?
         .with_replicas(replicas)

@@ -153,7 +153,7 @@ pub fn run_steps(
             bail!("aborted after step {}: {why}", step + 1);
         }
         let done = trainer.step_count();
-        let stop = sink.stop_requested();
+        let stop = m.stop || sink.stop_requested();
         if stop || done == opts.end || (t.checkpoint_every > 0 && done % t.checkpoint_every == 0) {
             let at = sink.checkpoint(trainer, batches)?;
             if !at.is_empty() {

@@ -5,6 +5,9 @@
 //! XLA updates them in place; only the batch goes up and four scalars come
 //! back per step.
 
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
 use anyhow::{bail, Context, Result};
 
 use crate::ckpt::{Checkpoint, Tensors, TrainingState};
@@ -24,6 +27,9 @@ pub struct StepMetrics {
     pub aux: f64,
     pub grad_norm: f64,
     pub lr: f64,
+    /// Some process of the job voted to stop after this step (see
+    /// [`Trainer::set_stop_vote`]); every process sees the same answer.
+    pub stop: bool,
 }
 
 /// How the step's replicas are connected.
@@ -51,6 +57,8 @@ pub struct Trainer {
     state: Vec<Vec<Buffer>>,
     step: i64,
     seed: u64,
+    /// This process's stop vote, summed over the job inside the fused step.
+    stop_vote: Option<Arc<AtomicBool>>,
 }
 
 /// A device scalar (f32) as f64.
@@ -198,7 +206,16 @@ impl Trainer {
             state,
             step: start.state.step,
             seed: start.state.seed,
+            stop_vote: None,
         })
+    }
+
+    /// Votes to stop after the current step while `flag` is set: the fused
+    /// step sums the votes of every replica, so that in a multi-host job
+    /// all processes see [`StepMetrics::stop`] in the same step (a process
+    /// stopping alone would leave the others waiting in a collective).
+    pub fn set_stop_vote(&mut self, flag: Arc<AtomicBool>) {
+        self.stop_vote = Some(flag);
     }
 
     /// The job's replicas this process runs (its share of every batch).
@@ -239,12 +256,27 @@ impl Trainer {
         let StepPrograms::Fused(program) = &self.programs else {
             unreachable!("checked above")
         };
+        let vote = self
+            .stop_vote
+            .as_ref()
+            .is_some_and(|f| f.load(Ordering::Relaxed));
+        let votes = self
+            .placement
+            .devices
+            .iter()
+            .map(|dev| {
+                Ok(self
+                    .client
+                    .buffer_from_host(&[vote as i32 as f32], &[], dev)?)
+            })
+            .collect::<Result<Vec<Buffer>>>()?;
         let args = std::mem::take(&mut self.state)
             .into_iter()
-            .zip(windows)
-            .map(|(state, w)| {
+            .zip(windows.into_iter().zip(votes))
+            .map(|(state, (w, v))| {
                 let mut list: Vec<Arg> = state.into_iter().map(Arg::Donated).collect();
                 list.push(Arg::Donated(w));
+                list.push(Arg::Donated(v));
                 list
             })
             .collect();
@@ -255,6 +287,7 @@ impl Trainer {
             aux: scalar(&outputs[0][m + 1])?,
             grad_norm: scalar(&outputs[0][m + 2])?,
             lr: scalar(&outputs[0][m + 3])?,
+            stop: scalar(&outputs[0][m + 4])? > 0.0,
         };
         self.keep_state(outputs);
         Ok(metrics)
@@ -331,6 +364,8 @@ impl Trainer {
             aux,
             grad_norm: scalar(&outputs[0][m])?,
             lr: scalar(&outputs[0][m + 1])?,
+            // The host sum carried the votes (`CrossProcessSum`).
+            stop: false,
         };
         self.keep_state(outputs);
         Ok(metrics)
