@@ -182,17 +182,20 @@ fn jax_peer() -> Option<Duration> {
 
 #[derive(clap::Args, Debug)]
 pub struct BenchArgs {
-    /// Which benchmark: `runtime`, `step`, `data` or `dist`.
+    /// Which benchmark: `runtime`, `step`, `parity`, `data` or `dist`.
     pub which: String,
-    /// Config for `step` (TOML).
+    /// Config for `step` and `parity` (TOML).
     #[arg(long)]
     pub config: Option<std::path::PathBuf>,
     /// Config overrides for `step`, e.g. --set model.hidden_size=256.
     #[arg(long = "set", value_name = "KEY=VALUE")]
     pub overrides: Vec<String>,
-    /// Timed steps (after 2 warm-up steps).
+    /// Timed steps (after 2 warm-up steps); for `parity`, compared steps.
     #[arg(long, default_value_t = 10)]
     pub steps: usize,
+    /// (`parity`) largest relative difference of the losses.
+    #[arg(long, default_value_t = 1e-2)]
+    pub tolerance: f64,
     /// Parquet files, directories or globs for `data`.
     #[arg(long, default_value = "data/fineweb-sample")]
     pub data: Vec<std::path::PathBuf>,
@@ -227,6 +230,14 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
                 crate::train::Config::load(path, &args.overrides).map_err(anyhow::Error::msg)?;
             super::bench_step::step(&cfg, args.steps)
         }
+        "parity" => {
+            let Some(path) = &args.config else {
+                anyhow::bail!("bench parity needs --config")
+            };
+            let cfg =
+                crate::train::Config::load(path, &args.overrides).map_err(anyhow::Error::msg)?;
+            super::bench_parity::parity(&cfg, args.steps, args.tolerance)
+        }
         "data" => super::bench_data::data(&args.data, &args.tokenizer, args.seq_len, args.repeats),
         "dist" => {
             let default = std::path::PathBuf::from("configs/sharedmoe50m.toml");
@@ -239,7 +250,9 @@ pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
             args.repeats,
         ),
         other => {
-            anyhow::bail!("unknown benchmark `{other}` (available: runtime, step, data, dist)")
+            anyhow::bail!(
+                "unknown benchmark `{other}` (available: runtime, step, parity, data, dist)"
+            )
         }
     }
 }

@@ -63,7 +63,8 @@ fn jax_peer(cfg: &Config, steps: usize) -> Result<Vec<(String, f64)>> {
     let out = Command::new(python)
         .arg(root.join("benches/peers/step_jax.py"))
         .arg(spec.to_string())
-        .env("JAX_PLATFORMS", "cpu")
+        // The peer runs where we run.
+        .env("JAX_PLATFORMS", &cfg.run.backend)
         .output()
         .context("running benches/peers/step_jax.py")?;
     // A variant that dies (e.g. ragged_dot running out of memory at full

@@ -3,6 +3,7 @@
 pub mod bench;
 mod bench_data;
 mod bench_dist;
+mod bench_parity;
 mod bench_step;
 pub mod checkpoint;
 pub mod data;
