@@ -219,25 +219,21 @@ pub struct BenchArgs {
     pub len: Option<usize>,
 }
 
+impl BenchArgs {
+    /// `--config` with `--set` overrides (for `step` and `parity`).
+    fn load_config(&self) -> anyhow::Result<crate::train::Config> {
+        let Some(path) = &self.config else {
+            anyhow::bail!("bench {} needs --config", self.which)
+        };
+        crate::train::Config::load(path, &self.overrides).map_err(anyhow::Error::msg)
+    }
+}
+
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     match args.which.as_str() {
         "runtime" => runtime(),
-        "step" => {
-            let Some(path) = &args.config else {
-                anyhow::bail!("bench step needs --config")
-            };
-            let cfg =
-                crate::train::Config::load(path, &args.overrides).map_err(anyhow::Error::msg)?;
-            super::bench_step::step(&cfg, args.steps)
-        }
-        "parity" => {
-            let Some(path) = &args.config else {
-                anyhow::bail!("bench parity needs --config")
-            };
-            let cfg =
-                crate::train::Config::load(path, &args.overrides).map_err(anyhow::Error::msg)?;
-            super::bench_parity::parity(&cfg, args.steps, args.tolerance)
-        }
+        "step" => super::bench_step::step(&args.load_config()?, args.steps),
+        "parity" => super::bench_parity::parity(&args.load_config()?, args.steps, args.tolerance),
         "data" => super::bench_data::data(&args.data, &args.tokenizer, args.seq_len, args.repeats),
         "dist" => {
             let default = std::path::PathBuf::from("configs/sharedmoe50m.toml");
