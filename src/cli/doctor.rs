@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 
 use crate::graph::{DType, Graph, TensorType};
-use crate::runtime::{find_plugin, tpu_present, Arg, Backend, Client, ClientOption, Plugin};
+use crate::runtime::{find_plugin, tpu_present, Arg, Backend, Client, Plugin};
 use crate::train::placement::Placement;
 
 #[derive(clap::Args, Debug)]
@@ -114,11 +114,7 @@ fn check_backend(r: &mut Report, backend: Backend, a: &DoctorArgs) -> Option<Cli
         r.skip("client", "needs TPU chips");
         return None;
     }
-    let options = match backend {
-        Backend::Cpu => vec![("cpu_device_count", ClientOption::Int(a.devices as i64))],
-        _ => vec![],
-    };
-    let client = match Client::new(plugin, &options, None) {
+    let client = match Client::new(plugin, &backend.client_options(a.devices), None) {
         Ok(c) => c,
         Err(e) => {
             let fix = match backend {

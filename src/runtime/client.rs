@@ -24,6 +24,17 @@ pub enum ClientOption {
     Float(f32),
 }
 
+impl Backend {
+    /// The client-creation options every client of this backend gets: the
+    /// CPU plugin's device count (accelerator plugins use their chips).
+    pub fn client_options(self, cpu_devices: usize) -> Vec<(&'static str, ClientOption)> {
+        match self {
+            Backend::Cpu => vec![("cpu_device_count", ClientOption::Int(cpu_devices as i64))],
+            Backend::Cuda | Backend::Tpu => vec![],
+        }
+    }
+}
+
 /// A cross-process key-value store handed to the plugin at client creation
 /// (multi-host GPU/TPU topology exchange). Called from plugin threads, so
 /// implementations must be thread-safe; keys are the plugin's own.
@@ -169,9 +180,8 @@ impl Client {
         kv: Option<Arc<dyn KeyValueStore>>,
     ) -> Result<Client> {
         let ctx = format!("creating PJRT client from {}", plugin.path().display());
-        if plugin.is_tpu() && !super::plugin::tpu_present() {
-            return Err(Error::new(ctx, super::plugin::NO_TPU));
-        }
+        // Refuses libtpu where there are no TPU chips (before anything can
+        // reach the cloud metadata server).
         plugin.initialize()?;
         let strings: Vec<String> = options
             .iter()
@@ -248,11 +258,7 @@ impl Client {
     pub fn cpu(device_count: usize) -> Result<Client> {
         let loc = find_plugin(Backend::Cpu, None)?;
         let plugin = Plugin::load(&loc.path)?;
-        Client::new(
-            plugin,
-            &[("cpu_device_count", ClientOption::Int(device_count as i64))],
-            None,
-        )
+        Client::new(plugin, &Backend::Cpu.client_options(device_count), None)
     }
 
     pub fn plugin(&self) -> &Arc<Plugin> {

@@ -248,7 +248,7 @@ fn find_plugin_in(
 }
 
 /// Why a libtpu client (or initialisation) is refused here.
-pub(crate) const NO_TPU: &str = "no TPU device on this machine (/dev/accel* or /dev/vfio/*); refusing to \
+const NO_TPU: &str = "no TPU device on this machine (/dev/accel* or /dev/vfio/*); refusing to \
      initialise libtpu or create a TPU client, which would query the cloud metadata server. Run on a \
      TPU VM (or a GKE TPU node), or choose another backend";
 

@@ -135,10 +135,7 @@ pub fn open_job_client(
     let backend: Backend = cfg.run.backend.parse()?;
     let loc = find_plugin(backend, plugin)?;
     let plugin = Plugin::load(&loc.path)?;
-    let mut options = match backend {
-        Backend::Cpu => vec![("cpu_device_count", ClientOption::Int(devices))],
-        _ => vec![],
-    };
+    let mut options = backend.client_options(devices as usize);
     let mut kv = None;
     if let (Backend::Cuda, Some(m)) = (backend, member) {
         if m.num_nodes > 1 {

@@ -35,7 +35,12 @@ pub struct StepMetrics {
 /// How the step's replicas are connected.
 enum StepPrograms {
     /// Every replica of the job in one program; XLA all-reduces.
-    Fused(Compiled),
+    Fused {
+        program: Compiled,
+        /// The stop-vote argument on each local device: [no, yes] (f32
+        /// scalars 0 and 1), uploaded once and lent to every step.
+        votes: [Vec<Buffer>; 2],
+    },
     /// This process's replicas in two programs with a host-side sum across
     /// processes in between (CPU multi-process jobs).
     Split {
@@ -156,7 +161,19 @@ impl Trainer {
                 let program = train_step(&cfg, experts)?
                     .compile_on(&client, Some(&placement.assignment))
                     .context("compiling the train step")?;
-                (placement, StepPrograms::Fused(program), total)
+                let votes = [0f32, 1.0].map(|v| {
+                    placement
+                        .devices
+                        .iter()
+                        .map(|dev| Ok(client.buffer_from_host(&[v], &[], dev)?))
+                        .collect::<Result<Vec<Buffer>>>()
+                });
+                let [no, yes] = votes;
+                let programs = StepPrograms::Fused {
+                    program,
+                    votes: [no?, yes?],
+                };
+                (placement, programs, total)
             }
             Some(across) => {
                 let processes = across.processes();
@@ -218,11 +235,6 @@ impl Trainer {
         self.stop_vote = Some(flag);
     }
 
-    /// The job's replicas this process runs (its share of every batch).
-    pub fn local_replicas(&self) -> std::ops::Range<usize> {
-        self.placement.local.clone()
-    }
-
     /// Optimizer steps done so far.
     pub fn step_count(&self) -> i64 {
         self.step
@@ -253,30 +265,20 @@ impl Trainer {
         if matches!(self.programs, StepPrograms::Split { .. }) {
             return self.split_step(windows);
         }
-        let StepPrograms::Fused(program) = &self.programs else {
+        let StepPrograms::Fused { program, votes } = &self.programs else {
             unreachable!("checked above")
         };
         let vote = self
             .stop_vote
             .as_ref()
             .is_some_and(|f| f.load(Ordering::Relaxed));
-        let votes = self
-            .placement
-            .devices
-            .iter()
-            .map(|dev| {
-                Ok(self
-                    .client
-                    .buffer_from_host(&[vote as i32 as f32], &[], dev)?)
-            })
-            .collect::<Result<Vec<Buffer>>>()?;
         let args = std::mem::take(&mut self.state)
             .into_iter()
-            .zip(windows.into_iter().zip(votes))
+            .zip(windows.into_iter().zip(&votes[vote as usize]))
             .map(|(state, (w, v))| {
                 let mut list: Vec<Arg> = state.into_iter().map(Arg::Donated).collect();
                 list.push(Arg::Donated(w));
-                list.push(Arg::Donated(v));
+                list.push(Arg::Borrowed(v));
                 list
             })
             .collect();
