@@ -5,6 +5,7 @@
 //! hands each process its slice of the global batch, and ranges that do
 //! not cover whole shards are refused. No PJRT: only `Batches`.
 
+mod common;
 mod fineweb;
 
 use std::collections::BTreeMap;
@@ -25,31 +26,10 @@ const WORDS: usize = 300;
 /// A word-level tokenizer.json: `<|endoftext|>` = 0, `w<i>` = i + 1,
 /// `[UNK]` last.
 fn word_tokenizer(dir: &Path) -> PathBuf {
-    let mut vocab = serde_json::Map::new();
-    vocab.insert("<|endoftext|>".into(), 0.into());
-    for i in 0..WORDS {
-        vocab.insert(format!("w{i}"), (i + 1).into());
-    }
-    vocab.insert("[UNK]".into(), (WORDS + 1).into());
-    let json = serde_json::json!({
-        "version": "1.0",
-        "truncation": null,
-        "padding": null,
-        "added_tokens": [{"id": 0, "content": "<|endoftext|>", "single_word": false,
-            "lstrip": false, "rstrip": false, "normalized": false, "special": true}],
-        "normalizer": null,
-        "pre_tokenizer": {"type": "Whitespace"},
-        "post_processor": null,
-        "decoder": null,
-        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}
-    });
-    let path = dir.join("tokenizer.json");
-    std::fs::write(&path, serde_json::to_string(&json).unwrap()).unwrap();
-    path
+    let words: Vec<String> = (0..WORDS).map(|i| format!("w{i}")).collect();
+    common::word_level_tokenizer(dir, &words)
 }
 
-/// Two files of uneven row groups (22 in all); document i holds 1 to 5
-/// words, so rows of 4 tokens cut across documents.
 fn parquet_corpus(dir: &Path) {
     let mut next = 0;
     for (f, per_group, n) in [(0, 4, 50), (1, 6, 60)] {

@@ -2,6 +2,7 @@
 //! sequences for a hand-checked input, shard coverage for W = 1..5, the
 //! validation split, and resuming from a cursor at many cut points.
 
+mod common;
 mod fineweb;
 
 use std::collections::BTreeSet;
@@ -16,30 +17,9 @@ use sharedmoe::data::stream::{epoch_order, Cursor, Split, StreamOptions, TokenSt
 use sharedmoe::data::tokenizer::load;
 use tokenizers::Tokenizer;
 
-/// A word-level tokenizer.json whose ids are known by hand:
-/// `<|endoftext|>` = 0, then `words` from 1, and `[UNK]` last.
+/// The hand-checkable word-level tokenizer of `words`, loaded.
 fn word_tokenizer(dir: &Path, words: &[String]) -> Arc<Tokenizer> {
-    let mut vocab = serde_json::Map::new();
-    vocab.insert("<|endoftext|>".into(), 0.into());
-    for (i, w) in words.iter().enumerate() {
-        vocab.insert(w.clone(), (i + 1).into());
-    }
-    vocab.insert("[UNK]".into(), (words.len() + 1).into());
-    let json = serde_json::json!({
-        "version": "1.0",
-        "truncation": null,
-        "padding": null,
-        "added_tokens": [{"id": 0, "content": "<|endoftext|>", "single_word": false,
-            "lstrip": false, "rstrip": false, "normalized": false, "special": true}],
-        "normalizer": null,
-        "pre_tokenizer": {"type": "Whitespace"},
-        "post_processor": null,
-        "decoder": null,
-        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}
-    });
-    let path = dir.join("tokenizer.json");
-    std::fs::write(&path, serde_json::to_string(&json).unwrap()).unwrap();
-    Arc::new(load(&path).unwrap())
+    Arc::new(load(&common::word_level_tokenizer(dir, words)).unwrap())
 }
 
 fn opts(

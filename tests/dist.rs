@@ -303,6 +303,31 @@ fn b_a_killed_worker_costs_only_the_steps_since_the_last_checkpoint() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// A coordinator (logging to `dir/coordinator_log`) and its 2 workers.
+fn start_job(
+    dir: &Path,
+    config: &str,
+    run: &str,
+    listen: &str,
+    coordinator_log: &str,
+) -> (Child, Vec<Child>) {
+    let coord = spawn(
+        &coordinator_args(config, run, listen),
+        &dir.join(coordinator_log),
+        &[],
+    );
+    let workers = (0..2)
+        .map(|i| {
+            spawn(
+                &["worker", "--coordinator", listen],
+                &dir.join(format!("worker-{i}.log")),
+                &[],
+            )
+        })
+        .collect();
+    (coord, workers)
+}
+
 fn coordinator_args<'a>(config: &'a str, run: &'a str, listen: &'a str) -> Vec<&'a str> {
     let mut a = vec![
         "coordinator",
@@ -328,20 +353,7 @@ fn c_a_restarted_coordinator_resumes_from_its_newest_checkpoint() {
     let run = dir.join("run");
     let listen = format!("127.0.0.1:{}", free_port());
     let (c, r) = (config.to_str().unwrap(), run.to_str().unwrap());
-    let mut coord = spawn(
-        &coordinator_args(c, r, &listen),
-        &dir.join("coordinator-1.log"),
-        &[],
-    );
-    let mut workers: Vec<Child> = (0..2)
-        .map(|i| {
-            spawn(
-                &["worker", "--coordinator", &listen],
-                &dir.join(format!("worker-{i}.log")),
-                &[],
-            )
-        })
-        .collect();
+    let (mut coord, mut workers) = start_job(&dir, c, r, &listen, "coordinator-1.log");
     wait_until(&dir, "step 10", || last_step(&run) >= 10);
     coord.kill().unwrap(); // SIGKILL
     coord.wait().unwrap();
@@ -658,20 +670,7 @@ fn f_sigterm_to_a_worker_checkpoints_and_stops_the_job_cleanly() {
     let run = dir.join("run");
     let listen = format!("127.0.0.1:{}", free_port());
     let (c, r) = (config.to_str().unwrap(), run.to_str().unwrap());
-    let mut coord = spawn(
-        &coordinator_args(c, r, &listen),
-        &dir.join("coordinator.log"),
-        &[],
-    );
-    let mut workers: Vec<Child> = (0..2)
-        .map(|i| {
-            spawn(
-                &["worker", "--coordinator", &listen],
-                &dir.join(format!("worker-{i}.log")),
-                &[],
-            )
-        })
-        .collect();
+    let (mut coord, mut workers) = start_job(&dir, c, r, &listen, "coordinator.log");
     wait_until(&dir, "step 3", || last_step(&run) >= 3);
     unsafe { libc::kill(workers[1].id() as i32, libc::SIGTERM) };
     for (i, w) in workers.iter_mut().enumerate() {

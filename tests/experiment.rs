@@ -3,31 +3,16 @@
 //! the validation loss logged during training, and `checkpoint inspect`
 //! reads them.
 
-use std::process::Command;
+mod common;
 
-const BIN: &str = env!("CARGO_BIN_EXE_sharedmoe");
-
-fn run(args: &[&str]) -> String {
-    let out = Command::new(BIN)
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "sharedmoe {args:?}: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).to_string()
-}
+use common::sharedmoe_ok;
 
 #[test]
 fn exp1_writes_both_runs_plots_and_summary_and_eval_matches_training() {
     let dir = std::env::temp_dir().join(format!("sharedmoe-exp1-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let out = dir.to_str().unwrap();
-    run(&[
+    sharedmoe_ok(&[
         "experiment",
         "exp1",
         "--scale",
@@ -71,7 +56,7 @@ fn exp1_writes_both_runs_plots_and_summary_and_eval_matches_training() {
             .and_then(|v| v["val_loss"].as_f64())
             .expect("a validation loss at step 20");
         let ckpt = run_dir.join("checkpoints/step_00000020");
-        let text = run(&["eval", "--ckpt", ckpt.to_str().unwrap()]);
+        let text = sharedmoe_ok(&["eval", "--ckpt", ckpt.to_str().unwrap()]);
         let ce: f64 = text
             .split("cross-entropy ")
             .nth(1)
@@ -82,7 +67,7 @@ fn exp1_writes_both_runs_plots_and_summary_and_eval_matches_training() {
             (ce - logged).abs() < 1e-4,
             "{model}: eval {ce} vs logged {logged}"
         );
-        let inspect = run(&["checkpoint", "inspect", ckpt.to_str().unwrap()]);
+        let inspect = sharedmoe_ok(&["checkpoint", "inspect", ckpt.to_str().unwrap()]);
         assert!(inspect.contains("step 20"), "{inspect}");
         assert!(inspect.contains("model.norm.weight"), "{inspect}");
         assert!(inspect.contains("shard 0:"), "{inspect}");

@@ -7,17 +7,14 @@
 mod common;
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
-use common::{client, normal, rng};
+use common::{client, normal, rng, sharedmoe, sharedmoe_ok};
 use sharedmoe::cli::experts::{summary, write_outputs, HEIGHT, WIDTH};
 use sharedmoe::graph::{DType, Graph, HostTensor, Tensor, TensorType};
 use sharedmoe::model::routing::{
     choices_from_outputs, outputs_per_layer, routing_program, LayerChoices, RoutingStats,
 };
 use sharedmoe::model::{init_params, param_specs, ModelConfig, Transformer};
-
-const BIN: &str = env!("CARGO_BIN_EXE_sharedmoe");
 
 fn scratch(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("sharedmoe-experts-{}-{name}", std::process::id()));
@@ -340,25 +337,6 @@ fn compiled_router_top_k_matches_a_host_recomputation_in_f64() {
     assert!((host_aux - 1.0).abs() > 1e-3, "aux {host_aux}");
 }
 
-fn run(args: &[&str]) -> std::process::Output {
-    Command::new(BIN)
-        .args(args)
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .unwrap()
-}
-
-fn run_ok(args: &[&str]) -> String {
-    let out = run(args);
-    assert!(
-        out.status.success(),
-        "sharedmoe {args:?}: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).to_string()
-}
-
 /// Rows of a CSV (header dropped), split at commas.
 fn csv(path: &Path) -> Vec<Vec<String>> {
     std::fs::read_to_string(path)
@@ -373,7 +351,7 @@ fn csv(path: &Path) -> Vec<Vec<String>> {
 fn experts_command_on_a_short_training_run_and_a_dense_checkpoint_refused() {
     let dir = scratch("e2e");
     let run_dir = dir.join("moe");
-    run_ok(&[
+    sharedmoe_ok(&[
         "train",
         "--config",
         "configs/tiny-sharedmoe.toml",
@@ -391,7 +369,7 @@ fn experts_command_on_a_short_training_run_and_a_dense_checkpoint_refused() {
     let ckpt = run_dir.join("checkpoints/step_00000005");
     // The run's validation batches (2 x 1 replica x 4 rows x 64 tokens),
     // written next to the checkpoints by default.
-    let text = run_ok(&["experts", "--ckpt", ckpt.to_str().unwrap()]);
+    let text = sharedmoe_ok(&["experts", "--ckpt", ckpt.to_str().unwrap()]);
     let out = run_dir.join("experts");
     let (big_l, e, k, tokens) = (2usize, 4usize, 2u64, 512u64);
     assert!(
@@ -434,7 +412,7 @@ fn experts_command_on_a_short_training_run_and_a_dense_checkpoint_refused() {
 
     // --data: every document of the parquet files, at most one batch.
     let other = dir.join("data-out");
-    let text = run_ok(&[
+    let text = sharedmoe_ok(&[
         "experts",
         "--ckpt",
         ckpt.to_str().unwrap(),
@@ -450,14 +428,14 @@ fn experts_command_on_a_short_training_run_and_a_dense_checkpoint_refused() {
 
     // A dense checkpoint has no experts: refused, saying so.
     let dense = dir.join("dense-init");
-    run_ok(&[
+    sharedmoe_ok(&[
         "init",
         "--config",
         "configs/tiny-dense.toml",
         "--out",
         dense.to_str().unwrap(),
     ]);
-    let out = run(&["experts", "--ckpt", dense.to_str().unwrap()]);
+    let out = sharedmoe(&["experts", "--ckpt", dense.to_str().unwrap()]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(

@@ -9,6 +9,8 @@
 
 mod common;
 
+use common::{sharedmoe, sharedmoe_ok};
+
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -17,8 +19,6 @@ use safetensors::SafeTensors;
 use sharedmoe::graph::{DType, Graph, HostTensor, Tensor, TensorType};
 use sharedmoe::model::{param_specs, Transformer};
 use sharedmoe::train::Config;
-
-const BIN: &str = env!("CARGO_BIN_EXE_sharedmoe");
 
 /// transformers 4.46.3 (the 4.x line still has the Flax models; 5.x
 /// dropped them), run on JAX's CPU backend: PyPI's Linux `torch` wheel
@@ -78,25 +78,6 @@ fn root() -> &'static Path {
 /// fails the test with pip's output.
 fn hf_python() -> PathBuf {
     common::python_venv("hf-venv", PACKAGES)
-}
-
-fn sharedmoe(args: &[&str]) -> std::process::Output {
-    Command::new(BIN)
-        .args(args)
-        .current_dir(root())
-        .output()
-        .unwrap()
-}
-
-fn run_ok(args: &[&str]) -> String {
-    let out = sharedmoe(args);
-    assert!(
-        out.status.success(),
-        "sharedmoe {args:?}: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).to_string()
 }
 
 fn temp_dir(name: &str) -> PathBuf {
@@ -201,7 +182,7 @@ the class sees where the water goes between one rain and the next.";
 fn export_hf_matches_transformers_loss_and_tokenizer() {
     let dir = temp_dir("dense");
     let run_dir = dir.join("run");
-    run_ok(&[
+    sharedmoe_ok(&[
         "train",
         "--config",
         "configs/tiny-dense.toml",
@@ -216,7 +197,7 @@ fn export_hf_matches_transformers_loss_and_tokenizer() {
     ]);
     let ckpt = run_dir.join("checkpoints/step_00000005");
     let out = dir.join("hf");
-    let printed = run_ok(&[
+    let printed = sharedmoe_ok(&[
         "checkpoint",
         "export-hf",
         ckpt.to_str().unwrap(),
@@ -225,7 +206,7 @@ fn export_hf_matches_transformers_loss_and_tokenizer() {
     assert!(printed.contains("LlamaForCausalLM"), "{printed}");
     // Exporting again replaces the export; a directory holding anything
     // else (here the run itself) is never replaced.
-    run_ok(&[
+    sharedmoe_ok(&[
         "checkpoint",
         "export-hf",
         ckpt.to_str().unwrap(),
@@ -411,7 +392,7 @@ fn export_hf_matches_transformers_loss_and_tokenizer() {
 fn export_hf_refuses_a_shared_moe_checkpoint() {
     let dir = temp_dir("moe");
     let ckpt = dir.join("step_00000000");
-    run_ok(&[
+    sharedmoe_ok(&[
         "init",
         "--config",
         "configs/tiny-sharedmoe.toml",

@@ -13,7 +13,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 
 use crate::data::parquet::{all_row_groups, expand_inputs, BadFilePolicy};
-use crate::data::stream::{Split, StreamOptions, TokenStream};
+use crate::data::stream::{StreamOptions, TokenStream};
 use crate::data::tokenizer;
 
 /// Pinned so that a ratio printed today means the same tomorrow.
@@ -58,17 +58,7 @@ fn ours_once(
 ) -> Result<(Vec<u32>, f64)> {
     let began = Instant::now();
     let (groups, _) = all_row_groups(files, BadFilePolicy::Fail)?;
-    let opts = StreamOptions {
-        row_len,
-        seed: 0,
-        shuffle_groups: false,
-        shuffle_rows: 1,
-        val_fraction: 0.0,
-        split: Split::Train,
-        rank: 0,
-        workers: 1,
-        epochs: Some(1),
-    };
+    let opts = StreamOptions::single_pass(row_len, 0);
     let mut s = TokenStream::open(groups, tk.clone(), opts, None)?;
     let mut out = vec![];
     while let Some(row) = s.next_row()? {

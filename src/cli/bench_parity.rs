@@ -42,7 +42,11 @@ pub fn parity(cfg: &Config, steps: usize, tolerance: f64) -> Result<()> {
     for (i, (a, c)) in accel.iter().zip(&cpu).enumerate() {
         let rel = (a - c).abs() / c.abs();
         // A NaN loss on either side counts as the worst difference.
-        worst = if rel.is_nan() { f64::INFINITY } else { worst.max(rel) };
+        worst = if rel.is_nan() {
+            f64::INFINITY
+        } else {
+            worst.max(rel)
+        };
         println!("step {i}: loss {a:.5} vs {c:.5}  rel {rel:.2e}");
     }
     if worst > tolerance {

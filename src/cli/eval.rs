@@ -10,7 +10,7 @@ use anyhow::{anyhow, bail, Context, Result};
 
 use crate::ckpt;
 use crate::data::parquet::{all_row_groups, expand_inputs, BadFilePolicy};
-use crate::data::stream::{Split, StreamOptions, TokenStream};
+use crate::data::stream::{StreamOptions, TokenStream};
 use crate::data::tokenizer;
 use crate::model::param_specs;
 use crate::train::batches::{Batches, DataPosition};
@@ -90,18 +90,7 @@ fn all_documents(cfg: &Config, max_batches: usize) -> Result<Vec<Vec<Vec<i32>>>>
     let mut stream = TokenStream::open(
         groups,
         tk,
-        StreamOptions {
-            row_len: (t.seq_len + 1) as usize,
-            seed: t.seed,
-            shuffle_groups: false,
-            shuffle_rows: 1,
-            // Every document: the "training" split of a zero hold-out.
-            val_fraction: 0.0,
-            split: Split::Train,
-            rank: 0,
-            workers: 1,
-            epochs: Some(1),
-        },
+        StreamOptions::single_pass((t.seq_len + 1) as usize, t.seed),
         None,
     )?;
     let per_replica = t.micro_batch as usize;

@@ -69,6 +69,25 @@ pub struct StreamOptions {
     pub epochs: Option<u64>,
 }
 
+impl StreamOptions {
+    /// Every document once, in file order and unshuffled, as one worker
+    /// (evaluation on a whole dataset, benchmarks).
+    pub fn single_pass(row_len: usize, seed: u64) -> StreamOptions {
+        StreamOptions {
+            row_len,
+            seed,
+            shuffle_groups: false,
+            shuffle_rows: 1,
+            // Every document: the "training" split of a zero hold-out.
+            val_fraction: 0.0,
+            split: Split::Train,
+            rank: 0,
+            workers: 1,
+            epochs: Some(1),
+        }
+    }
+}
+
 /// Where the packer stands: the next token is token `token` of document
 /// `doc` (its row index in the row group) of row group `group` (position
 /// in this worker's order for `epoch`). A document's tokens are followed

@@ -78,6 +78,13 @@ pub struct AttentionWeights<'a> {
     pub o: &'a Tensor,
 }
 
+impl<'a> From<&'a [Tensor; 4]> for AttentionWeights<'a> {
+    /// From `[q, k, v, o]`.
+    fn from([q, k, v, o]: &'a [Tensor; 4]) -> Self {
+        AttentionWeights { q, k, v, o }
+    }
+}
+
 /// Queries [B, K, G, S, Hd], keys and values [B, K, S, Hd] of x [B, S, D],
 /// RoPE applied to queries and keys.
 fn project_qkv(

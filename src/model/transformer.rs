@@ -172,14 +172,9 @@ impl<'a> Transformer<'a> {
         let acc = accumulation_dtype(self.compute);
         let mut aux_sum = inputs.graph().scalar(0.0, acc)?;
         for i in 0..c.num_layers {
-            let [q, k, v, o] = self.attention_params(i)?;
+            let params = self.attention_params(i)?;
+            let w = AttentionWeights::from(&params);
             let x = self.attention_norm(i, &h)?;
-            let w = AttentionWeights {
-                q: &q,
-                k: &k,
-                v: &v,
-                o: &o,
-            };
             h = h.add(&attention(&x, &w, c.num_heads, c.num_kv_heads, &rope)?)?;
             observe(i, &h)?;
             let (next, aux) = self.ffn_block(i, &h)?;
@@ -207,14 +202,9 @@ impl<'a> Transformer<'a> {
         let rope = rope_at(&h, pos, c.head_dim(), c.rope_theta)?;
         let mut out = Vec::with_capacity(caches.len());
         for (i, (ck, cv)) in (0..c.num_layers).zip(caches) {
-            let [q, k, v, o] = self.attention_params(i)?;
+            let params = self.attention_params(i)?;
+            let w = AttentionWeights::from(&params);
             let x = self.attention_norm(i, &h)?;
-            let w = AttentionWeights {
-                q: &q,
-                k: &k,
-                v: &v,
-                o: &o,
-            };
             let (a, ck, cv) =
                 attention_cached(&x, &w, c.num_heads, c.num_kv_heads, &rope, pos, ck, cv)?;
             h = h.add(&a)?;

@@ -220,3 +220,52 @@ pub fn python_venv(name: &str, packages: &[&str]) -> std::path::PathBuf {
     std::fs::write(&marker, want).unwrap();
     python
 }
+
+/// Runs the `sharedmoe` binary in the repository root.
+pub fn sharedmoe(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_sharedmoe"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap()
+}
+
+/// Runs the binary, fails the test with its stderr unless it succeeds,
+/// and returns its stdout.
+pub fn sharedmoe_ok(args: &[&str]) -> String {
+    let out = sharedmoe(args);
+    assert!(
+        out.status.success(),
+        "sharedmoe {args:?}: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// Writes `dir/tokenizer.json`: a word-level tokenizer with
+/// `<|endoftext|>` = 0, `words[i]` = i + 1 and `[UNK]` last, splitting on
+/// whitespace (token ids that can be checked by hand).
+pub fn word_level_tokenizer(dir: &std::path::Path, words: &[String]) -> std::path::PathBuf {
+    let mut vocab = serde_json::Map::new();
+    vocab.insert("<|endoftext|>".into(), 0.into());
+    for (i, w) in words.iter().enumerate() {
+        vocab.insert(w.clone(), (i + 1).into());
+    }
+    vocab.insert("[UNK]".into(), (words.len() + 1).into());
+    let json = serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": [{"id": 0, "content": "<|endoftext|>", "single_word": false,
+            "lstrip": false, "rstrip": false, "normalized": false, "special": true}],
+        "normalizer": null,
+        "pre_tokenizer": {"type": "Whitespace"},
+        "post_processor": null,
+        "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}
+    });
+    let path = dir.join("tokenizer.json");
+    std::fs::write(&path, serde_json::to_string(&json).unwrap()).unwrap();
+    path
+}
