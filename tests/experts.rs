@@ -10,11 +10,11 @@ use std::path::{Path, PathBuf};
 
 use common::{client, normal, rng, sharedmoe, sharedmoe_ok};
 use sharedmoe::cli::experts::{summary, write_outputs, HEIGHT, WIDTH};
-use sharedmoe::graph::{DType, Graph, HostTensor, Tensor, TensorType};
+use sharedmoe::graph::{DType, Graph, HostTensor, TensorType};
 use sharedmoe::model::routing::{
     choices_from_outputs, outputs_per_layer, routing_program, LayerChoices, RoutingStats,
 };
-use sharedmoe::model::{init_params, param_specs, ModelConfig, Transformer};
+use sharedmoe::model::{declare_params, init_params, param_specs, ModelConfig, Transformer};
 
 fn scratch(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("sharedmoe-experts-{}-{name}", std::process::id()));
@@ -296,15 +296,7 @@ fn compiled_router_top_k_matches_a_host_recomputation_in_f64() {
     // Those choices are the training forward's: its balance loss,
     // recomputed on the host from them, equals the model's own.
     let g = Graph::new();
-    let named: Vec<(String, Tensor)> = param_specs(&cfg)
-        .iter()
-        .map(|s| {
-            let t = g
-                .param(&s.name, TensorType::new(DType::F32, &s.dims))
-                .unwrap();
-            (s.name.clone(), t)
-        })
-        .collect();
+    let named = declare_params(&g, &cfg).unwrap();
     let win = g
         .param("windows", TensorType::new(DType::I32, &[ROWS, SEQ + 1]))
         .unwrap();

@@ -17,7 +17,7 @@ use std::process::Command;
 
 use safetensors::SafeTensors;
 use sharedmoe::graph::{DType, Graph, HostTensor, Tensor, TensorType};
-use sharedmoe::model::{param_specs, Transformer};
+use sharedmoe::model::{declare_params, param_specs, Transformer};
 use sharedmoe::train::Config;
 
 /// transformers 4.46.3 (the 4.x line still has the Flax models; 5.x
@@ -101,15 +101,7 @@ fn our_ce(ckpt: &Path, rows: &[Vec<i32>]) -> (f64, Vec<f64>) {
     let c = sharedmoe::ckpt::load(ckpt, &specs).unwrap();
     let (b, s1) = (rows.len() as i64, rows[0].len() as i64);
     let g = Graph::new();
-    let params: Vec<(String, Tensor)> = specs
-        .iter()
-        .map(|s| {
-            let t = g
-                .param(&s.name, TensorType::new(DType::F32, &s.dims))
-                .unwrap();
-            (s.name.clone(), t)
-        })
-        .collect();
+    let params = declare_params(&g, &cfg.model).unwrap();
     let win = g
         .param("windows", TensorType::new(DType::I32, &[b, s1]))
         .unwrap();

@@ -8,10 +8,10 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::ckpt::Tensors;
-use crate::graph::{Compiled, DType, Graph, Tensor, TensorType};
+use crate::graph::{Compiled, DType, Graph, TensorType};
 use crate::runtime::{Arg, Buffer, Client};
 
-use super::{param_specs, ModelConfig, Transformer};
+use super::{declare_params, param_specs, ModelConfig, Transformer};
 
 /// How the next token is chosen.
 #[derive(Clone, Debug)]
@@ -33,18 +33,6 @@ pub struct Generator {
     params: Vec<Buffer>,
 }
 
-fn declare_model(g: &Graph, cfg: &ModelConfig) -> crate::graph::Result<Vec<(String, Tensor)>> {
-    param_specs(cfg)
-        .into_iter()
-        .map(|s| {
-            Ok((
-                s.name.clone(),
-                g.param(&s.name, TensorType::new(DType::F32, &s.dims))?,
-            ))
-        })
-        .collect()
-}
-
 impl Generator {
     /// Compiles the decoding step (and the cache-free reference) for
     /// sequences of up to `max_len` tokens and uploads `params`.
@@ -58,7 +46,7 @@ impl Generator {
         let n = param_specs(cfg).len();
         // Decoding step: params, token [1, 1], pos, caches -> logits [1, V], caches'.
         let g = Graph::new();
-        let named = declare_model(&g, cfg)?;
+        let named = declare_params(&g, cfg)?;
         let token = g.param("token", TensorType::new(DType::I32, &[1, 1]))?;
         let pos = g.param("pos", TensorType::scalar(DType::I32))?;
         let cache_ty = TensorType::new(DType::F32, &[1, kv, max_len, hd]);
@@ -86,7 +74,7 @@ impl Generator {
             .context("compiling the decoding step")?;
         // Reference: logits at every position of a padded sequence.
         let g = Graph::new();
-        let named = declare_model(&g, cfg)?;
+        let named = declare_params(&g, cfg)?;
         let tokens = g.param("tokens", TensorType::new(DType::I32, &[1, max_len]))?;
         let model = Transformer::new(cfg, &named, DType::F32);
         let (h, _) = model.hidden(&tokens)?;

@@ -17,6 +17,7 @@ pub mod transformer;
 pub use config::{FfnKind, ModelConfig};
 pub use moe::ExpertCompute;
 pub use params::{
-    active_params_per_token, count_breakdown, count_params, init_params, param_specs, ParamSpec,
+    active_params_per_token, count_breakdown, count_params, declare_params, init_params,
+    param_specs, ParamSpec,
 };
 pub use transformer::{Loss, Transformer};

@@ -6,6 +6,7 @@ use rand_chacha::ChaCha20Rng;
 use rand_distr::{Distribution, Normal};
 
 use super::config::{FfnKind, ModelConfig};
+use crate::graph::{DType, Graph, Tensor, TensorType};
 
 /// How a parameter starts.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -47,6 +48,23 @@ impl ParamSpec {
     pub fn decays(&self) -> bool {
         self.dims.len() >= 2
     }
+
+    /// This parameter as an f32 input of `g`, named `prefix` + its name.
+    pub fn declare(&self, g: &Graph, prefix: &str) -> crate::graph::Result<Tensor> {
+        g.param(
+            &format!("{prefix}{}", self.name),
+            TensorType::new(DType::F32, &self.dims),
+        )
+    }
+}
+
+/// Every parameter of the model as an f32 input of `g`, with its name (what
+/// [`Transformer::new`](super::Transformer::new) takes).
+pub fn declare_params(g: &Graph, c: &ModelConfig) -> crate::graph::Result<Vec<(String, Tensor)>> {
+    param_specs(c)
+        .into_iter()
+        .map(|s| Ok((s.name.clone(), s.declare(g, "")?)))
+        .collect()
 }
 
 /// Every parameter of the model, in checkpoint order.

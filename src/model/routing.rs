@@ -14,7 +14,7 @@ use crate::graph::{DType, Function, Graph, GraphError, HostTensor, Result, Tenso
 
 use super::config::ModelConfig;
 use super::moe::route;
-use super::params::param_specs;
+use super::params::declare_params;
 use super::transformer::Transformer;
 
 /// One layer's routing of N tokens, traced.
@@ -80,13 +80,7 @@ pub fn routing_program(
     with_inputs: bool,
 ) -> Result<Function> {
     let g = Graph::new();
-    let named = param_specs(cfg)
-        .into_iter()
-        .map(|s| {
-            let t = g.param(&s.name, TensorType::new(DType::F32, &s.dims))?;
-            Ok((s.name, t))
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let named = declare_params(&g, cfg)?;
     let windows = g.param("windows", TensorType::new(DType::I32, &[rows, seq_len + 1]))?;
     let inputs = windows.slice_axis(1, 0, seq_len)?;
     let mut outs = vec![];

@@ -52,15 +52,7 @@ impl StepLayout {
 }
 
 fn declare_params(g: &Graph, specs: &[ParamSpec], prefix: &str) -> Result<Vec<Tensor>> {
-    specs
-        .iter()
-        .map(|s| {
-            g.param(
-                &format!("{prefix}{}", s.name),
-                TensorType::new(DType::F32, &s.dims),
-            )
-        })
-        .collect()
+    specs.iter().map(|s| s.declare(g, prefix)).collect()
 }
 
 /// Sum over the replicas of this program (a no-op for one replica).
@@ -278,14 +270,12 @@ pub fn update_step(cfg: &Config, local: usize) -> Result<Function> {
 /// job's replica count, after summing across processes if there are
 /// several).
 pub fn eval_step(cfg: &Config, experts: ExpertCompute, local: usize) -> Result<Function> {
-    let specs = param_specs(&cfg.model);
     let g = Graph::new();
-    let params = declare_params(&g, &specs, "")?;
+    let named = crate::model::declare_params(&g, &cfg.model)?;
     let windows = g.param(
         "windows",
         TensorType::new(DType::I32, &[cfg.train.micro_batch, cfg.train.seq_len + 1]),
     )?;
-    let named: Vec<(String, Tensor)> = specs.iter().map(|p| p.name.clone()).zip(params).collect();
     let model =
         Transformer::new(&cfg.model, &named, cfg.compute_dtype()).with_expert_compute(experts);
     let loss = model.loss(&windows)?;
