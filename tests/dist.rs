@@ -563,6 +563,7 @@ fn d_bad_checkpoint_uploads_are_refused_and_the_previous_one_stays_intact() {
         let loaded = sharedmoe::ckpt::load(
             &sharedmoe::ckpt::step_dir(&run, 5),
             &sharedmoe::model::param_specs(&cfg.model),
+            sharedmoe::ckpt::Purpose::Resume,
         )
         .unwrap();
         assert_eq!(loaded.state.step, 5);

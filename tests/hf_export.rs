@@ -98,7 +98,7 @@ fn checkpoint_config(ckpt: &Path) -> Config {
 fn our_ce(ckpt: &Path, rows: &[Vec<i32>]) -> (f64, Vec<f64>) {
     let cfg = checkpoint_config(ckpt);
     let specs = param_specs(&cfg.model);
-    let c = sharedmoe::ckpt::load(ckpt, &specs).unwrap();
+    let c = sharedmoe::ckpt::load(ckpt, &specs, sharedmoe::ckpt::Purpose::Weights).unwrap();
     let (b, s1) = (rows.len() as i64, rows[0].len() as i64);
     let g = Graph::new();
     let params = declare_params(&g, &cfg.model).unwrap();

@@ -5,12 +5,19 @@
 //! Written atomically: everything goes into a temporary sibling directory,
 //! each file is fsynced, the directory is renamed into place and the
 //! parent fsynced, so a crash leaves either the old checkpoint or the new
-//! one, never a torn one.
+//! one, never a torn one. `state.json` records the sha256 and size of the
+//! other files, and nothing with a non-finite value is ever written or
+//! loaded ([`integrity`]). [`rundir`] finds, prunes and protects the
+//! checkpoints of a run directory; [`lock`] keeps it to one writer.
+
+pub mod integrity;
+pub mod lock;
+pub mod rundir;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, File};
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use safetensors::tensor::{Dtype, TensorView};
@@ -21,9 +28,17 @@ use sha2::{Digest, Sha256};
 use crate::data::stream::Cursor;
 use crate::model::{FfnKind, ParamSpec};
 use crate::train::config::Config;
+use integrity::{check_digests, non_finite, non_finite_error, non_finite_le_f32, FileDigest};
+pub use lock::RunLock;
+pub use rundir::{
+    abandon_newer, clean_temporaries, latest, list, newest_verified, prune, step_dir, step_of,
+};
 
 /// Named f32 tensors in checkpoint order.
 pub type Tensors = Vec<(String, Vec<i64>, Vec<f32>)>;
+
+/// `state.json`'s format: 2 added the file digests.
+pub const FORMAT: u32 = 2;
 
 /// `state.json`.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -55,6 +70,18 @@ pub struct TrainingState {
     pub seed: u64,
     pub config_toml: String,
     pub config_sha256: String,
+    /// Steps whose update was skipped because the loss or a gradient was
+    /// not finite (`train.on_nonfinite = "skip"`), over the whole run.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub nonfinite_steps: i64,
+    /// sha256 and size of every other file of the checkpoint, checked on
+    /// every load (format 2 on; older checkpoints have none).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub files: BTreeMap<String, FileDigest>,
+}
+
+fn is_zero(v: &i64) -> bool {
+    *v == 0
 }
 
 fn one_shard() -> i64 {
@@ -88,6 +115,16 @@ fn data_cursors<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<u32, Cursor>
     }
 }
 
+/// What a loaded checkpoint is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Purpose {
+    /// Continuing the run exactly: the optimizer state must be there.
+    Resume,
+    /// The weights only (`--init`, `eval`, `generate`, export): a missing
+    /// optimizer file means moments of zero.
+    Weights,
+}
+
 pub struct Checkpoint {
     pub params: Tensors,
     pub adam_m: Tensors,
@@ -96,10 +133,7 @@ pub struct Checkpoint {
 }
 
 pub fn sha256_hex(text: &str) -> String {
-    Sha256::digest(text.as_bytes())
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    integrity::hex(&Sha256::digest(text.as_bytes()))
 }
 
 /// HF-style `config.json` (LLaMA keys; the shared-MoE fields alongside).
@@ -200,9 +234,25 @@ pub const FILE_NAMES: [&str; 4] = [
 /// A checkpoint as its directory's files (name, bytes).
 pub type Files = Vec<(String, Vec<u8>)>;
 
-/// The bytes of every file of `ckpt`'s directory.
+/// The bytes of every file of `ckpt`'s directory, `state.json` (last)
+/// recording the others' digests. Refuses a state with a non-finite value:
+/// such a checkpoint could only resume a diverged run.
 pub fn to_files(cfg: &Config, ckpt: &Checkpoint) -> Result<Files> {
-    Ok(vec![
+    for (file, tensors) in [
+        ("model.safetensors", &ckpt.params),
+        ("optimizer.safetensors (adam_m)", &ckpt.adam_m),
+        ("optimizer.safetensors (adam_v)", &ckpt.adam_v),
+    ] {
+        for (name, _, values) in tensors {
+            if let Some(nf) = non_finite(values) {
+                return Err(non_finite_error(file, name, values.len(), nf).context(
+                    "refusing to write a checkpoint of step ".to_string()
+                        + &ckpt.state.step.to_string(),
+                ));
+            }
+        }
+    }
+    let mut files: Files = vec![
         (
             "config.json".into(),
             serde_json::to_string_pretty(&hf_config(cfg))?.into_bytes(),
@@ -212,11 +262,18 @@ pub fn to_files(cfg: &Config, ckpt: &Checkpoint) -> Result<Files> {
             safetensors_bytes(&ckpt.params, "")?,
         ),
         ("optimizer.safetensors".into(), optimizer_bytes(ckpt)?),
-        (
-            "state.json".into(),
-            serde_json::to_string_pretty(&ckpt.state)?.into_bytes(),
-        ),
-    ])
+    ];
+    let mut state = ckpt.state.clone();
+    state.format = FORMAT;
+    state.files = files
+        .iter()
+        .map(|(name, bytes)| (name.clone(), FileDigest::of(bytes)))
+        .collect();
+    files.push((
+        "state.json".into(),
+        serde_json::to_string_pretty(&state)?.into_bytes(),
+    ));
+    Ok(files)
 }
 
 /// Writes `ckpt` to `dir` atomically (replacing an older one there).
@@ -247,11 +304,13 @@ pub fn install(dir: &Path, files: &[(String, Vec<u8>)]) -> Result<()> {
     if tmp.exists() {
         fs::remove_dir_all(&tmp)?;
     }
-    fs::create_dir_all(&tmp)?;
-    for (file, bytes) in files {
-        write_synced(&tmp.join(file), bytes)?;
+    // A failed write (a full disk) must not leave its partial copy taking
+    // up the space the next attempt needs.
+    let written = write_dir(&tmp, files);
+    if let Err(e) = written {
+        let _ = fs::remove_dir_all(&tmp);
+        return Err(e);
     }
-    sync_dir(&tmp)?;
     let old = parent.join(format!(".{name}.old-{}", std::process::id()));
     if dir.exists() {
         fs::rename(dir, &old)?;
@@ -263,6 +322,14 @@ pub fn install(dir: &Path, files: &[(String, Vec<u8>)]) -> Result<()> {
         fs::remove_dir_all(&old)?;
     }
     Ok(())
+}
+
+fn write_dir(tmp: &Path, files: &[(String, Vec<u8>)]) -> Result<()> {
+    fs::create_dir_all(tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    for (file, bytes) in files {
+        write_synced(&tmp.join(file), bytes)?;
+    }
+    sync_dir(tmp)
 }
 
 /// The files of the checkpoint directory `dir`.
@@ -280,172 +347,188 @@ pub fn read_files(dir: &Path) -> Result<Files> {
     Ok(files)
 }
 
-/// Reads tensors named `prefix + spec.name` for every spec, refusing a
-/// missing tensor or a shape that differs from the config's.
-fn read_tensors(path: &Path, bytes: &[u8], specs: &[ParamSpec], prefix: &str) -> Result<Tensors> {
+/// The checkpoint's tensors of one file, checked against `specs`: each
+/// present under `prefix + name`, F32, the config's shape, every value
+/// finite. `file` names the file in errors.
+fn check_tensors<'a>(
+    file: &str,
+    bytes: &'a [u8],
+    specs: &[ParamSpec],
+    prefix: &str,
+) -> Result<Vec<TensorView<'a>>> {
     let st = SafeTensors::deserialize(bytes)
-        .with_context(|| format!("{}: not a valid safetensors file", path.display()))?;
-    let mut out = vec![];
+        .with_context(|| format!("{file}: not a valid safetensors file"))?;
+    let mut views = Vec::with_capacity(specs.len());
     for s in specs {
         let name = format!("{prefix}{}", s.name);
         let view = st
             .tensor(&name)
-            .map_err(|_| anyhow::anyhow!("{}: tensor `{name}` is missing", path.display()))?;
+            .map_err(|_| anyhow::anyhow!("{file}: tensor `{name}` is missing"))?;
         let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
-        if shape != s.dims {
+        if shape != s.dims || view.dtype() != Dtype::F32 {
             bail!(
-                "{}: tensor `{name}` has shape {shape:?} but the config expects {:?}",
-                path.display(),
+                "{file}: tensor `{name}` is {:?} {shape:?}, expected F32 {:?} (the config's shape)",
+                view.dtype(),
                 s.dims
             );
         }
-        if view.dtype() != Dtype::F32 {
-            bail!(
-                "{}: tensor `{name}` is {:?}, expected F32",
-                path.display(),
-                view.dtype()
-            );
+        if let Some(nf) = non_finite_le_f32(view.data()) {
+            return Err(non_finite_error(file, &name, view.data().len() / 4, nf));
         }
-        let data: Vec<f32> = view
-            .data()
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect();
-        out.push((s.name.clone(), shape, data));
+        views.push(view);
     }
-    Ok(out)
+    Ok(views)
 }
 
-/// Loads a checkpoint, checking every tensor against `specs`.
-pub fn load(dir: &Path, specs: &[ParamSpec]) -> Result<Checkpoint> {
+fn to_tensors(specs: &[ParamSpec], views: &[TensorView]) -> Tensors {
+    specs
+        .iter()
+        .zip(views)
+        .map(|(s, v)| {
+            let data = v
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            (s.name.clone(), s.dims.clone(), data)
+        })
+        .collect()
+}
+
+/// Loads the checkpoint in `dir` for `purpose`, verifying it (see
+/// [`verify_files`]).
+pub fn load(dir: &Path, specs: &[ParamSpec], purpose: Purpose) -> Result<Checkpoint> {
     if !dir.join("state.json").exists() {
         bail!("{}: not a checkpoint (no state.json)", dir.display());
     }
-    parse(dir, &read_files(dir)?, specs)
+    parse(dir, &read_files(dir)?, specs, purpose)
 }
 
 /// A checkpoint from its files' bytes (as [`to_files`] makes them),
-/// checking every tensor against `specs`.
-pub fn from_files(files: &[(String, Vec<u8>)], specs: &[ParamSpec]) -> Result<Checkpoint> {
-    parse(Path::new(""), files, specs)
+/// verified (see [`verify_files`]).
+pub fn from_files(
+    files: &[(String, Vec<u8>)],
+    specs: &[ParamSpec],
+    purpose: Purpose,
+) -> Result<Checkpoint> {
+    parse(Path::new(""), files, specs, purpose)
 }
 
-/// Checks that `files` hold a checkpoint of the model `specs` describe
-/// (state.json parses; every tensor present, F32, with the config's shape)
-/// without converting the tensors: what a receiver verifies before
-/// writing. Returns the state.
-pub fn verify_files(files: &[(String, Vec<u8>)], specs: &[ParamSpec]) -> Result<TrainingState> {
-    let file = |name: &str| {
-        files
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, b)| b)
-            .with_context(|| format!("{name}: missing"))
-    };
-    let state: TrainingState = serde_json::from_slice(file("state.json")?)
-        .context("state.json: not a valid state.json")?;
-    let check = |name: &str, prefixes: &[&str]| -> Result<()> {
-        let st = SafeTensors::deserialize(file(name)?)
-            .with_context(|| format!("{name}: not a valid safetensors file"))?;
-        for prefix in prefixes {
-            for s in specs {
-                let t = format!("{prefix}{}", s.name);
-                let view = st
-                    .tensor(&t)
-                    .map_err(|_| anyhow::anyhow!("{name}: tensor `{t}` is missing"))?;
-                let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
-                if shape != s.dims || view.dtype() != Dtype::F32 {
-                    bail!(
-                        "{name}: tensor `{t}` is {:?} {shape:?}, expected F32 {:?}",
-                        view.dtype(),
-                        s.dims
-                    );
-                }
-            }
-        }
-        Ok(())
-    };
-    check("model.safetensors", &[""])?;
-    if files.iter().any(|(n, _)| n == "optimizer.safetensors") {
-        check("optimizer.safetensors", &["adam_m.", "adam_v."])?;
+/// Checks that `files` hold a sound checkpoint of the model `specs`
+/// describe, without converting the tensors (what a receiver checks before
+/// writing): state.json parses; every file matches the sha256 and size
+/// state.json records; every tensor is there, F32, with the config's shape
+/// and finite values; for [`Purpose::Resume`], the optimizer file is
+/// there. Returns the state.
+pub fn verify_files(
+    files: &[(String, Vec<u8>)],
+    specs: &[ParamSpec],
+    purpose: Purpose,
+) -> Result<TrainingState> {
+    Ok(verify_in(Path::new(""), files, specs, purpose)?.state)
+}
+
+/// A checkpoint's files, verified, with views of its tensors.
+struct Verified<'a> {
+    state: TrainingState,
+    params: Vec<TensorView<'a>>,
+    /// adam_m and adam_v, when the optimizer file is there.
+    moments: Option<(Vec<TensorView<'a>>, Vec<TensorView<'a>>)>,
+}
+
+/// [`verify_files`], naming the files under `dir` in errors.
+fn verify_in<'a>(
+    dir: &Path,
+    files: &'a [(String, Vec<u8>)],
+    specs: &[ParamSpec],
+    purpose: Purpose,
+) -> Result<Verified<'a>> {
+    let at = |name: &str| dir.join(name).display().to_string();
+    let file = |name: &str| files.iter().find(|(n, _)| n == name).map(|(_, b)| b);
+    let state: TrainingState = serde_json::from_slice(
+        file("state.json").with_context(|| format!("{}: missing", at("state.json")))?,
+    )
+    .with_context(|| format!("{}: not a valid state.json", at("state.json")))?;
+    if state.files.is_empty() && state.format >= FORMAT {
+        bail!(
+            "{}: format {} but no file digests: the file was changed",
+            at("state.json"),
+            state.format
+        );
     }
-    Ok(state)
+    let prefix = if dir.as_os_str().is_empty() {
+        String::new()
+    } else {
+        format!("{}/", dir.display())
+    };
+    // Weights alone may come without their optimizer file (its digest
+    // then has nothing to check); continuing a run may not.
+    let mut digests = state.files.clone();
+    if file("optimizer.safetensors").is_none() {
+        if purpose == Purpose::Resume {
+            bail!(
+                "{}: missing, so this checkpoint holds weights only: it cannot continue a run \
+                 exactly (Adam's moments would restart from zero); start a new run from it with \
+                 --init, or evaluate it",
+                at("optimizer.safetensors")
+            );
+        }
+        digests.remove("optimizer.safetensors");
+    }
+    check_digests(&prefix, &digests, files)?;
+    let model = file("model.safetensors")
+        .with_context(|| format!("{}: missing", at("model.safetensors")))?;
+    let params = check_tensors(&at("model.safetensors"), model, specs, "")?;
+    let moments = match file("optimizer.safetensors") {
+        Some(opt) => {
+            let opt_at = at("optimizer.safetensors");
+            Some((
+                check_tensors(&opt_at, opt, specs, "adam_m.")?,
+                check_tensors(&opt_at, opt, specs, "adam_v.")?,
+            ))
+        }
+        None => None,
+    };
+    Ok(Verified {
+        state,
+        params,
+        moments,
+    })
 }
 
 /// `dir` only names the files in errors.
-fn parse(dir: &Path, files: &[(String, Vec<u8>)], specs: &[ParamSpec]) -> Result<Checkpoint> {
-    let file = |name: &str| files.iter().find(|(n, _)| n == name).map(|(_, b)| b);
-    let state_path = dir.join("state.json");
-    let state: TrainingState = serde_json::from_slice(
-        file("state.json").with_context(|| format!("{}: missing", state_path.display()))?,
-    )
-    .with_context(|| format!("{}: not a valid state.json", state_path.display()))?;
-    let model = dir.join("model.safetensors");
-    let params = read_tensors(
-        &model,
-        file("model.safetensors").with_context(|| format!("{}: missing", model.display()))?,
-        specs,
-        "",
-    )?;
-    let opt = dir.join("optimizer.safetensors");
-    let (adam_m, adam_v) = if let Some(bytes) = file("optimizer.safetensors") {
-        (
-            read_tensors(&opt, bytes, specs, "adam_m.")?,
-            read_tensors(&opt, bytes, specs, "adam_v.")?,
-        )
-    } else {
-        // An init-only checkpoint may omit the optimizer: moments start at 0.
-        let zeros: Tensors = params
-            .iter()
-            .map(|(n, d, v)| (n.clone(), d.clone(), vec![0.0; v.len()]))
-            .collect();
-        (zeros.clone(), zeros)
+fn parse(
+    dir: &Path,
+    files: &[(String, Vec<u8>)],
+    specs: &[ParamSpec],
+    purpose: Purpose,
+) -> Result<Checkpoint> {
+    let v = verify_in(dir, files, specs, purpose)?;
+    if v.state.files.is_empty() {
+        tracing::warn!(
+            "{}: written before checkpoints recorded file digests (format {}): its files cannot be verified",
+            dir.display(),
+            v.state.format
+        );
+    }
+    let params = to_tensors(specs, &v.params);
+    let (adam_m, adam_v) = match &v.moments {
+        Some((m, v)) => (to_tensors(specs, m), to_tensors(specs, v)),
+        None => {
+            // Weights only: moments start at 0.
+            let zeros: Tensors = params
+                .iter()
+                .map(|(n, d, v)| (n.clone(), d.clone(), vec![0.0; v.len()]))
+                .collect();
+            (zeros.clone(), zeros)
+        }
     };
     Ok(Checkpoint {
         params,
         adam_m,
         adam_v,
-        state,
+        state: v.state,
     })
-}
-
-/// `checkpoints/step_00001234` under a run directory.
-pub fn step_dir(run_dir: &Path, step: i64) -> PathBuf {
-    run_dir.join("checkpoints").join(format!("step_{step:08}"))
-}
-
-/// The complete checkpoints under a run directory, oldest first.
-pub fn list(run_dir: &Path) -> Vec<PathBuf> {
-    let Ok(entries) = fs::read_dir(run_dir.join("checkpoints")) else {
-        return vec![];
-    };
-    let mut dirs: Vec<PathBuf> = entries
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            p.file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("step_"))
-                && p.join("state.json").exists()
-        })
-        .collect();
-    dirs.sort();
-    dirs
-}
-
-/// The newest complete checkpoint under a run directory, if any.
-pub fn latest(run_dir: &Path) -> Option<PathBuf> {
-    list(run_dir).pop()
-}
-
-/// Removes all but the newest `keep` checkpoints; returns what went.
-pub fn prune(run_dir: &Path, keep: usize) -> Result<Vec<PathBuf>> {
-    let all = list(run_dir);
-    let drop_n = all.len().saturating_sub(keep);
-    let gone: Vec<PathBuf> = all.into_iter().take(drop_n).collect();
-    for d in &gone {
-        fs::remove_dir_all(d).with_context(|| format!("removing {}", d.display()))?;
-    }
-    Ok(gone)
 }
 
 #[cfg(test)]

@@ -47,7 +47,7 @@ impl CheckpointRows {
     /// The checkpoint (checked against `cfg`) and the batches to run it on;
     /// `cfg`'s data section is pointed at them.
     pub fn load(&self, cfg: &mut Config) -> Result<(ckpt::Checkpoint, Vec<Vec<Vec<i32>>>)> {
-        let checkpoint = ckpt::load(&self.ckpt, &param_specs(&cfg.model))?;
+        let checkpoint = ckpt::load(&self.ckpt, &param_specs(&cfg.model), ckpt::Purpose::Weights)?;
         let max = self.batches.unwrap_or(usize::MAX);
         let batches = eval_batches(cfg, &self.data, self.tokenizer.as_deref(), max)?;
         Ok((checkpoint, batches))

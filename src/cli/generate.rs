@@ -53,7 +53,7 @@ pub fn run(a: &GenerateArgs) -> Result<()> {
         .map_err(|e| anyhow!("tokenizing the prompt: {e}"))?
         .get_ids()
         .to_vec();
-    let checkpoint = ckpt::load(&a.ckpt, &param_specs(&cfg.model))?;
+    let checkpoint = ckpt::load(&a.ckpt, &param_specs(&cfg.model), ckpt::Purpose::Weights)?;
     let client = open_client_with(&cfg, a.plugin.as_deref(), 1)?;
     let max_len = (prompt.len() + a.max_tokens) as i64;
     if max_len > cfg.train.seq_len {

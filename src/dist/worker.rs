@@ -315,7 +315,8 @@ fn run_attempt(
     let specs = param_specs(&cfg.model);
     let start: Checkpoint = if reg.has_checkpoint {
         let files = rt.block_on(fetch_checkpoint(client.clone(), s))?;
-        ckpt::from_files(&files.files, &specs).context("the start checkpoint")?
+        ckpt::from_files(&files.files, &specs, ckpt::Purpose::Resume)
+            .context("the start checkpoint")?
     } else {
         fresh_checkpoint(&cfg, cfg.train.seed)
     };
@@ -400,6 +401,9 @@ fn run_attempt(
             end: cfg.train.steps,
             peak_flops: peak,
             progress: opts.progress && s.rank == 0,
+            started_from: reg
+                .has_checkpoint
+                .then(|| format!("the job's checkpoint of step {}", reg.start_step)),
         },
     );
     if let Some(m) = sink.metrics.take() {

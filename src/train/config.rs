@@ -51,6 +51,41 @@ pub struct TrainConfig {
     /// Validation micro-batches per evaluation.
     #[serde(default = "one")]
     pub eval_batches: i64,
+    /// A step whose loss, gradient norm or update is not finite never
+    /// changes the state (the step program keeps it); then `stop` ends the
+    /// run naming the last good checkpoint, `skip` goes on with the next
+    /// batch.
+    #[serde(default, skip_serializing_if = "NonFinitePolicy::is_default")]
+    pub on_nonfinite: NonFinitePolicy,
+    /// With `skip`: the run stops once more than this many steps were
+    /// skipped.
+    #[serde(
+        default = "max_nonfinite_steps",
+        skip_serializing_if = "is_default_max_nonfinite"
+    )]
+    pub max_nonfinite_steps: i64,
+}
+
+/// `train.on_nonfinite`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NonFinitePolicy {
+    #[default]
+    Stop,
+    Skip,
+}
+
+impl NonFinitePolicy {
+    fn is_default(&self) -> bool {
+        *self == NonFinitePolicy::default()
+    }
+}
+
+fn max_nonfinite_steps() -> i64 {
+    10
+}
+fn is_default_max_nonfinite(v: &i64) -> bool {
+    *v == max_nonfinite_steps()
 }
 
 fn one() -> i64 {
@@ -289,6 +324,12 @@ impl Config {
             return Err(format!(
                 "train.lr = {} and train.min_lr = {}: need 0 <= min_lr <= lr, lr > 0",
                 t.lr, t.min_lr
+            ));
+        }
+        if t.max_nonfinite_steps < 0 {
+            return Err(format!(
+                "train.max_nonfinite_steps = {}: must be >= 0",
+                t.max_nonfinite_steps
             ));
         }
         if !["f32", "bf16", "auto"].contains(&t.compute_dtype.as_str()) {

@@ -4,7 +4,7 @@
 //! `metrics.jsonl` and checkpoints locally; SIGINT/SIGTERM finish the step,
 //! checkpoint and stop cleanly. Also the MFU arithmetic.
 
-use std::fs::{self, OpenOptions};
+use std::fs::OpenOptions;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -13,12 +13,13 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 
-use crate::ckpt;
+use crate::ckpt::{self, Purpose};
 use crate::model::{active_params_per_token, param_specs};
 use crate::runtime::{find_plugin, Backend, Client, ClientOption, KeyValueStore, Plugin};
 
 use super::batches::{Batches, DataPosition};
 use super::config::Config;
+use super::history;
 use super::steps::{run_steps, snapshot, LoopOptions, MetricsRow, RunSink};
 use super::tensorboard::EventWriter;
 use super::trainer::{fresh_checkpoint, Trainer};
@@ -192,31 +193,23 @@ pub fn train(cfg: &Config, start: &StartFrom, plugin: Option<&Path>) -> Result<P
     if run_dir.as_os_str().is_empty() {
         bail!("run.dir is not set (use --set run.dir=runs/NAME)");
     }
-    fs::create_dir_all(run_dir).with_context(|| format!("creating {}", run_dir.display()))?;
+    // One writer per run directory, held until this function returns.
+    let _lock = ckpt::RunLock::acquire(run_dir, "train")?;
+    ckpt::clean_temporaries(run_dir)?;
     let specs = param_specs(&cfg.model);
-    // Without --resume/--init, a run directory that already holds a
-    // checkpoint is continued from its newest one (re-running the same
-    // command after an interruption picks up where it stopped).
-    let resume = start.resume.clone().or_else(|| {
-        if start.init.is_none() {
-            ckpt::latest(run_dir)
-        } else {
-            None
-        }
-    });
-    let checkpoint = match (&resume, &start.init) {
-        (Some(dir), _) | (None, Some(dir)) => {
-            tracing::info!("starting from checkpoint {}", dir.display());
-            ckpt::load(dir, &specs).with_context(|| format!("loading {}", dir.display()))?
-        }
-        (None, None) => fresh_checkpoint(cfg, cfg.train.seed),
-    };
-    if resume.is_some() && checkpoint.state.config_sha256 != ckpt::sha256_hex(&cfg.to_toml()) {
+    let (from, checkpoint) = starting_point(cfg, start, &specs)?;
+    let resumed = start.init.is_none() && from.is_some();
+    if resumed && checkpoint.state.config_sha256 != ckpt::sha256_hex(&cfg.to_toml()) {
         tracing::warn!(
             "the config differs from the one the checkpoint was written with; continuing with the new one \
              (the checkpoint's is in its state.json)"
         );
     }
+    // From here on the run writes steps after the start: the history past
+    // it is moved aside (checkpoints) or dropped (metrics, re-trained).
+    let step = checkpoint.state.step;
+    ckpt::abandon_newer(run_dir, step)?;
+    history::rewind(run_dir, step)?;
     check_data_shards(cfg, &checkpoint.state)?;
     let at = DataPosition::from_state(&checkpoint.state);
     let mut batches = Batches::open(cfg, &at, 0..cfg.train.replicas)?;
@@ -228,9 +221,7 @@ pub fn train(cfg: &Config, start: &StartFrom, plugin: Option<&Path>) -> Result<P
             checkpoint.state.step,
             cfg.train.steps
         );
-        return Ok(resume
-            .or(start.init.clone())
-            .expect("a loaded checkpoint has a path"));
+        return Ok(from.expect("a loaded checkpoint has a path"));
     }
     let client = open_client(cfg, plugin)?;
     tracing::info!(
@@ -251,7 +242,7 @@ pub fn train(cfg: &Config, start: &StartFrom, plugin: Option<&Path>) -> Result<P
     for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
         signal_hook::flag::register(sig, stop.clone()).context("installing signal handlers")?;
     }
-    let metrics_path = run_dir.join("metrics.jsonl");
+    let metrics_path = run_dir.join(history::METRICS_FILE);
     let metrics = OpenOptions::new()
         .create(true)
         .append(true)
@@ -261,7 +252,7 @@ pub fn train(cfg: &Config, start: &StartFrom, plugin: Option<&Path>) -> Result<P
         cfg,
         run_dir,
         metrics,
-        events: EventWriter::create(&run_dir.join("tensorboard"))?,
+        events: EventWriter::create(&run_dir.join(history::EVENTS_DIR))?,
         stop,
         last: None,
     };
@@ -271,6 +262,7 @@ pub fn train(cfg: &Config, start: &StartFrom, plugin: Option<&Path>) -> Result<P
             .map_or(cfg.train.steps, |u| u.min(cfg.train.steps)),
         peak_flops: device_peak_flops(&client).map(|p| p * cfg.train.replicas as f64),
         progress: true,
+        started_from: from.as_ref().map(|d| d.display().to_string()),
     };
     run_steps(cfg, &mut trainer, &mut batches, &mut sink, &opts)?;
     sink.metrics.flush()?;
@@ -283,6 +275,49 @@ pub fn train(cfg: &Config, start: &StartFrom, plugin: Option<&Path>) -> Result<P
             Ok(dir)
         }
     }
+}
+
+/// The checkpoint a run starts from and its directory: `--resume` (which
+/// must verify, optimizer included), `--init` (weights), else the newest
+/// checkpoint of the run directory that verifies (newer ones that do not
+/// are reported and left in place), else a fresh state.
+fn starting_point(
+    cfg: &Config,
+    start: &StartFrom,
+    specs: &[crate::model::ParamSpec],
+) -> Result<(Option<PathBuf>, ckpt::Checkpoint)> {
+    let load = |dir: &Path, purpose| {
+        tracing::info!("starting from checkpoint {}", dir.display());
+        ckpt::load(dir, specs, purpose).with_context(|| format!("loading {}", dir.display()))
+    };
+    if let Some(dir) = &start.resume {
+        return Ok((Some(dir.clone()), load(dir, Purpose::Resume)?));
+    }
+    if let Some(dir) = &start.init {
+        return Ok((Some(dir.clone()), load(dir, Purpose::Weights)?));
+    }
+    let run_dir = &cfg.run.dir;
+    if let Some((dir, c)) =
+        ckpt::newest_verified(run_dir, |d| ckpt::load(d, specs, Purpose::Resume))
+    {
+        if Some(&dir) != ckpt::latest(run_dir).as_ref() {
+            tracing::warn!(
+                "resuming from {}, the newest checkpoint that verifies",
+                dir.display()
+            );
+        }
+        tracing::info!("starting from checkpoint {}", dir.display());
+        return Ok((Some(dir), c));
+    }
+    if !ckpt::list(run_dir).is_empty() {
+        bail!(
+            "{}: no checkpoint there verifies (each was reported above), and starting from \
+             scratch would write over them; repair or move them, pass --resume or --init, or \
+             choose another run.dir",
+            run_dir.join("checkpoints").display()
+        );
+    }
+    Ok((None, fresh_checkpoint(cfg, cfg.train.seed)))
 }
 
 /// A single-process run's results: `metrics.jsonl` and checkpoints in the
@@ -301,7 +336,9 @@ impl RunSink for LocalSink<'_> {
     fn metrics(&mut self, row: &MetricsRow) -> Result<()> {
         writeln!(self.metrics, "{}", serde_json::to_string(row)?)?;
         self.events.write_row(&serde_json::to_value(row)?)?;
-        Ok(())
+        // Through to the file every step, as metrics.jsonl is: a killed
+        // run keeps the events of its steps up to the kill.
+        self.events.flush()
     }
 
     fn checkpoint(&mut self, trainer: &Trainer, batches: &Batches) -> Result<String> {

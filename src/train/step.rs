@@ -9,11 +9,19 @@
 //!   outputs: params'[n], adam_m'[n], adam_v'[n], step + 1,
 //!            ce, aux, grad_norm, lr (f32 scalars; ce/aux of this step's
 //!            batch before the update, averaged over the global batch),
+//!            applied (f32 1 or 0, see below),
 //!            stop votes (summed over every replica of the job, so that all
 //!            hosts of a pod stop after the same step)
 //! Reads like the recipe: accumulate gradients over A micro-batches in a
 //! loop, average, all-reduce across replicas, clip to the global norm,
 //! AdamW with the scheduled learning rate.
+//!
+//! The divergence guard is part of the program: when the loss, the aux
+//! loss, the gradient norm or any updated parameter is not finite, the
+//! update is not applied (parameters and moments come back unchanged, the
+//! step counter still advances) and `applied` is 0. A NaN therefore never
+//! reaches the state, and so never a checkpoint; the host decides whether
+//! to stop or go on (`train.on_nonfinite`).
 
 use crate::graph::{grad, DType, Function, Graph, Result, Tensor, TensorType};
 use crate::model::{param_specs, ExpertCompute, ParamSpec, Transformer};
@@ -44,8 +52,8 @@ impl StepLayout {
         3 * self.n()
     }
 
-    /// Results after the state: ce, aux, grad_norm, lr (and, in the fused
-    /// step, the stop votes).
+    /// Results after the state: in the fused step ce, aux, grad_norm, lr,
+    /// applied, stop votes; in the update step grad_norm, lr, applied.
     pub fn metrics_index(&self) -> usize {
         3 * self.n() + 1
     }
@@ -152,9 +160,26 @@ fn trace_gradients(
     Ok((ce, aux, grads))
 }
 
-/// Clipping and AdamW from the batch-mean gradients: params', m', v',
-/// step + 1, then grad_norm and lr.
-fn trace_update(cfg: &Config, state: &StepInputs, grads: &[Tensor]) -> Result<Vec<Tensor>> {
+/// What the update traces: the new state (params', m', v', step + 1) and
+/// the step's scalars.
+struct Update {
+    state: Vec<Tensor>,
+    grad_norm: Tensor,
+    lr: Tensor,
+    /// f32 1 when the update was applied, 0 when the guard kept the state.
+    applied: Tensor,
+}
+
+/// Clipping and AdamW from the batch-mean gradients, guarded: the update
+/// is applied only if `ce`, `aux`, the gradient norm and every updated
+/// parameter are finite (see the module docs).
+fn trace_update(
+    cfg: &Config,
+    state: &StepInputs,
+    grads: &[Tensor],
+    ce: &Tensor,
+    aux: &Tensor,
+) -> Result<Update> {
     let specs = param_specs(&cfg.model);
     let t = &cfg.train;
     let (grads, grad_norm) = clip_by_global_norm(grads, t.grad_clip)?;
@@ -187,9 +212,34 @@ fn trace_update(cfg: &Config, state: &StepInputs, grads: &[Tensor]) -> Result<Ve
         new_m.push(u.m);
         new_v.push(u.v);
     }
-    let mut outs: Vec<Tensor> = new_p.into_iter().chain(new_m).chain(new_v).collect();
-    outs.extend([state.step.add_scalar(1.0)?, grad_norm, lr]);
-    Ok(outs)
+    // One sum over every updated parameter: non-finite iff some value is
+    // (or the sum overflows f32, which only a diverging run reaches).
+    let mut param_sum = new_p[0].sum_all()?;
+    for p in &new_p[1..] {
+        param_sum = param_sum.add(&p.sum_all()?)?;
+    }
+    let sound = ce
+        .is_finite()?
+        .and(&aux.is_finite()?)?
+        .and(&grad_norm.is_finite()?)?
+        .and(&param_sum.is_finite()?)?;
+    let keep = |new: Vec<Tensor>, old: &[Tensor]| -> Result<Vec<Tensor>> {
+        new.iter()
+            .zip(old)
+            .map(|(n, o)| sound.select(n, o))
+            .collect()
+    };
+    let mut next = keep(new_p, &state.params)?;
+    next.extend(keep(new_m, &state.adam_m)?);
+    next.extend(keep(new_v, &state.adam_v)?);
+    next.push(state.step.add_scalar(1.0)?);
+    let one = lr.scalar_like(1.0)?;
+    Ok(Update {
+        state: next,
+        grad_norm,
+        lr,
+        applied: sound.select(&one, &one.zeros_like()?)?,
+    })
 }
 
 fn declare_windows(g: &Graph, cfg: &Config) -> Result<Tensor> {
@@ -215,11 +265,10 @@ pub fn train_step(cfg: &Config, experts: ExpertCompute) -> Result<Function> {
         .iter()
         .map(|gr| replica_mean(gr, replicas))
         .collect::<Result<Vec<_>>>()?;
-    let updated = trace_update(cfg, &state, &grads)?;
-    // Results: state', then ce, aux, grad_norm, lr, stop votes.
-    let k = updated.len() - 2;
-    let mut outs: Vec<&Tensor> = updated[..k].iter().collect();
-    outs.extend([&ce, &aux, &updated[k], &updated[k + 1], &votes]);
+    let u = trace_update(cfg, &state, &grads, &ce, &aux)?;
+    // Results: state', then ce, aux, grad_norm, lr, applied, stop votes.
+    let mut outs: Vec<&Tensor> = u.state.iter().collect();
+    outs.extend([&ce, &aux, &u.grad_norm, &u.lr, &u.applied, &votes]);
     let donated: Vec<usize> = (0..=layout.step_index()).collect();
     g.build(&outs)?
         .with_replicas(replicas)
@@ -249,15 +298,20 @@ pub fn gradient_step(cfg: &Config, experts: ExpertCompute, local: usize) -> Resu
 }
 
 /// The second half: params[n], m[n], v[n], step, grads[n] (the job's mean
-/// gradients) -> params', m', v', step + 1, grad_norm, lr. Everything but
-/// the gradients is donated, as in [`train_step`].
+/// gradients), losses [ce, aux] (the job's means, for the divergence
+/// guard) -> params', m', v', step + 1, grad_norm, lr, applied. Everything
+/// but the gradients and losses is donated, as in [`train_step`].
 pub fn update_step(cfg: &Config, local: usize) -> Result<Function> {
     let layout = StepLayout::new(cfg);
     let g = Graph::new();
     let state = declare_state(&g, &layout.specs)?;
     let grads = declare_params(&g, &layout.specs, "grad.")?;
-    let updated = trace_update(cfg, &state, &grads)?;
-    let refs: Vec<&Tensor> = updated.iter().collect();
+    let losses = g.param("losses", TensorType::new(DType::F32, &[2]))?;
+    let ce = losses.slice(&[0], &[1], &[1])?.reshape(&[])?;
+    let aux = losses.slice(&[1], &[2], &[1])?.reshape(&[])?;
+    let u = trace_update(cfg, &state, &grads, &ce, &aux)?;
+    let mut refs: Vec<&Tensor> = u.state.iter().collect();
+    refs.extend([&u.grad_norm, &u.lr, &u.applied]);
     let donated: Vec<usize> = (0..=layout.step_index()).collect();
     g.build(&refs)?
         .with_replicas(local)

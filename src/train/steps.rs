@@ -11,9 +11,9 @@ use serde::Serialize;
 use crate::ckpt::Checkpoint;
 
 use super::batches::Batches;
-use super::config::Config;
+use super::config::{Config, NonFinitePolicy};
 use super::run::flops_per_token;
-use super::trainer::Trainer;
+use super::trainer::{StepMetrics, Trainer};
 
 /// One row of `metrics.jsonl`.
 #[derive(Clone, Debug, Serialize)]
@@ -29,6 +29,9 @@ pub struct MetricsRow {
     pub mfu: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub val_loss: Option<f64>,
+    /// The divergence guard kept the state: this step changed nothing.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub skipped: bool,
 }
 
 /// Where a run's results go and what may stop it.
@@ -58,6 +61,9 @@ pub struct LoopOptions {
     /// FLOP/s of all the job's devices (for MFU).
     pub peak_flops: Option<f64>,
     pub progress: bool,
+    /// The checkpoint the run started from, if any (named when the run
+    /// diverges before writing one of its own).
+    pub started_from: Option<String>,
 }
 
 /// The progress line of a run of `steps` steps (hidden when `visible` is
@@ -108,19 +114,13 @@ pub fn run_steps(
     let fpt = flops_per_token(cfg);
     let bar = step_bar(t.steps, opts.progress);
     bar.set_position(trainer.step_count() as u64);
-    let mut last_ckpt: Option<String> = None;
+    let mut last_ckpt = opts.started_from.clone();
     while trainer.step_count() < opts.end {
         let step = trainer.step_count();
         let began = Instant::now();
         let rows = batches.next(cfg)?;
         let m = trainer.train_step(&rows)?;
         let dt = began.elapsed().as_secs_f64();
-        if !m.ce.is_finite() {
-            bail!(
-                "step {step}: loss is {} (diverged); last checkpoint: {last_ckpt:?}",
-                m.ce
-            );
-        }
         let tps = tokens_per_step as f64 / dt;
         let val_loss = if t.eval_every > 0
             && (step + 1) % t.eval_every == 0
@@ -141,8 +141,15 @@ pub fn run_steps(
             tokens_per_s: tps,
             mfu: opts.peak_flops.map(|p| tps * fpt / p),
             val_loss,
+            skipped: !m.applied,
         };
         sink.metrics(&row)?;
+        if !m.applied {
+            if let Err(e) = nonfinite_step(cfg, trainer, step, &m, last_ckpt.as_deref()) {
+                bar.abandon();
+                return Err(e);
+            }
+        }
         bar.set_message(format!(
             "loss {:.4} aux {:.3} {:.0} tok/s",
             m.ce, m.aux, tps
@@ -168,4 +175,45 @@ pub fn run_steps(
     }
     bar.finish();
     Ok(LoopEnd::Reached)
+}
+
+/// A step the divergence guard did not apply: an error for
+/// `train.on_nonfinite = "stop"` (or once too many were skipped), a
+/// warning for `"skip"`.
+fn nonfinite_step(
+    cfg: &Config,
+    trainer: &Trainer,
+    step: i64,
+    m: &StepMetrics,
+    last_ckpt: Option<&str>,
+) -> Result<()> {
+    let what = format!(
+        "step {step}: the loss ({}), aux loss ({}) or gradient norm ({}) is not finite, or the \
+         update would have made a parameter non-finite",
+        m.ce, m.aux, m.grad_norm
+    );
+    let last = last_ckpt.map_or_else(|| "none was written yet".to_string(), |c| c.to_string());
+    let t = &cfg.train;
+    match t.on_nonfinite {
+        NonFinitePolicy::Stop => bail!(
+            "{what}: the run diverged. The update was not applied and no checkpoint was written \
+             from it; the last good checkpoint is {last}. Lower train.lr (now {}) or \
+             train.grad_clip, or set train.on_nonfinite = \"skip\" to skip such batches",
+            t.lr
+        ),
+        NonFinitePolicy::Skip if trainer.nonfinite_steps() > t.max_nonfinite_steps => bail!(
+            "{what}: {} steps were skipped, more than train.max_nonfinite_steps = {}; \
+             the run is diverging. The last good checkpoint is {last}",
+            trainer.nonfinite_steps(),
+            t.max_nonfinite_steps
+        ),
+        NonFinitePolicy::Skip => {
+            tracing::warn!(
+                "{what}: update skipped ({} of at most {} skipped steps)",
+                trainer.nonfinite_steps(),
+                t.max_nonfinite_steps
+            );
+            Ok(())
+        }
+    }
 }

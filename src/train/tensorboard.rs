@@ -202,6 +202,79 @@ impl EventWriter {
     }
 }
 
+/// The records of a TFRecord file, each checked against its CRCs, up to
+/// the first torn or corrupt one (a writer killed mid-record leaves one);
+/// the second value says whether the file ended there cleanly.
+pub fn read_records(bytes: &[u8]) -> (Vec<&[u8]>, bool) {
+    let u32_at = |i: usize| u32::from_le_bytes(bytes[i..i + 4].try_into().expect("4 bytes"));
+    let mut out = vec![];
+    let mut i = 0;
+    while i < bytes.len() {
+        if i + 12 > bytes.len() {
+            return (out, false);
+        }
+        let len_bytes = &bytes[i..i + 8];
+        if u32_at(i + 8) != masked_crc32c(len_bytes) {
+            return (out, false);
+        }
+        let len = u64::from_le_bytes(len_bytes.try_into().expect("8 bytes"));
+        let Some(end) = usize::try_from(len)
+            .ok()
+            .and_then(|l| (i + 12).checked_add(l))
+            .filter(|&e| e + 4 <= bytes.len())
+        else {
+            return (out, false);
+        };
+        let data = &bytes[i + 12..end];
+        if u32_at(end) != masked_crc32c(data) {
+            return (out, false);
+        }
+        out.push(data);
+        i = end + 4;
+    }
+    (out, true)
+}
+
+/// Drops the scalars at or after `step` from every event file in `dir`
+/// (an interrupted run's steps that are trained again from a checkpoint),
+/// so each step has one value, as in `metrics.jsonl`. Files are rewritten
+/// atomically, and only when something goes; a torn last record goes too.
+pub fn rewind(dir: &Path, step: i64) -> Result<()> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Ok(());
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        if !path
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().starts_with("events.out.tfevents."))
+        {
+            continue;
+        }
+        let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        let (records, clean) = read_records(&bytes);
+        let kept: Vec<&[u8]> = records
+            .iter()
+            .copied()
+            .filter(|r| match Event::decode(*r) {
+                Ok(ev) => ev.step < step || matches!(ev.what, Some(event::What::FileVersion(_))),
+                Err(_) => false,
+            })
+            .collect();
+        if clean && kept.len() == records.len() {
+            continue;
+        }
+        let mut out = Vec::with_capacity(bytes.len());
+        for r in kept {
+            out.extend(tfrecord(r));
+        }
+        let tmp = path.with_extension("rewind.tmp");
+        std::fs::write(&tmp, out).with_context(|| format!("writing {}", tmp.display()))?;
+        std::fs::rename(&tmp, &path).with_context(|| format!("replacing {}", path.display()))?;
+    }
+    Ok(())
+}
+
 impl Drop for EventWriter {
     fn drop(&mut self) {
         let _ = self.out.flush();

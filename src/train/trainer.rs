@@ -27,6 +27,10 @@ pub struct StepMetrics {
     pub aux: f64,
     pub grad_norm: f64,
     pub lr: f64,
+    /// The step's update was applied; false when the divergence guard kept
+    /// the state because the loss, a gradient or an updated parameter was
+    /// not finite (see `train::step`).
+    pub applied: bool,
     /// Some process of the job voted to stop after this step (see
     /// [`Trainer::set_stop_vote`]); every process sees the same answer.
     pub stop: bool,
@@ -62,6 +66,8 @@ pub struct Trainer {
     state: Vec<Vec<Buffer>>,
     step: i64,
     seed: u64,
+    /// Steps of the run whose update the divergence guard skipped.
+    nonfinite_steps: i64,
     /// This process's stop vote, summed over the job inside the fused step.
     stop_vote: Option<Arc<AtomicBool>>,
 }
@@ -87,7 +93,7 @@ pub fn fresh_checkpoint(cfg: &Config, seed: u64) -> Checkpoint {
         adam_m: zeros.clone(),
         adam_v: zeros,
         state: TrainingState {
-            format: 1,
+            format: crate::ckpt::FORMAT,
             step: 0,
             tokens_seen: 0,
             next_batch: 0,
@@ -97,6 +103,8 @@ pub fn fresh_checkpoint(cfg: &Config, seed: u64) -> Checkpoint {
             seed,
             config_sha256: crate::ckpt::sha256_hex(&config_toml),
             config_toml,
+            nonfinite_steps: 0,
+            files: Default::default(),
         },
     }
 }
@@ -223,6 +231,7 @@ impl Trainer {
             state,
             step: start.state.step,
             seed: start.state.seed,
+            nonfinite_steps: start.state.nonfinite_steps,
             stop_vote: None,
         })
     }
@@ -289,14 +298,20 @@ impl Trainer {
             aux: scalar(&outputs[0][m + 1])?,
             grad_norm: scalar(&outputs[0][m + 2])?,
             lr: scalar(&outputs[0][m + 3])?,
-            stop: scalar(&outputs[0][m + 4])? > 0.0,
+            applied: scalar(&outputs[0][m + 4])? > 0.0,
+            stop: scalar(&outputs[0][m + 5])? > 0.0,
         };
-        self.keep_state(outputs);
+        self.keep_state(outputs, metrics.applied);
         Ok(metrics)
     }
 
+    /// Steps of the run whose update was skipped as non-finite.
+    pub fn nonfinite_steps(&self) -> i64 {
+        self.nonfinite_steps
+    }
+
     /// The step's outputs minus the metrics become the state; one step done.
-    fn keep_state(&mut self, outputs: Vec<Vec<Buffer>>) {
+    fn keep_state(&mut self, outputs: Vec<Vec<Buffer>>, applied: bool) {
         let m = self.layout.metrics_index();
         self.state = outputs
             .into_iter()
@@ -306,6 +321,9 @@ impl Trainer {
             })
             .collect();
         self.step += 1;
+        if !applied {
+            self.nonfinite_steps += 1;
+        }
     }
 
     /// The step as gradient program, host-side sum across processes,
@@ -342,6 +360,7 @@ impl Trainer {
         let inv = 1.0 / self.cfg.train.replicas as f32;
         flat.iter_mut().for_each(|x| *x *= inv);
         let (ce, aux) = (flat[0] as f64, flat[1] as f64);
+        let losses = &flat[..2];
         let mut args = Vec::with_capacity(self.state.len());
         for (state, dev) in std::mem::take(&mut self.state)
             .into_iter()
@@ -357,6 +376,11 @@ impl Trainer {
                 list.push(Arg::Donated(g));
                 offset += len;
             }
+            list.push(Arg::Donated(self.client.buffer_from_host(
+                losses,
+                &[2],
+                dev,
+            )?));
             args.push(list);
         }
         let outputs = update.execute(args)?;
@@ -366,10 +390,11 @@ impl Trainer {
             aux,
             grad_norm: scalar(&outputs[0][m])?,
             lr: scalar(&outputs[0][m + 1])?,
+            applied: scalar(&outputs[0][m + 2])? > 0.0,
             // The host sum carried the votes (`CrossProcessSum`).
             stop: false,
         };
-        self.keep_state(outputs);
+        self.keep_state(outputs, metrics.applied);
         Ok(metrics)
     }
 
@@ -441,7 +466,7 @@ impl Trainer {
             adam_m: read(n)?,
             adam_v: read(2 * n)?,
             state: TrainingState {
-                format: 1,
+                format: crate::ckpt::FORMAT,
                 step: self.step,
                 tokens_seen: self.step * tokens_per_step,
                 next_batch,
@@ -451,6 +476,8 @@ impl Trainer {
                 seed: self.seed,
                 config_sha256: crate::ckpt::sha256_hex(&config_toml),
                 config_toml,
+                nonfinite_steps: self.nonfinite_steps,
+                files: Default::default(),
             },
         })
     }

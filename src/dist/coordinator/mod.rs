@@ -167,9 +167,10 @@ impl Job {
     /// Verifies an uploaded checkpoint (every tensor present with the
     /// config's shape), writes it atomically, keeps the newest K.
     fn store_checkpoint(&self, files: CheckpointFiles) -> Result<PathBuf, Status> {
-        let state = ckpt::verify_files(&files.files, &self.specs).map_err(|e| {
-            Status::invalid_argument(format!("checkpoint for step {}: {e:#}", files.step))
-        })?;
+        let state =
+            ckpt::verify_files(&files.files, &self.specs, ckpt::Purpose::Resume).map_err(|e| {
+                Status::invalid_argument(format!("checkpoint for step {}: {e:#}", files.step))
+            })?;
         if state.step != files.step {
             return Err(Status::invalid_argument(format!(
                 "checkpoint header says step {} but its state.json says {}",
@@ -179,7 +180,7 @@ impl Job {
         let dir = ckpt::step_dir(&self.opts.run_dir, files.step);
         ckpt::install(&dir, &files.files)
             .map_err(|e| Status::internal(format!("writing {}: {e:#}", dir.display())))?;
-        match ckpt::prune(&self.opts.run_dir, self.opts.keep_checkpoints) {
+        match ckpt::prune(&self.opts.run_dir, self.opts.keep_checkpoints, &dir) {
             Ok(removed) => {
                 for r in removed {
                     tracing::debug!("removed old checkpoint {}", r.display());
@@ -252,7 +253,7 @@ fn rewind_metrics(path: &Path, step: i64) -> Result<()> {
 fn newest_valid(run_dir: &Path, specs: &[ParamSpec]) -> Option<CheckpointFiles> {
     for dir in ckpt::list(run_dir).into_iter().rev() {
         let loaded = ckpt::read_files(&dir).and_then(|files| {
-            let state = ckpt::verify_files(&files, specs)?;
+            let state = ckpt::verify_files(&files, specs, ckpt::Purpose::Resume)?;
             Ok(CheckpointFiles {
                 step: state.step,
                 files,

@@ -395,6 +395,44 @@ macro_rules! compare_methods {
 
 compare_methods! { eq => Eq, ne => Ne, lt => Lt, le => Le, gt => Gt, ge => Ge }
 
+// ---------------------------------------------------------------- is_finite
+
+/// Neither NaN nor infinite (bool result): what the train step's
+/// divergence guard asks of the loss, the gradient norm and the update.
+#[derive(Debug)]
+struct IsFinite;
+
+impl Primitive for IsFinite {
+    fn name(&self) -> &'static str {
+        "is_finite"
+    }
+
+    fn out_types(&self, ins: &[&TensorType]) -> Result<Vec<TensorType>> {
+        if !ins[0].dtype.is_float() {
+            return op_err(
+                "is_finite",
+                format!("needs a float operand, got {}", ins[0]),
+            );
+        }
+        Ok(vec![ins[0].with_dtype(DType::Bool)])
+    }
+
+    fn vjp(&self, _: &[Tensor], _: &[Tensor], _: &[Option<Tensor>]) -> Result<Vec<Option<Tensor>>> {
+        Ok(vec![None])
+    }
+
+    fn emit(&self, _: &mut EmitCx, ins: &[Operand], outs: &[Operand]) -> Result<String> {
+        Ok(generic("stablehlo.is_finite", ins, outs, ""))
+    }
+}
+
+impl Tensor {
+    /// Elementwise: neither NaN nor +-infinity (bool result).
+    pub fn is_finite(&self) -> Result<Tensor> {
+        self.g.apply1(IsFinite, &[self])
+    }
+}
+
 // ---------------------------------------------------------------- select
 
 #[derive(Debug)]
