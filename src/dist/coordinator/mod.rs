@@ -24,6 +24,7 @@ use crate::train::Config;
 
 use super::auth;
 use super::proto::coordinator_server::CoordinatorServer;
+use super::proto::{CheckpointHeader, MetricsRow};
 use super::transfer::CheckpointFiles;
 pub use service::REDUCE_CHUNK;
 use state::{Finished, Phase, State};
@@ -33,6 +34,10 @@ pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
 
 /// HTTP/2 flow-control windows, both ends.
 pub const WINDOW_BYTES: u32 = 32 << 20;
+
+/// How long an upload waits for rank 0's metrics rows of the steps before
+/// it, which travel on another stream.
+pub const UPLOAD_WAIT: Duration = Duration::from_secs(30);
 
 #[derive(Clone, Debug)]
 pub struct CoordinatorOptions {
@@ -83,6 +88,9 @@ pub struct Job {
     /// metrics.jsonl's rows as TensorBoard scalars.
     events: Mutex<EventWriter>,
     state: Mutex<State>,
+    /// Held while a checkpoint is checked and written: one at a time, so
+    /// the upload policy still holds when it is installed.
+    storing: Mutex<()>,
     tick: watch::Sender<u64>,
     bar: indicatif::ProgressBar,
 }
@@ -125,6 +133,7 @@ impl Job {
         st.phase = Phase::Running;
         st.start = st.latest.clone();
         let step = st.start.as_ref().map_or(0, |c| c.step);
+        st.reached = step;
         let now = std::time::Instant::now();
         let a = st.attempt;
         for w in st.workers.values_mut().filter(|w| w.attempt == a) {
@@ -164,9 +173,29 @@ impl Job {
         }
     }
 
-    /// Verifies an uploaded checkpoint (every tensor present with the
-    /// config's shape), writes it atomically, keeps the newest K.
-    fn store_checkpoint(&self, files: CheckpointFiles) -> Result<PathBuf, Status> {
+    /// Refuses an upload (by its header) from anyone but rank 0 of the
+    /// running attempt, or of a step that cannot become due.
+    fn check_uploader(&self, st: &State, h: &CheckpointHeader) -> Result<(), Status> {
+        let rank = st
+            .member(&h.job_id, &self.job_id, h.worker_id, h.attempt)?
+            .rank;
+        st.check_upload(rank, h.step, self.total_steps)
+    }
+
+    /// Writes rank 0's checkpoint of the step the job reached, if
+    /// `ckpt::verify_files` accepts it for this model, atomically; keeps
+    /// the newest K. A refusal leaves the run directory untouched.
+    fn store_checkpoint(
+        &self,
+        from: &CheckpointHeader,
+        files: CheckpointFiles,
+    ) -> Result<PathBuf, Status> {
+        let _one = self.storing.lock().unwrap_or_else(|p| p.into_inner());
+        {
+            let st = self.lock();
+            self.check_uploader(&st, from)?;
+            st.check_due(files.step)?;
+        }
         let state = ckpt::verify_files(&files.files, &self.specs).map_err(|e| {
             Status::invalid_argument(format!("checkpoint for step {}: {e:#}", files.step))
         })?;
@@ -192,6 +221,36 @@ impl Job {
             st.latest = Some(Arc::new(files));
         }
         Ok(dir)
+    }
+
+    /// Takes rank 0's row of the next step: one JSON object on one line
+    /// whose "step" is the message's. Appends it to metrics.jsonl as the
+    /// worker wrote it and advances the step reached.
+    fn record_metrics(&self, row: &MetricsRow) -> Result<(), Status> {
+        if row.json.contains(['\n', '\r']) {
+            return Err(Status::invalid_argument(format!(
+                "metrics row for step {}: a raw newline or carriage return would split it across lines of metrics.jsonl",
+                row.step
+            )));
+        }
+        let value: serde_json::Value = serde_json::from_str(&row.json)
+            .map_err(|e| Status::invalid_argument(format!("metrics row is not JSON: {e}")))?;
+        if !value.is_object() || value.get("step").and_then(|s| s.as_i64()) != Some(row.step) {
+            return Err(Status::invalid_argument(format!(
+                "metrics row must be a JSON object with \"step\": {}",
+                row.step
+            )));
+        }
+        // The check, the write and the step reached move together.
+        let mut st = self.lock();
+        let rank = st
+            .member(&row.job_id, &self.job_id, row.worker_id, row.attempt)?
+            .rank;
+        st.check_row(rank, row.step, self.total_steps)?;
+        self.log_metrics(row.step, &row.json, &value)
+            .map_err(|e| Status::internal(format!("{e:#}")))?;
+        st.reached += 1;
+        Ok(())
     }
 
     /// Appends `line` (the row as the worker wrote it, keys in its order)
@@ -334,6 +393,7 @@ pub async fn serve(
         events: Mutex::new(EventWriter::create(&opts.run_dir.join("tensorboard"))?),
         opts: opts.clone(),
         state: Mutex::new(State::new(latest.map(Arc::new))),
+        storing: Mutex::new(()),
         tick,
         bar,
     });
