@@ -14,20 +14,20 @@
 //! The tests share the machine's cores and heartbeat deadlines, so they
 //! run one at a time.
 
-use std::fs::File;
-use std::net::TcpListener;
+mod grpc;
+
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, ExitStatus};
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use sharedmoe::dist::proto::checkpoint_chunk::Part;
-use sharedmoe::dist::proto::coordinator_client::CoordinatorClient;
 use sharedmoe::dist::proto::{PingRequest, RegisterRequest};
 use sharedmoe::dist::transfer::{chunks, CheckpointFiles, Sender};
 use sharedmoe::train::Config;
 
-const BIN: &str = env!("CARGO_BIN_EXE_sharedmoe");
+use grpc::{connect, free_port, register, report_steps, rt, sender, snapshot_dir, spawn};
+
 const STEPS: i64 = 24;
 const DEADLINE: Duration = Duration::from_secs(300);
 
@@ -81,18 +81,6 @@ backend = "cpu"
     let path = dir.join("job.toml");
     std::fs::write(&path, text).unwrap();
     path
-}
-
-fn spawn(args: &[&str], log: &Path, envs: &[(&str, &str)]) -> Child {
-    let f = File::create(log).unwrap();
-    Command::new(BIN)
-        .args(args)
-        .envs(envs.iter().copied())
-        .stdout(f.try_clone().unwrap())
-        .stderr(f)
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap()
 }
 
 fn logs(dir: &Path) -> String {
@@ -163,14 +151,6 @@ fn final_state(run: &Path) -> (Vec<u8>, Vec<u8>) {
         std::fs::read(dir.join("model.safetensors")).unwrap(),
         std::fs::read(dir.join("optimizer.safetensors")).unwrap(),
     )
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 const JOB_FLAGS: [&str; 4] = [
@@ -390,56 +370,6 @@ fn c_a_restarted_coordinator_resumes_from_its_newest_checkpoint() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
-type Client = CoordinatorClient<tonic::transport::Channel>;
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-async fn connect(addr: &str) -> Client {
-    let began = Instant::now();
-    loop {
-        match CoordinatorClient::connect(format!("http://{addr}")).await {
-            Ok(c) => return c,
-            Err(e) if began.elapsed() < Duration::from_secs(30) => {
-                let _ = e;
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            Err(e) => panic!("connecting to {addr}: {e}"),
-        }
-    }
-}
-
-fn snapshot_dir(dir: &Path) -> Vec<(String, Vec<u8>)> {
-    let mut files: Vec<(String, Vec<u8>)> = walk(dir)
-        .into_iter()
-        .map(|p| {
-            (
-                p.strip_prefix(dir).unwrap().display().to_string(),
-                std::fs::read(&p).unwrap(),
-            )
-        })
-        .collect();
-    files.sort();
-    files
-}
-
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = vec![];
-    for e in std::fs::read_dir(dir).unwrap().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
-}
-
 #[test]
 fn d_bad_checkpoint_uploads_are_refused_and_the_previous_one_stays_intact() {
     let _serial = one_at_a_time();
@@ -469,22 +399,14 @@ fn d_bad_checkpoint_uploads_are_refused_and_the_previous_one_stays_intact() {
         &[],
     );
     rt().block_on(async {
-        let mut client = connect(&listen).await;
-        let reg = client
-            .register(RegisterRequest {
-                host: "test".into(),
-                backend: "cpu".into(),
-                local_devices: 4,
-                pid: std::process::id(),
-                want_rank: -1,
-            })
-            .await
-            .unwrap()
-            .into_inner();
+        let client = connect(&listen).await;
+        let reg = register(&client).await;
         assert!(
             reg.has_checkpoint,
             "the coordinator found the step-0 checkpoint"
         );
+        // The job has reached step 5: a checkpoint of step 5 is due.
+        report_steps(&client, &reg, 0..5).await.unwrap();
         // A well-formed checkpoint of step 5 (the step-0 one, renumbered).
         let mut files = sharedmoe::ckpt::read_files(&step0).unwrap();
         let state = files.iter_mut().find(|(n, _)| n == "state.json").unwrap();
@@ -492,11 +414,7 @@ fn d_bad_checkpoint_uploads_are_refused_and_the_previous_one_stays_intact() {
         v["step"] = 5.into();
         state.1 = serde_json::to_vec(&v).unwrap();
         let good = CheckpointFiles { step: 5, files };
-        let me = Sender {
-            job_id: reg.job_id.clone(),
-            worker_id: reg.worker_id,
-            attempt: reg.attempt,
-        };
+        let me = sender(&reg);
         let upload = |c: Vec<sharedmoe::dist::proto::CheckpointChunk>| {
             let mut client = client.clone();
             async move { client.upload_checkpoint(tokio_stream::iter(c)).await }

@@ -45,7 +45,7 @@ pub struct CoordinatorArgs {
     #[command(flatten)]
     pub config: ConfigArgs,
     /// Workers (hosts) in the job.
-    #[arg(long)]
+    #[arg(long, value_parser = at_least_one)]
     pub workers: u32,
     /// Address to listen on; anything but loopback needs a shared secret.
     #[arg(long, default_value = "127.0.0.1:50051")]
@@ -96,7 +96,7 @@ pub struct LaunchArgs {
     #[command(flatten)]
     pub config: ConfigArgs,
     /// Start a coordinator and this many workers on this machine.
-    #[arg(long)]
+    #[arg(long, value_parser = at_least_one)]
     pub local: u32,
     /// Run directory (default: the config's run.dir).
     #[arg(long)]
@@ -109,6 +109,15 @@ pub struct LaunchArgs {
     pub max_worker_restarts: u32,
     #[command(flatten)]
     pub job: JobArgs,
+}
+
+/// A worker count: clap names the flag in the error.
+fn at_least_one(s: &str) -> Result<u32, String> {
+    match s.parse::<u32>() {
+        Ok(0) => Err("must be at least 1".into()),
+        Ok(n) => Ok(n),
+        Err(e) => Err(format!("{e}")),
+    }
 }
 
 fn seconds(s: f64, what: &str) -> Result<Duration> {

@@ -59,6 +59,9 @@ fn terminate(child: &Child) {
 }
 
 pub fn launch_local(opts: &LaunchOptions) -> Result<ExitStatus> {
+    if opts.workers == 0 {
+        bail!("--local must be at least 1");
+    }
     let exe = std::env::current_exe().context("finding this executable")?;
     std::fs::create_dir_all(&opts.run_dir)
         .with_context(|| format!("creating {}", opts.run_dir.display()))?;

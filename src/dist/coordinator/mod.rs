@@ -19,11 +19,13 @@ use tonic::Status;
 
 use crate::ckpt;
 use crate::model::{count_params, param_specs, ParamSpec};
+use crate::train::history;
 use crate::train::tensorboard::EventWriter;
 use crate::train::Config;
 
 use super::auth;
 use super::proto::coordinator_server::CoordinatorServer;
+use super::proto::{CheckpointHeader, MetricsRow};
 use super::transfer::CheckpointFiles;
 pub use service::REDUCE_CHUNK;
 use state::{Finished, Phase, State};
@@ -33,6 +35,10 @@ pub const MAX_MESSAGE_BYTES: usize = 16 << 20;
 
 /// HTTP/2 flow-control windows, both ends.
 pub const WINDOW_BYTES: u32 = 32 << 20;
+
+/// How long an upload waits for rank 0's metrics rows of the steps before
+/// it, which travel on another stream.
+pub const UPLOAD_WAIT: Duration = Duration::from_secs(30);
 
 #[derive(Clone, Debug)]
 pub struct CoordinatorOptions {
@@ -83,6 +89,9 @@ pub struct Job {
     /// metrics.jsonl's rows as TensorBoard scalars.
     events: Mutex<EventWriter>,
     state: Mutex<State>,
+    /// Held while a checkpoint is checked and written: one at a time, so
+    /// the upload policy still holds when it is installed.
+    storing: Mutex<()>,
     tick: watch::Sender<u64>,
     bar: indicatif::ProgressBar,
 }
@@ -125,14 +134,24 @@ impl Job {
         st.phase = Phase::Running;
         st.start = st.latest.clone();
         let step = st.start.as_ref().map_or(0, |c| c.step);
+        st.reached = step;
         let now = std::time::Instant::now();
         let a = st.attempt;
         for w in st.workers.values_mut().filter(|w| w.attempt == a) {
             w.last_seen = now;
         }
-        if let Err(e) = rewind_metrics(&self.opts.run_dir.join("metrics.jsonl"), step) {
-            tracing::warn!("could not rewind metrics.jsonl to step {step}: {e:#}");
+        // The aborted attempt's steps from `step` on are trained again: drop
+        // their rows and events, and write this attempt's events to a new
+        // file (the rewind may have replaced the one being appended to).
+        let mut events = self.events.lock().unwrap_or_else(|p| p.into_inner());
+        let rewound = history::rewind(&self.opts.run_dir, step).and_then(|()| {
+            *events = EventWriter::create(&self.opts.run_dir.join(history::EVENTS_DIR))?;
+            Ok(())
+        });
+        if let Err(e) = rewound {
+            tracing::warn!("could not rewind the metrics to step {step}: {e:#}");
         }
+        drop(events);
         self.bar.set_position(step as u64);
         tracing::info!(
             "attempt {a}: all {} workers in; starting at step {step}{}",
@@ -164,9 +183,29 @@ impl Job {
         }
     }
 
-    /// Verifies an uploaded checkpoint (every tensor present with the
-    /// config's shape), writes it atomically, keeps the newest K.
-    fn store_checkpoint(&self, files: CheckpointFiles) -> Result<PathBuf, Status> {
+    /// Refuses an upload (by its header) from anyone but rank 0 of the
+    /// running attempt, or of a step that cannot become due.
+    fn check_uploader(&self, st: &State, h: &CheckpointHeader) -> Result<(), Status> {
+        let rank = st
+            .member(&h.job_id, &self.job_id, h.worker_id, h.attempt)?
+            .rank;
+        st.check_upload(rank, h.step, self.total_steps)
+    }
+
+    /// Writes rank 0's checkpoint of the step the job reached, if
+    /// `ckpt::verify_files` accepts it for this model, atomically; keeps
+    /// the newest K. A refusal leaves the run directory untouched.
+    fn store_checkpoint(
+        &self,
+        from: &CheckpointHeader,
+        files: CheckpointFiles,
+    ) -> Result<PathBuf, Status> {
+        let _one = self.storing.lock().unwrap_or_else(|p| p.into_inner());
+        {
+            let st = self.lock();
+            self.check_uploader(&st, from)?;
+            st.check_due(files.step)?;
+        }
         let state =
             ckpt::verify_files(&files.files, &self.specs, ckpt::Purpose::Resume).map_err(|e| {
                 Status::invalid_argument(format!("checkpoint for step {}: {e:#}", files.step))
@@ -195,10 +234,40 @@ impl Job {
         Ok(dir)
     }
 
+    /// Takes rank 0's row of the next step: one JSON object on one line
+    /// whose "step" is the message's. Appends it to metrics.jsonl as the
+    /// worker wrote it and advances the step reached.
+    fn record_metrics(&self, row: &MetricsRow) -> Result<(), Status> {
+        if row.json.contains(['\n', '\r']) {
+            return Err(Status::invalid_argument(format!(
+                "metrics row for step {}: a raw newline or carriage return would split it across lines of metrics.jsonl",
+                row.step
+            )));
+        }
+        let value: serde_json::Value = serde_json::from_str(&row.json)
+            .map_err(|e| Status::invalid_argument(format!("metrics row is not JSON: {e}")))?;
+        if !value.is_object() || value.get("step").and_then(|s| s.as_i64()) != Some(row.step) {
+            return Err(Status::invalid_argument(format!(
+                "metrics row must be a JSON object with \"step\": {}",
+                row.step
+            )));
+        }
+        // The check, the write and the step reached move together.
+        let mut st = self.lock();
+        let rank = st
+            .member(&row.job_id, &self.job_id, row.worker_id, row.attempt)?
+            .rank;
+        st.check_row(rank, row.step, self.total_steps)?;
+        self.log_metrics(row.step, &row.json, &value)
+            .map_err(|e| Status::internal(format!("{e:#}")))?;
+        st.reached += 1;
+        Ok(())
+    }
+
     /// Appends `line` (the row as the worker wrote it, keys in its order)
     /// to metrics.jsonl; `row` is the same parsed.
     fn log_metrics(&self, step: i64, line: &str, row: &serde_json::Value) -> Result<()> {
-        let path = self.opts.run_dir.join("metrics.jsonl");
+        let path = self.opts.run_dir.join(history::METRICS_FILE);
         let mut f = OpenOptions::new()
             .create(true)
             .append(true)
@@ -221,50 +290,18 @@ impl Job {
     }
 }
 
-/// Drops rows at or after `step` (an aborted attempt's steps that will be
-/// trained again), atomically.
-fn rewind_metrics(path: &Path, step: i64) -> Result<()> {
-    let Ok(text) = fs::read_to_string(path) else {
-        return Ok(());
-    };
-    let kept: Vec<&str> = text
-        .lines()
-        .filter(|l| {
-            serde_json::from_str::<serde_json::Value>(l)
-                .ok()
-                .and_then(|v| v.get("step").and_then(|s| s.as_i64()))
-                .is_some_and(|s| s < step)
-        })
-        .collect();
-    if kept.len() == text.lines().count() {
-        return Ok(());
-    }
-    let tmp = path.with_extension("jsonl.tmp");
-    let mut body = kept.join("\n");
-    if !body.is_empty() {
-        body.push('\n');
-    }
-    fs::write(&tmp, body)?;
-    fs::rename(&tmp, path)?;
-    Ok(())
-}
-
-/// The newest checkpoint under `run_dir` that loads, as files.
+/// The newest checkpoint under `run_dir` that verifies, as files (newer
+/// ones that do not are reported).
 fn newest_valid(run_dir: &Path, specs: &[ParamSpec]) -> Option<CheckpointFiles> {
-    for dir in ckpt::list(run_dir).into_iter().rev() {
-        let loaded = ckpt::read_files(&dir).and_then(|files| {
-            let state = ckpt::verify_files(&files, specs, ckpt::Purpose::Resume)?;
-            Ok(CheckpointFiles {
-                step: state.step,
-                files,
-            })
-        });
-        match loaded {
-            Ok(c) => return Some(c),
-            Err(e) => tracing::warn!("skipping checkpoint {}: {e:#}", dir.display()),
-        }
-    }
-    None
+    ckpt::newest_verified(run_dir, |dir| {
+        let files = ckpt::read_files(dir)?;
+        let state = ckpt::verify_files(&files, specs, ckpt::Purpose::Resume)?;
+        Ok(CheckpointFiles {
+            step: state.step,
+            files,
+        })
+    })
+    .map(|(_, c)| c)
 }
 
 /// How the job ended.
@@ -292,17 +329,26 @@ pub async fn serve(
             opts.workers
         );
     }
-    fs::create_dir_all(&opts.run_dir)
-        .with_context(|| format!("creating {}", opts.run_dir.display()))?;
+    // The coordinator is the run directory's one writer while it serves.
+    let _lock = ckpt::RunLock::acquire(&opts.run_dir, "coordinator")?;
+    ckpt::clean_temporaries(&opts.run_dir)?;
     let specs = param_specs(&cfg.model);
     let latest = newest_valid(&opts.run_dir, &specs);
     match &latest {
         Some(c) => tracing::info!("resuming from the checkpoint of step {}", c.step),
+        None if !ckpt::list(&opts.run_dir).is_empty() => bail!(
+            "{}: no checkpoint there verifies (each was reported above), and starting from \
+             scratch would write over them; repair or move them, or choose another --run-dir",
+            opts.run_dir.join("checkpoints").display()
+        ),
         None => tracing::info!(
             "no checkpoint in {}: starting from scratch",
             opts.run_dir.display()
         ),
     }
+    // Checkpoints newer than the start (ones that failed to verify) are
+    // kept aside rather than overwritten when the job reaches their step.
+    ckpt::abandon_newer(&opts.run_dir, latest.as_ref().map_or(0, |c| c.step))?;
     let params = count_params(&cfg.model) as u64;
     let listener = tokio::net::TcpListener::bind(opts.listen)
         .await
@@ -332,9 +378,12 @@ pub async fn serve(
         // gradients plus a few scalars.
         max_reduce_len: params + 1024,
         total_steps: cfg.train.steps,
-        events: Mutex::new(EventWriter::create(&opts.run_dir.join("tensorboard"))?),
+        events: Mutex::new(EventWriter::create(
+            &opts.run_dir.join(history::EVENTS_DIR),
+        )?),
         opts: opts.clone(),
         state: Mutex::new(State::new(latest.map(Arc::new))),
+        storing: Mutex::new(()),
         tick,
         bar,
     });

@@ -8,7 +8,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::state::{Finished, Phase, Worker};
-use super::Job;
+use super::{Job, UPLOAD_WAIT};
 use crate::dist::floats;
 use crate::dist::proto::coordinator_server::Coordinator;
 use crate::dist::proto::*;
@@ -207,7 +207,7 @@ impl Coordinator for Service {
         {
             let mut st = self.job.lock();
             st.member(&r.job_id, &self.job.job_id, r.worker_id, r.attempt)?;
-            st.kv.insert(r.key, r.value);
+            st.kv.put(r.key, r.value)?;
         }
         self.job.bump();
         Ok(Response::new(KvPutReply {}))
@@ -289,23 +289,35 @@ impl Coordinator for Service {
         req: Request<Streaming<CheckpointChunk>>,
     ) -> Result<Response<UploadCheckpointReply>, Status> {
         let mut stream = req.into_inner();
-        let mut rx = Receiver::new(self.job.max_checkpoint_bytes);
+        let job = &self.job;
+        let mut rx = Receiver::new(job.max_checkpoint_bytes);
+        let mut header = None;
         let began = Instant::now();
         while let Some(chunk) = stream.next().await {
-            let chunk = chunk?;
-            let first = rx.header().is_none();
-            rx.push(chunk)?;
-            if first {
-                let h = rx.header().expect("header accepted");
-                self.job
-                    .lock()
-                    .member(&h.job_id, &self.job.job_id, h.worker_id, h.attempt)?;
+            rx.push(chunk?)?;
+            if header.is_none() {
+                let h = rx.header().expect("header accepted").clone();
+                // Refused before its data arrives.
+                job.check_uploader(&job.lock(), &h)?;
+                header = Some(h);
             }
         }
         let files = rx.finish()?;
+        let from = header.expect("a finished upload has a header");
+        // Rank 0's metrics rows of the steps before travel on their own
+        // stream: give the ones in flight time to arrive. The store checks
+        // whether they did.
+        let _ = job
+            .wait_for(Some(UPLOAD_WAIT), |st| {
+                let gone = st
+                    .member(&from.job_id, &job.job_id, from.worker_id, from.attempt)
+                    .is_err();
+                (gone || st.reached >= from.step).then_some(())
+            })
+            .await;
         let bytes = files.total_bytes();
-        let job = self.job.clone();
-        let path = tokio::task::spawn_blocking(move || job.store_checkpoint(files))
+        let job = job.clone();
+        let path = tokio::task::spawn_blocking(move || job.store_checkpoint(&from, files))
             .await
             .map_err(|e| Status::internal(format!("checkpoint writer: {e}")))??;
         let secs = began.elapsed().as_secs_f64();
@@ -327,21 +339,9 @@ impl Coordinator for Service {
     ) -> Result<Response<MetricsAck>, Status> {
         let mut stream = req.into_inner();
         while let Some(row) = stream.next().await {
-            let row = row?;
-            self.job
-                .lock()
-                .member(&row.job_id, &self.job.job_id, row.worker_id, row.attempt)?;
-            let value: serde_json::Value = serde_json::from_str(&row.json)
-                .map_err(|e| Status::invalid_argument(format!("metrics row is not JSON: {e}")))?;
-            if !value.is_object() || value.get("step").and_then(|s| s.as_i64()) != Some(row.step) {
-                return Err(Status::invalid_argument(format!(
-                    "metrics row must be a JSON object with \"step\": {}",
-                    row.step
-                )));
-            }
-            self.job
-                .log_metrics(row.step, &row.json, &value)
-                .map_err(|e| Status::internal(format!("{e:#}")))?;
+            self.job.record_metrics(&row?)?;
+            // Uploads wait for the step reached.
+            self.job.bump();
         }
         Ok(Response::new(MetricsAck {}))
     }

@@ -40,6 +40,51 @@ pub struct Worker {
     pub finished: Option<Finished>,
 }
 
+/// The key-value store's total size (keys and values). It holds data
+/// cursors and PJRT topology, kilobytes per worker; the cap keeps workers
+/// from growing the coordinator's memory without bound.
+pub const KV_MAX_BYTES: usize = 64 << 20;
+
+/// An attempt's key-value store and its size in bytes.
+#[derive(Default)]
+pub struct Kv {
+    entries: HashMap<String, Vec<u8>>,
+    bytes: usize,
+}
+
+impl Kv {
+    /// Sets `key` (replacing its value and that value's bytes), unless the
+    /// store would outgrow [`KV_MAX_BYTES`].
+    pub fn put(&mut self, key: String, value: Vec<u8>) -> Result<(), Status> {
+        let replaced = self.entries.get(&key).map_or(0, |v| key.len() + v.len());
+        let bytes = self.bytes - replaced + key.len() + value.len();
+        if bytes > KV_MAX_BYTES {
+            return Err(Status::resource_exhausted(format!(
+                "the key-value store is capped at {} MiB (keys and values): setting `{key}` ({} bytes) would make it {bytes} bytes",
+                KV_MAX_BYTES >> 20,
+                value.len()
+            )));
+        }
+        self.bytes = bytes;
+        self.entries.insert(key, value);
+        Ok(())
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Vec<u8>> {
+        self.entries.get(key)
+    }
+
+    /// Keys and values, in bytes.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    pub fn clear(&mut self) {
+        self.entries.clear();
+        self.bytes = 0;
+    }
+}
+
 /// One all-reduce: each rank's part, then the sum.
 #[derive(Default)]
 pub struct Reduction {
@@ -59,7 +104,11 @@ pub struct State {
     pub latest: Option<Arc<CheckpointFiles>>,
     /// What the running attempt started from.
     pub start: Option<Arc<CheckpointFiles>>,
-    pub kv: HashMap<String, Vec<u8>>,
+    /// Steps the running attempt has done, from rank 0's metrics rows: the
+    /// rows of steps `start..reached` are in. The step a checkpoint must be
+    /// of.
+    pub reached: i64,
+    pub kv: Kv,
     pub barriers: HashMap<String, HashSet<u64>>,
     pub reductions: BTreeMap<i64, Reduction>,
     /// Why the previous attempt ended (told to its workers).
@@ -78,7 +127,8 @@ impl State {
             workers: HashMap::new(),
             latest,
             start: None,
-            kv: HashMap::new(),
+            reached: 0,
+            kv: Kv::default(),
             barriers: HashMap::new(),
             reductions: BTreeMap::new(),
             abort_reason: String::new(),
@@ -126,6 +176,80 @@ impl State {
             )));
         }
         Ok(w)
+    }
+
+    /// Refuses a checkpoint of `step` from `rank` that no metrics row still
+    /// in flight can make due: only rank 0 uploads (see
+    /// `WorkerSink::checkpoint`); never a step beyond the job's end, behind
+    /// the step reached, or not after the newest checkpoint (so a worker
+    /// cannot make keep-K pruning delete good checkpoints). A step ahead of
+    /// the one reached waits for [`check_due`](Self::check_due).
+    pub fn check_upload(&self, rank: u32, step: i64, total_steps: i64) -> Result<(), Status> {
+        if rank != 0 {
+            return Err(Status::permission_denied(format!(
+                "rank {rank} may not upload checkpoints: rank 0 does"
+            )));
+        }
+        if step > total_steps {
+            return Err(Status::invalid_argument(format!(
+                "checkpoint for step {step}: the job has {total_steps} steps"
+            )));
+        }
+        let newest = self.latest.as_ref().map(|c| c.step);
+        if step < self.reached || newest.is_some_and(|n| step <= n) {
+            return Err(Status::failed_precondition(format!(
+                "checkpoint for step {step} is in the past: {}",
+                self.progress()
+            )));
+        }
+        Ok(())
+    }
+
+    /// A checkpoint is of the step reached: rank 0 uploads it after its
+    /// metrics row of the step before (`run_steps`).
+    pub fn check_due(&self, step: i64) -> Result<(), Status> {
+        if step != self.reached {
+            return Err(Status::failed_precondition(format!(
+                "checkpoint for step {step} is ahead of the job: {}",
+                self.progress()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Refuses a metrics row other than rank 0's of the next step: the rows
+    /// are what the step reached is counted from.
+    pub fn check_row(&self, rank: u32, step: i64, total_steps: i64) -> Result<(), Status> {
+        if rank != 0 {
+            return Err(Status::permission_denied(format!(
+                "rank {rank} may not report metrics: rank 0 does"
+            )));
+        }
+        if step != self.reached {
+            return Err(Status::invalid_argument(format!(
+                "metrics row for step {step} out of sequence: expected step {}",
+                self.reached
+            )));
+        }
+        if step >= total_steps {
+            return Err(Status::invalid_argument(format!(
+                "metrics row for step {step}: the job has {total_steps} steps"
+            )));
+        }
+        Ok(())
+    }
+
+    fn progress(&self) -> String {
+        match &self.latest {
+            Some(c) => format!(
+                "the job has reached step {}, its newest checkpoint is step {}",
+                self.reached, c.step
+            ),
+            None => format!(
+                "the job has reached step {}, with no checkpoint yet",
+                self.reached
+            ),
+        }
     }
 
     /// Lowest free rank, or `want` when it is free.
@@ -244,6 +368,7 @@ impl State {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tonic::Code;
 
     #[test]
     fn sums_in_rank_order_whatever_the_arrival_order() {
@@ -274,5 +399,73 @@ mod tests {
         assert!(st.reductions.contains_key(&0));
         st.take_result(0, 1, 2).unwrap();
         assert!(st.reductions.is_empty());
+    }
+    #[test]
+    fn the_key_value_store_counts_keys_and_values_and_replaces_on_overwrite() {
+        let mut kv = Kv::default();
+        kv.put("a".into(), vec![0; 10]).unwrap();
+        kv.put("a".into(), vec![0; 4]).unwrap();
+        assert_eq!(kv.bytes(), 5);
+        kv.put("big".into(), vec![0; KV_MAX_BYTES - 8]).unwrap();
+        assert_eq!(kv.bytes(), KV_MAX_BYTES);
+        let e = kv.put("b".into(), vec![]).unwrap_err();
+        assert_eq!(e.code(), tonic::Code::ResourceExhausted);
+        assert_eq!(kv.bytes(), KV_MAX_BYTES);
+        // Shrinking a value makes room.
+        kv.put("a".into(), vec![]).unwrap();
+        kv.put("b".into(), vec![]).unwrap();
+        assert_eq!(kv.bytes(), KV_MAX_BYTES - 3);
+        kv.clear();
+        assert_eq!((kv.bytes(), kv.get("a")), (0, None));
+    }
+
+    #[test]
+    fn only_rank_0_uploads_and_only_the_step_reached_after_the_newest_checkpoint() {
+        let mut st = State::new(Some(Arc::new(CheckpointFiles {
+            step: 10,
+            files: vec![],
+        })));
+        st.reached = 12;
+        let code = |r: Result<(), Status>| r.map_err(|e| e.code());
+        assert_eq!(code(st.check_upload(0, 12, 100)), Ok(()));
+        assert_eq!(code(st.check_due(12)), Ok(()));
+        assert_eq!(
+            code(st.check_upload(1, 12, 100)),
+            Err(Code::PermissionDenied)
+        );
+        assert_eq!(
+            code(st.check_upload(0, 11, 100)),
+            Err(Code::FailedPrecondition)
+        );
+        assert_eq!(
+            code(st.check_upload(0, i64::MIN, 100)),
+            Err(Code::FailedPrecondition)
+        );
+        assert_eq!(
+            code(st.check_upload(0, i64::MAX, 100)),
+            Err(Code::InvalidArgument)
+        );
+        // Ahead: may become due when the rows in flight arrive.
+        assert_eq!(code(st.check_upload(0, 14, 100)), Ok(()));
+        assert_eq!(code(st.check_due(14)), Err(Code::FailedPrecondition));
+        // The step of the newest checkpoint is in the past.
+        st.reached = 10;
+        assert_eq!(
+            code(st.check_upload(0, 10, 100)),
+            Err(Code::FailedPrecondition)
+        );
+    }
+
+    #[test]
+    fn metrics_rows_come_from_rank_0_in_step_order_within_the_job() {
+        let mut st = State::new(None);
+        st.reached = 3;
+        let code = |r: Result<(), Status>| r.map_err(|e| e.code());
+        assert_eq!(code(st.check_row(0, 3, 4)), Ok(()));
+        assert_eq!(code(st.check_row(1, 3, 4)), Err(Code::PermissionDenied));
+        assert_eq!(code(st.check_row(0, 2, 4)), Err(Code::InvalidArgument));
+        assert_eq!(code(st.check_row(0, 4, 4)), Err(Code::InvalidArgument));
+        st.reached = 4;
+        assert_eq!(code(st.check_row(0, 4, 4)), Err(Code::InvalidArgument));
     }
 }
