@@ -425,3 +425,62 @@ fn zero_workers_is_refused_with_a_message_not_a_panic() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The coordinator holds its run directory's lock: neither a second
+/// coordinator nor a `train` may write there while it serves.
+#[test]
+fn the_coordinators_run_directory_is_locked() {
+    let job = Job::start("lock", 1);
+    rt().block_on(async {
+        // Serving: the lock is taken before the coordinator listens.
+        connect(&job.addr)
+            .await
+            .ping(PingRequest { nonce: 1 })
+            .await
+            .unwrap();
+    });
+    let before = job.snapshot();
+    let run = job.run.to_str().unwrap();
+    let pid = format!("coordinator pid {}", job.coord.id());
+    for args in [
+        vec![
+            "coordinator",
+            "--config",
+            CONFIG,
+            "--set",
+            "train.replicas=2",
+            "--workers",
+            "1",
+        ],
+        vec![
+            "train",
+            "--config",
+            CONFIG,
+            "--set",
+            "train.steps=2",
+            "--set",
+            "train.warmup_steps=1",
+        ],
+    ] {
+        let mut args = args;
+        let dir_flag = format!("run.dir={run}");
+        if args[0] == "coordinator" {
+            args.extend(["--run-dir", run]);
+        } else {
+            args.extend(["--set", &dir_flag]);
+        }
+        let out = Command::new(BIN)
+            .args(&args)
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{}: {err}", args[0]);
+        assert!(
+            err.contains(&format!("is in use by {pid}")),
+            "{}: {err}",
+            args[0]
+        );
+    }
+    assert!(job.snapshot() == before, "the run directory changed");
+}

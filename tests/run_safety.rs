@@ -563,3 +563,43 @@ fn kill_9_and_resume_logs_each_step_once_and_ends_bit_identical() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// A checkpoint write that fails part-way (here the file-size limit stands
+/// in for a full disk: writes past 1 MiB fail with EFBIG) reports the error
+/// and leaves no partial copy taking up the space.
+#[test]
+fn a_failed_checkpoint_write_leaves_nothing_behind() {
+    use std::os::unix::process::CommandExt;
+    let dir = scratch("efbig");
+    let out_dir = dir.join("checkpoints").join("step_00000000");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_sharedmoe"));
+    cmd.args(["init", "--config", "configs/tiny-sharedmoe.toml", "--out"])
+        .arg(&out_dir)
+        .current_dir(env!("CARGO_MANIFEST_DIR"));
+    // SAFETY: only async-signal-safe calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            let limit = libc::rlimit {
+                rlim_cur: 1 << 20,
+                rlim_max: 1 << 20,
+            };
+            libc::setrlimit(libc::RLIMIT_FSIZE, &limit);
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            Ok(())
+        });
+    }
+    let out = cmd.output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "the write must fail: {err}");
+    assert!(
+        err.contains("model.safetensors"),
+        "the error names the file: {err}"
+    );
+    let left: Vec<String> = std::fs::read_dir(dir.join("checkpoints"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().to_string())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -174,9 +174,18 @@ pub fn evaluate(a: &EvalArgs) -> Result<EvalResult> {
     for b in &batches {
         total += trainer.eval(b)?.0;
     }
+    let ce = total / batches.len() as f64;
+    if !ce.is_finite() {
+        // Finite weights can still overflow (a run on the edge of
+        // divergence): a NaN perplexity is a failure, not a result.
+        bail!(
+            "{}: the cross-entropy is {ce}: the model's outputs overflow on this data",
+            a.rows.ckpt.display()
+        );
+    }
     let rows = batches.len() * (cfg.train.replicas * cfg.train.micro_batch) as usize;
     Ok(EvalResult {
-        ce: total / batches.len() as f64,
+        ce,
         rows,
         tokens: rows * cfg.train.seq_len as usize,
     })
