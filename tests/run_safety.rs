@@ -603,3 +603,44 @@ fn a_failed_checkpoint_write_leaves_nothing_behind() {
     assert!(left.is_empty(), "left behind: {left:?}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// In a multi-process job a divergence ends the job (a restart from the
+/// last checkpoint would diverge again) and no checkpoint the coordinator
+/// wrote holds a non-finite value.
+#[test]
+fn a_diverging_job_ends_without_restarts_or_non_finite_checkpoints() {
+    let dir = scratch("diverge-job");
+    let run = dir.join("run");
+    let out = sharedmoe(&[
+        "launch",
+        "--local",
+        "2",
+        "--config",
+        "configs/tiny-sharedmoe.toml",
+        "--run-dir",
+        run.to_str().unwrap(),
+        "--set",
+        "train.replicas=2",
+        "--set",
+        "train.lr=1e3",
+        "--set",
+        "train.warmup_steps=1",
+        "--set",
+        "train.eval_every=0",
+        "--set",
+        "train.checkpoint_every=1",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("the run diverged"), "{err}");
+    assert!(
+        !err.contains("restarting from the last checkpoint"),
+        "{err}"
+    );
+    assert!(
+        !ckpt::list(&run).is_empty(),
+        "the good steps were checkpointed"
+    );
+    assert_eq!(non_finite_on_disk(&run.join("checkpoints")).0, 0);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

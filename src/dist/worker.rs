@@ -29,7 +29,9 @@ use crate::train::placement::Placement;
 use crate::train::run::{
     check_data_shards, check_tokenizer, device_peak_flops, open_job_client, JobMember,
 };
-use crate::train::steps::{run_steps, snapshot, LoopEnd, LoopOptions, MetricsRow, RunSink};
+use crate::train::steps::{
+    run_steps, snapshot, Diverged, LoopEnd, LoopOptions, MetricsRow, RunSink,
+};
 use crate::train::trainer::fresh_checkpoint;
 use crate::train::{Config, Trainer};
 
@@ -146,6 +148,13 @@ pub fn run_worker(opts: &WorkerOptions) -> Result<WorkerExit> {
                     session.attempt
                 );
                 tracing::debug!("the attempt ended with: {e:#}");
+            }
+            Err(e) if e.downcast_ref::<Diverged>().is_some() => {
+                // Ends the job: every restart would diverge the same way.
+                if let Err(s) = finish(Outcome::Diverged, step, format!("{e:#}")) {
+                    tracing::debug!("could not report the divergence: {s}");
+                }
+                return Err(e);
             }
             Err(e) => {
                 tracing::error!("attempt {} failed at step {step}: {e:#}", session.attempt);

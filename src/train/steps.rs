@@ -177,6 +177,19 @@ pub fn run_steps(
     Ok(LoopEnd::Reached)
 }
 
+/// The error a run ends with when it diverged (see [`nonfinite_step`]):
+/// restarting from the last checkpoint would repeat it, so a job ends.
+#[derive(Debug)]
+pub struct Diverged(pub String);
+
+impl std::fmt::Display for Diverged {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Diverged {}
+
 /// A step the divergence guard did not apply: an error for
 /// `train.on_nonfinite = "stop"` (or once too many were skipped), a
 /// warning for `"skip"`.
@@ -195,18 +208,22 @@ fn nonfinite_step(
     let last = last_ckpt.map_or_else(|| "none was written yet".to_string(), |c| c.to_string());
     let t = &cfg.train;
     match t.on_nonfinite {
-        NonFinitePolicy::Stop => bail!(
+        NonFinitePolicy::Stop => Err(Diverged(format!(
             "{what}: the run diverged. The update was not applied and no checkpoint was written \
              from it; the last good checkpoint is {last}. Lower train.lr (now {}) or \
              train.grad_clip, or set train.on_nonfinite = \"skip\" to skip such batches",
             t.lr
-        ),
-        NonFinitePolicy::Skip if trainer.nonfinite_steps() > t.max_nonfinite_steps => bail!(
-            "{what}: {} steps were skipped, more than train.max_nonfinite_steps = {}; \
-             the run is diverging. The last good checkpoint is {last}",
-            trainer.nonfinite_steps(),
-            t.max_nonfinite_steps
-        ),
+        ))
+        .into()),
+        NonFinitePolicy::Skip if trainer.nonfinite_steps() > t.max_nonfinite_steps => {
+            Err(Diverged(format!(
+                "{what}: {} steps were skipped, more than train.max_nonfinite_steps = {}; \
+                 the run is diverging. The last good checkpoint is {last}",
+                trainer.nonfinite_steps(),
+                t.max_nonfinite_steps
+            ))
+            .into())
+        }
         NonFinitePolicy::Skip => {
             tracing::warn!(
                 "{what}: update skipped ({} of at most {} skipped steps)",

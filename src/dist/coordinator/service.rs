@@ -497,6 +497,11 @@ impl Coordinator for Service {
                     );
                     job.end_if_all_finished(&mut st);
                 }
+                Outcome::Diverged => {
+                    let reason = format!("rank {rank} at step {}: {}", r.step, r.message);
+                    tracing::error!("{reason}");
+                    st.end(false, reason);
+                }
                 Outcome::Failed | Outcome::Unspecified => {
                     let reason = format!("rank {rank} failed at step {}: {}", r.step, r.message);
                     st.restart(reason, job.opts.max_restarts);
