@@ -5,6 +5,7 @@
 pub mod batches;
 pub mod config;
 pub mod exchange;
+pub mod memory;
 pub mod optimizer;
 pub mod placement;
 pub mod run;

@@ -188,6 +188,7 @@ pub fn check_tokenizer(cfg: &Config, state: &ckpt::TrainingState, batches: &Batc
 
 /// Trains `cfg` and returns the final checkpoint directory.
 pub fn train(cfg: &Config, start: &StartFrom, plugin: Option<&Path>) -> Result<PathBuf> {
+    super::memory::check_host_memory(cfg, cfg.train.replicas)?;
     let run_dir = &cfg.run.dir;
     if run_dir.as_os_str().is_empty() {
         bail!("run.dir is not set (use --set run.dir=runs/NAME)");
