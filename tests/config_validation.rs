@@ -61,12 +61,18 @@ fn a_negative_grad_clip_is_refused() {
 
 #[test]
 fn beta1_of_one_and_a_half_is_refused() {
-    refused(&["train.beta1=1.5"], "train.beta1 = 1.5: expected a value in [0, 1)");
+    refused(
+        &["train.beta1=1.5"],
+        "train.beta1 = 1.5: expected a value in [0, 1)",
+    );
 }
 
 #[test]
 fn beta2_outside_0_1_is_refused() {
-    refused(&["train.beta2=1.0"], "train.beta2 = 1: expected a value in [0, 1)");
+    refused(
+        &["train.beta2=1.0"],
+        "train.beta2 = 1: expected a value in [0, 1)",
+    );
 }
 
 #[test]
@@ -80,7 +86,10 @@ fn negative_intervals_are_refused() {
         &["train.checkpoint_every=-1"],
         "train.checkpoint_every = -1: must be >= 0",
     );
-    refused(&["train.eval_every=-1"], "train.eval_every = -1: must be >= 0");
+    refused(
+        &["train.eval_every=-1"],
+        "train.eval_every = -1: must be >= 0",
+    );
     refused(
         &["train.eval_batches=0"],
         "train.eval_batches = 0: must be at least 1",
@@ -264,7 +273,10 @@ train_bin = "{}"
             .lines()
             .map(|l| {
                 let v: serde_json::Value = serde_json::from_str(l).unwrap();
-                (v["loss"].as_f64().unwrap(), v["grad_norm"].as_f64().unwrap())
+                (
+                    v["loss"].as_f64().unwrap(),
+                    v["grad_norm"].as_f64().unwrap(),
+                )
             })
             .collect()
     };

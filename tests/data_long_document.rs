@@ -73,6 +73,9 @@ fn write_plain(path: &Path, docs: &[(&str, &str)]) {
 /// wait4 and returns (success, peak RSS in bytes, stderr).
 fn run_measured(args: &[&str], dir: &Path) -> (bool, u64, String) {
     let err_path = dir.join("stderr.txt");
+    // Reaped by the wait4 below (which std's wait cannot replace: it
+    // gives no rusage).
+    #[allow(clippy::zombie_processes)]
     let child = Command::new(env!("CARGO_BIN_EXE_sharedmoe"))
         .args(args)
         .current_dir(env!("CARGO_MANIFEST_DIR"))
@@ -156,7 +159,10 @@ fn a_50_mb_document_is_prepared_in_bounded_memory_with_every_token() {
         long.chunks(unit.len()).take(repeats).all(|c| c == unit),
         "the long document's tokens are the unit's, repeated"
     );
-    assert_eq!((long[long.len() - 1], &short[..unit.len()]), (eot, &unit[..]));
+    assert_eq!(
+        (long[long.len() - 1], &short[..unit.len()]),
+        (eot, &unit[..])
+    );
     let meta: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(out.join("meta.json")).unwrap()).unwrap();
     assert_eq!(meta["train_tokens"], got.len() as u64);
@@ -171,7 +177,12 @@ fn the_shipped_bpe_tokenises_a_long_document_as_its_units() {
     let repeats = 3 * MAX_PIECE_BYTES / UNIT.len() + 7;
     let text = UNIT.repeat(repeats);
     assert!(tokenizer::pieces(&text, MAX_PIECE_BYTES).len() == 4);
-    let want: Vec<u32> = unit.iter().copied().cycle().take(unit.len() * repeats).collect();
+    let want: Vec<u32> = unit
+        .iter()
+        .copied()
+        .cycle()
+        .take(unit.len() * repeats)
+        .collect();
     let many = tokenizer::encode_many(&tk, &[UNIT, &text, "short"]).unwrap();
     assert_eq!(many[0], unit);
     assert!(many[1] == want, "the pieces' tokens are the whole text's");
@@ -223,14 +234,16 @@ fn resuming_inside_a_long_document_gives_the_uninterrupted_stream() {
     for cut in [1, 9, 17, full.len() / 2, full.len() - 3] {
         let mut a = TokenStream::open(groups.clone(), tk.clone(), opts.clone(), None).unwrap();
         let mut got: Vec<Vec<u32>> = (0..cut).map(|_| a.next_row().unwrap().unwrap()).collect();
-        let cursor: Cursor = serde_json::from_str(&serde_json::to_string(&a.cursor()).unwrap()).unwrap();
+        let cursor: Cursor =
+            serde_json::from_str(&serde_json::to_string(&a.cursor()).unwrap()).unwrap();
         if cut == 17 {
             // The third window starts some 65,000 tokens into the stream:
             // inside the long document, whatever the row-group order.
             assert!(cursor.window_start.token > 0, "{cursor:?}");
         }
         drop(a);
-        let mut b = TokenStream::open(groups.clone(), tk.clone(), opts.clone(), Some(cursor)).unwrap();
+        let mut b =
+            TokenStream::open(groups.clone(), tk.clone(), opts.clone(), Some(cursor)).unwrap();
         got.extend(all(&mut b));
         assert!(got == full, "resumed after {cut} rows (cursor {cursor:?})");
     }

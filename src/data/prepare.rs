@@ -282,9 +282,8 @@ pub fn prepare(
     let written = std::fs::write(&meta_tmp, serde_json::to_string_pretty(&s)?)
         .with_context(|| format!("writing {}", meta_tmp.display()))
         .and_then(|()| {
-            std::fs::rename(&meta_tmp, &meta).with_context(|| {
-                format!("renaming {} to {}", meta_tmp.display(), meta.display())
-            })
+            std::fs::rename(&meta_tmp, &meta)
+                .with_context(|| format!("renaming {} to {}", meta_tmp.display(), meta.display()))
         });
     if written.is_err() {
         discard_temp(&meta_tmp);

@@ -139,7 +139,9 @@ pub fn log_long<'a>(texts: impl IntoIterator<Item = &'a str>, file: &Path, row_g
 }
 
 fn ids(e: tokenizers::Result<tokenizers::Encoding>) -> Result<Vec<u32>> {
-    Ok(e.map_err(|e| anyhow!("tokenizing: {e}"))?.get_ids().to_vec())
+    Ok(e.map_err(|e| anyhow!("tokenizing: {e}"))?
+        .get_ids()
+        .to_vec())
 }
 
 /// Pieces of one long text tokenised at once, at most.

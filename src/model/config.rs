@@ -275,6 +275,9 @@ mod tests {
         assert!(c.validate().unwrap_err().contains("model.rope_theta = inf"));
         let mut c = ModelConfig::preset("tiny-dense").unwrap();
         c.rms_norm_eps = f64::NAN;
-        assert!(c.validate().unwrap_err().contains("model.rms_norm_eps = NaN"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .contains("model.rms_norm_eps = NaN"));
     }
 }

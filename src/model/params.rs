@@ -245,7 +245,13 @@ pub fn checked_counts(c: &ModelConfig) -> Result<Counts, String> {
     )?;
     let norms = sum(
         "norm parameter count",
-        &[product("layer norm gains", &[(L, l), (D, d), ("norms per layer", 2)])?, d],
+        &[
+            product(
+                "layer norm gains",
+                &[(L, l), (D, d), ("norms per layer", 2)],
+            )?,
+            d,
+        ],
     )?;
     let (mut mlp, mut router, mut experts, mut active_moe) = (0, 0, 0, 0);
     match c.ffn {
@@ -257,7 +263,11 @@ pub fn checked_counts(c: &ModelConfig) -> Result<Counts, String> {
             )?;
         }
         FfnKind::SharedMoe => {
-            let (x, f, k) = (c.num_experts, c.expert_intermediate_size, c.experts_per_token);
+            let (x, f, k) = (
+                c.num_experts,
+                c.expert_intermediate_size,
+                c.experts_per_token,
+            );
             router = product("router weight", &[(X, x), (D, d)])?;
             experts = product(
                 "expert parameter count",
@@ -407,7 +417,14 @@ mod tests {
             }
             let n = checked_counts(&c).unwrap();
             assert_eq!(
-                [n.embedding, n.attention, n.norms, n.mlp, n.router, n.experts],
+                [
+                    n.embedding,
+                    n.attention,
+                    n.norms,
+                    n.mlp,
+                    n.router,
+                    n.experts
+                ],
                 parts,
                 "{name}"
             );

@@ -343,7 +343,11 @@ impl Config {
             ));
         }
         for (name, v, what) in [
-            ("checkpoint_every", t.checkpoint_every, "0 = only at the end"),
+            (
+                "checkpoint_every",
+                t.checkpoint_every,
+                "0 = only at the end",
+            ),
             ("eval_every", t.eval_every, "0 = never"),
         ] {
             if v < 0 {
