@@ -36,12 +36,21 @@ pub fn text_to_byte_tokens(
     let write = |name: &str, part: &[u8]| -> Result<PathBuf> {
         let path = out_dir.join(name);
         let tmp = out_dir.join(format!(".{name}.tmp"));
+        super::prepare::remove_stale_temp(&tmp)?;
         let data: Vec<u8> = part
             .iter()
             .flat_map(|&b| (b as u16).to_le_bytes())
             .collect();
-        std::fs::write(&tmp, data).with_context(|| format!("writing {}", tmp.display()))?;
-        std::fs::rename(&tmp, &path)?;
+        let written = std::fs::write(&tmp, data)
+            .with_context(|| format!("writing {}", tmp.display()))
+            .and_then(|()| {
+                std::fs::rename(&tmp, &path)
+                    .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+            });
+        if written.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        written?;
         Ok(path)
     };
     Ok(Written {

@@ -5,6 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use super::parquet::{read_row_group, RowGroupRef};
 use super::stream::Split;
+use super::tokenizer::{is_long, pieces, MAX_PIECE_BYTES};
 
 /// Texts of the documents of `split`, row group by row group. The
 /// `tokenizers` trainer takes a plain iterator, so a read error ends the
@@ -29,6 +30,34 @@ impl Texts {
             upper_bound,
             error: Arc::default(),
         }
+    }
+
+    /// Documents longer than [`MAX_PIECE_BYTES`] as their [`pieces`]
+    /// (cut before whitespace, so the trainer's word counts are those of
+    /// the whole document), which bounds the trainer's memory per text.
+    fn cut_long(&mut self, texts: Vec<String>, rg: &RowGroupRef) -> Vec<String> {
+        if !texts.iter().any(|t| is_long(t)) {
+            return texts;
+        }
+        let mut out = Vec::with_capacity(texts.len());
+        let mut split = 0;
+        for t in texts {
+            if is_long(&t) {
+                let parts = pieces(&t, MAX_PIECE_BYTES);
+                self.upper_bound += parts.len() - 1;
+                out.extend(parts.into_iter().map(str::to_string));
+                split += 1;
+            } else {
+                out.push(t);
+            }
+        }
+        tracing::info!(
+            "{}: row group {}: {split} document(s) longer than {} MiB fed to the trainer in pieces",
+            rg.file.display(),
+            rg.index,
+            MAX_PIECE_BYTES >> 20
+        );
+        out
     }
 
     /// Where a read error is left.
@@ -58,7 +87,7 @@ impl Iterator for Texts {
                     self.upper_bound = self
                         .upper_bound
                         .saturating_sub((rg.rows as usize).saturating_sub(kept.len()));
-                    self.current = kept.into_iter();
+                    self.current = self.cut_long(kept, &rg).into_iter();
                 }
                 Err(e) => {
                     *self.error.lock().expect("not poisoned") = Some(e);

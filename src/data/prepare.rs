@@ -6,7 +6,9 @@
 //! Row groups are read and tokenised in parallel (rayon, a chunk of row
 //! groups at a time, tokenisation itself parallel across documents) and
 //! written in file order, so the output does not depend on the thread
-//! count. Files are written to temporary names, fsynced, then renamed.
+//! count. Files are written to temporary names, fsynced, then renamed;
+//! the temporary files of a failed run are removed, and those a killed
+//! run left behind are removed (with a log line) when the next starts.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -22,7 +24,7 @@ use super::parquet::{
     all_row_groups, expand_inputs, read_row_group, BadFilePolicy, Document, RowGroupRef,
 };
 use super::stream::Split;
-use super::tokenizer::{encode_many, eot_id};
+use super::tokenizer::{encode_many, eot_id, is_long, log_long};
 use super::TokenWidth;
 
 /// What `prepare` did; also written to `OUT/meta.json`.
@@ -35,6 +37,9 @@ pub struct Summary {
     pub train_tokens: u64,
     pub val_documents: u64,
     pub val_tokens: u64,
+    /// Documents longer than [`super::tokenizer::MAX_PIECE_BYTES`],
+    /// tokenised in pieces.
+    pub split_documents: u64,
     pub val_fraction: f64,
     pub token_dtype: String,
     pub vocab_size: usize,
@@ -49,12 +54,48 @@ impl Summary {
     }
 }
 
-/// A `.bin` being written under a temporary name.
+/// Removes a temporary file that an earlier run, killed or failed before
+/// it could clean up, left at `tmp`, saying so.
+pub fn remove_stale_temp(tmp: &Path) -> Result<()> {
+    match std::fs::remove_file(tmp) {
+        Ok(()) => {
+            tracing::warn!(
+                "removed {}, left by an earlier run that did not finish",
+                tmp.display()
+            );
+            Ok(())
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("removing the stale {}", tmp.display())),
+    }
+}
+
+/// Removes `tmp` after a failed write (best effort: the write's error is
+/// the one reported).
+fn discard_temp(tmp: &Path) {
+    match std::fs::remove_file(tmp) {
+        Ok(()) => tracing::debug!("removed {} after the failure", tmp.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => tracing::warn!("could not remove {}: {e}", tmp.display()),
+    }
+}
+
+/// A `.bin` being written under a temporary name, removed unless
+/// [`BinWriter::finish`] renamed it into place.
 struct BinWriter {
     tmp: PathBuf,
     path: PathBuf,
-    out: BufWriter<File>,
+    out: Option<BufWriter<File>>,
     width: TokenWidth,
+}
+
+impl Drop for BinWriter {
+    fn drop(&mut self) {
+        if let Some(out) = self.out.take() {
+            drop(out.into_parts()); // closed without flushing what is buffered
+            discard_temp(&self.tmp);
+        }
+    }
 }
 
 impl BinWriter {
@@ -64,7 +105,7 @@ impl BinWriter {
         Ok(BinWriter {
             tmp,
             path,
-            out: BufWriter::with_capacity(1 << 20, f),
+            out: Some(BufWriter::with_capacity(1 << 20, f)),
             width,
         })
     }
@@ -79,19 +120,26 @@ impl BinWriter {
             }
         }
         self.out
+            .as_mut()
+            .expect("open until finished")
             .write_all(&bytes)
             .with_context(|| format!("writing {}", self.tmp.display()))
     }
 
-    fn finish(self) -> Result<()> {
-        let f = self
-            .out
-            .into_inner()
-            .map_err(|e| anyhow::anyhow!("flushing {}: {}", self.tmp.display(), e.error()))?;
-        f.sync_all()
+    /// Flushes, syncs and renames the file into place (on an error, the
+    /// drop removes the temporary file).
+    fn finish(mut self) -> Result<()> {
+        let out = self.out.as_mut().expect("open until finished");
+        out.flush()
+            .with_context(|| format!("flushing {}", self.tmp.display()))?;
+        out.get_ref()
+            .sync_all()
             .with_context(|| format!("syncing {}", self.tmp.display()))?;
-        std::fs::rename(&self.tmp, &self.path)
-            .with_context(|| format!("renaming {} to {}", self.tmp.display(), self.path.display()))
+        std::fs::rename(&self.tmp, &self.path).with_context(|| {
+            format!("renaming {} to {}", self.tmp.display(), self.path.display())
+        })?;
+        self.out = None; // in place: nothing to remove
+        Ok(())
     }
 }
 
@@ -99,6 +147,8 @@ impl BinWriter {
 struct Tokenised {
     train: Vec<Vec<u32>>,
     val: Vec<Vec<u32>>,
+    /// Documents tokenised in pieces.
+    split: u64,
 }
 
 fn tokenise_group(rg: &RowGroupRef, tk: &Tokenizer, val_fraction: f64) -> Result<Tokenised> {
@@ -111,9 +161,12 @@ fn tokenise_group(rg: &RowGroupRef, tk: &Tokenizer, val_fraction: f64) -> Result
         encode_many(tk, &texts)
             .with_context(|| format!("{}: row group {}", rg.file.display(), rg.index))
     };
+    log_long(docs.iter().map(|d| d.text.as_str()), &rg.file, rg.index);
+    let split = docs.iter().filter(|d| is_long(&d.text)).count() as u64;
     Ok(Tokenised {
         train: encode(train)?,
         val: encode(val)?,
+        split,
     })
 }
 
@@ -153,6 +206,15 @@ pub fn prepare(
         bail!("no row groups to read in {inputs:?}");
     }
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let meta = out.join("meta.json");
+    let meta_tmp = out.join("meta.json.tmp");
+    for tmp in [
+        out.join("train.bin.tmp"),
+        out.join("val.bin.tmp"),
+        meta_tmp.clone(),
+    ] {
+        remove_stale_temp(&tmp)?;
+    }
     let mut train = BinWriter::create(out.join("train.bin"), width)?;
     let mut val = BinWriter::create(out.join("val.bin"), width)?;
     let mut s = Summary {
@@ -181,6 +243,7 @@ pub fn prepare(
             .collect();
         for t in done {
             let t = t?;
+            s.split_documents += t.split;
             for (docs, w, n_docs, n_tokens) in [
                 (
                     &t.train,
@@ -209,10 +272,22 @@ pub fn prepare(
     val.finish()?;
     bar.finish_and_clear();
     s.seconds = began.elapsed().as_secs_f64();
-    let meta = out.join("meta.json");
-    let tmp = out.join("meta.json.tmp");
-    std::fs::write(&tmp, serde_json::to_string_pretty(&s)?)
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, &meta)?;
+    if s.split_documents > 0 {
+        tracing::info!(
+            "{} document(s) longer than {} MiB were tokenised in pieces",
+            s.split_documents,
+            super::tokenizer::MAX_PIECE_BYTES >> 20
+        );
+    }
+    let written = std::fs::write(&meta_tmp, serde_json::to_string_pretty(&s)?)
+        .with_context(|| format!("writing {}", meta_tmp.display()))
+        .and_then(|()| {
+            std::fs::rename(&meta_tmp, &meta)
+                .with_context(|| format!("renaming {} to {}", meta_tmp.display(), meta.display()))
+        });
+    if written.is_err() {
+        discard_temp(&meta_tmp);
+    }
+    written?;
     Ok(s)
 }

@@ -30,7 +30,7 @@ use tokenizers::Tokenizer;
 
 use super::packing::{is_validation, shard, shuffle};
 use super::parquet::{read_row_group, RowGroupRef};
-use super::tokenizer::{encode_many, eot_id};
+use super::tokenizer::{encode_many, eot_id, log_long};
 
 /// Which documents a stream reads.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -450,6 +450,7 @@ pub fn load_split(
         .filter(|(_, &k)| k)
         .map(|(d, _)| d.text.as_str())
         .collect();
+    log_long(texts.iter().copied(), &rg.file, rg.index);
     let mut encoded = encode_many(tokenizer, &texts)
         .with_context(|| format!("{}: row group {}", rg.file.display(), rg.index))?
         .into_iter();

@@ -25,6 +25,7 @@ use crate::ckpt::{self, Checkpoint};
 use crate::data::stream::Cursor;
 use crate::model::param_specs;
 use crate::train::batches::{Batches, DataPosition};
+use crate::train::memory::{check_device_memory, check_host_memory};
 use crate::train::placement::Placement;
 use crate::train::run::{
     check_data_shards, check_tokenizer, device_peak_flops, open_job_client, JobMember,
@@ -321,6 +322,7 @@ fn run_attempt(
     let cfg = Config::parse(&reg.config_toml, &[]).map_err(|e| anyhow!("the job's config: {e}"))?;
     let world = s.world as i64;
     let local = cfg.train.replicas / world;
+    check_host_memory(&cfg, local)?;
     let specs = param_specs(&cfg.model);
     let start: Checkpoint = if reg.has_checkpoint {
         let files = rt.block_on(fetch_checkpoint(client.clone(), s))?;
@@ -341,6 +343,7 @@ fn run_attempt(
         }),
     };
     let client_pjrt = open_job_client(&cfg, opts.plugin.as_deref(), local, Some(member))?;
+    check_device_memory(&cfg, &client_pjrt)?;
     // The CPU plugin's processes cannot join one XLA program: each runs its
     // share of the replicas and gradients are summed through the
     // coordinator. Accelerator clients are multi-host (libtpu's topology

@@ -201,13 +201,32 @@ impl ModelConfig {
             }
             _ => {}
         }
-        // Written as negations so that NaN is refused too.
-        #[allow(clippy::neg_cmp_op_on_partial_ord)]
-        let bad =
-            !(self.rms_norm_eps > 0.0) || !(self.rope_theta > 0.0) || !(self.aux_loss_coef >= 0.0);
-        if bad {
-            return Err("model.rms_norm_eps and model.rope_theta must be positive, model.aux_loss_coef >= 0".into());
+        for (name, v) in [
+            ("rms_norm_eps", self.rms_norm_eps),
+            ("rope_theta", self.rope_theta),
+            ("aux_loss_coef", self.aux_loss_coef),
+        ] {
+            if !v.is_finite() {
+                return Err(format!("model.{name} = {v}: must be a finite number"));
+            }
         }
+        let bad = self.rms_norm_eps <= 0.0 || self.rope_theta <= 0.0 || self.aux_loss_coef < 0.0;
+        if bad {
+            return Err(format!(
+                "model.rms_norm_eps = {} and model.rope_theta = {} must be positive, model.aux_loss_coef = {} >= 0",
+                self.rms_norm_eps, self.rope_theta, self.aux_loss_coef
+            ));
+        }
+        if self.vocab_size > i32::MAX as i64 {
+            return Err(format!(
+                "model.vocab_size = {}: token ids are i32, so at most {}",
+                self.vocab_size,
+                i32::MAX
+            ));
+        }
+        // Every parameter count in checked arithmetic (names the fields
+        // whose product overflows).
+        super::params::checked_counts(self)?;
         Ok(())
     }
 }
@@ -240,5 +259,25 @@ mod tests {
             .validate()
             .unwrap_err()
             .contains("model.experts_per_token = 17"));
+    }
+
+    #[test]
+    fn overflowing_and_non_finite_values_are_refused() {
+        let mut c = ModelConfig::preset("tiny-sharedmoe").unwrap();
+        c.hidden_size = 1 << 40;
+        let e = c.validate().unwrap_err();
+        assert!(
+            e.starts_with("model.hidden_size = 1099511627776") && e.contains("overflows"),
+            "{e}"
+        );
+        let mut c = ModelConfig::preset("tiny-dense").unwrap();
+        c.rope_theta = f64::INFINITY;
+        assert!(c.validate().unwrap_err().contains("model.rope_theta = inf"));
+        let mut c = ModelConfig::preset("tiny-dense").unwrap();
+        c.rms_norm_eps = f64::NAN;
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .contains("model.rms_norm_eps = NaN"));
     }
 }

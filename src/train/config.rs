@@ -25,14 +25,20 @@ pub struct TrainConfig {
     pub warmup_steps: i64,
     pub lr: f64,
     pub min_lr: f64,
+    /// Adam's first-moment decay, in [0, 1).
     #[serde(default = "beta1")]
     pub beta1: f64,
+    /// Adam's second-moment decay, in [0, 1).
     #[serde(default = "beta2")]
     pub beta2: f64,
+    /// Adam's denominator epsilon, > 0.
     #[serde(default = "adam_eps")]
     pub eps: f64,
+    /// Decoupled weight decay (on tensors of rank >= 2), >= 0.
     #[serde(default = "weight_decay")]
     pub weight_decay: f64,
+    /// Largest global gradient norm: gradients are scaled down to it when
+    /// their norm is larger. Must be positive, or 0 to turn clipping off.
     #[serde(default = "one_f")]
     pub grad_clip: f64,
     /// Dtype of matmul operands: `f32`, `bf16`, or `auto` (bf16 on TPU and
@@ -42,13 +48,13 @@ pub struct TrainConfig {
     pub compute_dtype: String,
     #[serde(default)]
     pub seed: u64,
-    /// Checkpoint every N steps (0 = only at the end).
+    /// Checkpoint every N steps (0 = only at the end); >= 0.
     #[serde(default)]
     pub checkpoint_every: i64,
-    /// Validation loss every N steps (0 = never).
+    /// Validation loss every N steps (0 = never); >= 0.
     #[serde(default)]
     pub eval_every: i64,
-    /// Validation micro-batches per evaluation.
+    /// Validation micro-batches per evaluation; >= 1.
     #[serde(default = "one")]
     pub eval_batches: i64,
     /// A step whose loss, gradient norm or update is not finite never
@@ -308,7 +314,13 @@ impl Config {
                 return Err(format!("train.{name} = {v}: must be positive"));
             }
         }
-        if t.global_batch % (t.replicas * t.micro_batch) != 0 {
+        let per_step = t.replicas.checked_mul(t.micro_batch).ok_or_else(|| {
+            format!(
+                "train.replicas * train.micro_batch = {} * {} overflows a 64-bit count",
+                t.replicas, t.micro_batch
+            )
+        })?;
+        if t.global_batch % per_step != 0 {
             return Err(format!(
                 "train.global_batch = {} is not divisible by train.replicas * train.micro_batch = {} * {}",
                 t.global_batch, t.replicas, t.micro_batch
@@ -320,6 +332,19 @@ impl Config {
                 t.warmup_steps, t.steps
             ));
         }
+        for (name, v) in [
+            ("lr", t.lr),
+            ("min_lr", t.min_lr),
+            ("beta1", t.beta1),
+            ("beta2", t.beta2),
+            ("eps", t.eps),
+            ("weight_decay", t.weight_decay),
+            ("grad_clip", t.grad_clip),
+        ] {
+            if !v.is_finite() {
+                return Err(format!("train.{name} = {v}: must be a finite number"));
+            }
+        }
         if !(t.lr > 0.0 && t.min_lr >= 0.0 && t.min_lr <= t.lr) {
             return Err(format!(
                 "train.lr = {} and train.min_lr = {}: need 0 <= min_lr <= lr, lr > 0",
@@ -330,6 +355,50 @@ impl Config {
             return Err(format!(
                 "train.max_nonfinite_steps = {}: must be >= 0",
                 t.max_nonfinite_steps
+            ));
+        }
+        for (name, v) in [("beta1", t.beta1), ("beta2", t.beta2)] {
+            if !(0.0..1.0).contains(&v) {
+                return Err(format!(
+                    "train.{name} = {v}: expected a value in [0, 1) (an Adam moment decay)"
+                ));
+            }
+        }
+        if t.eps <= 0.0 {
+            return Err(format!(
+                "train.eps = {}: must be positive (Adam divides by sqrt(v) + eps)",
+                t.eps
+            ));
+        }
+        if t.weight_decay < 0.0 {
+            return Err(format!(
+                "train.weight_decay = {}: must be >= 0",
+                t.weight_decay
+            ));
+        }
+        if t.grad_clip < 0.0 {
+            return Err(format!(
+                "train.grad_clip = {}: must be positive (the largest global gradient norm), \
+                 or 0 to turn clipping off",
+                t.grad_clip
+            ));
+        }
+        for (name, v, what) in [
+            (
+                "checkpoint_every",
+                t.checkpoint_every,
+                "0 = only at the end",
+            ),
+            ("eval_every", t.eval_every, "0 = never"),
+        ] {
+            if v < 0 {
+                return Err(format!("train.{name} = {v}: must be >= 0 ({what})"));
+            }
+        }
+        if t.eval_batches < 1 {
+            return Err(format!(
+                "train.eval_batches = {}: must be at least 1",
+                t.eval_batches
             ));
         }
         if !["f32", "bf16", "auto"].contains(&t.compute_dtype.as_str()) {
@@ -351,10 +420,15 @@ impl Config {
                 self.data.shards, t.replicas
             ));
         }
-        let tokens = t.micro_batch * t.seq_len * self.model.vocab_size;
-        if tokens >= i32::MAX as i64 {
+        let tokens = t
+            .micro_batch
+            .checked_mul(t.seq_len)
+            .and_then(|n| n.checked_mul(self.model.vocab_size))
+            .filter(|&n| n < i32::MAX as i64);
+        if tokens.is_none() {
             return Err(format!(
-                "train.micro_batch * train.seq_len * model.vocab_size = {tokens} overflows i32 logits indexing; lower train.micro_batch"
+                "train.micro_batch * train.seq_len * model.vocab_size = {} * {} * {} overflows i32 logits indexing; lower train.micro_batch",
+                t.micro_batch, t.seq_len, self.model.vocab_size
             ));
         }
         Ok(())

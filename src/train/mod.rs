@@ -6,6 +6,7 @@ pub mod batches;
 pub mod config;
 pub mod exchange;
 pub mod history;
+pub mod memory;
 pub mod optimizer;
 pub mod placement;
 pub mod run;

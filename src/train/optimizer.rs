@@ -22,10 +22,14 @@ pub fn global_norm(grads: &[Tensor]) -> Result<Tensor> {
 }
 
 /// Scales gradients so their global norm is at most `max_norm`
-/// (g * max_norm / max(norm, max_norm), as optax). Returns the clipped
-/// gradients and the norm before clipping.
+/// (g * max_norm / max(norm, max_norm), as optax). `max_norm = 0` turns
+/// clipping off (`train.grad_clip = 0`): the gradients come back as they
+/// are. Returns the clipped gradients and the norm before clipping.
 pub fn clip_by_global_norm(grads: &[Tensor], max_norm: f64) -> Result<(Vec<Tensor>, Tensor)> {
     let norm = global_norm(grads)?;
+    if max_norm == 0.0 {
+        return Ok((grads.to_vec(), norm));
+    }
     let scale = norm
         .scalar_like(max_norm)?
         .div(&norm.maximum(&norm.scalar_like(max_norm)?)?)?;

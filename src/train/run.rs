@@ -189,6 +189,7 @@ pub fn check_tokenizer(cfg: &Config, state: &ckpt::TrainingState, batches: &Batc
 
 /// Trains `cfg` and returns the final checkpoint directory.
 pub fn train(cfg: &Config, start: &StartFrom, plugin: Option<&Path>) -> Result<PathBuf> {
+    super::memory::check_host_memory(cfg, cfg.train.replicas)?;
     let run_dir = &cfg.run.dir;
     if run_dir.as_os_str().is_empty() {
         bail!("run.dir is not set (use --set run.dir=runs/NAME)");
@@ -224,6 +225,7 @@ pub fn train(cfg: &Config, start: &StartFrom, plugin: Option<&Path>) -> Result<P
         return Ok(from.expect("a loaded checkpoint has a path"));
     }
     let client = open_client(cfg, plugin)?;
+    super::memory::check_device_memory(cfg, &client)?;
     tracing::info!(
         params = crate::model::count_params(&cfg.model),
         replicas = cfg.train.replicas,
