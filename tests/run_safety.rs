@@ -644,3 +644,25 @@ fn a_diverging_job_ends_without_restarts_or_non_finite_checkpoints() {
     assert_eq!(non_finite_on_disk(&run.join("checkpoints")).0, 0);
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// When no checkpoint of the run directory verifies, the run refuses to
+/// start from scratch over them.
+#[test]
+fn a_run_whose_checkpoints_all_fail_to_verify_is_not_restarted_over_them() {
+    let dir = scratch("none-verify");
+    let run = dir.join("run");
+    train_ok(&run, &["train.steps=2", "train.checkpoint_every=0"]);
+    let only = ckpt::step_dir(&run, 2);
+    flip(&only.join("optimizer.safetensors"), 8, 0x01);
+    let before = std::fs::read(only.join("optimizer.safetensors")).unwrap();
+    let out = train(&run, &["train.steps=4", "train.checkpoint_every=0"]);
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("no checkpoint there verifies"), "{err}");
+    assert_eq!(
+        std::fs::read(only.join("optimizer.safetensors")).unwrap(),
+        before
+    );
+    assert_eq!(metric_steps(&run), vec![0, 1], "the metrics are untouched");
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -31,7 +31,8 @@ use crate::train::config::Config;
 use integrity::{check_digests, non_finite, non_finite_error, non_finite_le_f32, FileDigest};
 pub use lock::RunLock;
 pub use rundir::{
-    abandon_newer, clean_temporaries, latest, list, newest_verified, prune, step_dir, step_of,
+    abandon_newer, clean_temporaries, latest, list, newest_verified, prune, resume_point, step_dir,
+    step_of,
 };
 
 /// Named f32 tensors in checkpoint order.

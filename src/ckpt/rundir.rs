@@ -67,6 +67,33 @@ pub fn newest_verified<T>(
     None
 }
 
+/// Where a run directory's run continues: the newest checkpoint that
+/// verifies (see [`newest_verified`]; a warning when newer ones did not),
+/// or `None` when it has no checkpoint at all. When it has some but none
+/// verifies, starting from scratch would write over them: an error.
+pub fn resume_point<T>(
+    run_dir: &Path,
+    verify: impl FnMut(&Path) -> Result<T>,
+) -> Result<Option<(PathBuf, T)>> {
+    match newest_verified(run_dir, verify) {
+        Some((dir, v)) => {
+            if Some(&dir) != latest(run_dir).as_ref() {
+                tracing::warn!(
+                    "resuming from {}, the newest checkpoint that verifies",
+                    dir.display()
+                );
+            }
+            Ok(Some((dir, v)))
+        }
+        None if !list(run_dir).is_empty() => anyhow::bail!(
+            "{}: no checkpoint there verifies (each was reported above), and starting from \
+             scratch would write over them; repair or move them, or start elsewhere",
+            run_dir.join("checkpoints").display()
+        ),
+        None => Ok(None),
+    }
+}
+
 /// Moves every checkpoint newer than `step` to
 /// `RUN_DIR/abandoned/<unix seconds>/`: a run continued from an older
 /// checkpoint writes a new history from there, and the old one is kept

@@ -298,26 +298,10 @@ fn starting_point(
     if let Some(dir) = &start.init {
         return Ok((Some(dir.clone()), load(dir, Purpose::Weights)?));
     }
-    let run_dir = &cfg.run.dir;
-    if let Some((dir, c)) =
-        ckpt::newest_verified(run_dir, |d| ckpt::load(d, specs, Purpose::Resume))
-    {
-        if Some(&dir) != ckpt::latest(run_dir).as_ref() {
-            tracing::warn!(
-                "resuming from {}, the newest checkpoint that verifies",
-                dir.display()
-            );
-        }
+    let resume = ckpt::resume_point(&cfg.run.dir, |d| ckpt::load(d, specs, Purpose::Resume))?;
+    if let Some((dir, c)) = resume {
         tracing::info!("starting from checkpoint {}", dir.display());
         return Ok((Some(dir), c));
-    }
-    if !ckpt::list(run_dir).is_empty() {
-        bail!(
-            "{}: no checkpoint there verifies (each was reported above), and starting from \
-             scratch would write over them; repair or move them, pass --resume or --init, or \
-             choose another run.dir",
-            run_dir.join("checkpoints").display()
-        );
     }
     Ok((None, fresh_checkpoint(cfg, cfg.train.seed)))
 }

@@ -290,18 +290,18 @@ impl Job {
     }
 }
 
-/// The newest checkpoint under `run_dir` that verifies, as files (newer
-/// ones that do not are reported).
-fn newest_valid(run_dir: &Path, specs: &[ParamSpec]) -> Option<CheckpointFiles> {
-    ckpt::newest_verified(run_dir, |dir| {
+/// The newest checkpoint under `run_dir` that verifies, as files (see
+/// [`ckpt::resume_point`]).
+fn newest_valid(run_dir: &Path, specs: &[ParamSpec]) -> Result<Option<CheckpointFiles>> {
+    let found = ckpt::resume_point(run_dir, |dir| {
         let files = ckpt::read_files(dir)?;
         let state = ckpt::verify_files(&files, specs, ckpt::Purpose::Resume)?;
         Ok(CheckpointFiles {
             step: state.step,
             files,
         })
-    })
-    .map(|(_, c)| c)
+    })?;
+    Ok(found.map(|(_, c)| c))
 }
 
 /// How the job ended.
@@ -333,14 +333,9 @@ pub async fn serve(
     let _lock = ckpt::RunLock::acquire(&opts.run_dir, "coordinator")?;
     ckpt::clean_temporaries(&opts.run_dir)?;
     let specs = param_specs(&cfg.model);
-    let latest = newest_valid(&opts.run_dir, &specs);
+    let latest = newest_valid(&opts.run_dir, &specs)?;
     match &latest {
         Some(c) => tracing::info!("resuming from the checkpoint of step {}", c.step),
-        None if !ckpt::list(&opts.run_dir).is_empty() => bail!(
-            "{}: no checkpoint there verifies (each was reported above), and starting from \
-             scratch would write over them; repair or move them, or choose another --run-dir",
-            opts.run_dir.join("checkpoints").display()
-        ),
         None => tracing::info!(
             "no checkpoint in {}: starting from scratch",
             opts.run_dir.display()
