@@ -51,6 +51,11 @@ enum Command {
 }
 
 fn main() {
+    // libtpu reads LIBTPU_INIT_ARGS when loaded: set its defaults now, while
+    // this process has one thread (Plugin::load would do it otherwise).
+    if sharedmoe::runtime::tpu_present() {
+        sharedmoe::runtime::set_libtpu_init_args();
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),

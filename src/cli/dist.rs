@@ -10,7 +10,7 @@ use super::train::ConfigArgs;
 use crate::dist::auth::load_secret;
 use crate::dist::coordinator::{serve, CoordinatorOptions};
 use crate::dist::launch::{launch_local, LaunchOptions};
-use crate::dist::worker::{run_worker, WorkerExit, WorkerOptions};
+use crate::dist::worker::{run_worker, WorkerExit, WorkerOptions, EXIT_RESTART};
 
 /// Job-level settings of the coordinator (also taken by `launch`).
 #[derive(clap::Args, Debug, Clone)]
@@ -218,6 +218,13 @@ pub fn run_worker_cmd(a: &WorkerArgs) -> Result<()> {
         WorkerExit::Preempted => tracing::info!("stopped on signal after a checkpoint"),
         WorkerExit::Stopped { ok: true, reason } => tracing::info!("the job ended: {reason}"),
         WorkerExit::Stopped { ok: false, reason } => bail!("the job failed: {reason}"),
+        WorkerExit::Restart { reason } => {
+            tracing::warn!(
+                "{reason}: exiting with status {EXIT_RESTART} for the supervisor to start a fresh \
+                 worker (a second multi-host client in one process is not supported)"
+            );
+            std::process::exit(EXIT_RESTART);
+        }
     }
     Ok(())
 }

@@ -4,6 +4,17 @@
 //! worker is lost the attempt is aborted and the worker registers again for
 //! the restart; SIGTERM (preemption) finishes the step, lets rank 0 write a
 //! checkpoint and exits 0.
+//!
+//! Only the CPU (and single-node CUDA) path restarts in the same process.
+//! On TPU and multi-node GPU a worker whose attempt aborts or fails exits
+//! with [`EXIT_RESTART`] instead ([`restarts_in_process`]): the survivors
+//! of a lost host are stuck inside a collective that will never complete,
+//! and neither libtpu nor the CUDA plugin (nor JAX) supports a second
+//! multi-host client in one process. Its supervisor starts a fresh process,
+//! which registers for the next attempt: `launch --local` restarts dead
+//! workers, the JobSet (deploy/gke) restarts the pods; on TPU VMs started
+//! by deploy/tpu-pod.sh the worker must run under a loop or a systemd unit
+//! that starts it again on exit status 75.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -24,6 +35,7 @@ use super::transfer::{self, CheckpointFiles, Receiver};
 use crate::ckpt::{self, Checkpoint};
 use crate::data::stream::Cursor;
 use crate::model::param_specs;
+use crate::runtime::Backend;
 use crate::train::batches::{Batches, DataPosition};
 use crate::train::memory::{check_device_memory, check_host_memory};
 use crate::train::placement::Placement;
@@ -60,6 +72,36 @@ pub enum WorkerExit {
         ok: bool,
         reason: String,
     },
+    /// The attempt aborted or failed on a backend that cannot start another
+    /// in this process: exit with [`EXIT_RESTART`] for the supervisor to
+    /// start a fresh worker.
+    Restart {
+        reason: String,
+    },
+}
+
+/// The exit status of a worker that wants a fresh process
+/// ([`WorkerExit::Restart`]; EX_TEMPFAIL).
+pub const EXIT_RESTART: i32 = 75;
+
+/// How long a worker told to abort (on a backend that exits instead of
+/// restarting in process) waits for its training thread to come back
+/// before it ends the process itself: a thread stuck in a collective whose
+/// peer is gone never does.
+const ABORT_GRACE: Duration = Duration::from_secs(10);
+
+/// Whether a worker may start the next attempt in this process (with a new
+/// PJRT client) after an attempt aborted or failed. The CPU plugin's
+/// clients are per process and its multi-process path sums through the
+/// coordinator: yes. libtpu, and the CUDA plugin across nodes, join one
+/// multi-host client whose collectives may be stuck: no, the process exits
+/// and is started again.
+pub fn restarts_in_process(backend: Backend, num_nodes: i64) -> bool {
+    match backend {
+        Backend::Cpu => true,
+        Backend::Cuda => num_nodes <= 1,
+        Backend::Tpu => false,
+    }
 }
 
 /// What the heartbeat task tells the training thread.
@@ -77,6 +119,7 @@ fn is_job_over(e: &tonic::Status) -> bool {
 }
 
 pub fn run_worker(opts: &WorkerOptions) -> Result<WorkerExit> {
+    let backend: Backend = opts.backend.parse()?;
     let rt = Runtime::new().context("starting the async runtime")?;
     let client = {
         let _guard = rt.enter();
@@ -106,11 +149,13 @@ pub fn run_worker(opts: &WorkerOptions) -> Result<WorkerExit> {
             reg.start_step
         );
         let signals = Arc::new(Signals::default());
+        let in_process = restarts_in_process(backend, reg.world as i64);
         let beat = rt.spawn(heartbeats(
             client.clone(),
             session.clone(),
             signals.clone(),
             Duration::from_millis(reg.heartbeat_interval_ms.max(50) as u64),
+            (!in_process).then_some(ABORT_GRACE),
         ));
         let result = run_attempt(&rt, &client, &session, &reg, &signals, &sigterm, opts);
         beat.abort();
@@ -144,11 +189,16 @@ pub fn run_worker(opts: &WorkerOptions) -> Result<WorkerExit> {
             }
             Err(e) if signals.abort.load(Ordering::Relaxed) => {
                 let why = signals.reason.lock().map(|r| r.clone()).unwrap_or_default();
+                tracing::debug!("the attempt ended with: {e:#}");
+                if !in_process {
+                    return Ok(WorkerExit::Restart {
+                        reason: format!("attempt {} aborted ({why})", session.attempt),
+                    });
+                }
                 tracing::warn!(
                     "attempt {} aborted ({why}); registering again",
                     session.attempt
                 );
-                tracing::debug!("the attempt ended with: {e:#}");
             }
             Err(e) if e.downcast_ref::<Diverged>().is_some() => {
                 // Ends the job: every restart would diverge the same way.
@@ -163,6 +213,11 @@ pub fn run_worker(opts: &WorkerOptions) -> Result<WorkerExit> {
                 // is unreachable, registering again finds out.
                 if let Err(s) = finish(Outcome::Failed, step, format!("{e:#}")) {
                     tracing::debug!("could not report the failure: {s}");
+                }
+                if !in_process {
+                    return Ok(WorkerExit::Restart {
+                        reason: format!("attempt {} failed at step {step}", session.attempt),
+                    });
                 }
             }
         }
@@ -238,9 +293,37 @@ async fn wait_for_flag(flag: &AtomicBool) {
     }
 }
 
+/// Raises `abort` with `reason`. With `exit_after`, also ends the process
+/// with [`EXIT_RESTART`] once that grace has passed, in case the training
+/// thread never comes back to see the flag (stuck in a collective).
+fn raise_abort(signals: &Signals, reason: String, exit_after: Option<Duration>) {
+    *signals.reason.lock().expect("not poisoned") = reason.clone();
+    signals.abort.store(true, Ordering::Relaxed);
+    if let Some(grace) = exit_after {
+        std::thread::spawn(move || {
+            std::thread::sleep(grace);
+            tracing::error!(
+                "the attempt was aborted ({reason}) and training has not stopped within {grace:?} \
+                 (stuck in a collective): exiting with status {EXIT_RESTART} for a fresh process"
+            );
+            // _exit: the plugin's threads may be blocked; running its static
+            // destructors (exit) could hang.
+            // SAFETY: ends the process; nothing runs after it.
+            unsafe { libc::_exit(EXIT_RESTART) };
+        });
+    }
+}
+
 /// Sends heartbeats; raises `abort` when told to or when the coordinator
-/// has not answered for a few intervals.
-async fn heartbeats(mut client: Client, s: Session, signals: Arc<Signals>, every: Duration) {
+/// has not answered for a few intervals (see [`raise_abort`] for
+/// `exit_after`).
+async fn heartbeats(
+    mut client: Client,
+    s: Session,
+    signals: Arc<Signals>,
+    every: Duration,
+    exit_after: Option<Duration>,
+) {
     let mut last_ok = Instant::now();
     loop {
         tokio::time::sleep(every).await;
@@ -256,8 +339,7 @@ async fn heartbeats(mut client: Client, s: Session, signals: Arc<Signals>, every
                 let r = r.into_inner();
                 match Command::try_from(r.command).unwrap_or(Command::Continue) {
                     Command::Abort => {
-                        *signals.reason.lock().expect("not poisoned") = r.reason;
-                        signals.abort.store(true, Ordering::Relaxed);
+                        raise_abort(&signals, r.reason, exit_after);
                         return;
                     }
                     Command::Stop => {
@@ -274,16 +356,15 @@ async fn heartbeats(mut client: Client, s: Session, signals: Arc<Signals>, every
             Err(e) => {
                 tracing::debug!("heartbeat: {e}");
                 if e.code() != Code::Unavailable && e.code() != Code::Unknown {
-                    *signals.reason.lock().expect("not poisoned") = e.message().to_string();
-                    signals.abort.store(true, Ordering::Relaxed);
+                    raise_abort(&signals, e.message().to_string(), exit_after);
                     return;
                 }
                 if last_ok.elapsed() > every * 10 {
-                    *signals.reason.lock().expect("not poisoned") = format!(
+                    let reason = format!(
                         "coordinator unreachable for {:.1}s",
                         last_ok.elapsed().as_secs_f64()
                     );
-                    signals.abort.store(true, Ordering::Relaxed);
+                    raise_abort(&signals, reason, exit_after);
                     return;
                 }
             }
@@ -562,5 +643,21 @@ impl RunSink for WorkerSink<'_> {
             );
         }
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_cpu_and_single_node_cuda_restart_in_process() {
+        for nodes in [1, 2, 4] {
+            assert!(restarts_in_process(Backend::Cpu, nodes), "cpu x{nodes}");
+            assert!(!restarts_in_process(Backend::Tpu, nodes), "tpu x{nodes}");
+        }
+        assert!(restarts_in_process(Backend::Cuda, 1));
+        assert!(!restarts_in_process(Backend::Cuda, 2));
+        assert!(!restarts_in_process(Backend::Cuda, 8));
     }
 }

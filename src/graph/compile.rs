@@ -1,7 +1,7 @@
 //! Compiling a [`Function`] through PJRT and running it with type-checked
 //! arguments; [`HostTensor`] for moving values between host and device.
 
-use crate::runtime::{Arg, Buffer, Client, CompileOptions, ElementType, Executable};
+use crate::runtime::{Arg, Buffer, Client, CompileOptions, Device, ElementType, Executable};
 
 use super::dtype::{DType, TensorType};
 use super::emit::Function;
@@ -101,6 +101,16 @@ impl HostTensor {
         )?)
     }
 
+    /// Copies the tensor to `device` (e.g. one of an executable's devices).
+    pub fn to(&self, client: &Client, device: &Device) -> Result<Buffer> {
+        Ok(client.buffer_from_bytes(
+            &self.bytes,
+            self.ty.dtype.element_type(),
+            &self.ty.dims,
+            device,
+        )?)
+    }
+
     pub fn from_buffer(buffer: &Buffer) -> Result<HostTensor> {
         let et = buffer.element_type();
         let Some(dtype) = DType::from_element_type(et) else {
@@ -174,6 +184,17 @@ impl Compiled {
         self.num_replicas
     }
 
+    /// The devices this process runs the program on, one per argument list
+    /// of [`execute`](Self::execute): arguments go to these.
+    pub fn devices(&self) -> &[Device] {
+        self.exe.devices()
+    }
+
+    /// The underlying executable (launch ids, ...).
+    pub fn executable(&self) -> &Executable {
+        &self.exe
+    }
+
     /// Runs with one argument list per replica this process runs (every
     /// replica unless the program spans hosts). Donated parameters must be
     /// passed as [`Arg::Donated`]; they are consumed.
@@ -223,17 +244,25 @@ impl Compiled {
         Ok(outs.remove(0))
     }
 
-    /// Replica r gets `inputs[r]` on device r.
+    /// Replica r gets `inputs[r]` on the executable's device r.
     pub fn run_replicated(
         &self,
         client: &Client,
         inputs: &[Vec<HostTensor>],
     ) -> Result<Vec<Vec<HostTensor>>> {
+        let devices = self.exe.devices();
+        if inputs.len() != devices.len() {
+            return usage(format!(
+                "{} input lists for the {} replicas this process runs",
+                inputs.len(),
+                devices.len()
+            ));
+        }
         let mut args = Vec::with_capacity(inputs.len());
-        for (r, list) in inputs.iter().enumerate() {
+        for (list, dev) in inputs.iter().zip(devices) {
             let bufs: Vec<Buffer> = list
                 .iter()
-                .map(|h| h.to_device(client, r))
+                .map(|h| h.to(client, dev))
                 .collect::<Result<_>>()?;
             args.push(bufs.into_iter().map(Arg::Donated).collect());
         }

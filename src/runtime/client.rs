@@ -25,12 +25,24 @@ pub enum ClientOption {
 }
 
 impl Backend {
-    /// The client-creation options every client of this backend gets: the
-    /// CPU plugin's device count (accelerator plugins use their chips).
+    /// The client-creation options every client of this backend gets. The
+    /// plugins validate option names and reject unknown ones, so each gets
+    /// only its own: the CPU plugin its device count; the CUDA plugin
+    /// `abort_collectives_on_failure` (a collective whose peer died fails
+    /// instead of hanging, so a multi-node worker can exit and be
+    /// restarted); libtpu the framework's name and version, as JAX and
+    /// PyTorch/XLA send them.
     pub fn client_options(self, cpu_devices: usize) -> Vec<(&'static str, ClientOption)> {
         match self {
             Backend::Cpu => vec![("cpu_device_count", ClientOption::Int(cpu_devices as i64))],
-            Backend::Cuda | Backend::Tpu => vec![],
+            Backend::Cuda => vec![("abort_collectives_on_failure", ClientOption::Bool(true))],
+            Backend::Tpu => vec![
+                ("ml_framework_name", ClientOption::Str("sharedmoe".into())),
+                (
+                    "ml_framework_version",
+                    ClientOption::Str(env!("CARGO_PKG_VERSION").into()),
+                ),
+            ],
         }
     }
 }
@@ -465,8 +477,22 @@ impl Client {
             compile_options_size: opts.len(),
         });
         pjrt_call!(self.inner.plugin, PJRT_Client_Compile, &mut a, ctx)?;
-        Executable::from_raw(self.clone(), a.executable)
+        Executable::from_raw(self.clone(), a.executable, program_digest(mlir, &opts))
     }
+}
+
+/// What identifies a compiled program on every host: the StableHLO text
+/// and the serialised compile options (replicas, device assignment), both
+/// built identically by every process of a job. The base of its launch ids.
+pub(crate) fn program_digest(mlir: &str, compile_options: &[u8]) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"sharedmoe program\0");
+    h.update((mlir.len() as u64).to_le_bytes());
+    h.update(mlir.as_bytes());
+    h.update((compile_options.len() as u64).to_le_bytes());
+    h.update(compile_options);
+    h.finalize().into()
 }
 
 // ---------------------------------------------------------------- key-value trampolines

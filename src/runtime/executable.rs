@@ -1,7 +1,19 @@
 //! Compiled programs and their execution on one or many devices, with
-//! input donation.
+//! input donation and launch ids.
+//!
+//! Every execution carries a non-zero launch id (`PJRT_ExecuteOptions.
+//! launch_id`) that is the same on every host of a multi-host job for the
+//! same execution: the runtime (libtpu with `--xla_tpu_use_enhanced_launch_
+//! barrier`, XLA's GPU and CPU collectives as their run id) uses it to
+//! match the hosts' launches of one program and to detect hosts that launch
+//! programs in different orders. As jaxlib's `py_executable.cc` does, it is
+//! derived from the program (its StableHLO text and compile options, and
+//! the plugin's executable fingerprint where it gives one) plus a counter of
+//! the executable's executions; every host compiles the same programs and
+//! runs them in the same order, so every host computes the same ids.
 
 use std::fmt;
+use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
 
 use super::buffer::{await_event, Buffer};
 use super::client::{Client, Device};
@@ -31,6 +43,45 @@ pub struct Executable {
     client: Client,
     num_outputs: usize,
     devices: Vec<Device>,
+    /// Hash of the program (see the module's comment).
+    launch_key: u64,
+    /// The next execution's launch id (as u32; 0 is skipped).
+    next_launch: AtomicU32,
+    /// The last execution's launch id (0: none yet).
+    last_launch: AtomicI32,
+}
+
+/// The launch-id key of a program: the first 8 bytes of a hash of its
+/// digest (text and compile options) and the plugin's fingerprint of the
+/// compiled executable, if any.
+pub(crate) fn launch_key(program_digest: &[u8; 32], fingerprint: Option<&[u8]>) -> u64 {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"sharedmoe launch id\0");
+    h.update(program_digest);
+    if let Some(f) = fingerprint {
+        h.update((f.len() as u64).to_le_bytes());
+        h.update(f);
+    }
+    let d = h.finalize();
+    u64::from_le_bytes(d[..8].try_into().expect("8 bytes"))
+}
+
+/// The first `n` launch ids of an executable with `key`: jaxlib's scheme
+/// (a 32-bit counter starting at the key's low 32 bits, read as a signed
+/// int), except that 0 (no launch id) is skipped.
+pub fn launch_id_sequence(key: u64, n: usize) -> Vec<i32> {
+    let counter = AtomicU32::new(key as u32);
+    (0..n).map(|_| take_launch_id(&counter)).collect()
+}
+
+fn take_launch_id(counter: &AtomicU32) -> i32 {
+    loop {
+        let id = counter.fetch_add(1, Ordering::Relaxed);
+        if id != 0 {
+            return id as i32;
+        }
+    }
 }
 
 // SAFETY: loaded executables may be executed from any thread.
@@ -68,6 +119,7 @@ impl Executable {
     pub(crate) fn from_raw(
         client: Client,
         raw: *mut ffi::PJRT_LoadedExecutable,
+        program_digest: [u8; 32],
     ) -> Result<Executable> {
         let p = client.inner.plugin.clone();
         // Owns `raw` from here on, so an error below still frees it.
@@ -76,6 +128,9 @@ impl Executable {
             client,
             num_outputs: 0,
             devices: vec![],
+            launch_key: 0,
+            next_launch: AtomicU32::new(0),
+            last_launch: AtomicI32::new(0),
         };
         let mut get = args!(PJRT_LoadedExecutable_GetExecutable_Args {
             loaded_executable: raw
@@ -90,6 +145,28 @@ impl Executable {
             executable: get.executable
         });
         let counted = pjrt_call!(p, PJRT_Executable_NumOutputs, &mut n, "counting outputs");
+        // Optional in PJRT ("may not be implemented by all platforms").
+        let mut f = args!(PJRT_Executable_Fingerprint_Args {
+            executable: get.executable
+        });
+        let fingerprint = match pjrt_call!(p, PJRT_Executable_Fingerprint, &mut f, "fingerprint") {
+            Ok(()) if !f.executable_fingerprint.is_null() && f.executable_fingerprint_size > 0 => {
+                // SAFETY: valid for the life of the executable view, read
+                // before it is destroyed below.
+                Some(
+                    unsafe {
+                        std::slice::from_raw_parts(
+                            f.executable_fingerprint as *const u8,
+                            f.executable_fingerprint_size,
+                        )
+                    }
+                    .to_vec(),
+                )
+            }
+            _ => None,
+        };
+        exe.launch_key = launch_key(&program_digest, fingerprint.as_deref());
+        exe.next_launch = AtomicU32::new(exe.launch_key as u32);
         let mut d = args!(PJRT_Executable_Destroy_Args {
             executable: get.executable
         });
@@ -128,8 +205,24 @@ impl Executable {
         self.devices.len()
     }
 
+    /// The devices this process runs the program on, in the order of the
+    /// argument lists (`PJRT_LoadedExecutable_AddressableDevices`): the
+    /// buffers of list i must be uploaded to `devices()[i]`.
     pub fn devices(&self) -> &[Device] {
         &self.devices
+    }
+
+    /// The key of this program's launch ids (the same on every host).
+    pub fn launch_key(&self) -> u64 {
+        self.launch_key
+    }
+
+    /// The launch id of the last execution (`None` before the first).
+    pub fn last_launch_id(&self) -> Option<i32> {
+        match self.last_launch.load(Ordering::Relaxed) {
+            0 => None,
+            id => Some(id),
+        }
     }
 
     /// Runs with borrowed arguments, one list per device.
@@ -185,6 +278,7 @@ impl Executable {
                 keep.push(i as i64);
             }
         }
+        self.check_placement(&args)?;
         let arg_ptrs: Vec<Vec<*mut ffi::PJRT_Buffer>> = args
             .iter()
             .map(|l| l.iter().map(|a| a.buffer().raw()).collect())
@@ -197,7 +291,10 @@ impl Executable {
         let out_lists: Vec<*mut *mut ffi::PJRT_Buffer> =
             out_ptrs.iter_mut().map(|l| l.as_mut_ptr()).collect();
         let mut events: Vec<*mut ffi::PJRT_Event> = vec![std::ptr::null_mut(); num_devices];
+        let launch_id = take_launch_id(&self.next_launch);
+        self.last_launch.store(launch_id, Ordering::Relaxed);
         let mut options = args!(PJRT_ExecuteOptions {
+            launch_id,
             non_donatable_input_indices: keep.as_ptr(),
             num_non_donatable_input_indices: keep.len(),
         });
@@ -233,5 +330,35 @@ impl Executable {
         launched?;
         waited?;
         Ok(outputs)
+    }
+
+    /// Refuses arguments that are not on the device the executable runs
+    /// their list on (its own addressable devices, not the client's: in a
+    /// multi-host job the client's list has every local chip in the
+    /// plugin's order, the executable's only its replicas' in replica
+    /// order).
+    fn check_placement(&self, args: &[Vec<Arg<'_>>]) -> Result<()> {
+        let p = &self.client.inner.plugin;
+        for (i, (list, want)) in args.iter().zip(&self.devices).enumerate() {
+            for (j, arg) in list.iter().enumerate() {
+                let mut a = args!(PJRT_Buffer_Device_Args {
+                    buffer: arg.buffer().raw()
+                });
+                pjrt_call!(p, PJRT_Buffer_Device, &mut a, "argument device")?;
+                if a.device != want.raw {
+                    let on = self.client.device_from_raw(a.device);
+                    return Err(Error::new(
+                        "executing program",
+                        format!(
+                            "argument {j} of list {i} is on device {}, but the program runs list {i} on \
+                             device {} (upload to the executable's devices(), in their order)",
+                            on.id(),
+                            want.id()
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(())
     }
 }

@@ -23,5 +23,8 @@ pub use client::{Client, ClientOption, Device, KeyValueStore};
 pub use compile_options::CompileOptions;
 pub use element_type::{ElementType, NativeType};
 pub use error::{Error, ErrorCode, Result};
-pub use executable::{Arg, Executable};
-pub use plugin::{find_plugin, tpu_present, Backend, Plugin, PluginLocation};
+pub use executable::{launch_id_sequence, Arg, Executable};
+pub use plugin::{
+    find_plugin, libtpu_init_args, set_libtpu_init_args, tpu_chips_in, tpu_present, Backend,
+    Plugin, PluginLocation,
+};

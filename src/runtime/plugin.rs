@@ -248,24 +248,88 @@ fn find_plugin_in(
 }
 
 /// Why a libtpu client (or initialisation) is refused here.
-const NO_TPU: &str = "no TPU device on this machine (/dev/accel* or /dev/vfio/*); refusing to \
-     initialise libtpu or create a TPU client, which would query the cloud metadata server. Run on a \
-     TPU VM (or a GKE TPU node), or choose another backend";
+const NO_TPU: &str = "no TPU device on this machine (no PCI device of Google's vendor 0x1ae0 with a TPU \
+     device id under /sys/bus/pci/devices); refusing to initialise libtpu or create a TPU client, which \
+     would query the cloud metadata server. Run on a TPU VM (or a GKE TPU node), or choose another backend";
 
-/// True when this machine has TPU chips (as on TPU VMs: `/dev/accel*` or
-/// `/dev/vfio/*`). Checked before creating a libtpu client: without chips,
-/// libtpu queries the cloud metadata server over the network for minutes.
-pub fn tpu_present() -> bool {
-    let any_in = |dir: &str, prefix: &str| {
-        std::fs::read_dir(dir)
-            .map(|entries| {
-                entries
-                    .flatten()
-                    .any(|e| e.file_name().to_string_lossy().starts_with(prefix))
-            })
-            .unwrap_or(false)
+/// Google's PCI vendor id, as `/sys/bus/pci/devices/*/vendor` shows it.
+const GOOGLE_PCI_VENDOR: &str = "0x1ae0";
+
+/// PCI device ids of TPU chips (JAX's `hardware_utils.py`): v2/v3, an
+/// unnamed one, v4, v5p, v5e, v6e, v7x. Google's vendor id alone is not
+/// enough: every GCE VM's gVNIC network card (0x0042) has it too.
+const TPU_PCI_DEVICES: &[&str] = &[
+    "0x0027", "0x0056", "0x005e", "0x0062", "0x0063", "0x006f", "0x0076",
+];
+
+/// The number of TPU chips on the PCI bus of the sysfs tree at `sysfs`
+/// (normally `/sys`): devices under `bus/pci/devices` whose `vendor` is
+/// Google's and whose `device` is a TPU's. Unreadable entries count as no
+/// chip.
+pub fn tpu_chips_in(sysfs: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(sysfs.join("bus/pci/devices")) else {
+        return 0;
     };
-    any_in("/dev", "accel") || any_in("/dev/vfio", "")
+    let read = |p: PathBuf| {
+        std::fs::read_to_string(p)
+            .map(|s| s.trim().to_ascii_lowercase())
+            .unwrap_or_default()
+    };
+    entries
+        .flatten()
+        .filter(|e| {
+            read(e.path().join("vendor")) == GOOGLE_PCI_VENDOR
+                && TPU_PCI_DEVICES.contains(&read(e.path().join("device")).as_str())
+        })
+        .count()
+}
+
+/// True when this machine has TPU chips, found on the PCI bus as JAX finds
+/// them. Checked before libtpu is initialised: without chips, libtpu
+/// queries the cloud metadata server over the network for minutes. Device
+/// files are not evidence: GPU hosts have `/dev/vfio/vfio`, and `/dev/accel`
+/// is the kernel's accelerator class (Intel NPUs, Habana), not TPUs only.
+pub fn tpu_present() -> bool {
+    tpu_chips_in(Path::new("/sys")) > 0
+}
+
+/// The flag JAX's `cloud_tpu_init.py` adds to `LIBTPU_INIT_ARGS`: multi-host
+/// programs check at launch that every host runs the same program (by the
+/// executions' launch ids, see `Executable`).
+const LIBTPU_DEFAULT_FLAG: &str = "--xla_tpu_use_enhanced_launch_barrier";
+
+/// `LIBTPU_INIT_ARGS` with this project's defaults appended to what the
+/// user set, as `cloud_tpu_init.py` does: the enhanced launch barrier,
+/// unless the user's value already sets it (either way).
+pub fn libtpu_init_args(current: Option<&str>) -> String {
+    let current = current.unwrap_or("");
+    if current.contains(LIBTPU_DEFAULT_FLAG) {
+        return current.to_string();
+    }
+    let flag = format!("{LIBTPU_DEFAULT_FLAG}=true");
+    if current.trim().is_empty() {
+        flag
+    } else {
+        format!("{current} {flag}")
+    }
+}
+
+/// Sets `LIBTPU_INIT_ARGS` to [`libtpu_init_args`] once per process, before
+/// libtpu is loaded (libtpu reads its flags from the environment).
+pub fn set_libtpu_init_args() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let current = env::var("LIBTPU_INIT_ARGS").ok();
+        let want = libtpu_init_args(current.as_deref());
+        if current.as_deref() != Some(want.as_str()) {
+            env::set_var("LIBTPU_INIT_ARGS", &want);
+        }
+    });
+}
+
+fn is_libtpu(path: &Path) -> bool {
+    path.file_name()
+        .is_some_and(|n| n.to_string_lossy().starts_with("libtpu"))
 }
 
 /// A loaded plugin, shared (`Arc`) by every client made from it.
@@ -320,6 +384,9 @@ impl Plugin {
             return Ok(p.clone());
         }
         let path = canonical.as_path();
+        if is_libtpu(path) {
+            set_libtpu_init_args();
+        }
         // SAFETY: loading a shared library runs its initialisers; PJRT
         // plugins are designed to be dlopen'ed.
         let lib = unsafe { libloading::Library::new(path) }
@@ -373,9 +440,7 @@ impl Plugin {
 
     /// True for libtpu (whose client creation must be guarded).
     pub fn is_tpu(&self) -> bool {
-        self.path
-            .file_name()
-            .is_some_and(|n| n.to_string_lossy().starts_with("libtpu"))
+        is_libtpu(&self.path)
     }
 
     pub(crate) fn api(&self) -> &ffi::PJRT_Api {
@@ -496,6 +561,55 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("jax-cuda13-pjrt or jax-cuda12-pjrt"), "{err}");
+    }
+
+    #[test]
+    fn tpu_chips_are_found_by_pci_vendor_and_device_on_a_fake_sysfs() {
+        let root = std::env::temp_dir().join(format!("sharedmoe-sysfs-{}", std::process::id()));
+        let dev = |name: &str, vendor: &str, device: Option<&str>| {
+            let d = root.join("bus/pci/devices").join(name);
+            std::fs::create_dir_all(&d).unwrap();
+            std::fs::write(d.join("vendor"), format!("{vendor}\n")).unwrap();
+            if let Some(id) = device {
+                std::fs::write(d.join("device"), format!("{id}\n")).unwrap();
+            }
+        };
+        assert_eq!(tpu_chips_in(&root), 0, "no bus/pci/devices at all");
+        // A GPU host on GCE: NVIDIA GPU, Google's gVNIC, an Intel bridge.
+        dev("0000:00:04.0", "0x10de", Some("0x2330"));
+        dev("0000:00:05.0", "0x1ae0", Some("0x0042"));
+        dev("0000:00:00.0", "0x8086", Some("0x1237"));
+        dev("0000:00:06.0", "0x1ae0", None); // unreadable device id
+        std::fs::create_dir_all(root.join("bus/pci/devices/0000:00:07.0")).unwrap();
+        // ... with /dev/vfio/vfio and /dev/accel-like files elsewhere: irrelevant.
+        assert_eq!(tpu_chips_in(&root), 0);
+        // A v4 host: four chips.
+        for i in 0..4 {
+            dev(&format!("0000:00:0{i}.1"), "0x1ae0", Some("0x005e"));
+        }
+        assert_eq!(tpu_chips_in(&root), 4);
+        // Upper-case hex as some kernels print it.
+        dev("0000:00:08.0", "0x1AE0", Some("0x006F"));
+        assert_eq!(tpu_chips_in(&root), 5);
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn libtpu_init_args_append_the_launch_barrier_to_the_users() {
+        let flag = "--xla_tpu_use_enhanced_launch_barrier=true";
+        assert_eq!(libtpu_init_args(None), flag);
+        assert_eq!(libtpu_init_args(Some("  ")), flag);
+        assert_eq!(
+            libtpu_init_args(Some("--xla_tpu_scoped_vmem_limit_kib=81920")),
+            format!("--xla_tpu_scoped_vmem_limit_kib=81920 {flag}")
+        );
+        // The user's own setting, either way, wins.
+        for mine in [
+            "--xla_tpu_use_enhanced_launch_barrier=false",
+            "--a=1 --xla_tpu_use_enhanced_launch_barrier=true",
+        ] {
+            assert_eq!(libtpu_init_args(Some(mine)), mine);
+        }
     }
 
     #[test]

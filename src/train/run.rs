@@ -124,9 +124,11 @@ pub struct JobMember {
 }
 
 /// A client for one process of a job: on the CPU with `devices` devices;
-/// on GPUs with `node_id` / `num_nodes` and the key-value store through
-/// which the CUDA plugin's processes find each other. (libtpu discovers
-/// TPU pods itself.)
+/// in a multi-host job on accelerators with the job's key-value store (the
+/// coordinator's), through which the plugin's processes exchange their
+/// topology: the CUDA plugin with `node_id` / `num_nodes`, libtpu as
+/// `xla_bridge.make_tpu_client` passes it JAX's distributed client (it
+/// finds its slice by itself, and uses the store where it needs one).
 pub fn open_job_client(
     cfg: &Config,
     plugin: Option<&Path>,
@@ -136,16 +138,31 @@ pub fn open_job_client(
     let backend: Backend = cfg.run.backend.parse()?;
     let loc = find_plugin(backend, plugin)?;
     let plugin = Plugin::load(&loc.path)?;
+    let (options, kv) = job_client_options(backend, devices, member);
+    Ok(Client::new(plugin, &options, kv)?)
+}
+
+/// The creation options and key-value store of a job's client on `backend`.
+pub fn job_client_options(
+    backend: Backend,
+    devices: i64,
+    member: Option<JobMember>,
+) -> (
+    Vec<(&'static str, ClientOption)>,
+    Option<Arc<dyn KeyValueStore>>,
+) {
     let mut options = backend.client_options(devices as usize);
     let mut kv = None;
-    if let (Backend::Cuda, Some(m)) = (backend, member) {
-        if m.num_nodes > 1 {
+    match (backend, member) {
+        (Backend::Cuda, Some(m)) if m.num_nodes > 1 => {
             options.push(("node_id", ClientOption::Int(m.node_id)));
             options.push(("num_nodes", ClientOption::Int(m.num_nodes)));
             kv = Some(m.kv);
         }
+        (Backend::Tpu, Some(m)) if m.num_nodes > 1 => kv = Some(m.kv),
+        _ => {}
     }
-    Ok(Client::new(plugin, &options, kv)?)
+    (options, kv)
 }
 
 /// Refuses to continue a checkpoint whose data cursors mean something else
@@ -347,4 +364,55 @@ impl RunSink for LocalSink<'_> {
 /// Writes the step-0 checkpoint `train --init` starts from.
 pub fn write_init(cfg: &Config, out: &Path, seed: u64) -> Result<()> {
     ckpt::save(out, cfg, &fresh_checkpoint(cfg, seed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    struct NoStore;
+    impl KeyValueStore for NoStore {
+        fn put(&self, _: &str, _: &[u8]) -> crate::runtime::Result<()> {
+            Ok(())
+        }
+        fn get(&self, key: &str, _: Duration) -> crate::runtime::Result<Vec<u8>> {
+            Err(crate::runtime::Error::new("test", key))
+        }
+    }
+
+    fn member(num_nodes: i64) -> Option<JobMember> {
+        Some(JobMember {
+            node_id: 1,
+            num_nodes,
+            kv: Arc::new(NoStore),
+        })
+    }
+
+    #[test]
+    fn multi_host_accelerator_clients_get_the_job_key_value_store() {
+        fn names(o: &[(&'static str, ClientOption)]) -> Vec<&'static str> {
+            o.iter().map(|(n, _)| *n).collect()
+        }
+        let (o, kv) = job_client_options(Backend::Tpu, 4, member(4));
+        assert!(kv.is_some(), "libtpu gets the store");
+        assert_eq!(names(&o), ["ml_framework_name", "ml_framework_version"]);
+        let (o, kv) = job_client_options(Backend::Cuda, 8, member(2));
+        assert!(kv.is_some());
+        assert_eq!(
+            names(&o),
+            ["abort_collectives_on_failure", "node_id", "num_nodes"]
+        );
+        assert_eq!(o[1].1, ClientOption::Int(1));
+        assert_eq!(o[2].1, ClientOption::Int(2));
+        // One host, or no job: no store.
+        for b in [Backend::Tpu, Backend::Cuda, Backend::Cpu] {
+            assert!(job_client_options(b, 1, member(1)).1.is_none(), "{b}");
+            assert!(job_client_options(b, 1, None).1.is_none(), "{b}");
+        }
+        // The CPU plugin's processes never join one client.
+        let (o, kv) = job_client_options(Backend::Cpu, 2, member(4));
+        assert!(kv.is_none());
+        assert_eq!(o, vec![("cpu_device_count", ClientOption::Int(2))]);
+    }
 }

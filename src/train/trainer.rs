@@ -109,6 +109,23 @@ pub fn fresh_checkpoint(cfg: &Config, seed: u64) -> Checkpoint {
     }
 }
 
+/// Takes the step program's own devices (`PJRT_LoadedExecutable_
+/// AddressableDevices`, the order of its argument lists) as the devices
+/// every buffer of the run is uploaded to; they must be the placement's
+/// replicas' devices in replica order, or data would reach other replicas.
+fn adopt_devices(placement: &mut Placement, program: &Compiled) -> Result<()> {
+    let ids = |d: &[Device]| d.iter().map(|d| d.id()).collect::<Vec<_>>();
+    let (theirs, ours) = (ids(program.devices()), ids(&placement.devices));
+    if theirs != ours {
+        bail!(
+            "the compiled step runs on devices {theirs:?}, the placement of its replicas is {ours:?}: \
+             the plugin ordered the program's devices otherwise"
+        );
+    }
+    placement.devices = program.devices().to_vec();
+    Ok(())
+}
+
 fn upload(client: &Client, dev: &Device, tensors: &Tensors) -> Result<Vec<Buffer>> {
     tensors
         .iter()
@@ -165,10 +182,11 @@ impl Trainer {
         // this process's share with a host-side sum between two programs.
         let (placement, programs, eval_replicas) = match across {
             None => {
-                let placement = Placement::job(&client, total)?;
+                let mut placement = Placement::job(&client, total)?;
                 let program = train_step(&cfg, experts)?
                     .compile_on(&client, Some(&placement.assignment))
                     .context("compiling the train step")?;
+                adopt_devices(&mut placement, &program)?;
                 let votes = [0f32, 1.0].map(|v| {
                     placement
                         .devices
@@ -191,20 +209,23 @@ impl Trainer {
                     );
                 }
                 let replicas = total / processes;
-                let placement = Placement::local(&client, replicas).with_context(|| {
+                let mut placement = Placement::local(&client, replicas).with_context(|| {
                     format!(
                         "this process drives {replicas} replicas (train.replicas = {total} over \
                          {processes} processes)"
                     )
                 })?;
                 let on = Some(placement.assignment.as_slice());
+                let gradient = gradient_step(&cfg, experts, replicas)?
+                    .compile_on(&client, on)
+                    .context("compiling the gradient step")?;
+                let update = update_step(&cfg, replicas)?
+                    .compile_on(&client, on)
+                    .context("compiling the update step")?;
+                adopt_devices(&mut placement, &gradient)?;
                 let programs = StepPrograms::Split {
-                    gradient: gradient_step(&cfg, experts, replicas)?
-                        .compile_on(&client, on)
-                        .context("compiling the gradient step")?,
-                    update: update_step(&cfg, replicas)?
-                        .compile_on(&client, on)
-                        .context("compiling the update step")?,
+                    gradient,
+                    update,
                     across,
                 };
                 (placement, programs, replicas)
