@@ -4,6 +4,10 @@
 //!
 //! Each check prints `ok`, `FAIL` or `skip` and its finding; a check whose
 //! prerequisite failed is skipped. The exit status is 1 when any failed.
+//!
+//! On a TPU slice libtpu's client creation waits for every host of the
+//! slice to create one too; doctor waits at most [`HOST_WAIT`] and then
+//! says which hosts' TPU runtimes do not answer.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -11,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 
 use crate::graph::{DType, Graph, TensorType};
-use crate::runtime::{find_plugin, tpu_present, Arg, Backend, Client, Plugin};
+use crate::runtime::{find_plugin, tpu_present, Arg, Backend, Client, ClientOption, Plugin};
 use crate::train::placement::Placement;
 
 #[derive(clap::Args, Debug)]
@@ -108,13 +112,24 @@ fn check_backend(r: &mut Report, backend: Backend, a: &DoctorArgs) -> Option<Cli
     if backend == Backend::Tpu && !tpu_present() {
         r.fail(
             "devices",
-            "no TPU chips here (/dev/accel*, /dev/vfio/* absent): run on a TPU VM or a GKE TPU node \
-             (not creating a libtpu client, which would query the cloud metadata server), or use --backend cpu",
+            "no TPU chips here (no TPU on the PCI bus, /sys/bus/pci/devices): run on a TPU VM or a GKE \
+             TPU node (not creating a libtpu client, which would query the cloud metadata server), or use \
+             --backend cpu",
         );
         r.skip("client", "needs TPU chips");
         return None;
     }
-    let client = match Client::new(plugin, &backend.client_options(a.devices), None) {
+    let options = backend.client_options(a.devices);
+    let Some(created) = create_within(HOST_WAIT, plugin, options) else {
+        r.fail("client", waiting_for_hosts(backend));
+        // The creating thread is inside the plugin, waiting for the other
+        // hosts: end here, without running the plugin's exit handlers.
+        use std::io::Write;
+        let _ = std::io::stdout().flush();
+        // SAFETY: ends the process; nothing runs after it.
+        unsafe { libc::_exit(1) };
+    };
+    let client = match created {
         Ok(c) => c,
         Err(e) => {
             let fix = match backend {
@@ -164,6 +179,99 @@ fn check_backend(r: &mut Report, backend: Backend, a: &DoctorArgs) -> Option<Cli
         ));
     }
     Some(client)
+}
+
+/// How long doctor waits for a client: on a TPU slice, for the other hosts.
+const HOST_WAIT: Duration = Duration::from_secs(60);
+
+/// Creates the client on another thread and waits at most `wait` for it
+/// (`None`: still waiting; the thread is left behind).
+fn create_within(
+    wait: Duration,
+    plugin: std::sync::Arc<Plugin>,
+    options: Vec<(&'static str, ClientOption)>,
+) -> Option<crate::runtime::Result<Client>> {
+    within(wait, move || Client::new(plugin, &options, None))
+}
+
+/// `f`'s result if it comes within `wait` (it runs on its own thread,
+/// which is left running otherwise).
+fn within<T: Send + 'static>(wait: Duration, f: impl FnOnce() -> T + Send + 'static) -> Option<T> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(f());
+    });
+    rx.recv_timeout(wait).ok()
+}
+
+/// The finding when the client did not come within [`HOST_WAIT`]: on TPU,
+/// which hosts of the slice are missing.
+fn waiting_for_hosts(backend: Backend) -> String {
+    let waited = format!("no client after {} s", HOST_WAIT.as_secs());
+    if backend != Backend::Tpu {
+        return format!(
+            "{waited}: the plugin is stuck creating it; check the driver and other processes"
+        );
+    }
+    let slice = match crate::dist::tpu::discover() {
+        Ok(s) => s,
+        Err(e) => {
+            return format!(
+                "{waited}: libtpu is waiting for the slice's other hosts, which are unknown here ({e:#}); \
+                 run doctor on every host at once"
+            )
+        }
+    };
+    let me = slice.worker_id as usize;
+    let missing = missing_hosts(&slice.process_addresses, me, |a| {
+        answers(a, Duration::from_secs(3))
+    });
+    describe_missing(&waited, &missing, slice.process_addresses.len())
+}
+
+/// The hosts (worker index, address) other than `me` whose TPU runtime
+/// does not answer `probe`.
+fn missing_hosts(
+    addresses: &[String],
+    me: usize,
+    probe: impl Fn(&str) -> bool,
+) -> Vec<(usize, String)> {
+    addresses
+        .iter()
+        .enumerate()
+        .filter(|(i, a)| *i != me && !probe(a))
+        .map(|(i, a)| (i, a.clone()))
+        .collect()
+}
+
+fn describe_missing(waited: &str, missing: &[(usize, String)], hosts: usize) -> String {
+    if missing.is_empty() {
+        return format!(
+            "{waited}: libtpu is waiting for the slice's other hosts, and all {hosts} answer; one of them \
+             runs another TPU program (stop it) or has not started doctor: run it on every host at once \
+             (deploy/tpu-pod.sh, or gcloud ... ssh --worker=all)"
+        );
+    }
+    let list: Vec<String> = missing
+        .iter()
+        .map(|(i, a)| format!("worker {i} ({a})"))
+        .collect();
+    format!(
+        "{waited}: libtpu is waiting for the slice's other hosts; missing: {} (no TPU runtime answers \
+         there): run doctor on every host at once (gcloud ... ssh --worker=all), and check that host",
+        list.join(", ")
+    )
+}
+
+/// True when a TCP connection to `address` (host:port) opens within `wait`.
+fn answers(address: &str, wait: Duration) -> bool {
+    use std::net::{TcpStream, ToSocketAddrs};
+    match address.to_socket_addrs() {
+        Ok(addrs) => addrs
+            .into_iter()
+            .any(|a| TcpStream::connect_timeout(&a, wait).is_ok()),
+        Err(_) => false,
+    }
 }
 
 /// Compiles and runs a small program over every local device: a bf16
@@ -266,5 +374,49 @@ fn ping(addr: &str, a: &DoctorArgs) -> std::result::Result<String, String> {
         Err(_) => Err(format!(
             "{addr} did not answer in 10 s: check the address, port and firewall"
         )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_missing_host_is_named_by_worker_and_address() {
+        let listening = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let up = listening.local_addr().unwrap().to_string();
+        // A port nobody listens on: bind one, then free it.
+        let down = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().to_string()
+        };
+        let hosts = vec![down.clone(), up.clone(), down.clone(), up.clone()];
+        let probe = |a: &str| answers(a, Duration::from_secs(2));
+        // Worker 0 is this host (not probed); worker 2 is missing.
+        let missing = missing_hosts(&hosts, 0, probe);
+        assert_eq!(missing, vec![(2, down.clone())]);
+        let text = describe_missing("no client after 60 s", &missing, 4);
+        assert!(
+            text.contains(&format!("missing: worker 2 ({down})"))
+                && text.starts_with("no client after 60 s"),
+            "{text}"
+        );
+        assert!(describe_missing("x", &[], 4).contains("all 4 answer"));
+        assert!(!answers(
+            "no-such-host.invalid:8476",
+            Duration::from_millis(200)
+        ));
+    }
+
+    #[test]
+    fn a_client_that_does_not_come_is_given_up_after_the_wait() {
+        let began = Instant::now();
+        let slow = within(Duration::from_millis(200), || {
+            std::thread::sleep(Duration::from_secs(5));
+            1
+        });
+        assert_eq!(slow, None);
+        assert!(began.elapsed() < Duration::from_secs(2));
+        assert_eq!(within(Duration::from_secs(5), || 7), Some(7));
     }
 }
