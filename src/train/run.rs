@@ -142,15 +142,18 @@ pub fn open_job_client(
     Ok(Client::new(plugin, &options, kv)?)
 }
 
+/// A client's creation options and key-value store.
+pub type ClientSetup = (
+    Vec<(&'static str, ClientOption)>,
+    Option<Arc<dyn KeyValueStore>>,
+);
+
 /// The creation options and key-value store of a job's client on `backend`.
 pub fn job_client_options(
     backend: Backend,
     devices: i64,
     member: Option<JobMember>,
-) -> (
-    Vec<(&'static str, ClientOption)>,
-    Option<Arc<dyn KeyValueStore>>,
-) {
+) -> ClientSetup {
     let mut options = backend.client_options(devices as usize);
     let mut kv = None;
     match (backend, member) {
