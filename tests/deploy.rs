@@ -107,9 +107,9 @@ fn tpu_pod_dry_run_prints_the_exact_v4_32_commands() {
     let w = "--project=my-proj --zone=us-central2-b";
     let want = vec![
         format!("gcloud compute tpus tpu-vm create exp1 {w} --accelerator-type=v4-32 --version=tpu-ubuntu2204-base --spot"),
-        format!("tar -czf {t}/sharedmoe-exp1.tgz -C {r} configs data -C {r}/target/release sharedmoe"),
+        format!("tar -czf {t}/sharedmoe-exp1.tgz -C {r} configs data scripts/fetch-plugin.sh -C {r}/target/release sharedmoe"),
         format!("gcloud compute tpus tpu-vm scp {t}/sharedmoe-exp1.tgz exp1:sharedmoe.tgz {w} --worker=all"),
-        format!("gcloud compute tpus tpu-vm ssh exp1 {w} --worker=all --command='mkdir -p sharedmoe && tar -xzf sharedmoe.tgz -C sharedmoe && python3 -m pip install --user --quiet libtpu==0.0.52'"),
+        format!("gcloud compute tpus tpu-vm ssh exp1 {w} --worker=all --command='mkdir -p sharedmoe && tar -xzf sharedmoe.tgz -C sharedmoe && cd sharedmoe && scripts/fetch-plugin.sh tpu'"),
         format!("gcloud compute tpus tpu-vm ssh exp1 {w} --worker=all --command='cd sharedmoe && ./sharedmoe doctor --backend tpu'"),
         format!("(umask 077; od -An -tx1 -N32 /dev/urandom | tr -d ' \\n' > {t}/sharedmoe-exp1.secret)"),
         format!("gcloud compute tpus tpu-vm scp {t}/sharedmoe-exp1.secret exp1:sharedmoe/secret {w} --worker=all"),

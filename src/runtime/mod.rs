@@ -24,4 +24,7 @@ pub use compile_options::CompileOptions;
 pub use element_type::{ElementType, NativeType};
 pub use error::{Error, ErrorCode, Result};
 pub use executable::{Arg, Executable};
-pub use plugin::{find_plugin, tpu_present, Backend, Plugin, PluginLocation};
+pub use plugin::{
+    find_plugin, preload_nvidia_libraries, tpu_present, Backend, NvidiaLibraries, Plugin,
+    PluginLocation,
+};
