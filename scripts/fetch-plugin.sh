@@ -36,7 +36,11 @@ while [[ $# -gt 0 ]]; do
     --plugin-only) PLUGIN_ONLY=1 ;;
     -h | --help) usage 0 ;;
     -*) echo "fetch-plugin.sh: unknown option '$1'" >&2; exit 2 ;;
-    *) if [[ -z $ACCEL ]]; then ACCEL=$1; elif [[ -z $DIR ]]; then DIR=$1; else usage 2; fi ;;
+    *)
+      if [[ -z $ACCEL ]]; then ACCEL=$1
+      elif [[ -z $DIR ]]; then DIR=$1
+      else echo "fetch-plugin.sh: unexpected argument '$1' (see --help)" >&2; exit 2
+      fi ;;
   esac
   shift
 done
@@ -110,7 +114,7 @@ echo "==> $ACCEL: ${#WHEELS[@]} wheel(s) for Python 3.12 into $DIR"
 rm -f "$MARKER"
 for w in "${WHEELS[@]}"; do
   # One at a time: at most one wheel (up to 0.7 GB) on disk besides DIR.
-  "${PIP[@]}" download --quiet --disable-pip-version-check --no-deps --only-binary=:all: \
+  "${PIP[@]}" download --quiet --disable-pip-version-check --no-cache-dir --no-deps --only-binary=:all: \
     --python-version 3.12 --implementation cp "${PLATFORMS[@]}" --dest "$DOWNLOADS" "$w"
   # Unpack with the files' modes (ptxas must stay executable), after removing
   # any other version of the same package (the files its RECORD lists).

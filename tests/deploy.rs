@@ -314,3 +314,45 @@ fn gpu_node_dry_run_trains_on_every_gpu() {
     }
     std::fs::remove_dir_all(&tmp).unwrap();
 }
+
+/// Every accelerator install (setup.sh's SHAREDMOE_ACCEL, tpu-pod.sh,
+/// gpu-node.sh, the Dockerfile) goes through scripts/fetch-plugin.sh,
+/// which unpacks Python 3.12 wheels (tests/backends.rs runs it on the real
+/// wheels): none pip-installs a plugin into the machine's Python, which
+/// fails on the Python 3.10 of Ubuntu 22.04 and the TPU VM images.
+#[test]
+fn accelerator_plugins_are_installed_by_fetch_plugin_only() {
+    let fetch = std::fs::read_to_string(root().join("scripts/fetch-plugin.sh")).unwrap();
+    assert!(
+        fetch.contains("download --quiet --disable-pip-version-check --no-cache-dir --no-deps --only-binary=:all:")
+            && fetch.contains("--python-version 3.12")
+            && fetch.contains("libtpu==0.0.52")
+            && fetch.contains("jax-cuda12-pjrt==0.12.0.1")
+            && fetch.contains("jax-cuda13-pjrt==0.12.0.1")
+    );
+    for (file, call) in [
+        ("scripts/setup.sh", "scripts/fetch-plugin.sh \"$SHAREDMOE_ACCEL\""),
+        ("deploy/tpu-pod.sh", "scripts/fetch-plugin.sh tpu"),
+        ("deploy/gpu-node.sh", "scripts/fetch-plugin.sh \"cuda$CUDA\""),
+        (
+            "deploy/Dockerfile",
+            "/opt/sharedmoe/scripts/fetch-plugin.sh \"$ACCEL\" /opt/venv/lib/python3.12/site-packages",
+        ),
+    ] {
+        let text = std::fs::read_to_string(root().join(file)).unwrap();
+        assert!(text.contains(call), "{file} does not run {call}");
+        for pkg in ["libtpu", "jax-cuda", "jax-${", "nvidia-"] {
+            assert!(
+                !text
+                    .lines()
+                    .any(|l| l.contains("pip install") && l.contains(pkg)),
+                "{file} pip-installs {pkg}"
+            );
+        }
+    }
+    // The JobSet's bucket can take a checkpoint's directory rename, and the
+    // pods have an identity for it.
+    let jobset = std::fs::read_to_string(root().join("deploy/gke/tpu-v4-32-jobset.yaml")).unwrap();
+    assert!(jobset.contains("mountOptions: \"implicit-dirs,rename-dir-limit=100\""));
+    assert!(jobset.contains("serviceAccountName: sharedmoe"));
+}
