@@ -150,20 +150,32 @@ fn site_dirs() -> Vec<PathBuf> {
     }
     let mut dirs = vec![];
     for v in venvs {
-        if let Ok(entries) = std::fs::read_dir(v.join("lib")) {
-            let mut found: Vec<PathBuf> = entries
-                .flatten()
-                .filter(|e| e.file_name().to_string_lossy().starts_with("python3"))
-                .map(|e| e.path().join("site-packages"))
-                .collect();
-            found.sort();
-            dirs.extend(found);
-        }
+        dirs.extend(venv_site_dirs(&v));
     }
     dirs.extend(python_sys_path());
     let mut seen = std::collections::HashSet::new();
     dirs.retain(|d| d.is_dir() && seen.insert(d.clone()));
     dirs
+}
+
+/// `VENV/lib/python3.*/site-packages`, the newest Python first: the
+/// plugins that scripts/fetch-plugin.sh unpacks into
+/// `lib/python3.12/site-packages` (whatever the venv's own Python) win
+/// over older ones pip installed into a Python 3.10 or 3.11 venv.
+fn venv_site_dirs(venv: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(venv.join("lib")) else {
+        return vec![];
+    };
+    let mut found: Vec<(u32, PathBuf)> = entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let minor = name.strip_prefix("python3.")?.parse().ok()?;
+            Some((minor, e.path().join("site-packages")))
+        })
+        .collect();
+    found.sort_by(|a, b| b.cmp(a));
+    found.into_iter().map(|(_, d)| d).collect()
 }
 
 /// `sys.path` of the system `python3`, if there is one.
@@ -598,6 +610,37 @@ mod tests {
                 .path,
             cuda13
         );
+        std::fs::remove_dir_all(&tmp).unwrap();
+    }
+
+    #[test]
+    fn a_venvs_newest_python_comes_first() {
+        let tmp = std::env::temp_dir().join(format!("sharedmoe-venv-{}", std::process::id()));
+        for v in [
+            "python3.10",
+            "python3.12",
+            "python3.9",
+            "python2.7",
+            "python3.11",
+        ] {
+            std::fs::create_dir_all(tmp.join("lib").join(v).join("site-packages")).unwrap();
+        }
+        let dirs: Vec<String> = venv_site_dirs(&tmp)
+            .iter()
+            .map(|d| {
+                d.parent()
+                    .unwrap()
+                    .file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect();
+        assert_eq!(
+            dirs,
+            ["python3.12", "python3.11", "python3.10", "python3.9"]
+        );
+        assert!(venv_site_dirs(&tmp.join("nonexistent")).is_empty());
         std::fs::remove_dir_all(&tmp).unwrap();
     }
 
