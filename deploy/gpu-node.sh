@@ -60,8 +60,8 @@ if [[ ! -x $BINARY ]]; then
   step "build sharedmoe with the CUDA $CUDA plugin in .venv"
   run env "SHAREDMOE_ACCEL=cuda$CUDA" scripts/setup.sh
 elif ! compgen -G ".venv/lib/python3*/site-packages/jax_plugins/xla_cuda*/xla_cuda_plugin.so" >/dev/null; then
-  step "install the CUDA $CUDA PJRT plugin and NVIDIA libraries into .venv"
-  run .venv/bin/pip install --quiet "jax-cuda$CUDA-plugin[with-cuda]"
+  step "fetch the CUDA $CUDA PJRT plugin and NVIDIA libraries (Python 3.12 wheels, unpacked) into .venv"
+  run scripts/fetch-plugin.sh "cuda$CUDA"
 fi
 step "check the GPUs: plugin, devices and memory, a compiled program"
 run "$BINARY" doctor --backend cuda

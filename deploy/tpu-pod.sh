@@ -10,7 +10,7 @@
 # Commands:
 #   up        create + copy + start
 #   create    create the TPU VM slice
-#   copy      copy the binary, configs and data to every host; install libtpu
+#   copy      copy the binary, configs and data to every host; fetch libtpu
 #   start     start the coordinator (worker 0) and one worker per host
 #   logs      stream the coordinator's log (--workers: every worker's)
 #   status    the slice's state and the run's newest lines and checkpoints
@@ -138,10 +138,13 @@ do_copy() {
     if [[ -n $need ]] && [[ $(printf '%s\n' "$need" 2.35 | sort -V | tail -n 1) != 2.35 ]]; then
       die "$BINARY needs glibc $need; $VERSION has 2.35: build in deploy/Dockerfile (see deploy/README.md) or use --build"
     fi
-    step "copy the binary, configs and data to all $HOSTS hosts; install libtpu"
-    run tar -czf "$BUNDLE" -C "$ROOT" configs data -C "$(cd "$(dirname "$BINARY")" && pwd)" "$(basename "$BINARY")"
+    # libtpu's wheels need Python >= 3.11 and the image has 3.10: the
+    # script downloads the Python 3.12 wheel and unpacks it into
+    # $REMOTE/.venv/lib/python3.12/site-packages, where the binary finds it.
+    step "copy the binary, configs and data to all $HOSTS hosts; fetch libtpu there"
+    run tar -czf "$BUNDLE" -C "$ROOT" configs data scripts/fetch-plugin.sh -C "$(cd "$(dirname "$BINARY")" && pwd)" "$(basename "$BINARY")"
     run "${GC[@]}" scp "$BUNDLE" "$NAME:$REMOTE.tgz" "${WHERE[@]}" --worker=all
-    ssh_on all "mkdir -p $REMOTE && tar -xzf $REMOTE.tgz -C $REMOTE && python3 -m pip install --user --quiet libtpu==0.0.52"
+    ssh_on all "mkdir -p $REMOTE && tar -xzf $REMOTE.tgz -C $REMOTE && cd $REMOTE && scripts/fetch-plugin.sh tpu"
   fi
   step "check every host: plugin, chips, a compiled program"
   ssh_on all "cd $REMOTE && ./sharedmoe doctor --backend tpu"

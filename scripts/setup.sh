@@ -3,9 +3,16 @@
 # bindgen, protoc for gRPC code generation), the CPU PJRT plugin in .venv,
 # then a release build. Idempotent; extra arguments go to `cargo build`.
 # SHAREDMOE_ACCEL=tpu|cuda12|cuda13 also installs that accelerator's PJRT
-# plugin into .venv (libtpu; the CUDA plugin with its NVIDIA libraries).
+# plugin (libtpu; the CUDA plugin with its NVIDIA libraries): its Python 3.12
+# wheels, fetched and unpacked into .venv/lib/python3.12/site-packages by
+# scripts/fetch-plugin.sh, so it works with any Python (3.10 included).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+case "${SHAREDMOE_ACCEL:-}" in
+  "" | tpu | cuda12 | cuda13) ;;
+  *) echo "SHAREDMOE_ACCEL=${SHAREDMOE_ACCEL}: expected tpu, cuda12 or cuda13" >&2; exit 2 ;;
+esac
 
 say() { echo "==> $*"; }
 sudo_if_needed() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
@@ -34,15 +41,10 @@ else
   say "xla-cpu-pjrt present in .venv"
 fi
 
-case "${SHAREDMOE_ACCEL:-}" in
-  "") ;;
-  tpu) say "installing libtpu (the TPU PJRT plugin) into .venv"
-       .venv/bin/pip install --quiet "libtpu==0.0.52" ;;
-  cuda12|cuda13)
-       say "installing the ${SHAREDMOE_ACCEL} PJRT plugin and NVIDIA libraries into .venv"
-       .venv/bin/pip install --quiet "jax-${SHAREDMOE_ACCEL}-plugin[with-cuda]" ;;
-  *) echo "SHAREDMOE_ACCEL=${SHAREDMOE_ACCEL}: expected tpu, cuda12 or cuda13" >&2; exit 2 ;;
-esac
+if [ -n "${SHAREDMOE_ACCEL:-}" ]; then
+  say "the ${SHAREDMOE_ACCEL} PJRT plugin (Python 3.12 wheels, unpacked) in .venv/lib/python3.12/site-packages"
+  PIP=".venv/bin/python -m pip" PYTHON=.venv/bin/python scripts/fetch-plugin.sh "$SHAREDMOE_ACCEL"
+fi
 
 say "building (release)"
 cargo build --release "$@"

@@ -1,40 +1,69 @@
 //! Backend selection and plugin discovery for cpu, tpu and cuda with the
-//! real plugins (xla-cpu-pjrt; libtpu and jax-cuda12-pjrt installed into a
-//! venv here), and `sharedmoe doctor`'s report for each. On this machine
-//! the CPU really runs; libtpu is loaded and its API version read, but no
-//! TPU client is created (there are no chips, and creating one would query
-//! the cloud metadata server); the CUDA plugin reports that no GPU exists.
+//! real plugins (xla-cpu-pjrt; libtpu, jax-cuda12-pjrt with its NVIDIA
+//! libraries and jax-cuda13-pjrt unpacked here by scripts/fetch-plugin.sh,
+//! as the setup and deploy scripts install them), and `sharedmoe doctor`'s
+//! report for each. On this machine the CPU really runs; libtpu is loaded
+//! and its API version read, but no TPU client is created (there are no
+//! chips, and creating one would query the cloud metadata server); the CUDA
+//! plugin, its NVIDIA libraries preloaded, reports that no GPU exists.
 
 mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::OnceLock;
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use sharedmoe::runtime::{tpu_present, Client, Plugin};
+use sharedmoe::runtime::{preload_nvidia_libraries, tpu_present, Client, Plugin};
 
 const BIN: &str = env!("CARGO_BIN_EXE_sharedmoe");
 
-/// A venv with the TPU and CUDA plugins (the wheels only: no JAX).
-fn accel_venv() -> &'static Path {
-    static VENV: OnceLock<PathBuf> = OnceLock::new();
-    VENV.get_or_init(|| {
-        let python = common::python_venv(
-            "accel-venv",
-            &["libtpu==0.0.52", "jax-cuda12-pjrt==0.12.0.1"],
-        );
-        python.parent().unwrap().parent().unwrap().to_path_buf()
-    })
+/// Runs `scripts/fetch-plugin.sh ACCEL` (with `extra` options) into
+/// `target/NAME/lib/python3.12/site-packages`, the way scripts/setup.sh,
+/// the deploy scripts and the Dockerfile install plugins: Python 3.12
+/// wheels downloaded with pip and unpacked, on whatever Python this machine
+/// has. The script's marker makes later runs (and later test runs on this
+/// machine) a no-op. Returns `target/NAME`, a directory that plugin
+/// discovery reads like a venv (`VIRTUAL_ENV`).
+fn fetched(name: &str, accel: &str, extra: &[&str]) -> PathBuf {
+    static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+    let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let venv = root.join("target").join(name);
+    let site = venv.join("lib/python3.12/site-packages");
+    // pip from a venv of this machine's python3 (which may lack pip itself).
+    let python = common::python_venv("fetch-venv", &["pip"]);
+    let began = Instant::now();
+    let out = Command::new("bash")
+        .arg(root.join("scripts/fetch-plugin.sh"))
+        .arg(accel)
+        .arg(&site)
+        .args(extra)
+        .env("PIP", format!("{} -m pip", python.display()))
+        .env("PYTHON", &python)
+        .output()
+        .expect("running scripts/fetch-plugin.sh");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "fetch-plugin.sh {accel}: {text}");
+    if !text.contains("present in") {
+        eprintln!("{text}fetched {accel} in {:.0?}", began.elapsed());
+    }
+    venv
+}
+
+/// libtpu and the CUDA 12 plugin with its NVIDIA libraries, in one
+/// site-packages (as `SHAREDMOE_ACCEL=tpu` then `cuda12` would leave .venv).
+fn accel_venv() -> PathBuf {
+    fetched("plugin-accel", "tpu", &[]);
+    fetched("plugin-accel", "cuda12", &[])
 }
 
 fn site_packages(venv: &Path) -> PathBuf {
-    std::fs::read_dir(venv.join("lib"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.path().join("site-packages"))
-        .find(|p| p.is_dir())
-        .expect("a site-packages directory in the venv")
+    venv.join("lib/python3.12/site-packages")
 }
 
 /// Runs the binary with `venv` as $VIRTUAL_ENV; a run that outlives
@@ -121,7 +150,7 @@ fn tpu_plugin_loads_reports_its_version_and_refuses_a_client_without_chips() {
     }
     let venv = accel_venv();
     // First in a time-limited child process.
-    let (code, out) = sharedmoe(&["doctor", "--backend", "tpu"], Some(venv), LIMIT);
+    let (code, out) = sharedmoe(&["doctor", "--backend", "tpu"], Some(&venv), LIMIT);
     assert_eq!(code, 1, "{out}");
     assert!(
         line(&out, "plugin").starts_with("ok") && out.contains("package libtpu in"),
@@ -137,7 +166,7 @@ fn tpu_plugin_loads_reports_its_version_and_refuses_a_client_without_chips() {
     );
     assert!(line(&out, "client").starts_with("skip"), "{out}");
     assert!(line(&out, "program").starts_with("skip"), "{out}");
-    let libtpu = site_packages(venv).join("libtpu/libtpu.so");
+    let libtpu = site_packages(&venv).join("libtpu/libtpu.so");
     // In-process (after the time-limited run above, which would have
     // caught a hang): loading runs GetPjrtApi only (no initialisation, which in
     // libtpu already asks the metadata server).
@@ -168,7 +197,7 @@ fn cuda_plugin_is_found_and_reports_no_gpu() {
         return;
     }
     let venv = accel_venv();
-    let (code, out) = sharedmoe(&["doctor", "--backend", "cuda"], Some(venv), LIMIT);
+    let (code, out) = sharedmoe(&["doctor", "--backend", "cuda"], Some(&venv), LIMIT);
     assert_eq!(code, 1, "{out}");
     assert!(
         line(&out, "plugin").starts_with("ok") && out.contains("package jax-cuda12-pjrt in"),
@@ -183,6 +212,135 @@ fn cuda_plugin_is_found_and_reports_no_gpu() {
         "{out}"
     );
     assert!(line(&out, "program").starts_with("skip"), "{out}");
+    // Every NVIDIA library was preloaded (a failure is a warning).
+    assert!(
+        !out.contains("could not preload") && !out.contains("cannot open shared object"),
+        "{out}"
+    );
+}
+
+/// The NVIDIA libraries unpacked next to `plugin` all load (the
+/// preloading the binary does: `want` among them), and nothing but the
+/// driver (libcuda.so.1) is missing for the plugin or any library there,
+/// by `ldd`; ptxas kept its mode.
+fn check_nvidia_libraries(site: &Path, plugin: &Path, want: &[&str]) {
+    let libs = preload_nvidia_libraries(plugin);
+    assert!(libs.failed.is_empty(), "{:#?}", libs.failed);
+    let names: Vec<String> = libs
+        .loaded
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    for want in want {
+        assert!(names.iter().any(|n| n == want), "{want} not in {names:?}");
+    }
+    // ldd on the plugin and every shared library of the NVIDIA wheels
+    // (NVSHMEM's optional bootstrap and transport modules, which need MPI,
+    // UCX, libfabric or Mellanox libraries only when chosen, aside).
+    let mut files = vec![plugin.to_path_buf()];
+    for dir in &libs.dirs {
+        for e in std::fs::read_dir(dir).unwrap().flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with("lib") && name.contains(".so") {
+                files.push(e.path());
+            }
+        }
+    }
+    assert!(files.len() > 25, "{files:?}");
+    let mut missing = vec![];
+    for f in &files {
+        let out = Command::new("ldd").arg(f).output().expect("running ldd");
+        for l in String::from_utf8_lossy(&out.stdout).lines() {
+            if l.contains("not found") && !l.trim_start().starts_with("libcuda.so.1 ") {
+                missing.push(format!("{}: {}", f.display(), l.trim()));
+            }
+        }
+    }
+    assert!(missing.is_empty(), "{missing:#?}");
+    // XLA runs ptxas from the unpacked wheel.
+    use std::os::unix::fs::PermissionsExt;
+    let ptxas = std::fs::read_dir(site.join("nvidia"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path().join("bin/ptxas"))
+        .find(|p| p.is_file())
+        .expect("ptxas in nvidia/*/bin");
+    let mode = std::fs::metadata(&ptxas).unwrap().permissions().mode();
+    assert!(mode & 0o100 != 0, "{} mode {mode:o}", ptxas.display());
+}
+
+/// `fetch-plugin.sh cuda12`'s NVIDIA libraries are complete: they all
+/// load, and nothing but the driver is missing (dlopen and `ldd`).
+#[test]
+fn the_cuda12_plugins_nvidia_libraries_are_complete() {
+    let site = site_packages(&accel_venv());
+    check_nvidia_libraries(
+        &site,
+        &site.join("jax_plugins/xla_cuda12/xla_cuda_plugin.so"),
+        &[
+            "libcudart.so.12",
+            "libnvrtc.so.12",
+            "libnvJitLink.so.12",
+            "libcublasLt.so.12",
+            "libcublas.so.12",
+            "libcusparse.so.12",
+            "libcusolver.so.11",
+            "libcufft.so.11",
+            "libcupti.so.12",
+            "libnccl.so.2",
+            "libnvshmem_host.so.3",
+            "libcudnn.so.9",
+        ],
+    );
+}
+
+/// The same for `fetch-plugin.sh cuda13` (CUDA 13's libraries share
+/// `nvidia/cu13/lib`). Not run by default: another 2.5 GB to download.
+#[test]
+#[ignore = "downloads the CUDA 13 libraries (2.5 GB): cargo test --release --test backends -- --ignored"]
+fn the_cuda13_plugins_nvidia_libraries_are_complete() {
+    let site = site_packages(&fetched("plugin-cuda13-full", "cuda13", &[]));
+    check_nvidia_libraries(
+        &site,
+        &site.join("jax_plugins/xla_cuda13/xla_cuda_plugin.so"),
+        &[
+            "libcudart.so.13",
+            "libnvrtc.so.13",
+            "libnvJitLink.so.13",
+            "libcublasLt.so.13",
+            "libcublas.so.13",
+            "libcusparse.so.12",
+            "libcusolver.so.12",
+            "libcufft.so.12",
+            "libcupti.so.13",
+            "libnccl.so.2",
+            "libnvshmem_host.so.3",
+            "libcudnn.so.9",
+        ],
+    );
+}
+
+/// Each plugin wheel, unpacked the way the scripts do, is a PJRT plugin
+/// (GetPjrtApi only: libtpu is never initialised here). jax-cuda13-pjrt is
+/// fetched without its NVIDIA libraries (`--plugin-only`): loading needs
+/// none of them.
+#[test]
+fn every_unpacked_plugin_wheel_loads_its_api() {
+    let accel = site_packages(&accel_venv());
+    let cuda13 = site_packages(&fetched("plugin-cuda13", "cuda13", &["--plugin-only"]));
+    for plugin in [
+        accel.join("libtpu/libtpu.so"),
+        accel.join("jax_plugins/xla_cuda12/xla_cuda_plugin.so"),
+        cuda13.join("jax_plugins/xla_cuda13/xla_cuda_plugin.so"),
+    ] {
+        let loaded = Plugin::load(&plugin).unwrap_or_else(|e| panic!("{e}"));
+        let (major, minor) = loaded.api_version();
+        assert!(
+            major == 0 && minor >= 70,
+            "{}: PJRT C API {major}.{minor}",
+            plugin.display()
+        );
+    }
 }
 
 #[test]
@@ -219,6 +377,7 @@ fn the_backend_comes_from_the_flag_or_the_config() {
     assert!(text.contains("backend = \"cpu\""));
     std::fs::write(&cfg, text.replace("backend = \"cpu\"", "backend = \"tpu\"")).unwrap();
     let venv = (!tpu_present()).then(accel_venv);
+    let venv = venv.as_deref();
     let (_, out) = sharedmoe(&["doctor", "--config", cfg.to_str().unwrap()], venv, LIMIT);
     assert!(out.contains("backend tpu"), "{out}");
     if tpu_present() {

@@ -107,9 +107,9 @@ fn tpu_pod_dry_run_prints_the_exact_v4_32_commands() {
     let w = "--project=my-proj --zone=us-central2-b";
     let want = vec![
         format!("gcloud compute tpus tpu-vm create exp1 {w} --accelerator-type=v4-32 --version=tpu-ubuntu2204-base --spot"),
-        format!("tar -czf {t}/sharedmoe-exp1.tgz -C {r} configs data -C {r}/target/release sharedmoe"),
+        format!("tar -czf {t}/sharedmoe-exp1.tgz -C {r} configs data scripts/fetch-plugin.sh -C {r}/target/release sharedmoe"),
         format!("gcloud compute tpus tpu-vm scp {t}/sharedmoe-exp1.tgz exp1:sharedmoe.tgz {w} --worker=all"),
-        format!("gcloud compute tpus tpu-vm ssh exp1 {w} --worker=all --command='mkdir -p sharedmoe && tar -xzf sharedmoe.tgz -C sharedmoe && python3 -m pip install --user --quiet libtpu==0.0.52'"),
+        format!("gcloud compute tpus tpu-vm ssh exp1 {w} --worker=all --command='mkdir -p sharedmoe && tar -xzf sharedmoe.tgz -C sharedmoe && cd sharedmoe && scripts/fetch-plugin.sh tpu'"),
         format!("gcloud compute tpus tpu-vm ssh exp1 {w} --worker=all --command='cd sharedmoe && ./sharedmoe doctor --backend tpu'"),
         format!("(umask 077; od -An -tx1 -N32 /dev/urandom | tr -d ' \\n' > {t}/sharedmoe-exp1.secret)"),
         format!("gcloud compute tpus tpu-vm scp {t}/sharedmoe-exp1.secret exp1:sharedmoe/secret {w} --worker=all"),
@@ -313,4 +313,46 @@ fn gpu_node_dry_run_trains_on_every_gpu() {
         assert!(err.contains(want), "{args:?}: {err}");
     }
     std::fs::remove_dir_all(&tmp).unwrap();
+}
+
+/// Every accelerator install (setup.sh's SHAREDMOE_ACCEL, tpu-pod.sh,
+/// gpu-node.sh, the Dockerfile) goes through scripts/fetch-plugin.sh,
+/// which unpacks Python 3.12 wheels (tests/backends.rs runs it on the real
+/// wheels): none pip-installs a plugin into the machine's Python, which
+/// fails on the Python 3.10 of Ubuntu 22.04 and the TPU VM images.
+#[test]
+fn accelerator_plugins_are_installed_by_fetch_plugin_only() {
+    let fetch = std::fs::read_to_string(root().join("scripts/fetch-plugin.sh")).unwrap();
+    assert!(
+        fetch.contains("download --quiet --disable-pip-version-check --no-cache-dir --no-deps --only-binary=:all:")
+            && fetch.contains("--python-version 3.12")
+            && fetch.contains("libtpu==0.0.52")
+            && fetch.contains("jax-cuda12-pjrt==0.12.0.1")
+            && fetch.contains("jax-cuda13-pjrt==0.12.0.1")
+    );
+    for (file, call) in [
+        ("scripts/setup.sh", "scripts/fetch-plugin.sh \"$SHAREDMOE_ACCEL\""),
+        ("deploy/tpu-pod.sh", "scripts/fetch-plugin.sh tpu"),
+        ("deploy/gpu-node.sh", "scripts/fetch-plugin.sh \"cuda$CUDA\""),
+        (
+            "deploy/Dockerfile",
+            "/opt/sharedmoe/scripts/fetch-plugin.sh \"$ACCEL\" /opt/venv/lib/python3.12/site-packages",
+        ),
+    ] {
+        let text = std::fs::read_to_string(root().join(file)).unwrap();
+        assert!(text.contains(call), "{file} does not run {call}");
+        for pkg in ["libtpu", "jax-cuda", "jax-${", "nvidia-"] {
+            assert!(
+                !text
+                    .lines()
+                    .any(|l| l.contains("pip install") && l.contains(pkg)),
+                "{file} pip-installs {pkg}"
+            );
+        }
+    }
+    // The JobSet's bucket can take a checkpoint's directory rename, and the
+    // pods have an identity for it.
+    let jobset = std::fs::read_to_string(root().join("deploy/gke/tpu-v4-32-jobset.yaml")).unwrap();
+    assert!(jobset.contains("mountOptions: \"implicit-dirs,rename-dir-limit=100\""));
+    assert!(jobset.contains("serviceAccountName: sharedmoe"));
 }

@@ -25,6 +25,6 @@ pub use element_type::{ElementType, NativeType};
 pub use error::{Error, ErrorCode, Result};
 pub use executable::{launch_id_sequence, Arg, Executable};
 pub use plugin::{
-    find_plugin, libtpu_init_args, set_libtpu_init_args, tpu_chips_in, tpu_present, Backend,
-    Plugin, PluginLocation,
+    find_plugin, libtpu_init_args, preload_nvidia_libraries, set_libtpu_init_args, tpu_chips_in,
+    tpu_present, Backend, NvidiaLibraries, Plugin, PluginLocation,
 };

@@ -78,11 +78,24 @@ impl Backend {
 
     fn install_hint(self) -> String {
         let pkgs: Vec<&str> = self.packages().iter().map(|(p, _)| *p).collect();
-        format!(
-            "pip install {} (e.g. into .venv: .venv/bin/pip install {})",
-            pkgs.join(" or "),
-            pkgs[0]
-        )
+        match self {
+            Backend::Cpu => format!(
+                "pip install {} (e.g. into .venv: .venv/bin/pip install {})",
+                pkgs.join(" or "),
+                pkgs[0]
+            ),
+            // The wheels are for Python >= 3.11/3.12: the script unpacks
+            // them whatever the machine's Python.
+            Backend::Tpu => format!(
+                "run scripts/fetch-plugin.sh tpu (unpacks the wheel into .venv; or pip install {} on Python 3.11+)",
+                pkgs[0]
+            ),
+            Backend::Cuda => format!(
+                "run scripts/fetch-plugin.sh cuda12 or cuda13 (unpacks the plugin and its NVIDIA libraries \
+                 into .venv; or pip install {} with the NVIDIA libraries)",
+                pkgs.join(" or ")
+            ),
+        }
     }
 }
 
@@ -137,20 +150,32 @@ fn site_dirs() -> Vec<PathBuf> {
     }
     let mut dirs = vec![];
     for v in venvs {
-        if let Ok(entries) = std::fs::read_dir(v.join("lib")) {
-            let mut found: Vec<PathBuf> = entries
-                .flatten()
-                .filter(|e| e.file_name().to_string_lossy().starts_with("python3"))
-                .map(|e| e.path().join("site-packages"))
-                .collect();
-            found.sort();
-            dirs.extend(found);
-        }
+        dirs.extend(venv_site_dirs(&v));
     }
     dirs.extend(python_sys_path());
     let mut seen = std::collections::HashSet::new();
     dirs.retain(|d| d.is_dir() && seen.insert(d.clone()));
     dirs
+}
+
+/// `VENV/lib/python3.*/site-packages`, the newest Python first: the
+/// plugins that scripts/fetch-plugin.sh unpacks into
+/// `lib/python3.12/site-packages` (whatever the venv's own Python) win
+/// over older ones pip installed into a Python 3.10 or 3.11 venv.
+fn venv_site_dirs(venv: &Path) -> Vec<PathBuf> {
+    let Ok(entries) = std::fs::read_dir(venv.join("lib")) else {
+        return vec![];
+    };
+    let mut found: Vec<(u32, PathBuf)> = entries
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let minor = name.strip_prefix("python3.")?.parse().ok()?;
+            Some((minor, e.path().join("site-packages")))
+        })
+        .collect();
+    found.sort_by(|a, b| b.cmp(a));
+    found.into_iter().map(|(_, d)| d).collect()
 }
 
 /// `sys.path` of the system `python3`, if there is one.
@@ -332,6 +357,113 @@ fn is_libtpu(path: &Path) -> bool {
         .is_some_and(|n| n.to_string_lossy().starts_with("libtpu"))
 }
 
+/// The NVIDIA libraries a CUDA plugin opens, in dependency order, as
+/// soname prefixes (the major version follows: `libcublas.so.12`,
+/// `libcublas.so.13`). JAX's `_load_nvidia_libraries` set, plus nvJitLink.
+const NVIDIA_LIBRARIES: &[&str] = &[
+    "libcudart.so.",
+    "libnvrtc.so.",
+    "libnvJitLink.so.",
+    "libcublasLt.so.",
+    "libcublas.so.",
+    "libcusparse.so.",
+    "libcusolver.so.",
+    "libcufft.so.",
+    "libcupti.so.",
+    "libnccl.so.",
+    "libnvshmem_host.so.",
+    "libcudnn.so.",
+];
+
+/// True for a jax-cudaNN-pjrt plugin (`jax_plugins/xla_cudaNN/xla_cuda_plugin.so`).
+fn is_cuda_plugin(path: &Path) -> bool {
+    path.file_name().is_some_and(|n| n == "xla_cuda_plugin.so")
+}
+
+/// What [`preload_nvidia_libraries`] did.
+#[derive(Debug, Default)]
+pub struct NvidiaLibraries {
+    /// Where it looked: the `nvidia/*/lib` directories next to the plugin.
+    pub dirs: Vec<PathBuf>,
+    /// Loaded, in order.
+    pub loaded: Vec<PathBuf>,
+    /// Found but not loadable, with dlopen's reason.
+    pub failed: Vec<(PathBuf, String)>,
+}
+
+/// Loads (RTLD_NOW | RTLD_GLOBAL, for the life of the process) the NVIDIA
+/// libraries unpacked next to a CUDA plugin: `SITE/nvidia/*/lib` for the
+/// plugin `SITE/jax_plugins/xla_cudaNN/xla_cuda_plugin.so`, as the
+/// `nvidia-*` wheels lay them out. JAX does this in Python before loading
+/// the plugin (`_load_nvidia_libraries`); loaded from Rust, the plugin would
+/// otherwise miss the libraries its RPATH does not cover (cuSOLVER, NVRTC,
+/// NVSHMEM; cuDNN needs NVRTC). The plugin's later `dlopen("libX.so.N")`
+/// then finds the loaded copy by its soname. Libraries whose dependencies
+/// are not loaded yet are retried after the others. Without such a
+/// directory nothing is loaded (the libraries then come from the system,
+/// e.g. `LD_LIBRARY_PATH`).
+pub fn preload_nvidia_libraries(plugin: &Path) -> NvidiaLibraries {
+    let mut out = NvidiaLibraries::default();
+    let Some(site) = plugin.ancestors().nth(3) else {
+        return out;
+    };
+    if let Ok(entries) = std::fs::read_dir(site.join("nvidia")) {
+        out.dirs = entries
+            .flatten()
+            .map(|e| e.path().join("lib"))
+            .filter(|d| d.is_dir())
+            .collect();
+        out.dirs.sort();
+    }
+    let mut pending: Vec<PathBuf> = vec![];
+    for prefix in NVIDIA_LIBRARIES {
+        for dir in &out.dirs {
+            let Ok(entries) = std::fs::read_dir(dir) else {
+                continue;
+            };
+            let mut found: Vec<PathBuf> = entries
+                .flatten()
+                .filter(|e| {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    name.strip_prefix(prefix)
+                        .is_some_and(|v| !v.is_empty() && v.chars().all(|c| c.is_ascii_digit()))
+                })
+                .map(|e| e.path())
+                .collect();
+            found.sort();
+            pending.extend(found);
+        }
+    }
+    // Each pass loads what it can; a library whose dependency failed only
+    // because of the order loads in a later pass.
+    loop {
+        let mut failed = vec![];
+        let before = pending.len();
+        for lib in pending.drain(..) {
+            // SAFETY: loading NVIDIA's libraries runs their initialisers,
+            // which is what loading the plugin would do too.
+            match unsafe {
+                libloading::os::unix::Library::open(
+                    Some(&lib),
+                    libloading::os::unix::RTLD_NOW | libloading::os::unix::RTLD_GLOBAL,
+                )
+            } {
+                Ok(handle) => {
+                    tracing::debug!("preloaded {}", lib.display());
+                    std::mem::forget(handle);
+                    out.loaded.push(lib);
+                }
+                Err(e) => failed.push((lib, e.to_string())),
+            }
+        }
+        if failed.is_empty() || failed.len() == before {
+            out.failed = failed;
+            return out;
+        }
+        pending = failed.into_iter().map(|(lib, _)| lib).collect();
+    }
+}
+
 /// A loaded plugin, shared (`Arc`) by every client made from it.
 ///
 /// The library is never unloaded: plugins keep threads and static state
@@ -386,6 +518,12 @@ impl Plugin {
         let path = canonical.as_path();
         if is_libtpu(path) {
             set_libtpu_init_args();
+        }
+        if is_cuda_plugin(path) {
+            let libs = preload_nvidia_libraries(path);
+            for (lib, e) in &libs.failed {
+                tracing::warn!("could not preload {}: {e}", lib.display());
+            }
         }
         // SAFETY: loading a shared library runs its initialisers; PJRT
         // plugins are designed to be dlopen'ed.
@@ -541,13 +679,46 @@ mod tests {
     }
 
     #[test]
+    fn a_venvs_newest_python_comes_first() {
+        let tmp = std::env::temp_dir().join(format!("sharedmoe-venv-{}", std::process::id()));
+        for v in [
+            "python3.10",
+            "python3.12",
+            "python3.9",
+            "python2.7",
+            "python3.11",
+        ] {
+            std::fs::create_dir_all(tmp.join("lib").join(v).join("site-packages")).unwrap();
+        }
+        let dirs: Vec<String> = venv_site_dirs(&tmp)
+            .iter()
+            .map(|d| {
+                d.parent()
+                    .unwrap()
+                    .file_name()
+                    .unwrap()
+                    .to_string_lossy()
+                    .into_owned()
+            })
+            .collect();
+        assert_eq!(
+            dirs,
+            ["python3.12", "python3.11", "python3.10", "python3.9"]
+        );
+        assert!(venv_site_dirs(&tmp.join("nonexistent")).is_empty());
+        std::fs::remove_dir_all(&tmp).unwrap();
+    }
+
+    #[test]
     fn missing_plugin_names_package_and_places() {
         let sites = vec![PathBuf::from("/nonexistent/site-packages")];
         let err = find_plugin_in(Backend::Tpu, None, None, &sites)
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains("pip install libtpu") && err.contains("/nonexistent/site-packages"),
+            err.contains("scripts/fetch-plugin.sh tpu")
+                && err.contains("pip install libtpu")
+                && err.contains("/nonexistent/site-packages"),
             "{err}"
         );
         let err = find_plugin_in(Backend::Cpu, Some(Path::new("/no/such.so")), None, &sites)
@@ -610,6 +781,52 @@ mod tests {
         ] {
             assert_eq!(libtpu_init_args(Some(mine)), mine);
         }
+    }
+
+    #[test]
+    fn nvidia_libraries_are_taken_from_next_to_the_plugin_in_dependency_order() {
+        let tmp = std::env::temp_dir().join(format!("sharedmoe-nvlibs-{}", std::process::id()));
+        let site = tmp.join("site-packages");
+        let plugin = site.join("jax_plugins/xla_cuda12/xla_cuda_plugin.so");
+        touch(&plugin);
+        assert!(is_cuda_plugin(&plugin));
+        // Not shared libraries: dlopen refuses each, and every one is reported.
+        for f in [
+            "cudnn/lib/libcudnn.so.9",
+            "cudnn/lib/libcudnn_graph.so.9",
+            "cublas/lib/libcublas.so.12",
+            "cublas/lib/libcublasLt.so.12",
+            "cuda_nvrtc/lib/libnvrtc.so.12",
+            "cuda_nvrtc/lib/libnvrtc.alt.so.12",
+            "cuda_nvrtc/lib/libnvrtc-builtins.so.12.9",
+            "cu13/lib/libcudart.so.13",
+        ] {
+            touch(&site.join("nvidia").join(f));
+        }
+        let libs = preload_nvidia_libraries(&plugin);
+        assert_eq!(libs.dirs.len(), 4);
+        assert!(libs.loaded.is_empty());
+        let order: Vec<String> = libs
+            .failed
+            .iter()
+            .map(|(p, _)| p.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(
+            order,
+            [
+                "libcudart.so.13",
+                "libnvrtc.so.12",
+                "libcublasLt.so.12",
+                "libcublas.so.12",
+                "libcudnn.so.9"
+            ]
+        );
+        // No nvidia/ next to the plugin: nothing to do.
+        let alone = tmp.join("elsewhere/a/b/xla_cuda_plugin.so");
+        touch(&alone);
+        let none = preload_nvidia_libraries(&alone);
+        assert!(none.dirs.is_empty() && none.loaded.is_empty() && none.failed.is_empty());
+        std::fs::remove_dir_all(&tmp).unwrap();
     }
 
     #[test]
