@@ -161,7 +161,10 @@ do_start() {
   step "the coordinator on worker 0 (resumes from $RUN_DIR's newest checkpoint if there is one)"
   ssh_on 0 "cd $REMOTE && chmod 600 secret && nohup ./sharedmoe coordinator $(config_flags) --workers $HOSTS --listen 0.0.0.0:$PORT --secret-file secret --run-dir $(quote "$RUN_DIR") > coordinator.log 2>&1 < /dev/null &"
   step "a worker on each of the $HOSTS hosts: rank = the slice's worker number, coordinator = worker 0 (TPU VM metadata)"
-  ssh_on all "cd $REMOTE && chmod 600 secret && nohup ./sharedmoe worker --backend tpu --coordinator-port $PORT --secret-file secret > worker.log 2>&1 < /dev/null &"
+  # A worker whose attempt aborts exits 75 (a TPU process cannot create a
+  # second multi-host client): the loop starts a fresh one; any other exit
+  # status ends it.
+  ssh_on all "cd $REMOTE && chmod 600 secret && nohup sh -c 'while ./sharedmoe worker --backend tpu --coordinator-port $PORT --secret-file secret; [ \$? -eq 75 ]; do echo restarting the worker after exit 75; done' > worker.log 2>&1 < /dev/null &"
 }
 
 do_logs() {

@@ -114,7 +114,7 @@ fn tpu_pod_dry_run_prints_the_exact_v4_32_commands() {
         format!("(umask 077; od -An -tx1 -N32 /dev/urandom | tr -d ' \\n' > {t}/sharedmoe-exp1.secret)"),
         format!("gcloud compute tpus tpu-vm scp {t}/sharedmoe-exp1.secret exp1:sharedmoe/secret {w} --worker=all"),
         format!("gcloud compute tpus tpu-vm ssh exp1 {w} --worker=0 --command='cd sharedmoe && chmod 600 secret && nohup ./sharedmoe coordinator --config configs/sharedmoe50m.toml --backend tpu --set train.replicas=16 --set train.steps=100 --workers 4 --listen 0.0.0.0:50051 --secret-file secret --run-dir runs/exp1 > coordinator.log 2>&1 < /dev/null &'"),
-        format!("gcloud compute tpus tpu-vm ssh exp1 {w} --worker=all --command='cd sharedmoe && chmod 600 secret && nohup ./sharedmoe worker --backend tpu --coordinator-port 50051 --secret-file secret > worker.log 2>&1 < /dev/null &'"),
+        format!("gcloud compute tpus tpu-vm ssh exp1 {w} --worker=all --command='cd sharedmoe && chmod 600 secret && nohup sh -c '\\''while ./sharedmoe worker --backend tpu --coordinator-port 50051 --secret-file secret; [ $? -eq 75 ]; do echo restarting the worker after exit 75; done'\\'' > worker.log 2>&1 < /dev/null &'"),
     ];
     assert_eq!(cmds, want, "{out}");
     assert!(out.contains("# create v4-32 (4 hosts, 16 chips)"), "{out}");
