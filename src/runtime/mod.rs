@@ -16,7 +16,9 @@ mod element_type;
 mod error;
 mod executable;
 mod ffi;
+mod offline;
 pub(crate) mod plugin;
+mod topology;
 
 pub use buffer::Buffer;
 pub use client::{Client, ClientOption, Device, KeyValueStore};
@@ -25,3 +27,5 @@ pub use element_type::{ElementType, NativeType};
 pub use error::{Error, ErrorCode, Result};
 pub use executable::{Arg, Executable};
 pub use plugin::{find_plugin, tpu_present, Backend, Plugin, PluginLocation};
+pub use offline::Offline;
+pub use topology::{CompiledProgram, MemoryStats, NamedOption, Topology, TopologyDevice, TpuSlice, TPU_V4_HBM_BYTES};
