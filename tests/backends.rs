@@ -9,23 +9,14 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use sharedmoe::runtime::{tpu_present, Client, Plugin};
 
 const BIN: &str = env!("CARGO_BIN_EXE_sharedmoe");
 
-/// A venv with the TPU and CUDA plugins (the wheels only: no JAX).
 fn accel_venv() -> &'static Path {
-    static VENV: OnceLock<PathBuf> = OnceLock::new();
-    VENV.get_or_init(|| {
-        let python = common::python_venv(
-            "accel-venv",
-            &["libtpu==0.0.52", "jax-cuda12-pjrt==0.12.0.1"],
-        );
-        python.parent().unwrap().parent().unwrap().to_path_buf()
-    })
+    common::accel_venv()
 }
 
 fn site_packages(venv: &Path) -> PathBuf {

@@ -124,12 +124,23 @@ fn tpu_pod_dry_run_prints_the_exact_v4_32_commands() {
         out.contains("# compile the train and eval steps for v4-32 on this machine, offline"),
         "{out}"
     );
-    let (no_compile, _) = tpu_dry_run(&tmp, "up", &["--spot", "--set", "train.steps=100", "--no-compile"]);
+    let (no_compile, _) = tpu_dry_run(
+        &tmp,
+        "up",
+        &["--spot", "--set", "train.steps=100", "--no-compile"],
+    );
     assert_eq!(no_compile, want[1..].to_vec());
     // `compile` alone needs no slice name or project.
     let (code, out, err) = script(
         "tpu-pod.sh",
-        &["compile", "--type", "v4-8", "--config", "configs/dense125m.toml", "--dry-run"],
+        &[
+            "compile",
+            "--type",
+            "v4-8",
+            "--config",
+            "configs/dense125m.toml",
+            "--dry-run",
+        ],
         &tmp,
     );
     assert_eq!(code, 0, "{out}{err}");

@@ -18,8 +18,8 @@ use serde_json::json;
 
 use crate::model::{count_params, ExpertCompute};
 use crate::runtime::{
-    find_plugin, Backend, CompileOptions, MemoryStats, Offline, Plugin, Topology, TpuSlice,
-    TPU_V4_HBM_BYTES,
+    find_plugin, tpu_present, Backend, CompileOptions, MemoryStats, Offline, Plugin, Topology,
+    TpuSlice, TPU_V4_HBM_BYTES,
 };
 use crate::train::placement::{layout, DeviceSlot};
 use crate::train::run::flops_per_token;
@@ -121,12 +121,26 @@ fn first_line(s: &str) -> &str {
     s.lines().find(|l| !l.trim().is_empty()).unwrap_or(s)
 }
 
-/// XLA:TPU's out-of-memory figure ("Used 40.21G of 30.75G hbm.
-/// Exceeded hbm capacity by 9.46G.") from its error message.
+/// XLA:TPU's out-of-memory figure from its error message: "the total
+/// memory required for HLO temporaries (36.45G) exceeds available HBM
+/// (30.75G)" (libtpu 0.0.52) or "Used 40.21G of 30.75G hbm. Exceeded hbm
+/// capacity by 9.46G" (older releases).
 fn hbm_figure(msg: &str) -> Option<String> {
-    let start = msg.find("Used ")?;
-    let line = msg[start..].lines().next()?;
-    Some(format!("XLA: {}", line.trim_end().trim_end_matches('.')))
+    let start = msg
+        .find("the total memory required")
+        .or_else(|| msg.find("Used "))?;
+    let rest = msg[start..].lines().next()?;
+    // To the end of the sentence: a period followed by a space or the end.
+    let end = rest
+        .match_indices('.')
+        .map(|(i, _)| i)
+        .find(|&i| {
+            let after = &rest[i + 1..];
+            after.is_empty()
+                || (after.starts_with(' ') && !after.trim_start().starts_with("Exceeded"))
+        })
+        .unwrap_or(rest.len());
+    Some(format!("XLA: {}", rest[..end].trim()))
 }
 
 /// True for XLA's "does not fit in HBM" compile error.
@@ -176,10 +190,7 @@ impl Compiler {
                     .memory_stats()
                     .context("reading the compiled memory stats")?;
                 let flops = match program.cost_analysis() {
-                    Ok(props) => props
-                        .iter()
-                        .find(|(k, _)| k == "flops")
-                        .map(|(_, v)| *v),
+                    Ok(props) => props.iter().find(|(k, _)| k == "flops").map(|(_, v)| *v),
                     Err(e) => {
                         tracing::debug!("no cost analysis: {e}");
                         None
@@ -264,9 +275,13 @@ fn with_micro_batch(cfg: &Config, micro: i64) -> Config {
     c
 }
 
-/// Largest micro-batch among the divisors of the per-chip batch below
-/// `failed` whose train step fits, by bisection (assuming memory grows
-/// with the micro-batch): about log2 of the candidates compiles.
+/// The largest micro-batch below `failed` whose train step fits, among
+/// the divisors of the per-chip batch (the values `train.micro_batch` can
+/// take), largest first, stopping at the first that fits (memory grows
+/// with the micro-batch). XLA refuses a program that does not fit its
+/// memory check early (a second for the tiny models), while a program that
+/// fits compiles in full (minutes for the full models), so walking down
+/// costs one full compile; the divisors are few (9 for 48, 10 for 1024).
 fn search(
     compiler: &Compiler,
     cfg: &Config,
@@ -274,12 +289,8 @@ fn search(
     tried: &mut Vec<Compiled>,
 ) -> Result<Option<Compiled>> {
     let per_chip = cfg.train.global_batch / cfg.train.replicas;
-    let candidates: Vec<i64> = (1..failed).filter(|d| per_chip % d == 0).collect();
-    let (mut lo, mut hi) = (0i64, candidates.len() as i64 - 1);
-    let mut best: Option<Compiled> = None;
-    while lo <= hi {
-        let mid = (lo + hi) / 2;
-        let micro = candidates[mid as usize];
+    let candidates: Vec<i64> = (1..failed).rev().filter(|d| per_chip % d == 0).collect();
+    for micro in candidates {
         let c = compiler.compile(&with_micro_batch(cfg, micro), true)?;
         println!(
             "  micro-batch {micro:>4}: {} ({:.1} s)",
@@ -292,13 +303,10 @@ fn search(
         );
         tried.push(c.clone());
         if c.fits() {
-            best = Some(c);
-            lo = mid + 1;
-        } else {
-            hi = mid - 1;
+            return Ok(Some(c));
         }
     }
-    Ok(best)
+    Ok(None)
 }
 
 fn print_table(cols: &[(&str, &Compiled)]) {
@@ -341,6 +349,11 @@ pub fn run(a: &CompileArgs) -> Result<()> {
     // First, while this process still has one thread: no network, and
     // libtpu told not to ask the metadata server. Nothing else before it.
     let offline = Offline::enter()?;
+    if !tpu_present() {
+        // libtpu's /tmp/libtpu_lockfile guards chips; without any, it
+        // would only keep two compiles (or tests) from running at once.
+        std::env::set_var("ALLOW_MULTIPLE_LIBTPU_LOAD", "1");
+    }
     if a.backend != Backend::Tpu {
         bail!(
             "sharedmoe compile compiles for TPU slices only (--backend tpu); on a GPU or CPU, \
@@ -492,13 +505,13 @@ pub fn run(a: &CompileArgs) -> Result<()> {
             "train step at micro-batch {}: XLA refused it ({:.1} s): {}",
             t.micro_batch,
             train.seconds,
-            first_line(train.refused.as_deref().unwrap_or(""))
+            first_line(train.refused.as_deref().unwrap_or("")).trim()
         );
     }
     println!(
-        "does not fit: the train step needs {} at micro-batch {} (HBM {} per chip)",
-        train.figure(),
+        "does not fit: the train step at micro-batch {}: {} (a chip has {} of HBM)",
         t.micro_batch,
+        train.figure(),
         human(TPU_V4_HBM_BYTES)
     );
     let mut tried = vec![];
@@ -514,8 +527,8 @@ pub fn run(a: &CompileArgs) -> Result<()> {
     write_json(&report)?;
     match best {
         Some(b) => bail!(
-            "the train step does not fit a TPU v4 chip at micro-batch {}: {} (HBM {}); the \
-             largest micro-batch that fits is {} ({}): --set train.micro_batch={}",
+            "the train step does not fit a TPU v4 chip at micro-batch {}: {} (a chip has {} \
+             of HBM); the largest micro-batch that fits is {} ({}): --set train.micro_batch={}",
             t.micro_batch,
             train.figure(),
             human(TPU_V4_HBM_BYTES),
@@ -524,15 +537,15 @@ pub fn run(a: &CompileArgs) -> Result<()> {
             b.micro_batch
         ),
         None if a.no_search => bail!(
-            "the train step does not fit a TPU v4 chip at micro-batch {}: {} (HBM {}); drop \
-             --no-search to find the largest micro-batch that fits",
+            "the train step does not fit a TPU v4 chip at micro-batch {}: {} (a chip has {} \
+             of HBM); drop --no-search to find the largest micro-batch that fits",
             t.micro_batch,
             train.figure(),
             human(TPU_V4_HBM_BYTES)
         ),
         None => bail!(
-            "the train step does not fit a TPU v4 chip at micro-batch {}: {} (HBM {}), nor at \
-             micro-batch 1: use a larger slice (more chips do not shrink a replica: this is \
+            "the train step does not fit a TPU v4 chip at micro-batch {}: {} (a chip has {} \
+             of HBM), nor at any smaller micro-batch: use a larger slice (more chips do not shrink a replica: this is \
              data parallelism) or a smaller model",
             t.micro_batch,
             train.figure(),
@@ -554,6 +567,15 @@ mod tests {
         assert_eq!(
             hbm_figure(msg).unwrap(),
             "XLA: Used 40.21G of 30.75G hbm. Exceeded hbm capacity by 9.46G"
+        );
+        let msg = "E1000: CompileTimeHbmOom: Ran out of memory on HBM, the total memory required \
+                   for HLO temporaries (36.45G) exceeds available HBM (30.75G). HLO module: \
+                   train_step.";
+        assert!(out_of_memory(msg));
+        assert_eq!(
+            hbm_figure(msg).unwrap(),
+            "XLA: the total memory required for HLO temporaries (36.45G) exceeds available HBM \
+             (30.75G)"
         );
     }
 }

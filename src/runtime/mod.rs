@@ -26,6 +26,8 @@ pub use compile_options::CompileOptions;
 pub use element_type::{ElementType, NativeType};
 pub use error::{Error, ErrorCode, Result};
 pub use executable::{Arg, Executable};
-pub use plugin::{find_plugin, tpu_present, Backend, Plugin, PluginLocation};
 pub use offline::Offline;
-pub use topology::{CompiledProgram, MemoryStats, NamedOption, Topology, TopologyDevice, TpuSlice, TPU_V4_HBM_BYTES};
+pub use plugin::{find_plugin, tpu_present, Backend, Plugin, PluginLocation};
+pub use topology::{
+    CompiledProgram, MemoryStats, NamedOption, Topology, TopologyDevice, TpuSlice, TPU_V4_HBM_BYTES,
+};

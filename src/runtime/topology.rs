@@ -392,45 +392,46 @@ impl TpuSlice {
     /// the per-host block).
     pub fn parse(s: &str) -> Result<TpuSlice> {
         let ctx = format!("--topology {s}");
-        let bounds = if let Some(n) = s.strip_prefix("v4-") {
-            match n {
-                "8" => [2, 2, 1],
-                "16" => [2, 2, 2],
-                "32" => [2, 2, 4],
-                "64" => [2, 4, 4],
-                "128" => [4, 4, 4],
-                _ => {
-                    return Err(Error::new(
-                        ctx,
-                        "expected v4-8, v4-16, v4-32, v4-64 or v4-128 (TensorCores), or a raw \
+        let bounds =
+            if let Some(n) = s.strip_prefix("v4-") {
+                match n {
+                    "8" => [2, 2, 1],
+                    "16" => [2, 2, 2],
+                    "32" => [2, 2, 4],
+                    "64" => [2, 4, 4],
+                    "128" => [4, 4, 4],
+                    _ => {
+                        return Err(Error::new(
+                            ctx,
+                            "expected v4-8, v4-16, v4-32, v4-64 or v4-128 (TensorCores), or a raw \
                          topology v4:AxBxC (chips)",
-                    ))
+                        ))
+                    }
                 }
-            }
-        } else if let Some(shape) = s.strip_prefix("v4:") {
-            let dims: Vec<Option<i64>> = shape.split('x').map(|d| d.parse().ok()).collect();
-            match dims.as_slice() {
-                [Some(a), Some(b), Some(c)]
-                    if [*a, *b, *c].iter().all(|d| *d >= 1 && (*d as u64).is_power_of_two())
-                        && *a >= 2
-                        && *b >= 2 =>
-                {
-                    [*a, *b, *c]
-                }
-                _ => {
-                    return Err(Error::new(
+            } else if let Some(shape) = s.strip_prefix("v4:") {
+                let dims: Vec<Option<i64>> = shape.split('x').map(|d| d.parse().ok()).collect();
+                match dims.as_slice() {
+                    [Some(a), Some(b), Some(c)]
+                        if [*a, *b, *c]
+                            .iter()
+                            .all(|d| *d >= 1 && (*d as u64).is_power_of_two())
+                            && *a >= 2
+                            && *b >= 2 =>
+                    {
+                        [*a, *b, *c]
+                    }
+                    _ => return Err(Error::new(
                         ctx,
                         "expected v4:AxBxC with powers of two, A and B at least 2 (a host holds \
                          2x2x1 chips), e.g. v4:2x2x4",
-                    ))
+                    )),
                 }
-            }
-        } else {
-            return Err(Error::new(
-                ctx,
-                "expected a TPU v4 slice: v4-8, v4-16, v4-32, v4-64, v4-128 or v4:AxBxC",
-            ));
-        };
+            } else {
+                return Err(Error::new(
+                    ctx,
+                    "expected a TPU v4 slice: v4-8, v4-16, v4-32, v4-64, v4-128 or v4:AxBxC",
+                ));
+            };
         Ok(TpuSlice {
             requested: s.to_string(),
             bounds,
@@ -493,7 +494,8 @@ mod tests {
         assert_eq!(nv[0].value_size, 8);
         assert_eq!(nv[1].type_, ffi::PJRT_NamedValue_kInt64List);
         assert_eq!(nv[1].value_size, 3);
-        let ints = unsafe { std::slice::from_raw_parts(nv[1].__bindgen_anon_1.int64_array_value, 3) };
+        let ints =
+            unsafe { std::slice::from_raw_parts(nv[1].__bindgen_anon_1.int64_array_value, 3) };
         assert_eq!(ints, &[2, 2, 1]);
     }
 
@@ -514,7 +516,10 @@ mod tests {
                 "{t}"
             );
         }
-        assert_eq!(TpuSlice::parse("v4:2x2x4").unwrap().accelerator_type(), "v4-32");
+        assert_eq!(
+            TpuSlice::parse("v4:2x2x4").unwrap().accelerator_type(),
+            "v4-32"
+        );
         for bad in ["v4-24", "v5e-8", "v4:3x2x1", "v4:1x1x1", "v4:2x2", "v4-"] {
             let e = TpuSlice::parse(bad).unwrap_err().to_string();
             assert!(e.contains(bad), "{e}");

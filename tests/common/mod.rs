@@ -221,6 +221,19 @@ pub fn python_venv(name: &str, packages: &[&str]) -> std::path::PathBuf {
     python
 }
 
+/// A venv with the TPU and CUDA plugins (the wheels only: no JAX), shared
+/// by the tests that load them (target/accel-venv).
+pub fn accel_venv() -> &'static std::path::Path {
+    static VENV: OnceLock<std::path::PathBuf> = OnceLock::new();
+    VENV.get_or_init(|| {
+        let python = python_venv(
+            "accel-venv",
+            &["libtpu==0.0.52", "jax-cuda12-pjrt==0.12.0.1"],
+        );
+        python.parent().unwrap().parent().unwrap().to_path_buf()
+    })
+}
+
 /// Runs the `sharedmoe` binary in the repository root.
 pub fn sharedmoe(args: &[&str]) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_sharedmoe"))
