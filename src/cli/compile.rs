@@ -395,11 +395,12 @@ pub fn run(a: &CompileArgs) -> Result<()> {
     let (assignment, _) = layout(&slots, chips as usize, 0)?;
     let version = topology.platform_version().unwrap_or_default();
     println!(
-        "sharedmoe compile: {} for TPU {} = {} ({chips} x \"{kind}\" on {hosts} hosts), \
+        "sharedmoe compile: {} for TPU {} = {} ({chips} x \"{kind}\" on {hosts} host{}), \
          offline ({}, TPU_SKIP_MDS_QUERY=1)",
         a.config.display(),
         slice.accelerator_type(),
         slice.topology_name(),
+        if hosts == 1 { "" } else { "s" },
         offline.how
     );
     println!(

@@ -19,6 +19,8 @@ use super::error::{Error, Result};
 pub struct Offline {
     /// How the namespace came to be, for the log.
     pub how: String,
+    /// Keeps the proof from being built outside this module.
+    _sealed: (),
 }
 
 const CTX: &str = "cutting this process off the network for offline compilation";
@@ -158,6 +160,7 @@ impl Offline {
         }
         Ok(Offline {
             how: "an existing network namespace".into(),
+            _sealed: (),
         })
     }
 }
