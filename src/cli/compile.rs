@@ -401,7 +401,7 @@ pub fn run(a: &CompileArgs) -> Result<()> {
         slice.accelerator_type(),
         slice.topology_name(),
         if hosts == 1 { "" } else { "s" },
-        offline.how
+        offline.how()
     );
     println!(
         "libtpu: {} (PJRT C API {}.{}){}",

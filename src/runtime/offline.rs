@@ -17,10 +17,9 @@ use super::error::{Error, Result};
 /// query. Made only by [`Offline::enter`] or [`Offline::verify`].
 #[derive(Debug)]
 pub struct Offline {
-    /// How the namespace came to be, for the log.
-    pub how: String,
-    /// Keeps the proof from being built outside this module.
-    _sealed: (),
+    /// How the namespace came to be, for the log (private, so that no
+    /// code outside this module can build the proof).
+    how: String,
 }
 
 const CTX: &str = "cutting this process off the network for offline compilation";
@@ -69,6 +68,11 @@ fn map_root(uid: u32, gid: u32) -> std::result::Result<(), String> {
 }
 
 impl Offline {
+    /// How the namespace came to be (`unshare(CLONE_NEWNET)`, ...).
+    pub fn how(&self) -> &str {
+        &self.how
+    }
+
     /// Moves this process into a fresh network namespace (as root:
     /// `unshare(CLONE_NEWNET)`; otherwise with a new user namespace too,
     /// `CLONE_NEWUSER | CLONE_NEWNET`, as `unshare -rn`), checks that it
@@ -160,7 +164,6 @@ impl Offline {
         }
         Ok(Offline {
             how: "an existing network namespace".into(),
-            _sealed: (),
         })
     }
 }
