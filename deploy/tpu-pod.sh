@@ -8,7 +8,9 @@
 #   deploy/tpu-pod.sh COMMAND --name NAME --project PROJECT [options]
 #
 # Commands:
-#   up        create + copy + start
+#   up        compile here (offline, `sharedmoe compile`) + create + copy + start
+#   compile   compile the train and eval steps for the slice on this machine,
+#             offline: memory per chip; fails when they do not fit a chip
 #   create    create the TPU VM slice
 #   copy      copy the binary, configs and data to every host; fetch libtpu
 #   start     start the coordinator (worker 0) and one worker per host
@@ -31,6 +33,7 @@
 #   --port PORT            coordinator port, default 50051
 #   --binary PATH          the binary to copy, default target/release/sharedmoe
 #   --build                build on every host from this checkout instead
+#   --no-compile           (up) skip the local ahead-of-time compile
 #   --workers              (logs) every worker's log, not the coordinator's
 #   --yes                  (teardown) really delete
 #   --dry-run              print the commands, run nothing
@@ -44,14 +47,14 @@ source "$ROOT/deploy/common.sh"
 COMMAND=$1
 shift
 case $COMMAND in
-  up | create | copy | start | logs | status | stop | fetch | teardown) ;;
+  up | compile | create | copy | start | logs | status | stop | fetch | teardown) ;;
   -h | --help | help) usage 0 ;;
-  *) die "unknown command '$COMMAND' (expected up, create, copy, start, logs, status, stop, fetch or teardown)" ;;
+  *) die "unknown command '$COMMAND' (expected up, compile, create, copy, start, logs, status, stop, fetch or teardown)" ;;
 esac
 
 NAME="" PROJECT="" ZONE="us-central2-b" TYPE="v4-32" VERSION="tpu-ubuntu2204-base"
 SPOT=0 CONFIG="configs/sharedmoe50m.toml" RUN_DIR="" PORT=50051
-BINARY="target/release/sharedmoe" BUILD=0 WORKER_LOGS=0 YES=0
+BINARY="target/release/sharedmoe" BUILD=0 WORKER_LOGS=0 YES=0 COMPILE=1
 SETS=()
 while [[ $# -gt 0 ]]; do
   case $1 in
@@ -67,6 +70,7 @@ while [[ $# -gt 0 ]]; do
     --port) need_value "$@"; PORT=$2; shift 2 ;;
     --binary) need_value "$@"; BINARY=$2; shift 2 ;;
     --build) BUILD=1; shift ;;
+    --no-compile) COMPILE=0; shift ;;
     --workers) WORKER_LOGS=1; shift ;;
     --yes) YES=1; shift ;;
     --dry-run) DRY_RUN=1; shift ;;
@@ -76,9 +80,13 @@ while [[ $# -gt 0 ]]; do
 done
 
 # ---- checks
-[[ -n $NAME ]] || die "--name is required"
+if [[ $COMMAND == compile ]]; then
+  NAME=${NAME:-local} # compile needs no slice and no project
+else
+  [[ -n $NAME ]] || die "--name is required"
+  [[ -n $PROJECT ]] || die "--project is required"
+fi
 [[ $NAME =~ ^[a-z]([-a-z0-9]*[a-z0-9])?$ ]] || die "--name '$NAME': lowercase letters, digits and dashes, starting with a letter"
-[[ -n $PROJECT ]] || die "--project is required"
 [[ $PORT =~ ^[0-9]+$ && $PORT -ge 1 && $PORT -le 65535 ]] || die "--port '$PORT': expected 1..65535"
 [[ $TYPE =~ ^v4-([0-9]+)$ ]] || die "--type '$TYPE': expected v4-N (v4-8, v4-16, v4-32, ...)"
 CORES=${BASH_REMATCH[1]}
@@ -110,6 +118,19 @@ config_flags() {
     f+=" --set $(quote "$s")"
   done
   echo "$f"
+}
+
+# Before paying for a slice: the train and eval steps compiled for it here
+# (libtpu, offline in a network namespace), with the memory each chip needs;
+# a step that does not fit stops `up` with the largest micro-batch that does.
+do_compile() {
+  step "compile the train and eval steps for $TYPE on this machine, offline (memory per chip)"
+  [[ -x $BINARY ]] || die "--binary $BINARY: not an executable (cargo build --release; it compiles for the slice here), or --no-compile"
+  local args=(compile --topology "$TYPE" --config "$CONFIG") s
+  for s in "${SETS[@]}"; do
+    args+=(--set "$s")
+  done
+  run "$BINARY" "${args[@]}"
 }
 
 do_create() {
@@ -200,11 +221,15 @@ do_teardown() {
   run "${GC[@]}" delete "$NAME" "${WHERE[@]}" --quiet
 }
 
-if [[ $DRY_RUN != 1 ]]; then
+if [[ $DRY_RUN != 1 && $COMMAND != compile ]]; then
   command -v gcloud >/dev/null 2>&1 || die "gcloud is not installed (https://cloud.google.com/sdk/docs/install)"
 fi
 case $COMMAND in
-  up) do_create; do_copy; do_start ;;
+  up)
+    [[ $COMPILE == 1 ]] && do_compile
+    do_create; do_copy; do_start
+    ;;
+  compile) do_compile ;;
   create) do_create ;;
   copy) do_copy ;;
   start) do_start ;;

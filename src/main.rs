@@ -48,6 +48,9 @@ enum Command {
     Checkpoint(cli::checkpoint::CheckpointCommand),
     /// Plot train and validation loss of runs, overlaid.
     Plot(cli::plot::PlotArgs),
+    /// Compile the train and eval steps for a TPU slice ahead of time, on
+    /// this machine and offline: memory per chip, FLOPs, the micro-batch that fits.
+    Compile(cli::compile::CompileArgs),
 }
 
 fn main() {
@@ -79,6 +82,7 @@ fn main() {
         Command::Generate(a) => cli::generate::run(&a),
         Command::Checkpoint(c) => cli::checkpoint::run(&c),
         Command::Plot(a) => cli::plot::run(&a),
+        Command::Compile(a) => cli::compile::run(&a),
     };
     if let Err(e) = result {
         eprintln!("error: {e:#}");

@@ -11,49 +11,13 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use sharedmoe::runtime::{preload_nvidia_libraries, tpu_present, Client, Plugin};
 
 const BIN: &str = env!("CARGO_BIN_EXE_sharedmoe");
 
-/// Runs `scripts/fetch-plugin.sh ACCEL` (with `extra` options) into
-/// `target/NAME/lib/python3.12/site-packages`, the way scripts/setup.sh,
-/// the deploy scripts and the Dockerfile install plugins: Python 3.12
-/// wheels downloaded with pip and unpacked, on whatever Python this machine
-/// has. The script's marker makes later runs (and later test runs on this
-/// machine) a no-op. Returns `target/NAME`, a directory that plugin
-/// discovery reads like a venv (`VIRTUAL_ENV`).
-fn fetched(name: &str, accel: &str, extra: &[&str]) -> PathBuf {
-    static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
-    let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let venv = root.join("target").join(name);
-    let site = venv.join("lib/python3.12/site-packages");
-    // pip from a venv of this machine's python3 (which may lack pip itself).
-    let python = common::python_venv("fetch-venv", &["pip"]);
-    let began = Instant::now();
-    let out = Command::new("bash")
-        .arg(root.join("scripts/fetch-plugin.sh"))
-        .arg(accel)
-        .arg(&site)
-        .args(extra)
-        .env("PIP", format!("{} -m pip", python.display()))
-        .env("PYTHON", &python)
-        .output()
-        .expect("running scripts/fetch-plugin.sh");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "fetch-plugin.sh {accel}: {text}");
-    if !text.contains("present in") {
-        eprintln!("{text}fetched {accel} in {:.0?}", began.elapsed());
-    }
-    venv
-}
+use common::fetched_plugin as fetched;
 
 /// libtpu and the CUDA 12 plugin with its NVIDIA libraries, in one
 /// site-packages (as `SHAREDMOE_ACCEL=tpu` then `cuda12` would leave .venv).

@@ -106,6 +106,8 @@ fn tpu_pod_dry_run_prints_the_exact_v4_32_commands() {
     let (cmds, out) = tpu_dry_run(&tmp, "up", &["--spot", "--set", "train.steps=100"]);
     let w = "--project=my-proj --zone=us-central2-b";
     let want = vec![
+        // Before paying for the slice: the steps compiled for it here, offline.
+        "target/release/sharedmoe compile --topology v4-32 --config configs/sharedmoe50m.toml --set train.steps=100".to_string(),
         format!("gcloud compute tpus tpu-vm create exp1 {w} --accelerator-type=v4-32 --version=tpu-ubuntu2204-base --spot"),
         format!("tar -czf {t}/sharedmoe-exp1.tgz -C {r} configs data scripts/fetch-plugin.sh -C {r}/target/release sharedmoe"),
         format!("gcloud compute tpus tpu-vm scp {t}/sharedmoe-exp1.tgz exp1:sharedmoe.tgz {w} --worker=all"),
@@ -118,6 +120,34 @@ fn tpu_pod_dry_run_prints_the_exact_v4_32_commands() {
     ];
     assert_eq!(cmds, want, "{out}");
     assert!(out.contains("# create v4-32 (4 hosts, 16 chips)"), "{out}");
+    assert!(
+        out.contains("# compile the train and eval steps for v4-32 on this machine, offline"),
+        "{out}"
+    );
+    let (no_compile, _) = tpu_dry_run(
+        &tmp,
+        "up",
+        &["--spot", "--set", "train.steps=100", "--no-compile"],
+    );
+    assert_eq!(no_compile, want[1..].to_vec());
+    // `compile` alone needs no slice name or project.
+    let (code, out, err) = script(
+        "tpu-pod.sh",
+        &[
+            "compile",
+            "--type",
+            "v4-8",
+            "--config",
+            "configs/dense125m.toml",
+            "--dry-run",
+        ],
+        &tmp,
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(
+        commands(&out),
+        vec!["target/release/sharedmoe compile --topology v4-8 --config configs/dense125m.toml"]
+    );
     // Nothing was created locally either.
     assert!(!tmp.join("sharedmoe-exp1.tgz").exists());
 

@@ -6,6 +6,7 @@ mod bench_dist;
 mod bench_parity;
 mod bench_step;
 pub mod checkpoint;
+pub mod compile;
 pub mod data;
 pub mod dist;
 pub mod doctor;

@@ -555,12 +555,27 @@ impl Plugin {
         if self.is_tpu() && !tpu_present() {
             return Err(Error::new(ctx, NO_TPU));
         }
+        self.initialize_once(&ctx)
+    }
+
+    /// [`initialize`](Self::initialize) for ahead-of-time compilation,
+    /// with or without TPU chips: only with the proof that this process
+    /// cannot reach a network and skips the metadata query, re-checked here.
+    pub fn initialize_offline(&self, _offline: &super::offline::Offline) -> Result<()> {
+        super::offline::Offline::verify()?;
+        self.initialize_once(&format!(
+            "initialising PJRT plugin {} offline",
+            self.path.display()
+        ))
+    }
+
+    fn initialize_once(&self, ctx: &str) -> Result<()> {
         let outcome = self.initialized.get_or_init(|| {
             let mut args = args!(PJRT_Plugin_Initialize_Args {});
             match self.api().PJRT_Plugin_Initialize {
                 // SAFETY: a properly sized args struct, as the entry point takes.
-                Some(init) => self.check(unsafe { init(&mut args) }, &ctx),
-                None => Err(Error::new(&ctx, "plugin lacks PJRT_Plugin_Initialize")),
+                Some(init) => self.check(unsafe { init(&mut args) }, ctx),
+                None => Err(Error::new(ctx, "plugin lacks PJRT_Plugin_Initialize")),
             }
         });
         outcome.clone()

@@ -221,6 +221,49 @@ pub fn python_venv(name: &str, packages: &[&str]) -> std::path::PathBuf {
     python
 }
 
+/// Runs `scripts/fetch-plugin.sh ACCEL` (with `extra` options) into
+/// `target/NAME/lib/python3.12/site-packages`, the way scripts/setup.sh,
+/// the deploy scripts and the Dockerfile install plugins: Python 3.12
+/// wheels downloaded with pip and unpacked, on whatever Python this machine
+/// has. The script's marker makes later runs (and later test runs on this
+/// machine) a no-op. Returns `target/NAME`, a directory that plugin
+/// discovery reads like a venv (`VIRTUAL_ENV`).
+pub fn fetched_plugin(name: &str, accel: &str, extra: &[&str]) -> std::path::PathBuf {
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _guard = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let venv = root.join("target").join(name);
+    let site = venv.join("lib/python3.12/site-packages");
+    // pip from a venv of this machine's python3 (which may lack pip itself).
+    let python = python_venv("fetch-venv", &["pip"]);
+    let began = std::time::Instant::now();
+    let out = std::process::Command::new("bash")
+        .arg(root.join("scripts/fetch-plugin.sh"))
+        .arg(accel)
+        .arg(&site)
+        .args(extra)
+        .env("PIP", format!("{} -m pip", python.display()))
+        .env("PYTHON", &python)
+        .output()
+        .expect("running scripts/fetch-plugin.sh");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "fetch-plugin.sh {accel}: {text}");
+    if !text.contains("present in") {
+        eprintln!("{text}fetched {accel} in {:.0?}", began.elapsed());
+    }
+    venv
+}
+
+/// A site-packages tree holding libtpu as the scripts install it (see
+/// [`fetched_plugin`]), for the tests that load it.
+pub fn libtpu_venv() -> std::path::PathBuf {
+    fetched_plugin("plugin-accel", "tpu", &[])
+}
+
 /// Runs the `sharedmoe` binary in the repository root.
 pub fn sharedmoe(args: &[&str]) -> std::process::Output {
     std::process::Command::new(env!("CARGO_BIN_EXE_sharedmoe"))
