@@ -275,13 +275,13 @@ impl sharedmoe::runtime::KeyValueStore for MemoryStore {
 
 #[test]
 fn client_accepts_a_key_value_store_and_options() {
-    use sharedmoe::runtime::ClientOption;
+    use sharedmoe::runtime::NamedValue;
     let loc = find_plugin(Backend::Cpu, None).unwrap();
     let plugin = Plugin::load(&loc.path).unwrap();
     let store = std::sync::Arc::new(MemoryStore::default());
     let c = Client::new(
         plugin,
-        &[("cpu_device_count", ClientOption::Int(2))],
+        &[("cpu_device_count", NamedValue::Int(2))],
         Some(store),
     )
     .unwrap();

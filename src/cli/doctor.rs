@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 
 use crate::graph::{DType, Graph, TensorType};
-use crate::runtime::{find_plugin, tpu_present, Arg, Backend, Client, ClientOption, Plugin};
+use crate::runtime::{find_plugin, tpu_present, Arg, Backend, Client, NamedValue, Plugin};
 use crate::train::placement::Placement;
 
 #[derive(clap::Args, Debug)]
@@ -189,7 +189,7 @@ const HOST_WAIT: Duration = Duration::from_secs(60);
 fn create_within(
     wait: Duration,
     plugin: std::sync::Arc<Plugin>,
-    options: Vec<(&'static str, ClientOption)>,
+    options: Vec<(&'static str, NamedValue)>,
 ) -> Option<crate::runtime::Result<Client>> {
     within(wait, move || Client::new(plugin, &options, None))
 }

@@ -13,16 +13,8 @@ use super::element_type::{ElementType, NativeType};
 use super::error::{Error, ErrorCode, Result};
 use super::executable::Executable;
 use super::ffi;
+use super::named::{named_values, NamedValue};
 use super::plugin::{args, find_plugin, pjrt_call, Backend, Plugin};
-
-/// A value for a named client-creation option (`PJRT_NamedValue`).
-#[derive(Clone, Debug, PartialEq)]
-pub enum ClientOption {
-    Int(i64),
-    Bool(bool),
-    Str(String),
-    Float(f32),
-}
 
 impl Backend {
     /// The client-creation options every client of this backend gets. The
@@ -32,15 +24,15 @@ impl Backend {
     /// instead of hanging, so a multi-node worker can exit and be
     /// restarted); libtpu the framework's name and version, as JAX and
     /// PyTorch/XLA send them.
-    pub fn client_options(self, cpu_devices: usize) -> Vec<(&'static str, ClientOption)> {
+    pub fn client_options(self, cpu_devices: usize) -> Vec<(&'static str, NamedValue)> {
         match self {
-            Backend::Cpu => vec![("cpu_device_count", ClientOption::Int(cpu_devices as i64))],
-            Backend::Cuda => vec![("abort_collectives_on_failure", ClientOption::Bool(true))],
+            Backend::Cpu => vec![("cpu_device_count", NamedValue::Int(cpu_devices as i64))],
+            Backend::Cuda => vec![("abort_collectives_on_failure", NamedValue::Bool(true))],
             Backend::Tpu => vec![
-                ("ml_framework_name", ClientOption::Str("sharedmoe".into())),
+                ("ml_framework_name", NamedValue::Str("sharedmoe".into())),
                 (
                     "ml_framework_version",
-                    ClientOption::Str(env!("CARGO_PKG_VERSION").into()),
+                    NamedValue::Str(env!("CARGO_PKG_VERSION").into()),
                 ),
             ],
         }
@@ -188,56 +180,14 @@ impl Client {
     /// `cpu_device_count`) and an optional key-value store.
     pub fn new(
         plugin: Arc<Plugin>,
-        options: &[(&str, ClientOption)],
+        options: &[(&str, NamedValue)],
         kv: Option<Arc<dyn KeyValueStore>>,
     ) -> Result<Client> {
         let ctx = format!("creating PJRT client from {}", plugin.path().display());
         // Refuses libtpu where there are no TPU chips (before anything can
         // reach the cloud metadata server).
         plugin.initialize()?;
-        let strings: Vec<String> = options
-            .iter()
-            .map(|(_, v)| {
-                if let ClientOption::Str(s) = v {
-                    s.clone()
-                } else {
-                    String::new()
-                }
-            })
-            .collect();
-        let named: Vec<ffi::PJRT_NamedValue> = options
-            .iter()
-            .zip(&strings)
-            .map(|((name, value), s)| {
-                let mut nv = args!(PJRT_NamedValue {
-                    name: name.as_ptr() as *const c_char,
-                    name_size: name.len()
-                });
-                match value {
-                    ClientOption::Int(i) => {
-                        nv.type_ = ffi::PJRT_NamedValue_kInt64;
-                        nv.__bindgen_anon_1.int64_value = *i;
-                        nv.value_size = 1;
-                    }
-                    ClientOption::Bool(b) => {
-                        nv.type_ = ffi::PJRT_NamedValue_kBool;
-                        nv.__bindgen_anon_1.bool_value = *b;
-                        nv.value_size = 1;
-                    }
-                    ClientOption::Float(f) => {
-                        nv.type_ = ffi::PJRT_NamedValue_kFloat;
-                        nv.__bindgen_anon_1.float_value = *f;
-                        nv.value_size = 1;
-                    }
-                    ClientOption::Str(_) => {
-                        nv.type_ = ffi::PJRT_NamedValue_kString;
-                        nv.__bindgen_anon_1.string_value = s.as_ptr() as *const c_char;
-                        nv.value_size = s.len();
-                    }
-                }
-                nv
-            })
-            .collect();
+        let named = named_values(options);
         let kv_box: Option<Box<Arc<dyn KeyValueStore>>> = kv.map(Box::new);
         let mut a = args!(PJRT_Client_Create_Args {
             create_options: named.as_ptr(),

@@ -16,21 +16,23 @@ mod element_type;
 mod error;
 mod executable;
 mod ffi;
+mod named;
 mod offline;
 pub(crate) mod plugin;
 mod topology;
 
 pub use buffer::Buffer;
-pub use client::{Client, ClientOption, Device, KeyValueStore};
+pub use client::{Client, Device, KeyValueStore};
 pub use compile_options::CompileOptions;
 pub use element_type::{ElementType, NativeType};
 pub use error::{Error, ErrorCode, Result};
 pub use executable::{launch_id_sequence, Arg, Executable};
+pub use named::NamedValue;
 pub use offline::Offline;
 pub use plugin::{
     find_plugin, libtpu_init_args, preload_nvidia_libraries, set_libtpu_init_args, tpu_chips_in,
     tpu_present, Backend, NvidiaLibraries, Plugin, PluginLocation,
 };
 pub use topology::{
-    CompiledProgram, MemoryStats, NamedOption, Topology, TopologyDevice, TpuSlice, TPU_V4_HBM_BYTES,
+    CompiledProgram, MemoryStats, Topology, TopologyDevice, TpuSlice, TPU_V4_HBM_BYTES,
 };

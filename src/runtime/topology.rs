@@ -11,16 +11,8 @@ use std::sync::Arc;
 use super::compile_options::CompileOptions;
 use super::error::{Error, Result};
 use super::ffi;
+use super::named::{named_values, NamedValue};
 use super::plugin::{args, pjrt_call, Plugin};
-
-/// A value of a topology-creation option (`PJRT_NamedValue`).
-#[derive(Clone, Debug, PartialEq)]
-pub enum NamedOption {
-    Int(i64),
-    Ints(Vec<i64>),
-    Str(String),
-    Bool(bool),
-}
 
 /// Copies a `(ptr, len)` string the plugin returned.
 fn plugin_str(ptr: *const c_char, len: usize) -> String {
@@ -30,42 +22,6 @@ fn plugin_str(ptr: *const c_char, len: usize) -> String {
     // SAFETY: the plugin guarantees `len` readable bytes at `ptr`.
     String::from_utf8_lossy(unsafe { std::slice::from_raw_parts(ptr as *const u8, len) })
         .into_owned()
-}
-
-/// `PJRT_NamedValue`s pointing into `options` (which must outlive them).
-fn named_values(options: &[(&str, NamedOption)]) -> Vec<ffi::PJRT_NamedValue> {
-    options
-        .iter()
-        .map(|(name, value)| {
-            let mut nv = args!(PJRT_NamedValue {
-                name: name.as_ptr() as *const c_char,
-                name_size: name.len()
-            });
-            match value {
-                NamedOption::Int(i) => {
-                    nv.type_ = ffi::PJRT_NamedValue_kInt64;
-                    nv.__bindgen_anon_1.int64_value = *i;
-                    nv.value_size = 1;
-                }
-                NamedOption::Ints(v) => {
-                    nv.type_ = ffi::PJRT_NamedValue_kInt64List;
-                    nv.__bindgen_anon_1.int64_array_value = v.as_ptr();
-                    nv.value_size = v.len();
-                }
-                NamedOption::Str(s) => {
-                    nv.type_ = ffi::PJRT_NamedValue_kString;
-                    nv.__bindgen_anon_1.string_value = s.as_ptr() as *const c_char;
-                    nv.value_size = s.len();
-                }
-                NamedOption::Bool(b) => {
-                    nv.type_ = ffi::PJRT_NamedValue_kBool;
-                    nv.__bindgen_anon_1.bool_value = *b;
-                    nv.value_size = 1;
-                }
-            }
-            nv
-        })
-        .collect()
 }
 
 /// One device of a topology, as its description gives it.
@@ -121,7 +77,7 @@ impl Topology {
     pub fn create(
         plugin: Arc<Plugin>,
         name: &str,
-        options: &[(&str, NamedOption)],
+        options: &[(&str, NamedValue)],
     ) -> Result<Topology> {
         let ctx = format!("creating topology {name}");
         let named = named_values(options);
@@ -445,10 +401,10 @@ impl TpuSlice {
     }
 
     /// The options libtpu's `PJRT_TopologyDescription_Create` takes for it.
-    pub fn options(&self) -> Vec<(&'static str, NamedOption)> {
+    pub fn options(&self) -> Vec<(&'static str, NamedValue)> {
         vec![
-            ("chip_config_name", NamedOption::Str("megacore".into())),
-            ("chips_per_host_bounds", NamedOption::Ints(vec![2, 2, 1])),
+            ("chip_config_name", NamedValue::Str("megacore".into())),
+            ("chips_per_host_bounds", NamedValue::Ints(vec![2, 2, 1])),
         ]
     }
 
@@ -486,8 +442,8 @@ mod tests {
     #[test]
     fn named_values_point_at_the_options() {
         let opts = [
-            ("chip_config_name", NamedOption::Str("megacore".into())),
-            ("chips_per_host_bounds", NamedOption::Ints(vec![2, 2, 1])),
+            ("chip_config_name", NamedValue::Str("megacore".into())),
+            ("chips_per_host_bounds", NamedValue::Ints(vec![2, 2, 1])),
         ];
         let nv = named_values(&opts);
         assert_eq!(nv[0].type_, ffi::PJRT_NamedValue_kString);

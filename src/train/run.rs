@@ -15,7 +15,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::ckpt::{self, Purpose};
 use crate::model::{active_params_per_token, param_specs};
-use crate::runtime::{find_plugin, Backend, Client, ClientOption, KeyValueStore, Plugin};
+use crate::runtime::{find_plugin, Backend, Client, KeyValueStore, NamedValue, Plugin};
 
 use super::batches::{Batches, DataPosition};
 use super::config::Config;
@@ -144,7 +144,7 @@ pub fn open_job_client(
 
 /// A client's creation options and key-value store.
 pub type ClientSetup = (
-    Vec<(&'static str, ClientOption)>,
+    Vec<(&'static str, NamedValue)>,
     Option<Arc<dyn KeyValueStore>>,
 );
 
@@ -158,8 +158,8 @@ pub fn job_client_options(
     let mut kv = None;
     match (backend, member) {
         (Backend::Cuda, Some(m)) if m.num_nodes > 1 => {
-            options.push(("node_id", ClientOption::Int(m.node_id)));
-            options.push(("num_nodes", ClientOption::Int(m.num_nodes)));
+            options.push(("node_id", NamedValue::Int(m.node_id)));
+            options.push(("num_nodes", NamedValue::Int(m.num_nodes)));
             kv = Some(m.kv);
         }
         (Backend::Tpu, Some(m)) if m.num_nodes > 1 => kv = Some(m.kv),
@@ -394,7 +394,7 @@ mod tests {
 
     #[test]
     fn multi_host_accelerator_clients_get_the_job_key_value_store() {
-        fn names(o: &[(&'static str, ClientOption)]) -> Vec<&'static str> {
+        fn names(o: &[(&'static str, NamedValue)]) -> Vec<&'static str> {
             o.iter().map(|(n, _)| *n).collect()
         }
         let (o, kv) = job_client_options(Backend::Tpu, 4, member(4));
@@ -406,8 +406,8 @@ mod tests {
             names(&o),
             ["abort_collectives_on_failure", "node_id", "num_nodes"]
         );
-        assert_eq!(o[1].1, ClientOption::Int(1));
-        assert_eq!(o[2].1, ClientOption::Int(2));
+        assert_eq!(o[1].1, NamedValue::Int(1));
+        assert_eq!(o[2].1, NamedValue::Int(2));
         // One host, or no job: no store.
         for b in [Backend::Tpu, Backend::Cuda, Backend::Cpu] {
             assert!(job_client_options(b, 1, member(1)).1.is_none(), "{b}");
@@ -416,6 +416,6 @@ mod tests {
         // The CPU plugin's processes never join one client.
         let (o, kv) = job_client_options(Backend::Cpu, 2, member(4));
         assert!(kv.is_none());
-        assert_eq!(o, vec![("cpu_device_count", ClientOption::Int(2))]);
+        assert_eq!(o, vec![("cpu_device_count", NamedValue::Int(2))]);
     }
 }
