@@ -447,3 +447,30 @@ fn grad_permute_rows_with_padding_and_fan_out() {
         p[0].permute_rows(&idx, &inv)?.sin()
     });
 }
+
+#[test]
+fn grad_grouped_matmul_and_outer() {
+    use sharedmoe::graph::WeightLayout;
+    // 3 blocks of 2 rows; groups [1, 0, 1]; only 2 blocks used, so block 2
+    // has zero gradient.
+    let blocks = |g: &Graph| -> Result<(Tensor, Tensor)> {
+        Ok((
+            g.constant(&[1.0, 0.0, 1.0], TensorType::new(DType::I32, &[3]))?,
+            g.constant(&[2.0], TensorType::new(DType::I32, &[]))?,
+        ))
+    };
+    for layout in [WeightLayout::OutIn, WeightLayout::InOut] {
+        let w_dims = match layout {
+            WeightLayout::OutIn => vec![2, 4, 3],
+            WeightLayout::InOut => vec![2, 3, 4],
+        };
+        check_grad(&[vec![6, 3], w_dims], &[randn(11, 18), randn(12, 24)], |g, p| {
+            let (groups, used) = blocks(g)?;
+            p[0].grouped_matmul(&p[1], &groups, &used, layout)?.sin()
+        });
+    }
+    check_grad(&[vec![6, 3], vec![6, 4]], &[randn(13, 18), randn(14, 24)], |g, p| {
+        let (groups, used) = blocks(g)?;
+        p[0].grouped_outer(&p[1], &groups, &used, 2)?.sin()
+    });
+}

@@ -601,3 +601,79 @@ fn permute_rows_selects_rows_and_zero_padding() {
     });
     assert_eq!(out[0], vec![3.0, 4.0, 0.0, 0.0, 1.0, 2.0]);
 }
+
+/// Host reference for grouped_matmul: block b (< used) of x [R, K] times
+/// w[groups[b]] laid out [G, N, K] (out_in) or [G, K, N].
+fn grouped_reference(
+    x: &[f64],
+    w: &[f64],
+    (r, k, n): (usize, usize, usize),
+    groups: &[usize],
+    used: usize,
+    out_in: bool,
+) -> Vec<f64> {
+    let block = r / groups.len();
+    let mut y = vec![0.0; r * n];
+    for row in 0..used * block {
+        let g = groups[row / block];
+        for j in 0..n {
+            y[row * n + j] = (0..k)
+                .map(|c| {
+                    let wv = if out_in {
+                        w[(g * n + j) * k + c]
+                    } else {
+                        w[(g * k + c) * n + j]
+                    };
+                    x[row * k + c] * wv
+                })
+                .sum();
+        }
+    }
+    y
+}
+
+#[test]
+fn grouped_matmul_and_outer_read_each_blocks_group() {
+    use sharedmoe::graph::WeightLayout;
+    // 4 blocks of 2 rows, 3 groups; block 3 is past `used` (zeros).
+    let (r, k, n, g) = (8usize, 3usize, 2usize, 3usize);
+    let x: Vec<f64> = (0..r * k).map(|i| (i as f64 * 0.7).sin()).collect();
+    let w: Vec<f64> = (0..g * n * k).map(|i| (i as f64 * 0.3).cos()).collect();
+    let groups = [2usize, 0, 2, 1];
+    let used = 3;
+    let gf: Vec<f64> = groups.iter().map(|&v| v as f64).collect();
+    let ins = [
+        (f64t(&[r as i64, k as i64]), x.clone()),
+        (f64t(&[g as i64, n as i64, k as i64]), w.clone()),
+        (i32t(&[4]), gf),
+        (i32t(&[]), vec![used as f64]),
+    ];
+    let out = eval(&ins, |_, p| {
+        let (x, w, gr, u) = (&p[0], &p[1], &p[2], &p[3]);
+        // The same w read as [G, K, N] (a different matrix, same numbers).
+        let w_in_out = w.reshape(&[g as i64, k as i64, n as i64])?;
+        let y = x.grouped_matmul(w, gr, u, WeightLayout::OutIn)?;
+        Ok(vec![
+            y.clone(),
+            x.grouped_matmul(&w_in_out, gr, u, WeightLayout::InOut)?,
+            // sum over blocks of y_b^T x_b per group: [G, N, K]
+            y.grouped_outer(x, gr, u, g as i64)?,
+        ])
+    });
+    let dims = (r, k, n);
+    let want_y = grouped_reference(&x, &w, dims, &groups, used, true);
+    assert_close(&out[0], &want_y, 1e-14, "grouped_matmul out_in");
+    let want_in_out = grouped_reference(&x, &w, dims, &groups, used, false);
+    assert_close(&out[1], &want_in_out, 1e-14, "grouped_matmul in_out");
+    let mut want_outer = vec![0.0; g * n * k];
+    for row in 0..used * 2 {
+        let e = groups[row / 2];
+        for j in 0..n {
+            for c in 0..k {
+                want_outer[(e * n + j) * k + c] += want_y[row * n + j] * x[row * k + c];
+            }
+        }
+    }
+    assert_close(&out[2], &want_outer, 1e-13, "grouped_outer");
+    assert!(out[0][6 * n..].iter().all(|&v| v == 0.0), "rows past `used` are zero");
+}

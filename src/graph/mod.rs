@@ -23,5 +23,6 @@ pub use self::core::{Graph, Tensor};
 pub use self::dtype::{DType, TensorType};
 pub use self::emit::Function;
 pub use self::error::{GraphError, Result};
+pub use self::ops::grouped::WeightLayout;
 pub use self::ops::linalg::DotDims;
 pub use self::ops::shape::concatenate;

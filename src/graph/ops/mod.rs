@@ -7,6 +7,7 @@ pub(crate) mod collective;
 pub(crate) mod constant;
 pub(crate) mod control;
 pub(crate) mod elementwise;
+pub(crate) mod grouped;
 pub(crate) mod indexing;
 pub(crate) mod linalg;
 pub(crate) mod reduce;
