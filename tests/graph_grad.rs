@@ -464,13 +464,21 @@ fn grad_grouped_matmul_and_outer() {
             WeightLayout::OutIn => vec![2, 4, 3],
             WeightLayout::InOut => vec![2, 3, 4],
         };
-        check_grad(&[vec![6, 3], w_dims], &[randn(11, 18), randn(12, 24)], |g, p| {
-            let (groups, used) = blocks(g)?;
-            p[0].grouped_matmul(&p[1], &groups, &used, layout)?.sin()
-        });
+        check_grad(
+            &[vec![6, 3], w_dims],
+            &[randn(11, 18), randn(12, 24)],
+            |g, p| {
+                let (groups, used) = blocks(g)?;
+                p[0].grouped_matmul(&p[1], &groups, &used, layout)?.sin()
+            },
+        );
     }
-    check_grad(&[vec![6, 3], vec![6, 4]], &[randn(13, 18), randn(14, 24)], |g, p| {
-        let (groups, used) = blocks(g)?;
-        p[0].grouped_outer(&p[1], &groups, &used, 2)?.sin()
-    });
+    check_grad(
+        &[vec![6, 3], vec![6, 4]],
+        &[randn(13, 18), randn(14, 24)],
+        |g, p| {
+            let (groups, used) = blocks(g)?;
+            p[0].grouped_outer(&p[1], &groups, &used, 2)?.sin()
+        },
+    );
 }

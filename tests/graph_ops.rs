@@ -675,5 +675,8 @@ fn grouped_matmul_and_outer_read_each_blocks_group() {
         }
     }
     assert_close(&out[2], &want_outer, 1e-13, "grouped_outer");
-    assert!(out[0][6 * n..].iter().all(|&v| v == 0.0), "rows past `used` are zero");
+    assert!(
+        out[0][6 * n..].iter().all(|&v| v == 0.0),
+        "rows past `used` are zero"
+    );
 }

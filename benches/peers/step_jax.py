@@ -1,12 +1,17 @@
 """JAX peer for `sharedmoe bench step`: the same model, batch and recipe.
 
-Argument: one JSON object {"model": ModelConfig, "train": TrainConfig,
-"steps": N} as sharedmoe serialises them. Prints one line per variant:
-`median_step_s VARIANT SECONDS` (median of N steps after 2 warm-ups), the
-step jitted with the optimizer state donated. For the shared-MoE model two
-variants run: experts computed densely with a routing mask
-(`masked-dense`) and tokens sorted by expert through
-`jax.lax.ragged_dot` (`ragged-dot`).
+Arguments: one JSON object {"model": ModelConfig, "train": TrainConfig,
+"steps": N} as sharedmoe serialises them, and the variant to run. The step
+is jitted with the optimizer state donated. Variants: `dense` for the
+dense model; for the shared-MoE model, experts computed densely with a
+routing mask (`masked-dense`) or tokens sorted by expert through
+`jax.lax.ragged_dot` (`ragged-dot`). One variant per process, so that the
+caller's peak-RSS measurement is the variant's own.
+
+Prints one line, `bench-step-result {json}`: the variant, the median step
+time of N steps after 2 warm-ups (`step_s`), and the compiled step's
+`memory_analysis()` (`compiled`: arguments, outputs, aliased, temporaries,
+generated code, in bytes), the fields `sharedmoe bench step` reads.
 """
 import json
 import math
@@ -17,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-spec = json.loads(sys.argv[1])
+spec, VARIANT = json.loads(sys.argv[1]), sys.argv[2]
 m, t, steps = spec["model"], spec["train"], spec["steps"]
 V, D, L, H, KV = m["vocab_size"], m["hidden_size"], m["num_layers"], m["num_heads"], m["num_kv_heads"]
 HD = D // H
@@ -196,6 +201,15 @@ def bench(variant, moe):
     state = (params, zeros, jax.tree.map(jnp.zeros_like, params), jnp.int32(0))
     step = make_step(moe)
     rng = np.random.default_rng(1)
+    probe = jnp.zeros((A, MB, S + 1), jnp.int32)
+    ma = step.lower(state, probe).compile().memory_analysis()
+    compiled = None if ma is None else {
+        "arguments": ma.argument_size_in_bytes,
+        "outputs": ma.output_size_in_bytes,
+        "aliased": ma.alias_size_in_bytes,
+        "temporaries": ma.temp_size_in_bytes,
+        "generated_code": ma.generated_code_size_in_bytes,
+    }
     times = []
     for i in range(steps + 2):
         win = jnp.asarray(rng.integers(0, V, (A, MB, S + 1)), jnp.int32)
@@ -204,12 +218,12 @@ def bench(variant, moe):
         jax.block_until_ready(metrics)
         if i >= 2:
             times.append(time.perf_counter() - t0)
-    print("median_step_s", variant, sorted(times)[len(times) // 2], flush=True)
+    result = {"variant": variant, "step_s": sorted(times)[len(times) // 2], "compiled": compiled}
+    print("bench-step-result", json.dumps(result), flush=True)
 
 
-print("jax", jax.__version__)
-if MOE:
-    bench("masked-dense", moe_masked)
-    bench("ragged-dot", moe_ragged)
-else:
-    bench("dense", None)
+VARIANTS = {"masked-dense": moe_masked, "ragged-dot": moe_ragged} if MOE else {"dense": None}
+if VARIANT not in VARIANTS:
+    sys.exit(f"variant {VARIANT!r}: this model's variants are {sorted(VARIANTS)}")
+print("jax", jax.__version__, file=sys.stderr)
+bench(VARIANT, VARIANTS[VARIANT])

@@ -180,7 +180,7 @@ fn jax_peer() -> Option<Duration> {
     Some(Duration::from_secs_f64(secs))
 }
 
-#[derive(clap::Args, Debug)]
+#[derive(clap::Args, Clone, Debug)]
 pub struct BenchArgs {
     /// Which benchmark: `runtime`, `step`, `parity`, `data` or `dist`.
     pub which: String,
@@ -193,6 +193,15 @@ pub struct BenchArgs {
     /// Timed steps (after 2 warm-up steps); for `parity`, compared steps.
     #[arg(long, default_value_t = 10)]
     pub steps: usize,
+    /// (`step`) also print each compiled step program's memory breakdown
+    /// (arguments, outputs, aliased, temporaries, code); the peak RSS of
+    /// each variant's process and the compiled total are always printed.
+    #[arg(long)]
+    pub memory: bool,
+    /// (`step`, internal) run only this variant in this process and print
+    /// its result: how `step` measures each variant's memory on its own.
+    #[arg(long, hide = true)]
+    pub variant: Option<String>,
     /// (`parity`) largest relative difference of the losses.
     #[arg(long, default_value_t = 1e-2)]
     pub tolerance: f64,
@@ -232,8 +241,8 @@ impl BenchArgs {
 pub fn run(args: &BenchArgs) -> anyhow::Result<()> {
     match args.which.as_str() {
         "runtime" => runtime(),
-        "step" => super::bench_step::step(&args.load_config()?, args.steps),
-        "parity" => super::bench_parity::parity(&args.load_config()?, args.steps, args.tolerance),
+        "step" => super::bench_step::step(args, &args.load_config()?),
+        "parity" => super::bench_parity::parity(args, &args.load_config()?),
         "data" => super::bench_data::data(&args.data, &args.tokenizer, args.seq_len, args.repeats),
         "dist" => {
             let default = std::path::PathBuf::from("configs/sharedmoe50m.toml");

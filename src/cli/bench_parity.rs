@@ -6,6 +6,8 @@
 
 use anyhow::{bail, Result};
 
+use super::bench::BenchArgs;
+
 use crate::train::batches::{Batches, DataPosition};
 use crate::train::run::open_client;
 use crate::train::trainer::fresh_checkpoint;
@@ -21,7 +23,8 @@ fn first_losses(cfg: &Config, steps: usize) -> Result<Vec<f64>> {
         .collect()
 }
 
-pub fn parity(cfg: &Config, steps: usize, tolerance: f64) -> Result<()> {
+pub fn parity(args: &BenchArgs, cfg: &Config) -> Result<()> {
+    let (steps, tolerance) = (args.steps, args.tolerance);
     if cfg.run.backend == "cpu" && cfg.compute_dtype() == crate::graph::DType::F32 {
         bail!(
             "nothing to compare: this is the CPU f32 reference itself; pass --set run.backend=cuda \
@@ -53,5 +56,10 @@ pub fn parity(cfg: &Config, steps: usize, tolerance: f64) -> Result<()> {
         bail!("losses differ by up to {worst:.2e} (relative), more than {tolerance:.0e}");
     }
     println!("max relative difference {worst:.2e} <= {tolerance:.0e}: ok");
-    super::bench_step::step(cfg, 10)
+    // Timed over 10 steps whatever the number of compared steps.
+    let timed = BenchArgs {
+        steps: 10,
+        ..args.clone()
+    };
+    super::bench_step::step(&timed, cfg)
 }

@@ -1,6 +1,12 @@
 //! `sharedmoe bench step --config C`: the compiled training step on this
 //! machine, next to the same model, batch and recipe under `jax.jit` with
 //! donated state (benches/peers/step_jax.py), measured in the same run.
+//!
+//! Every variant (ours routed, ours with every expert computed densely,
+//! each JAX variant) runs in its own process, so its peak RSS is its own;
+//! each also reports what its compiled step program needs according to
+//! XLA's buffer assignment (`CompiledMemoryStats`, JAX's
+//! `memory_analysis()`).
 
 use std::path::Path;
 use std::process::Command;
@@ -8,20 +14,87 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
 
+use super::bench::BenchArgs;
+use super::measured;
 use crate::model::ExpertCompute;
+use crate::runtime::MemoryStats;
 use crate::train::run::{device_peak_flops, flops_per_token, open_client};
 use crate::train::trainer::fresh_checkpoint;
 use crate::train::{Config, Trainer};
 
+/// The line a variant's process prints its result on.
+const RESULT: &str = "bench-step-result";
+
+/// One variant's result, as its process prints it (JSON after [`RESULT`]).
+#[derive(Debug, Serialize, Deserialize)]
+struct VariantResult {
+    variant: String,
+    /// Median step time in seconds.
+    step_s: f64,
+    /// The compiled step's memory per device, in bytes (XLA's buffer
+    /// assignment), where the backend reports it.
+    compiled: Option<CompiledMemory>,
+}
+
+#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
+struct CompiledMemory {
+    arguments: i64,
+    outputs: i64,
+    aliased: i64,
+    temporaries: i64,
+    generated_code: i64,
+}
+
+impl CompiledMemory {
+    /// What the program holds while it runs: arguments, outputs that do
+    /// not reuse an argument, and temporaries.
+    fn live(&self) -> i64 {
+        self.arguments + self.outputs - self.aliased + self.temporaries
+    }
+}
+
+impl From<MemoryStats> for CompiledMemory {
+    fn from(m: MemoryStats) -> Self {
+        CompiledMemory {
+            arguments: m.arguments,
+            outputs: m.outputs,
+            aliased: m.aliased,
+            temporaries: m.temporaries,
+            generated_code: m.generated_code,
+        }
+    }
+}
+
+/// Our step variants.
+fn our_variants(cfg: &Config) -> Vec<(&'static str, ExpertCompute)> {
+    let routed = ExpertCompute::Routed {
+        block: cfg.model.moe_block_size,
+    };
+    if cfg.model.is_moe() {
+        vec![
+            ("routed", routed),
+            ("dense-experts", ExpertCompute::Dense),
+        ]
+    } else {
+        vec![("dense", routed)]
+    }
+}
+
 /// Median step time (s) of `steps` timed steps after 2 warm-ups, on
-/// random tokens.
-fn time_steps(cfg: &Config, experts: ExpertCompute, steps: usize) -> Result<f64> {
+/// random tokens, and the step program's compiled memory.
+fn time_steps(
+    cfg: &Config,
+    experts: ExpertCompute,
+    steps: usize,
+) -> Result<(f64, Option<MemoryStats>)> {
     let client = open_client(cfg, None)?;
     let start = fresh_checkpoint(cfg, 0);
     let t0 = Instant::now();
     let mut trainer = Trainer::with_experts(cfg.clone(), client, &start, experts)?;
     tracing::info!("compiled in {:.1}s", t0.elapsed().as_secs_f64());
+    let memory = trainer.step_memory();
     let t = &cfg.train;
     let per = (t.global_batch / t.replicas * (t.seq_len + 1)) as usize;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
@@ -41,66 +114,82 @@ fn time_steps(cfg: &Config, experts: ExpertCompute, steps: usize) -> Result<f64>
         }
     }
     times.sort_by(|a, b| a.total_cmp(b));
-    Ok(times[times.len() / 2])
+    Ok((times[times.len() / 2], memory))
 }
 
-/// Runs the JAX peer if `target/bench-venv` exists; returns
-/// (variant, median step seconds) lines it printed.
-fn jax_peer(cfg: &Config, steps: usize) -> Result<Vec<(String, f64)>> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let python = root.join("target/bench-venv/bin/python");
-    if !python.exists() {
-        println!(
-            "peer (JAX): not installed; run scripts/bench-peers.sh to compare in the same run"
+/// The child side: one of our variants, result on stdout.
+fn run_variant(cfg: &Config, name: &str, steps: usize) -> Result<()> {
+    let Some(&(variant, experts)) = our_variants(cfg).iter().find(|(n, _)| *n == name) else {
+        anyhow::bail!(
+            "--variant {name}: this model's variants are {:?}",
+            our_variants(cfg).iter().map(|v| v.0).collect::<Vec<_>>()
         );
-        return Ok(vec![]);
-    }
-    let spec = serde_json::json!({
-        "model": cfg.model,
-        "train": cfg.train,
-        "steps": steps,
-    });
-    let out = Command::new(python)
-        .arg(root.join("benches/peers/step_jax.py"))
-        .arg(spec.to_string())
-        // The peer runs where we run.
-        .env("JAX_PLATFORMS", &cfg.run.backend)
-        .output()
-        .context("running benches/peers/step_jax.py")?;
-    // A variant that dies (e.g. ragged_dot running out of memory at full
-    // size) leaves the lines of the variants that finished.
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        let last = err
-            .lines()
-            .rev()
-            .find(|l| !l.trim().is_empty())
-            .unwrap_or("");
-        println!(
-            "peer (JAX) exited with {} before finishing all variants (out of memory?): {last}",
-            out.status
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout)
+    };
+    let (step_s, memory) = time_steps(cfg, experts, steps)?;
+    let result = VariantResult {
+        variant: variant.into(),
+        step_s,
+        compiled: memory.map(CompiledMemory::from),
+    };
+    println!("{RESULT} {}", serde_json::to_string(&result)?);
+    Ok(())
+}
+
+/// A variant's process as it ended.
+struct Outcome {
+    side: &'static str,
+    variant: String,
+    result: Option<VariantResult>,
+    peak_rss: u64,
+    status: String,
+}
+
+fn results_in(stdout: &str) -> Vec<VariantResult> {
+    stdout
         .lines()
-        .filter_map(|l| {
-            let mut it = l.split_whitespace();
-            match (it.next(), it.next(), it.next()) {
-                (Some("median_step_s"), Some(v), Some(s)) => {
-                    s.parse().ok().map(|s| (v.to_string(), s))
-                }
-                _ => None,
-            }
-        })
-        .collect())
+        .filter_map(|l| l.strip_prefix(RESULT))
+        .filter_map(|j| serde_json::from_str(j.trim()).ok())
+        .collect()
 }
 
-pub fn step(cfg: &Config, steps: usize) -> Result<()> {
+fn measure(side: &'static str, variant: &str, cmd: &mut Command) -> Result<Outcome> {
+    let m = measured::run(cmd)?;
+    let result = results_in(&m.stdout).into_iter().next();
+    Ok(Outcome {
+        side,
+        variant: variant.to_string(),
+        result,
+        peak_rss: m.peak_rss,
+        status: if m.success {
+            "ok".into()
+        } else {
+            format!("{} after {:.0} s", m.status, m.wall.as_secs_f64())
+        },
+    })
+}
+
+/// JAX's variants for this model (see step_jax.py).
+fn jax_variants(cfg: &Config) -> &'static [&'static str] {
+    if cfg.model.is_moe() {
+        &["masked-dense", "ragged-dot"]
+    } else {
+        &["dense"]
+    }
+}
+
+fn gib(bytes: f64) -> f64 {
+    bytes / (1u64 << 30) as f64
+}
+
+pub fn step(args: &BenchArgs, cfg: &Config) -> Result<()> {
+    if let Some(name) = &args.variant {
+        return run_variant(cfg, name, args.steps);
+    }
     let t = &cfg.train;
     let tokens = (t.global_batch * t.seq_len) as f64;
     let fpt = flops_per_token(cfg);
     println!(
-        "config: {:?} d={} layers={} vocab={} | batch {} x {} tokens, {} replica(s), {} accumulation step(s)",
+        "config: {:?} d={} layers={} vocab={} | batch {} x {} tokens, {} replica(s), {} accumulation step(s), {:?}",
         cfg.model.ffn,
         cfg.model.hidden_size,
         cfg.model.num_layers,
@@ -108,7 +197,8 @@ pub fn step(cfg: &Config, steps: usize) -> Result<()> {
         t.global_batch,
         t.seq_len,
         t.replicas,
-        cfg.accumulation_steps()
+        cfg.accumulation_steps(),
+        t.compute_dtype,
     );
     println!(
         "model FLOPs per token: {:.3e} (6 x used params + 12 x layers x seq x hidden)",
@@ -118,45 +208,128 @@ pub fn step(cfg: &Config, steps: usize) -> Result<()> {
     if let Some(p) = peak {
         println!("device peak for MFU: {:.1} GFLOP/s (documented for accelerators, measured matmul on CPU)", p / 1e9);
     }
-    let report = |name: &str, secs: f64| {
-        let mfu = peak
-            .map(|p| format!("  MFU {:.1}%", 100.0 * tokens * fpt / secs / p))
-            .unwrap_or_default();
+
+    let mut outcomes = vec![];
+    let me = std::env::current_exe().context("finding this executable")?;
+    for (variant, _) in our_variants(cfg) {
+        let mut cmd = Command::new(&me);
+        cmd.args(["bench", "step", "--variant", variant, "--steps"])
+            .arg(args.steps.to_string());
+        if let Some(c) = &args.config {
+            cmd.arg("--config").arg(c);
+        }
+        for s in &args.overrides {
+            cmd.arg("--set").arg(s);
+        }
+        outcomes.push(measure("sharedmoe", variant, &mut cmd)?);
+    }
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let python = root.join("target/bench-venv/bin/python");
+    if python.exists() {
+        let spec = serde_json::json!({
+            "model": cfg.model,
+            "train": cfg.train,
+            "steps": args.steps,
+        });
+        for variant in jax_variants(cfg) {
+            let mut cmd = Command::new(&python);
+            cmd.arg(root.join("benches/peers/step_jax.py"))
+                .arg(spec.to_string())
+                .arg(variant)
+                // The peer runs where we run.
+                .env("JAX_PLATFORMS", &cfg.run.backend);
+            outcomes.push(measure("jax", variant, &mut cmd)?);
+        }
+    } else {
         println!(
-            "{name:<22} step {:>9.2} ms  {:>10.0} tokens/s  {:>8.2} GFLOP/s{mfu}",
-            secs * 1e3,
-            tokens / secs,
-            tokens * fpt / secs / 1e9
+            "peer (JAX): not installed; run scripts/bench-peers.sh to compare in the same run"
         );
-    };
-    let ours = time_steps(
-        cfg,
-        ExpertCompute::Routed {
-            block: cfg.model.moe_block_size,
-        },
-        steps,
-    )?;
-    report(
-        if cfg.model.is_moe() {
-            "sharedmoe (routed)"
-        } else {
-            "sharedmoe"
-        },
-        ours,
+    }
+
+    println!(
+        "{:<26} {:>10} {:>10} {:>9} {:>6} {:>10} {:>10}",
+        "variant", "step ms", "tokens/s", "GFLOP/s", "MFU", "peak RSS", "compiled"
     );
-    if cfg.model.is_moe() {
-        let dense = time_steps(cfg, ExpertCompute::Dense, steps)?;
-        report("sharedmoe (dense exp.)", dense);
-        println!("routed / dense-experts step time: {:.2}", ours / dense);
-    }
-    let peers = jax_peer(cfg, steps)?;
-    for (variant, secs) in &peers {
-        report(&format!("jax ({variant})"), *secs);
-    }
-    if let Some((variant, best)) = peers.iter().min_by(|a, b| a.1.total_cmp(&b.1)) {
+    for o in &outcomes {
+        let name = format!("{} ({})", o.side, o.variant);
+        let rss = format!("{:.2} GiB", gib(o.peak_rss as f64));
+        let Some(r) = &o.result else {
+            println!("{name:<26} {:>10} {:>10} {:>9} {:>6} {rss:>10}   {}", "-", "-", "-", "-", o.status);
+            continue;
+        };
+        let mfu = peak
+            .map(|p| format!("{:.1}%", 100.0 * tokens * fpt / r.step_s / p))
+            .unwrap_or_else(|| "-".into());
+        let compiled = r
+            .compiled
+            .map(|c| format!("{:.2} GiB", gib(c.live() as f64)))
+            .unwrap_or_else(|| "-".into());
         println!(
-            "ratio ours / JAX (best peer: {variant}): {:.2}",
-            ours / best
+            "{name:<26} {:>10.1} {:>10.0} {:>9.2} {mfu:>6} {rss:>10} {compiled:>10}",
+            r.step_s * 1e3,
+            tokens / r.step_s,
+            tokens * fpt / r.step_s / 1e9,
+        );
+    }
+    if args.memory {
+        println!("compiled step memory per device (XLA buffer assignment), GiB:");
+        println!(
+            "{:<26} {:>9} {:>9} {:>9} {:>11} {:>9}",
+            "variant", "arguments", "outputs", "aliased", "temporaries", "code"
+        );
+        for o in &outcomes {
+            if let Some(c) = o.result.as_ref().and_then(|r| r.compiled) {
+                println!(
+                    "{:<26} {:>9.3} {:>9.3} {:>9.3} {:>11.3} {:>9.3}",
+                    format!("{} ({})", o.side, o.variant),
+                    gib(c.arguments as f64),
+                    gib(c.outputs as f64),
+                    gib(c.aliased as f64),
+                    gib(c.temporaries as f64),
+                    gib(c.generated_code as f64),
+                );
+            }
+        }
+    }
+
+    // Ours (the default variant) against every peer that finished.
+    let Some(ours) = outcomes.first().filter(|o| o.result.is_some()) else {
+        return Ok(());
+    };
+    let mine = ours.result.as_ref().expect("filtered");
+    let peers: Vec<&Outcome> = outcomes.iter().filter(|o| o.side == "jax").collect();
+    for p in &peers {
+        let ratio = |a: f64, b: f64| format!("{:.2}", a / b);
+        match &p.result {
+            Some(r) => println!(
+                "ratio ours ({}) / jax ({}): time {}, peak RSS {}, compiled {}",
+                ours.variant,
+                p.variant,
+                ratio(mine.step_s, r.step_s),
+                ratio(ours.peak_rss as f64, p.peak_rss as f64),
+                match (mine.compiled, r.compiled) {
+                    (Some(a), Some(b)) => ratio(a.live() as f64, b.live() as f64),
+                    _ => "-".into(),
+                }
+            ),
+            None => println!(
+                "jax ({}) did not finish ({}; peak RSS {:.2} GiB); ours did in {:.2} GiB",
+                p.variant,
+                p.status,
+                gib(p.peak_rss as f64),
+                gib(ours.peak_rss as f64)
+            ),
+        }
+    }
+    if let Some(best) = peers
+        .iter()
+        .filter_map(|p| p.result.as_ref().map(|r| (p, r)))
+        .min_by(|a, b| a.1.step_s.total_cmp(&b.1.step_s))
+    {
+        println!(
+            "ratio ours / JAX (best peer: {}): {:.2}",
+            best.0.variant,
+            mine.step_s / best.1.step_s
         );
     }
     Ok(())

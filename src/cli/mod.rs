@@ -5,6 +5,7 @@ mod bench_data;
 mod bench_dist;
 mod bench_parity;
 mod bench_step;
+mod measured;
 pub mod checkpoint;
 pub mod compile;
 pub mod data;

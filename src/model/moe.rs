@@ -11,7 +11,7 @@
 //! The dense variant computes all E experts on every token (for checking
 //! and for benchmarks).
 
-use crate::graph::{DType, DotDims, Result, Tensor, TensorType};
+use crate::graph::{DType, DotDims, Result, Tensor, TensorType, WeightLayout::OutIn};
 
 use super::layers::{accumulation_dtype, silu};
 
@@ -204,7 +204,8 @@ fn routed_experts(
         &assignment_of_row.div(&assignment_of_row.scalar_like(k as f64)?)?,
     )?;
     let xs = x.permute_rows(&token_of_row, &row_of_assignment.reshape(&[n, k])?)?; // [rows, D]
-                                                                                   // Block b belongs to the expert whose padded range contains its start.
+
+    // Block b belongs to the expert whose padded range contains its start.
     let block_start = g.iota(int(&[blocks, 1]), 0)?.mul_scalar(block as f64)?;
     let padded_end = padded_starts.add(&padded)?.reshape(&[1, e])?;
     let block_expert = padded_end
@@ -212,18 +213,15 @@ fn routed_experts(
         .convert(DType::I32)?
         .reduce_sum(&[1])?
         .minimum(&g.full((e - 1) as f64, int(&[blocks]))?)?;
-    let xb = xs.reshape(&[blocks, block, d])?;
-    let per_block = DotDims {
-        lhs_contract: vec![2],
-        rhs_contract: vec![2],
-        lhs_batch: vec![0],
-        rhs_batch: vec![0],
-    };
-    let gate = xb.dot_general(&w.gate.take(&block_expert)?, &per_block)?; // [nb, block, F]
-    let up = xb.dot_general(&w.up.take(&block_expert)?, &per_block)?;
+    // Blocks past the last expert's padded range hold only padding.
+    let used = padded
+        .reduce_sum(&[0])?
+        .div(&g.full(block as f64, int(&[]))?)?;
+    let grouped = |x: &Tensor, w: &Tensor| x.grouped_matmul(w, &block_expert, &used, OutIn);
+    let gate = grouped(&xs, w.gate)?; // [rows, F]
+    let up = grouped(&xs, w.up)?;
     let h = silu(&gate)?.mul(&up)?;
-    let yb = h.dot_general(&w.down.take(&block_expert)?, &per_block)?; // [nb, block, D]
-    let ys = yb.reshape(&[rows, d])?;
+    let ys = grouped(&h, w.down)?; // [rows, D]
     let y = ys.permute_rows(&row_of_assignment, &assignment_of_row.reshape(&[rows, 1])?)?; // [A, D]
     y.reshape(&[n, k, d])?
         .mul(&weights.reshape(&[n, k, 1])?)?

@@ -19,6 +19,7 @@ use super::buffer::{await_event, Buffer};
 use super::client::{Client, Device};
 use super::error::{Error, Result};
 use super::ffi;
+use super::memory_stats::MemoryStats;
 use super::plugin::{args, pjrt_call};
 
 /// An argument of one execution: borrowed (stays valid) or donated (the
@@ -49,6 +50,9 @@ pub struct Executable {
     next_launch: AtomicU32,
     /// The last execution's launch id (0: none yet).
     last_launch: AtomicI32,
+    /// What XLA's buffer assignment says the program needs, where the
+    /// plugin reports it.
+    memory: Option<MemoryStats>,
 }
 
 /// The launch-id key of a program: the first 8 bytes of a hash of its
@@ -131,6 +135,7 @@ impl Executable {
             launch_key: 0,
             next_launch: AtomicU32::new(0),
             last_launch: AtomicI32::new(0),
+            memory: None,
         };
         let mut get = args!(PJRT_LoadedExecutable_GetExecutable_Args {
             loaded_executable: raw
@@ -166,6 +171,8 @@ impl Executable {
             _ => None,
         };
         exe.launch_key = launch_key(&program_digest, fingerprint.as_deref());
+        // Optional too; read while the executable view exists.
+        exe.memory = MemoryStats::of(&p, get.executable).ok();
         exe.next_launch = AtomicU32::new(exe.launch_key as u32);
         let mut d = args!(PJRT_Executable_Destroy_Args {
             executable: get.executable
@@ -194,6 +201,12 @@ impl Executable {
             .map(|&d| exe.client.device_from_raw(d))
             .collect();
         Ok(exe)
+    }
+
+    /// Per device: the memory XLA's buffer assignment gives the program
+    /// (arguments, outputs, temporaries, code), where the plugin reports it.
+    pub fn memory_stats(&self) -> Option<MemoryStats> {
+        self.memory
     }
 
     pub fn num_outputs(&self) -> usize {

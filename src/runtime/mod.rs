@@ -16,6 +16,7 @@ mod element_type;
 mod error;
 mod executable;
 mod ffi;
+mod memory_stats;
 mod named;
 mod offline;
 pub(crate) mod plugin;
@@ -27,6 +28,7 @@ pub use compile_options::CompileOptions;
 pub use element_type::{ElementType, NativeType};
 pub use error::{Error, ErrorCode, Result};
 pub use executable::{launch_id_sequence, Arg, Executable};
+pub use memory_stats::MemoryStats;
 pub use named::NamedValue;
 pub use offline::Offline;
 pub use plugin::{
@@ -34,5 +36,5 @@ pub use plugin::{
     tpu_present, Backend, NvidiaLibraries, Plugin, PluginLocation,
 };
 pub use topology::{
-    CompiledProgram, MemoryStats, Topology, TopologyDevice, TpuSlice, TPU_V4_HBM_BYTES,
+    CompiledProgram, Topology, TopologyDevice, TpuSlice, TPU_V4_HBM_BYTES,
 };

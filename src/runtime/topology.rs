@@ -12,6 +12,7 @@ use super::compile_options::CompileOptions;
 use super::error::{Error, Result};
 use super::ffi;
 use super::named::{named_values, NamedValue};
+use super::memory_stats::MemoryStats;
 use super::plugin::{args, pjrt_call, Plugin};
 
 /// Copies a `(ptr, len)` string the plugin returned.
@@ -207,35 +208,6 @@ impl Topology {
     }
 }
 
-/// What one device needs to run a compiled program, in bytes
-/// (`xla::CompiledMemoryStats`); per device, which for a replicated
-/// program is per replica.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct MemoryStats {
-    pub generated_code: i64,
-    pub arguments: i64,
-    pub outputs: i64,
-    /// Bytes of the arguments reused for outputs (donation).
-    pub aliased: i64,
-    pub temporaries: i64,
-    /// XLA's peak, where the plugin reports it (0 otherwise).
-    pub peak: i64,
-    pub host_generated_code: i64,
-    pub host_arguments: i64,
-    pub host_outputs: i64,
-    pub host_aliased: i64,
-    pub host_temporaries: i64,
-}
-
-impl MemoryStats {
-    /// Device memory the program holds while it runs: arguments, outputs
-    /// not aliased to an argument, temporaries and the code (MaxText's and
-    /// JAX's sum of `memory_analysis()`, plus the code).
-    pub fn total(&self) -> i64 {
-        self.arguments + self.outputs - self.aliased + self.temporaries + self.generated_code
-    }
-}
-
 /// A compiled, unloaded executable (`PJRT_Executable`).
 pub struct CompiledProgram {
     raw: *mut ffi::PJRT_Executable,
@@ -269,28 +241,7 @@ impl CompiledProgram {
 
     /// Device (and host) memory one device needs to run the program.
     pub fn memory_stats(&self) -> Result<MemoryStats> {
-        let mut a = args!(PJRT_Executable_GetCompiledMemoryStats_Args {
-            executable: self.raw
-        });
-        pjrt_call!(
-            self.plugin(),
-            PJRT_Executable_GetCompiledMemoryStats,
-            &mut a,
-            "compiled memory stats"
-        )?;
-        Ok(MemoryStats {
-            generated_code: a.generated_code_size_in_bytes,
-            arguments: a.argument_size_in_bytes,
-            outputs: a.output_size_in_bytes,
-            aliased: a.alias_size_in_bytes,
-            temporaries: a.temp_size_in_bytes,
-            peak: a.peak_memory_in_bytes,
-            host_generated_code: a.host_generated_code_size_in_bytes,
-            host_arguments: a.host_argument_size_in_bytes,
-            host_outputs: a.host_output_size_in_bytes,
-            host_aliased: a.host_alias_size_in_bytes,
-            host_temporaries: a.host_temp_size_in_bytes,
-        })
+        MemoryStats::of(self.plugin(), self.raw)
     }
 
     /// XLA's cost analysis (e.g. `flops`, `bytes accessed`), numbers only,

@@ -266,6 +266,28 @@ impl Trainer {
     }
 
     /// Optimizer steps done so far.
+    /// What XLA's buffer assignment gives the step program(s) per device:
+    /// the fused step's, or the gradient and update programs' sum of
+    /// temporaries (they run one after the other) with the larger code.
+    pub fn step_memory(&self) -> Option<crate::runtime::MemoryStats> {
+        match &self.programs {
+            StepPrograms::Fused { program, .. } => program.executable().memory_stats(),
+            StepPrograms::Split {
+                gradient, update, ..
+            } => {
+                let (g, u) = (
+                    gradient.executable().memory_stats()?,
+                    update.executable().memory_stats()?,
+                );
+                Some(crate::runtime::MemoryStats {
+                    temporaries: g.temporaries.max(u.temporaries),
+                    generated_code: g.generated_code + u.generated_code,
+                    ..g
+                })
+            }
+        }
+    }
+
     pub fn step_count(&self) -> i64 {
         self.step
     }

@@ -51,9 +51,13 @@ impl WeightLayout {
 }
 
 /// Checks groups [NB] and used [] (i32) against R rows; returns the block size.
-fn check_blocks(op: &'static str, rows: i64, groups: &TensorType, used: &TensorType) -> Result<i64> {
-    if groups.dtype != DType::I32 || groups.rank() != 1 || used != &TensorType::scalar(DType::I32)
-    {
+fn check_blocks(
+    op: &'static str,
+    rows: i64,
+    groups: &TensorType,
+    used: &TensorType,
+) -> Result<i64> {
+    if groups.dtype != DType::I32 || groups.rank() != 1 || used != &TensorType::scalar(DType::I32) {
         return op_err(
             op,
             format!("want groups [blocks] i32 and used [] i32, got {groups} and {used}"),
@@ -218,7 +222,12 @@ impl Primitive for GroupedOuter {
                 TensorType::new(dt, &[p, q]),
                 &dot_attrs(0, 0),
             );
-            let o = bd.op("stablehlo.reshape", &[&o], TensorType::new(dt, &[1, p, q]), "");
+            let o = bd.op(
+                "stablehlo.reshape",
+                &[&o],
+                TensorType::new(dt, &[1, p, q]),
+                "",
+            );
             let cur = bd.op(
                 "stablehlo.dynamic_slice",
                 &[&lp.acc, &lp.group, &lp.zero, &lp.zero],
@@ -299,10 +308,7 @@ fn block_loop(
 ) -> Result<String> {
     let i32s = TensorType::scalar(DType::I32);
     let block = ins[0].ty.dims[0] / ins[2].ty.dims[0];
-    let mut top = Lines {
-        cx,
-        text: vec![],
-    };
+    let mut top = Lines { cx, text: vec![] };
     let start = top.constant(i32s.clone(), 0.0);
     let zero = top.constant(TensorType::scalar(out.ty.dtype), 0.0);
     let init = top.op(
@@ -313,7 +319,8 @@ fn block_loop(
     );
     let mut carried = vec![start.clone(), init];
     carried.extend(ins.iter().cloned());
-    let args = |l: &mut Lines| -> Vec<Operand> { carried.iter().map(|o| l.fresh_like(o)).collect() };
+    let args =
+        |l: &mut Lines| -> Vec<Operand> { carried.iter().map(|o| l.fresh_like(o)).collect() };
     let sig = |a: &[Operand]| -> String {
         a.iter()
             .map(|o| format!("{}: {}", o.name, o.ty.mlir()))
