@@ -243,12 +243,17 @@ impl<'a> Transformer<'a> {
         let v = self.cfg.vocab_size;
         let logits = self.logits(&h)?.reshape(&[b * s, v])?;
         let lse = logits.logsumexp(-1)?.reshape(&[b * s])?;
+        // The target's logit through a one-hot mask rather than a gather:
+        // the gradient is then softmax - one_hot, one elementwise pass that
+        // XLA fuses, where a gather's gradient is a scatter into another
+        // zeroed [B*S, V] buffer. Exact: the other terms add zeros.
         let g = windows.graph();
-        let row = g.iota(crate::graph::TensorType::new(DType::I32, &[b * s]), 0)?;
-        let flat_index = row
-            .mul_scalar(v as f64)?
-            .add(&targets.reshape(&[b * s])?.convert(DType::I32)?)?;
-        let picked = logits.reshape(&[b * s * v])?.take(&flat_index)?;
+        let vocab = g.iota(crate::graph::TensorType::new(DType::I32, &[1, v]), 1)?;
+        let target = targets.reshape(&[b * s, 1])?.convert(DType::I32)?;
+        let picked = vocab
+            .eq(&target)?
+            .select(&logits, &logits.zeros_like()?)?
+            .reduce_sum(&[1])?;
         let ce = lse.sub(&picked)?.mean_all()?;
         let total = if self.cfg.is_moe() {
             ce.add(&aux.mul_scalar(self.cfg.aux_loss_coef)?)?
