@@ -201,15 +201,59 @@ impl Tensor {
         self.sub(&self.logsumexp(axis)?)
     }
 
-    /// exp(x) / sum(exp(x)) along `axis`, computed stably.
+    /// exp(x) / sum(exp(x)) along `axis`, computed stably. Its gradient
+    /// is written in terms of the output alone, as JAX's `softmax` does:
+    /// the backward pass keeps y and nothing else (autodiff through the
+    /// ops below would keep exp(x - max) beside y, a second buffer the
+    /// size of the attention scores per layer).
     pub fn softmax(&self, axis: i64) -> Result<Tensor> {
         let a = normalize_axis(axis, self.rank(), "softmax")?;
-        let m = self
-            .keep_axis(&self.reduce_max(&[a as i64])?, a)?
-            .stop_gradient()?;
-        let e = self.sub(&m)?.exp()?;
-        let s = self.keep_axis(&e.reduce_sum(&[a as i64])?, a)?;
-        e.div(&s)
+        let x = self.stop_gradient()?;
+        let m = x.keep_axis(&x.reduce_max(&[a as i64])?, a)?;
+        let e = x.sub(&m)?.exp()?;
+        let s = x.keep_axis(&e.reduce_sum(&[a as i64])?, a)?;
+        let y = e.div(&s)?;
+        self.g.apply1(SoftmaxOutput { axis: a }, &[self, &y])
+    }
+}
+
+/// Ties softmax's output y (operand 1, computed without gradients) to its
+/// input x (operand 0): the value is y, and the gradient is
+/// dx = y * (g - sum(g * y, axis)).
+#[derive(Debug)]
+struct SoftmaxOutput {
+    axis: usize,
+}
+
+impl Primitive for SoftmaxOutput {
+    fn name(&self) -> &'static str {
+        "softmax"
+    }
+
+    fn out_types(&self, ins: &[&TensorType]) -> Result<Vec<TensorType>> {
+        if ins[0] != ins[1] {
+            return op_err("softmax", format!("input {} but output {}", ins[0], ins[1]));
+        }
+        Ok(vec![ins[1].clone()])
+    }
+
+    fn vjp(
+        &self,
+        _: &[Tensor],
+        outs: &[Tensor],
+        cts: &[Option<Tensor>],
+    ) -> Result<Vec<Option<Tensor>>> {
+        let (y, g) = (&outs[0], ct0(cts)?);
+        let dot = y.keep_axis(&g.mul(y)?.reduce_sum(&[self.axis as i64])?, self.axis)?;
+        Ok(vec![Some(y.mul(&g.sub(&dot)?)?), None])
+    }
+
+    fn emit(&self, _: &mut EmitCx, _: &[Operand], _: &[Operand]) -> Result<String> {
+        Ok(String::new())
+    }
+
+    fn alias_of(&self) -> Option<usize> {
+        Some(1)
     }
 }
 
