@@ -93,6 +93,7 @@ fn time_steps(
     let start = fresh_checkpoint(cfg, 0);
     let t0 = Instant::now();
     let mut trainer = Trainer::with_experts(cfg.clone(), client, &start, experts)?;
+    drop(start); // on the device now, as in `train`
     tracing::info!("compiled in {:.1}s", t0.elapsed().as_secs_f64());
     let memory = trainer.step_memory();
     let t = &cfg.train;

@@ -456,6 +456,9 @@ fn run_attempt(
         trainer.set_stop_vote(sigterm.clone());
         (trainer, Arc::new(AtomicBool::new(false)))
     };
+    // The state lives on the devices now; the host copy (12 bytes per
+    // parameter) would only sit in memory beside it.
+    drop(start);
     tracing::info!("compiled in {:.1}s", began.elapsed().as_secs_f64());
     // Everyone compiled: the first step's time is the step's.
     rt.block_on(client.clone().barrier(BarrierRequest {
