@@ -73,10 +73,7 @@ fn our_variants(cfg: &Config) -> Vec<(&'static str, ExpertCompute)> {
         block: cfg.model.moe_block_size,
     };
     if cfg.model.is_moe() {
-        vec![
-            ("routed", routed),
-            ("dense-experts", ExpertCompute::Dense),
-        ]
+        vec![("routed", routed), ("dense-experts", ExpertCompute::Dense)]
     } else {
         vec![("dense", routed)]
     }
@@ -255,7 +252,10 @@ pub fn step(args: &BenchArgs, cfg: &Config) -> Result<()> {
         let name = format!("{} ({})", o.side, o.variant);
         let rss = format!("{:.2} GiB", gib(o.peak_rss as f64));
         let Some(r) = &o.result else {
-            println!("{name:<26} {:>10} {:>10} {:>9} {:>6} {rss:>10}   {}", "-", "-", "-", "-", o.status);
+            println!(
+                "{name:<26} {:>10} {:>10} {:>9} {:>6} {rss:>10}   {}",
+                "-", "-", "-", "-", o.status
+            );
             continue;
         };
         let mfu = peak

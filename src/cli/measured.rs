@@ -46,10 +46,7 @@ pub fn run(cmd: &mut Command) -> Result<Measured> {
     let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
     let pid = unsafe { libc::wait4(child.id() as i32, &mut status, 0, &mut usage) };
     if pid != child.id() as i32 {
-        anyhow::bail!(
-            "waiting for {cmd:?}: {}",
-            std::io::Error::last_os_error()
-        );
+        anyhow::bail!("waiting for {cmd:?}: {}", std::io::Error::last_os_error());
     }
     let (success, status) = if libc::WIFEXITED(status) {
         let code = libc::WEXITSTATUS(status);

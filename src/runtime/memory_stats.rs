@@ -37,7 +37,10 @@ impl MemoryStats {
 
 impl MemoryStats {
     /// The stats of an (unloaded) executable.
-    pub(crate) fn of(plugin: &Plugin, executable: *mut ffi::PJRT_Executable) -> Result<MemoryStats> {
+    pub(crate) fn of(
+        plugin: &Plugin,
+        executable: *mut ffi::PJRT_Executable,
+    ) -> Result<MemoryStats> {
         let mut a = args!(PJRT_Executable_GetCompiledMemoryStats_Args { executable });
         pjrt_call!(
             plugin,

@@ -35,6 +35,4 @@ pub use plugin::{
     find_plugin, libtpu_init_args, preload_nvidia_libraries, set_libtpu_init_args, tpu_chips_in,
     tpu_present, Backend, NvidiaLibraries, Plugin, PluginLocation,
 };
-pub use topology::{
-    CompiledProgram, Topology, TopologyDevice, TpuSlice, TPU_V4_HBM_BYTES,
-};
+pub use topology::{CompiledProgram, Topology, TopologyDevice, TpuSlice, TPU_V4_HBM_BYTES};

@@ -11,8 +11,8 @@ use std::sync::Arc;
 use super::compile_options::CompileOptions;
 use super::error::{Error, Result};
 use super::ffi;
-use super::named::{named_values, NamedValue};
 use super::memory_stats::MemoryStats;
+use super::named::{named_values, NamedValue};
 use super::plugin::{args, pjrt_call, Plugin};
 
 /// Copies a `(ptr, len)` string the plugin returned.
