@@ -187,6 +187,24 @@ fn a_model_too_large_for_memory_is_refused_with_the_estimate() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+#[test]
+fn a_step_whose_activations_do_not_fit_is_refused_with_xlas_figure() {
+    // A tiny model (the parameters fit easily) with a batch whose attention
+    // scores alone take 32 x 4 heads x 8192^2 floats (32 GiB) per layer:
+    // XLA's buffer assignment of the compiled step says so before anything
+    // runs, instead of the process being killed at the first step. (Half
+    // the sample is held out so that one evaluation batch exists.)
+    refused(
+        &[
+            "train.seq_len=8192",
+            "train.global_batch=32",
+            "train.micro_batch=32",
+            "data.val_fraction=0.5",
+        ],
+        "the compiled train step needs",
+    );
+}
+
 /// `clip_by_global_norm` with max norm 0 (`train.grad_clip = 0`) passes
 /// the gradients through; with 1 it scales them to norm 1.
 #[test]

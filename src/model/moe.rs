@@ -5,11 +5,25 @@
 //!
 //! Routed computation (the default) runs each expert only on its tokens:
 //! the N*k (token, expert) assignments are sorted by expert, each expert's
-//! group is padded to a multiple of `moe_block_size`, and the blocks run as
-//! one batched matmul against the experts' weights gathered per block.
-//! Padding costs at most E * (block - 1) extra rows; no token is dropped.
-//! The dense variant computes all E experts on every token (for checking
-//! and for benchmarks).
+//! group is padded to a multiple of `moe_block_size`, and
+//! [`Tensor::grouped_matmul`] runs the blocks in an XLA loop that reads
+//! each block's expert weights in place. Padding costs at most
+//! E * (block - 1) extra rows, and blocks past the last expert's rows are
+//! skipped; no token is dropped. The dense variant computes all E experts
+//! on every token (for checking and for benchmarks).
+//!
+//! Why a loop over blocks (issue 14, measured on the 2-core CPU machine):
+//! - Gathering every block's weights for one batched matmul copied
+//!   [blocks, F, D] per projection (about 0.5 GB per layer at 4 x 1024
+//!   tokens), kept the copies for the backward pass and scatter-added
+//!   gradients of the same size: the 50M model at 4 x 1024 was killed at
+//!   24 GB. The loop needs 13 GB there and is as fast (27 s per step);
+//!   at the mid-size shape it is within noise of the gather (1.08 s vs
+//!   0.99 s per step).
+//! - A static per-expert capacity layout [E, C, D] is dropless only with
+//!   C = N * k, E times the rows.
+//! - `ragged_dot` lowers to a slow loop on XLA:CPU (JAX's ragged variant
+//!   is slower than masked-dense and runs out of memory at 4 x 1024).
 
 use crate::graph::{DType, DotDims, Result, Tensor, TensorType, WeightLayout::OutIn};
 
@@ -144,9 +158,10 @@ fn exclusive_cumsum(v: &Tensor) -> Result<Tensor> {
 }
 
 /// The mean group size rounded up to a power of two, in 8..=128. Larger
-/// blocks pad more rows (at most E * (block - 1)); smaller ones gather the
-/// expert weights once per block more often, which costs more on CPU
-/// (measured: blocks of 16 were 30% slower than 64-128 at the 50M shape).
+/// blocks pad more rows (at most E * (block - 1)); smaller ones run more,
+/// smaller matmuls and re-read an expert's weights once per block, which
+/// costs more on CPU (measured with per-block weight gathers: blocks of 16
+/// were 30% slower than 64-128 at the 50M shape).
 pub fn auto_block(assignments: i64, experts: i64) -> i64 {
     let mean_group = (assignments / experts).max(1) as u64;
     (mean_group.next_power_of_two() as i64).clamp(8, 128)

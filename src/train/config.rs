@@ -420,17 +420,6 @@ impl Config {
                 self.data.shards, t.replicas
             ));
         }
-        let tokens = t
-            .micro_batch
-            .checked_mul(t.seq_len)
-            .and_then(|n| n.checked_mul(self.model.vocab_size))
-            .filter(|&n| n < i32::MAX as i64);
-        if tokens.is_none() {
-            return Err(format!(
-                "train.micro_batch * train.seq_len * model.vocab_size = {} * {} * {} overflows i32 logits indexing; lower train.micro_batch",
-                t.micro_batch, t.seq_len, self.model.vocab_size
-            ));
-        }
         Ok(())
     }
 

@@ -13,7 +13,7 @@
 use anyhow::{bail, Result};
 
 use crate::model::{count_params, params::TRAINING_BYTES_PER_PARAM};
-use crate::runtime::Client;
+use crate::runtime::{Client, Device, MemoryStats};
 
 use super::config::Config;
 
@@ -158,6 +158,54 @@ fn check_device(e: &Estimate, device: &str, free: u128) -> Result<()> {
             TRAINING_BYTES_PER_PARAM,
             gib(free)
         );
+    }
+    Ok(())
+}
+
+/// Refuses a compiled step program whose buffers do not fit, with XLA's
+/// own figure (its buffer assignment: arguments, outputs not aliased to an
+/// argument, temporaries) rather than an out-of-memory kill at the first
+/// step. Called before the state is uploaded. On the CPU backend the
+/// `devices` share the host's memory; elsewhere each has its own.
+pub fn check_compiled_step(cfg: &Config, stats: &MemoryStats, devices: &[Device]) -> Result<()> {
+    let per_device = stats.total() - stats.generated_code;
+    let hint = format!(
+        "XLA's buffer assignment: {} of arguments, {} of temporaries; lower train.micro_batch (now {}) \
+         or train.seq_len (now {})",
+        gib(stats.arguments.max(0) as u128),
+        gib(stats.temporaries.max(0) as u128),
+        cfg.train.micro_batch,
+        cfg.train.seq_len
+    );
+    if cfg.run.backend == "cpu" {
+        let need = per_device.max(0) as u128 * devices.len() as u128;
+        if let Some(available) = host_available() {
+            if need > available {
+                bail!(
+                    "the compiled train step needs {} of host memory for {} replica(s); this machine \
+                     has {} available ({hint})",
+                    gib(need),
+                    devices.len(),
+                    gib(available)
+                );
+            }
+        }
+        return Ok(());
+    }
+    for d in devices {
+        let Some((limit, in_use)) = d.memory() else {
+            continue;
+        };
+        let free = (limit - in_use).max(0);
+        if per_device > free {
+            bail!(
+                "the compiled train step needs {} per device; device {} ({}) has {} free ({hint})",
+                gib(per_device as u128),
+                d.id(),
+                d.kind(),
+                gib(free as u128)
+            );
+        }
     }
     Ok(())
 }

@@ -13,7 +13,7 @@ use anyhow::{bail, Context, Result};
 use crate::ckpt::{Checkpoint, Tensors, TrainingState};
 use crate::graph::{Compiled, HostTensor};
 use crate::model::{init_params, ExpertCompute};
-use crate::runtime::{Arg, Buffer, Client, Device};
+use crate::runtime::{Arg, Buffer, Client, Device, MemoryStats};
 
 use super::config::Config;
 use super::exchange::CrossProcessSum;
@@ -70,6 +70,30 @@ pub struct Trainer {
     nonfinite_steps: i64,
     /// This process's stop vote, summed over the job inside the fused step.
     stop_vote: Option<Arc<AtomicBool>>,
+}
+
+/// Per device, what XLA's buffer assignment gives the step: the fused
+/// program's, or for the split step (two programs run one after the other)
+/// the update program's arguments and outputs (the whole state and the
+/// gradients), the larger of the two programs' temporaries, and both
+/// programs' code.
+fn step_memory(programs: &StepPrograms) -> Option<MemoryStats> {
+    match programs {
+        StepPrograms::Fused { program, .. } => program.executable().memory_stats(),
+        StepPrograms::Split {
+            gradient, update, ..
+        } => {
+            let (g, u) = (
+                gradient.executable().memory_stats()?,
+                update.executable().memory_stats()?,
+            );
+            Some(MemoryStats {
+                temporaries: g.temporaries.max(u.temporaries),
+                generated_code: g.generated_code + u.generated_code,
+                ..u
+            })
+        }
+    }
 }
 
 /// A device scalar (f32) as f64.
@@ -231,6 +255,11 @@ impl Trainer {
                 (placement, programs, replicas)
             }
         };
+        // Programs compiled, state not uploaded yet: refuse a step that
+        // cannot fit now, with XLA's figure, rather than be killed later.
+        if let Some(stats) = step_memory(&programs) {
+            super::memory::check_compiled_step(&cfg, &stats, &placement.devices)?;
+        }
         let eval_program = eval_step(&cfg, experts, eval_replicas)?
             .compile_on(&client, Some(&placement.assignment))
             .context("compiling the eval step")?;
@@ -266,26 +295,9 @@ impl Trainer {
     }
 
     /// Optimizer steps done so far.
-    /// What XLA's buffer assignment gives the step program(s) per device:
-    /// the fused step's, or the gradient and update programs' sum of
-    /// temporaries (they run one after the other) with the larger code.
-    pub fn step_memory(&self) -> Option<crate::runtime::MemoryStats> {
-        match &self.programs {
-            StepPrograms::Fused { program, .. } => program.executable().memory_stats(),
-            StepPrograms::Split {
-                gradient, update, ..
-            } => {
-                let (g, u) = (
-                    gradient.executable().memory_stats()?,
-                    update.executable().memory_stats()?,
-                );
-                Some(crate::runtime::MemoryStats {
-                    temporaries: g.temporaries.max(u.temporaries),
-                    generated_code: g.generated_code + u.generated_code,
-                    ..g
-                })
-            }
-        }
+    /// What XLA's buffer assignment gives the step program(s) per device.
+    pub fn step_memory(&self) -> Option<MemoryStats> {
+        step_memory(&self.programs)
     }
 
     pub fn step_count(&self) -> i64 {

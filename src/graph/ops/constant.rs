@@ -6,7 +6,9 @@ use crate::graph::emit::{generic, EmitCx};
 use crate::graph::error::{op_err, Result};
 use crate::graph::primitive::{Operand, Primitive};
 
-/// A literal: little-endian element bytes of `ty`.
+/// A literal: little-endian element bytes of `ty`, or of one element
+/// that fills it (a splat is never expanded: `zeros_like` of a
+/// [4096, 32000] f32 tensor is 4 bytes here, not 524 MB of host memory).
 #[derive(Debug)]
 struct Constant {
     ty: TensorType,
@@ -42,7 +44,8 @@ impl Primitive for Constant {
 pub(crate) fn dense_literal(ty: &TensorType, bytes: &[u8]) -> String {
     let size = ty.dtype.size_in_bytes();
     let first = &bytes[..size.min(bytes.len())];
-    let splat = bytes.chunks(size).all(|c| c == first);
+    // One element's bytes fill the whole tensor.
+    let splat = bytes.len() == size || bytes.chunks(size).all(|c| c == first);
     if !splat && ty.dtype == DType::Bool {
         // i1 has no portable hex form; spell the nested list out.
         let flat: Vec<&str> = bytes
@@ -93,17 +96,24 @@ impl Graph {
         if ty.dims.iter().any(|&d| d < 0) {
             return op_err("constant", format!("negative dimension in {ty}"));
         }
-        let bytes: Vec<u8> = match values.len() {
-            1 => ty.dtype.encode(values[0]).repeat(n as usize),
-            len if len as i64 == n => values.iter().flat_map(|&v| ty.dtype.encode(v)).collect(),
-            len => {
-                return op_err(
-                    "constant",
-                    format!("{len} values given for {ty} ({n} elements)"),
-                )
+        match values.len() {
+            // A splat: one element's bytes, filled in by the emitter.
+            1 if n > 0 => self.apply1(
+                Constant {
+                    bytes: ty.dtype.encode(values[0]),
+                    ty,
+                },
+                &[],
+            ),
+            1 => self.constant_bytes(vec![], ty),
+            len if len as i64 == n => {
+                self.constant_bytes(values.iter().flat_map(|&v| ty.dtype.encode(v)).collect(), ty)
             }
-        };
-        self.constant_bytes(bytes, ty)
+            len => op_err(
+                "constant",
+                format!("{len} values given for {ty} ({n} elements)"),
+            ),
+        }
     }
 
     /// A constant from raw little-endian element bytes.
