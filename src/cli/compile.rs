@@ -468,10 +468,17 @@ pub fn run(a: &CompileArgs) -> Result<()> {
         let eval = compiler.compile(&cfg, false)?;
         println!();
         print_table(&[("train step", &train), ("eval step", &eval)]);
+        // The routed experts run in a loop over row blocks too (see
+        // model::moe), so their matmuls count as one block's.
+        let experts_loop = if cfg.model.is_moe() {
+            " and the routed experts' matmuls as one block's"
+        } else {
+            ""
+        };
         println!(
             "  (FLOPs: XLA counts a loop body once, so the train step's figure is about one \
-             micro-batch's forward and backward plus the update; the model's 6N + attention \
-             estimate for one micro-batch is {:.3e})",
+             micro-batch's forward and backward plus the update{experts_loop}; the model's 6N + \
+             attention estimate for one micro-batch is {:.3e})",
             flops_per_token(&cfg) * (t.micro_batch * t.seq_len) as f64
         );
         report["eval"] = eval.to_json();
