@@ -51,8 +51,9 @@ pub struct Executable {
     /// The last execution's launch id (0: none yet).
     last_launch: AtomicI32,
     /// What XLA's buffer assignment says the program needs, where the
-    /// plugin reports it.
-    memory: Option<MemoryStats>,
+    /// plugin reports it (boxed: it is read rarely and would double the
+    /// size of every executable handle).
+    memory: Option<Box<MemoryStats>>,
 }
 
 /// The launch-id key of a program: the first 8 bytes of a hash of its
@@ -172,7 +173,7 @@ impl Executable {
         };
         exe.launch_key = launch_key(&program_digest, fingerprint.as_deref());
         // Optional too; read while the executable view exists.
-        exe.memory = MemoryStats::of(&p, get.executable).ok();
+        exe.memory = MemoryStats::of(&p, get.executable).ok().map(Box::new);
         exe.next_launch = AtomicU32::new(exe.launch_key as u32);
         let mut d = args!(PJRT_Executable_Destroy_Args {
             executable: get.executable
@@ -206,7 +207,7 @@ impl Executable {
     /// Per device: the memory XLA's buffer assignment gives the program
     /// (arguments, outputs, temporaries, code), where the plugin reports it.
     pub fn memory_stats(&self) -> Option<MemoryStats> {
-        self.memory
+        self.memory.as_deref().copied()
     }
 
     pub fn num_outputs(&self) -> usize {

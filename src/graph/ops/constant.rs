@@ -106,9 +106,10 @@ impl Graph {
                 &[],
             ),
             1 => self.constant_bytes(vec![], ty),
-            len if len as i64 == n => {
-                self.constant_bytes(values.iter().flat_map(|&v| ty.dtype.encode(v)).collect(), ty)
-            }
+            len if len as i64 == n => self.constant_bytes(
+                values.iter().flat_map(|&v| ty.dtype.encode(v)).collect(),
+                ty,
+            ),
             len => op_err(
                 "constant",
                 format!("{len} values given for {ty} ({n} elements)"),
