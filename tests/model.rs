@@ -250,6 +250,40 @@ fn balance_loss_is_exactly_one_for_a_zero_router() {
 }
 
 #[test]
+fn small_preset_parameter_counts_keep_the_full_models_ratio() {
+    let dense = sharedmoe::model::count_params(&ModelConfig::preset("small-dense").unwrap());
+    let moe = sharedmoe::model::count_params(&ModelConfig::preset("small-sharedmoe").unwrap());
+    assert_eq!((dense, moe), (8_655_552, 3_114_688));
+    // Thesis (SPEC.md): 137,841,408 / 49,642,240 = 2.78; within 10%.
+    let full = 137_841_408.0 / 49_642_240.0;
+    let ratio = dense as f64 / moe as f64;
+    assert!(
+        (ratio / full - 1.0).abs() < 0.10,
+        "dense / shared-MoE parameters {ratio:.3}, the full models' {full:.3}"
+    );
+    // The architecture the ratio comes from, as the full models have it.
+    let m = ModelConfig::preset("small-sharedmoe").unwrap();
+    assert_eq!(
+        (
+            m.num_layers,
+            m.num_experts,
+            m.experts_per_token,
+            m.aux_loss_coef
+        ),
+        (12, 16, 2, 0.01)
+    );
+    assert_eq!(m.num_heads / m.num_kv_heads, 3, "GQA 3:1");
+    assert_eq!(m.hidden_size / m.embedding_dim, 6, "e/d = 1/6");
+    assert_eq!(
+        m.expert_intermediate_size * 16,
+        m.hidden_size * 15,
+        "0.9375 d"
+    );
+    let d = ModelConfig::preset("small-dense").unwrap();
+    assert_eq!(d.intermediate_size, 4 * d.hidden_size);
+}
+
+#[test]
 fn full_size_parameter_counts() {
     assert_eq!(
         sharedmoe::model::count_params(&ModelConfig::dense125m()),

@@ -84,7 +84,8 @@ pub fn run_init(a: &InitArgs) -> Result<()> {
 
 #[derive(clap::Args, Debug)]
 pub struct ParamsArgs {
-    /// A TOML config, or a preset name (dense125m, sharedmoe50m, tiny-dense, tiny-sharedmoe).
+    /// A TOML config, or a preset name (dense125m, sharedmoe50m, small-dense,
+    /// small-sharedmoe, tiny-dense, tiny-sharedmoe).
     #[arg(long)]
     pub config: String,
     #[arg(long = "set", value_name = "KEY=VALUE")]

@@ -57,6 +57,16 @@ fn default_eps() -> f64 {
     1e-5
 }
 
+/// The names [`ModelConfig::preset`] knows.
+pub const PRESET_NAMES: &[&str] = &[
+    "dense125m",
+    "sharedmoe50m",
+    "small-dense",
+    "small-sharedmoe",
+    "tiny-dense",
+    "tiny-sharedmoe",
+];
+
 impl ModelConfig {
     /// The 125M dense LLaMA baseline (thesis table 3.1).
     pub fn dense125m() -> ModelConfig {
@@ -94,12 +104,40 @@ impl ModelConfig {
         }
     }
 
-    /// A preset by name: `dense125m`, `sharedmoe50m`, `tiny-dense`,
-    /// `tiny-sharedmoe`.
+    /// The laptop-scale pair of Experiment 1 (`small-dense`,
+    /// `small-sharedmoe`): the full models' architecture at d = 192 with an
+    /// 8,192-token vocabulary. Kept: 12 layers; 16 experts, top-2, balance
+    /// coefficient 0.01; the dense model's full multi-head attention and
+    /// the shared MoE's GQA 3:1 (6 query / 2 key-value heads, head_dim 32);
+    /// tied embeddings, factorised in the shared MoE with e/d = 1/6 (32);
+    /// dense FFN 4d (768), expert FFN 0.9375d (180). The parameter ratio
+    /// dense / shared MoE comes out at 2.78, the full models' ratio.
+    fn small(dense: bool) -> ModelConfig {
+        let base = if dense {
+            ModelConfig::dense125m()
+        } else {
+            ModelConfig::sharedmoe50m()
+        };
+        ModelConfig {
+            vocab_size: 8192,
+            hidden_size: 192,
+            num_heads: 6,
+            num_kv_heads: if dense { 6 } else { 2 },
+            intermediate_size: if dense { 768 } else { 0 },
+            embedding_dim: if dense { 0 } else { 32 },
+            expert_intermediate_size: if dense { 0 } else { 180 },
+            ..base
+        }
+    }
+
+    /// A preset by name: `dense125m`, `sharedmoe50m`, `small-dense`,
+    /// `small-sharedmoe`, `tiny-dense`, `tiny-sharedmoe`.
     pub fn preset(name: &str) -> Option<ModelConfig> {
         Some(match name {
             "dense125m" => ModelConfig::dense125m(),
             "sharedmoe50m" => ModelConfig::sharedmoe50m(),
+            "small-dense" => ModelConfig::small(true),
+            "small-sharedmoe" => ModelConfig::small(false),
             "tiny-dense" => ModelConfig {
                 vocab_size: 256,
                 hidden_size: 64,
@@ -237,7 +275,7 @@ mod tests {
 
     #[test]
     fn presets_are_valid() {
-        for name in ["dense125m", "sharedmoe50m", "tiny-dense", "tiny-sharedmoe"] {
+        for name in PRESET_NAMES {
             ModelConfig::preset(name).unwrap().validate().unwrap();
         }
     }

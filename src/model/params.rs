@@ -385,7 +385,7 @@ mod tests {
     /// The counts from the shape equal those of the listed tensors.
     #[test]
     fn counts_match_the_tensor_list() {
-        for name in ["dense125m", "sharedmoe50m", "tiny-dense", "tiny-sharedmoe"] {
+        for name in crate::model::config::PRESET_NAMES {
             let c = ModelConfig::preset(name).unwrap();
             let specs = param_specs(&c);
             let listed: i64 = specs.iter().map(ParamSpec::num_elements).sum();

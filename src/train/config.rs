@@ -465,8 +465,12 @@ fn expand_preset(doc: &mut toml::Value) -> Result<(), String> {
         return Ok(());
     };
     let name = preset.as_str().ok_or("model.preset must be a string")?;
-    let base = ModelConfig::preset(name)
-        .ok_or_else(|| format!("model.preset = {name:?}: unknown (dense125m, sharedmoe50m, tiny-dense, tiny-sharedmoe)"))?;
+    let base = ModelConfig::preset(name).ok_or_else(|| {
+        format!(
+            "model.preset = {name:?}: unknown ({})",
+            crate::model::config::PRESET_NAMES.join(", ")
+        )
+    })?;
     let toml::Value::Table(mut merged) = toml::Value::try_from(&base).map_err(|e| e.to_string())?
     else {
         unreachable!("a struct serialises to a table")
