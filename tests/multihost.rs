@@ -49,17 +49,23 @@ fn launch_id_child() {
     if std::env::var_os(CHILD).is_none() {
         return;
     }
+    println!("{}", launch_line());
+}
+
+/// This process's launch key and first 4 launch ids of the test program,
+/// as one line.
+fn launch_line() -> String {
     let client = Client::cpu(2).unwrap();
     let exe = program(&client, 2, 3.0, &[0, 1]);
     let ids = launch_ids(&client, &exe, 4);
-    println!(
+    format!(
         "LAUNCH key={} ids={}",
         exe.executable().launch_key(),
         ids.iter()
             .map(|i| i.to_string())
             .collect::<Vec<_>>()
             .join(",")
-    );
+    )
 }
 
 fn child_launch_line() -> String {
@@ -92,18 +98,7 @@ fn the_same_program_has_the_same_launch_ids_in_two_processes() {
     let (a, b) = (child_launch_line(), child_launch_line());
     assert_eq!(a, b, "two processes, one program");
     // ... and this process computes the same ids for it.
-    let client = Client::cpu(2).unwrap();
-    let exe = program(&client, 2, 3.0, &[0, 1]);
-    let ids = launch_ids(&client, &exe, 4);
-    let mine = format!(
-        "LAUNCH key={} ids={}",
-        exe.executable().launch_key(),
-        ids.iter()
-            .map(|i| i.to_string())
-            .collect::<Vec<_>>()
-            .join(",")
-    );
-    assert_eq!(a, mine);
+    assert_eq!(a, launch_line());
 }
 
 #[test]

@@ -35,36 +35,7 @@ struct VariantResult {
     step_s: f64,
     /// The compiled step's memory per device, in bytes (XLA's buffer
     /// assignment), where the backend reports it.
-    compiled: Option<CompiledMemory>,
-}
-
-#[derive(Clone, Copy, Debug, Serialize, Deserialize)]
-struct CompiledMemory {
-    arguments: i64,
-    outputs: i64,
-    aliased: i64,
-    temporaries: i64,
-    generated_code: i64,
-}
-
-impl CompiledMemory {
-    /// What the program holds while it runs: arguments, outputs that do
-    /// not reuse an argument, and temporaries.
-    fn live(&self) -> i64 {
-        self.arguments + self.outputs - self.aliased + self.temporaries
-    }
-}
-
-impl From<MemoryStats> for CompiledMemory {
-    fn from(m: MemoryStats) -> Self {
-        CompiledMemory {
-            arguments: m.arguments,
-            outputs: m.outputs,
-            aliased: m.aliased,
-            temporaries: m.temporaries,
-            generated_code: m.generated_code,
-        }
-    }
+    compiled: Option<MemoryStats>,
 }
 
 /// Our step variants.
@@ -117,17 +88,18 @@ fn time_steps(
 
 /// The child side: one of our variants, result on stdout.
 fn run_variant(cfg: &Config, name: &str, steps: usize) -> Result<()> {
-    let Some(&(variant, experts)) = our_variants(cfg).iter().find(|(n, _)| *n == name) else {
+    let variants = our_variants(cfg);
+    let Some(&(variant, experts)) = variants.iter().find(|(n, _)| *n == name) else {
         anyhow::bail!(
             "--variant {name}: this model's variants are {:?}",
-            our_variants(cfg).iter().map(|v| v.0).collect::<Vec<_>>()
+            variants.iter().map(|v| v.0).collect::<Vec<_>>()
         );
     };
     let (step_s, memory) = time_steps(cfg, experts, steps)?;
     let result = VariantResult {
         variant: variant.into(),
         step_s,
-        compiled: memory.map(CompiledMemory::from),
+        compiled: memory,
     };
     println!("{RESULT} {}", serde_json::to_string(&result)?);
     Ok(())

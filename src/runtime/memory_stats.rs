@@ -9,7 +9,11 @@ use super::plugin::{args, pjrt_call, Plugin};
 /// What one device needs to run a compiled program, in bytes
 /// (`xla::CompiledMemoryStats`); per device, which for a replicated
 /// program is per replica.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+///
+/// Serialisable, with absent fields zero: a peer (JAX's `memory_analysis()`)
+/// may report only some of them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct MemoryStats {
     pub generated_code: i64,
     pub arguments: i64,
@@ -31,7 +35,13 @@ impl MemoryStats {
     /// not aliased to an argument, temporaries and the code (MaxText's and
     /// JAX's sum of `memory_analysis()`, plus the code).
     pub fn total(&self) -> i64 {
-        self.arguments + self.outputs - self.aliased + self.temporaries + self.generated_code
+        self.live() + self.generated_code
+    }
+
+    /// The buffers the program holds while it runs: arguments, outputs that
+    /// do not reuse a donated argument, and temporaries (the code aside).
+    pub fn live(&self) -> i64 {
+        self.arguments + self.outputs - self.aliased + self.temporaries
     }
 }
 

@@ -168,7 +168,7 @@ fn check_device(e: &Estimate, device: &str, free: u128) -> Result<()> {
 /// step. Called before the state is uploaded. On the CPU backend the
 /// `devices` share the host's memory; elsewhere each has its own.
 pub fn check_compiled_step(cfg: &Config, stats: &MemoryStats, devices: &[Device]) -> Result<()> {
-    let per_device = stats.total() - stats.generated_code;
+    let per_device = stats.live();
     let hint = format!(
         "XLA's buffer assignment: {} of arguments, {} of temporaries; lower train.micro_batch (now {}) \
          or train.seq_len (now {})",
