@@ -32,11 +32,17 @@ fn exp1_writes_both_runs_plots_and_summary_and_eval_matches_training() {
         assert!(dir.join(f).is_file(), "{f} missing");
     }
     let summary = std::fs::read_to_string(dir.join("summary.md")).unwrap();
-    for needle in ["| dense | 2130240 |", "| sharedmoe | 562752 |", "20480"] {
+    for needle in [
+        "| dense | 0 | 2130240 |",
+        "| sharedmoe | 0 | 562752 |",
+        "20480",
+        "| dense baseline: parameters | 125M (137,841,408) | 2,130,240 |",
+        "This run cannot decide the thesis's claim: with one seed",
+    ] {
         assert!(summary.contains(needle), "`{needle}` not in:\n{summary}");
     }
     for model in ["dense", "sharedmoe"] {
-        let run_dir = dir.join(model);
+        let run_dir = dir.join(format!("{model}-seed0"));
         let tb: Vec<_> = std::fs::read_dir(run_dir.join("tensorboard"))
             .unwrap()
             .flatten()
@@ -71,6 +77,83 @@ fn exp1_writes_both_runs_plots_and_summary_and_eval_matches_training() {
         assert!(inspect.contains("step 20"), "{inspect}");
         assert!(inspect.contains("model.norm.weight"), "{inspect}");
         assert!(inspect.contains("shard 0:"), "{inspect}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// `--scale small` with its real configs (12 layers, 16 experts, the
+/// 8,192-token tokenizer on the shipped text), 2 seeds, for a few steps
+/// of smaller batches: both models per seed, the experts analysis of each
+/// shared-MoE run, and every section of summary.md.
+#[test]
+fn exp1_small_runs_two_seeds_and_reports_against_the_thesis() {
+    let dir = std::env::temp_dir().join(format!("sharedmoe-exp1-small-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = dir.to_str().unwrap();
+    let mut args = vec!["experiment", "exp1", "--scale", "small", "--out", out];
+    for set in [
+        "train.steps=3",
+        "train.warmup_steps=1",
+        "train.eval_every=3",
+        "train.checkpoint_every=3",
+        "train.eval_batches=1",
+        "train.micro_batch=4",
+        "train.global_batch=4",
+    ] {
+        args.extend(["--set", set]);
+    }
+    let printed = sharedmoe_ok(&args);
+    let summary = std::fs::read_to_string(dir.join("summary.md")).unwrap();
+    assert!(printed.contains(&summary[..200]), "summary printed");
+    for needle in [
+        "# Experiment 1 (small scale)",
+        "2 seed(s)",
+        "| dense baseline: parameters | 125M (137,841,408) | 8,655,552 |",
+        "| shared MoE: parameters | 50M (49,642,240) | 3,114,688 |",
+        "| parameter ratio dense / shared MoE | 2.78 | 2.78 |",
+        "| shared MoE: final loss | 3.15 |",
+        "(mean of 2; spread ",
+        "per seed: ",
+        "| tokens seen, per model | 6.29B (12,000 x 512 x 1,024) | 3072 / 3072 |",
+        "| dense | 1 | 8655552 |",
+        "| sharedmoe | 1 | 3114688 |",
+        "![experts per layer](sharedmoe-seed0/experts/expert_heatmap.png)",
+        "![layer overlap](sharedmoe-seed0/experts/layer_overlap.png)",
+        "experts used, seed 0 | effective experts, seed 0 | experts used, seed 1 |",
+        "layers 3 and 10 (from 0): ",
+    ] {
+        assert!(summary.contains(needle), "`{needle}` not in:\n{summary}");
+    }
+    // The verdict: exactly one of the three, from the numbers.
+    let verdicts = ["supports the thesis's claim", "contradicts the thesis's claim"]
+        .iter()
+        .filter(|v| summary.contains(*v))
+        .count();
+    assert_eq!(verdicts, 1, "{summary}");
+    // A row per layer in the experts table.
+    assert!(summary.contains("\n| 11 | "), "{summary}");
+    for f in ["loss_train.png", "loss_val.png"] {
+        assert!(dir.join(f).is_file(), "{f} missing");
+    }
+    let first_loss = |run: &str| -> f64 {
+        let text = std::fs::read_to_string(dir.join(run).join("metrics.jsonl")).unwrap();
+        let row: serde_json::Value = serde_json::from_str(text.lines().next().unwrap()).unwrap();
+        row["loss"].as_f64().unwrap()
+    };
+    // Seeds draw different initial weights (and batches).
+    assert_ne!(first_loss("dense-seed0"), first_loss("dense-seed1"));
+    for seed in 0..2 {
+        let experts = dir.join(format!("sharedmoe-seed{seed}/experts"));
+        for f in [
+            "expert_heatmap.png",
+            "layer_overlap.png",
+            "expert_counts.csv",
+            "layer_overlap.csv",
+        ] {
+            assert!(experts.join(f).is_file(), "seed {seed}: {f} missing");
+        }
+        let ckpt = dir.join(format!("dense-seed{seed}/checkpoints/step_00000003"));
+        assert!(ckpt.is_dir(), "{} missing", ckpt.display());
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -5,7 +5,7 @@
 
 use std::path::{Path, PathBuf};
 
-use sharedmoe::cli::plot::{plot_runs, HEIGHT, PALETTE, WIDTH};
+use sharedmoe::cli::plot::{plot_runs, Curve, HEIGHT, PALETTE, WIDTH};
 
 fn scratch(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("sharedmoe-test-{}-{name}", std::process::id()));
@@ -73,7 +73,7 @@ fn two_runs_make_two_pngs_with_both_colours() {
     write_run(&a, 3.0, 1);
     write_run(&b, 3.6, 2);
     let out = root.join("plots");
-    let runs = vec![("dense".to_string(), a), ("sharedmoe".to_string(), b)];
+    let runs = Curve::one_colour_each([("dense".to_string(), a), ("sharedmoe".to_string(), b)]);
     let files = plot_runs(&runs, &out).unwrap();
     assert_eq!(
         files,
@@ -106,10 +106,10 @@ fn missing_and_malformed_metrics_name_the_file() {
     write_run(&good, 3.0, 3);
     let empty = root.join("empty");
     std::fs::create_dir_all(&empty).unwrap();
-    let runs = vec![
+    let runs = Curve::one_colour_each([
         ("g".to_string(), good.clone()),
         ("e".to_string(), empty.clone()),
-    ];
+    ]);
     let e = format!("{:#}", plot_runs(&runs, &root).unwrap_err());
     assert!(
         e.contains(&empty.join("metrics.jsonl").display().to_string()),
@@ -123,12 +123,43 @@ fn missing_and_malformed_metrics_name_the_file() {
         "{\"step\":0,\"loss\":5.0}\n{\"step\":1,\"loss\":4.0}\n{\"step\":2,\"loss\n",
     )
     .unwrap();
-    let runs = vec![("g".to_string(), good), ("b".to_string(), bad.clone())];
+    let runs = Curve::one_colour_each([("g".to_string(), good), ("b".to_string(), bad.clone())]);
     let e = format!("{:#}", plot_runs(&runs, &root).unwrap_err());
     assert!(
         e.contains(&format!("{}:3", bad.join("metrics.jsonl").display())),
         "{e}"
     );
     assert!(!root.join("loss_train.png").exists());
+    let _ = std::fs::remove_dir_all(&root);
+}
+
+#[test]
+fn seeds_of_one_model_share_its_colour() {
+    let root = scratch("plot-seeds");
+    let curve = |name: &str, label: &str, colour: usize, floor: f64, seed: u64| {
+        let dir = root.join(name);
+        write_run(&dir, floor, seed);
+        Curve {
+            label: label.to_string(),
+            dir,
+            colour,
+        }
+    };
+    let runs = vec![
+        curve("d0", "dense (2 seeds)", 0, 3.0, 1),
+        curve("m0", "sharedmoe (2 seeds)", 1, 3.6, 2),
+        curve("d1", "dense (2 seeds)", 0, 3.1, 3),
+        curve("m1", "sharedmoe (2 seeds)", 1, 3.5, 4),
+    ];
+    let out = root.join("plots");
+    for f in plot_runs(&runs, &out).unwrap() {
+        let (_, _, pixels) = decode(&f);
+        let (n0, n1) = (count(&pixels, PALETTE[0]), count(&pixels, PALETTE[1]));
+        assert!(n0 > 500 && n1 > 500, "{}: {n0} and {n1}", f.display());
+        // Four runs, two colours: the third and fourth are not used.
+        for c in [PALETTE[2], PALETTE[3]] {
+            assert_eq!(count(&pixels, c), 0, "{}", f.display());
+        }
+    }
     let _ = std::fs::remove_dir_all(&root);
 }

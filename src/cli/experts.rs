@@ -49,23 +49,43 @@ pub struct ExpertsArgs {
 }
 
 pub fn run(a: &ExpertsArgs) -> Result<()> {
-    let mut cfg = a.rows.config()?;
+    let out = a.out.clone().unwrap_or_else(|| default_out(&a.rows.ckpt));
+    let analysis = analyse(&a.rows, &out)?;
+    print!("{}", summary(&analysis.stats, analysis.batches));
+    for f in analysis.files {
+        println!("{}", f.display());
+    }
+    Ok(())
+}
+
+/// What [`analyse`] found and wrote.
+pub struct Analysis {
+    pub stats: RoutingStats,
+    /// Batches routed.
+    pub batches: usize,
+    /// The CSVs and PNGs of [`write_outputs`], in its order.
+    pub files: Vec<PathBuf>,
+}
+
+/// Routes `rows` through the checkpoint's shared block and writes the
+/// CSVs and plots into `out`.
+pub fn analyse(rows: &CheckpointRows, out: &Path) -> Result<Analysis> {
+    let mut cfg = rows.config()?;
     if !cfg.model.is_moe() {
         bail!(
             "{}: a dense model (model.ffn = \"dense\") has no experts; `experts` analyses \
              shared-MoE checkpoints",
-            a.rows.ckpt.display()
+            rows.ckpt.display()
         );
     }
-    let (checkpoint, batches) = a.rows.load(&mut cfg)?;
-    let stats = route(&cfg, &checkpoint, &batches, a.rows.plugin.as_deref())?;
-    let out = a.out.clone().unwrap_or_else(|| default_out(&a.rows.ckpt));
-    let files = write_outputs(&stats, &out)?;
-    print!("{}", summary(&stats, batches.len()));
-    for f in files {
-        println!("{}", f.display());
-    }
-    Ok(())
+    let (checkpoint, batches) = rows.load(&mut cfg)?;
+    let stats = route(&cfg, &checkpoint, &batches, rows.plugin.as_deref())?;
+    let files = write_outputs(&stats, out)?;
+    Ok(Analysis {
+        stats,
+        batches: batches.len(),
+        files,
+    })
 }
 
 /// `RUN/experts` for a checkpoint `RUN/checkpoints/step_N`, else `D/experts`.

@@ -11,6 +11,7 @@ pub mod data;
 pub mod dist;
 pub mod doctor;
 pub mod eval;
+pub mod exp1_report;
 pub mod experiment;
 pub mod experts;
 pub mod export_hf;

@@ -59,7 +59,7 @@ pub fn run(args: &PlotArgs) -> Result<()> {
         Some(l) => l.clone(),
         None => args.runs.iter().map(|r| default_label(r)).collect(),
     };
-    let runs: Vec<(String, PathBuf)> = labels.into_iter().zip(args.runs.clone()).collect();
+    let runs = Curve::one_colour_each(labels.into_iter().zip(args.runs.clone()));
     let out = args.out.clone().unwrap_or_else(|| args.runs[0].clone());
     for p in plot_runs(&runs, &out)? {
         println!("{}", p.display());
@@ -77,6 +77,27 @@ pub fn default_label(dir: &Path) -> String {
                 .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
         })
         .unwrap_or_else(|| dir.display().to_string())
+}
+
+/// One run to draw: its legend label, its directory (holding
+/// metrics.jsonl) and its colour, an index into [`PALETTE`]. Curves with
+/// the same label share one legend entry: several seeds of one model are
+/// drawn in the model's colour under one name.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Curve {
+    pub label: String,
+    pub dir: PathBuf,
+    pub colour: usize,
+}
+
+impl Curve {
+    /// (label, directory) pairs, each run in the next colour.
+    pub fn one_colour_each(runs: impl IntoIterator<Item = (String, PathBuf)>) -> Vec<Curve> {
+        runs.into_iter()
+            .enumerate()
+            .map(|(colour, (label, dir))| Curve { label, dir, colour })
+            .collect()
+    }
 }
 
 /// The losses of one run, by step (a step logged twice keeps its last row).
@@ -245,29 +266,41 @@ fn legend(c: &mut Chart<'_>) -> Result<()> {
         .map_err(|e| anyhow!("{e}"))
 }
 
-fn plot_train(runs: &[(String, RunLosses)], path: &Path) -> Result<()> {
+/// A curve's losses, and whether it carries its label's legend entry
+/// (the first curve with that label does).
+struct Drawn<'a> {
+    curve: &'a Curve,
+    losses: RunLosses,
+    in_legend: bool,
+}
+
+fn plot_train(runs: &[Drawn], path: &Path) -> Result<()> {
     let root = BitMapBackend::new(path, (WIDTH, HEIGHT)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
-    let raw: Vec<&[(i64, f64)]> = runs.iter().map(|(_, r)| r.train.as_slice()).collect();
+    let raw: Vec<&[(i64, f64)]> = runs.iter().map(|r| r.losses.train.as_slice()).collect();
     let mut c = chart(
         &root,
         &format!("Training loss (EMA {EMA}; raw values faint)"),
         x_range(&raw),
         y_range(&raw),
     )?;
-    for (i, (_, r)) in runs.iter().enumerate() {
+    for r in runs {
         c.draw_series(LineSeries::new(
-            r.train.iter().copied(),
-            colour(i).mix(0.3).stroke_width(1),
+            r.losses.train.iter().copied(),
+            colour(r.curve.colour).mix(0.3).stroke_width(1),
         ))
         .map_err(|e| anyhow!("{e}"))?;
     }
-    for (i, (label, r)) in runs.iter().enumerate() {
-        let col = colour(i);
-        c.draw_series(LineSeries::new(ema(&r.train, EMA), col.stroke_width(3)))
-            .map_err(|e| anyhow!("{e}"))?
-            .label(label)
-            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 30, y)], col.stroke_width(3)));
+    for r in runs {
+        let col = colour(r.curve.colour);
+        let series = c
+            .draw_series(LineSeries::new(ema(&r.losses.train, EMA), col.stroke_width(3)))
+            .map_err(|e| anyhow!("{e}"))?;
+        if r.in_legend {
+            series.label(&r.curve.label).legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 30, y)], col.stroke_width(3))
+            });
+        }
     }
     legend(&mut c)?;
     root.present()
@@ -275,22 +308,25 @@ fn plot_train(runs: &[(String, RunLosses)], path: &Path) -> Result<()> {
     Ok(())
 }
 
-fn plot_val(runs: &[(String, RunLosses)], path: &Path) -> Result<()> {
+fn plot_val(runs: &[Drawn], path: &Path) -> Result<()> {
     let root = BitMapBackend::new(path, (WIDTH, HEIGHT)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
-    let val: Vec<&[(i64, f64)]> = runs.iter().map(|(_, r)| r.val.as_slice()).collect();
+    let val: Vec<&[(i64, f64)]> = runs.iter().map(|r| r.losses.val.as_slice()).collect();
     let mut c = chart(&root, "Validation loss", x_range(&val), y_range(&val))?;
-    for (i, (label, r)) in runs.iter().enumerate() {
-        let col = colour(i);
-        c.draw_series(LineSeries::new(r.val.iter().copied(), col.stroke_width(3)))
-            .map_err(|e| anyhow!("{e}"))?
-            .label(label)
-            .legend(move |(x, y)| {
+    for r in runs {
+        let col = colour(r.curve.colour);
+        let points = &r.losses.val;
+        let series = c
+            .draw_series(LineSeries::new(points.iter().copied(), col.stroke_width(3)))
+            .map_err(|e| anyhow!("{e}"))?;
+        if r.in_legend {
+            series.label(&r.curve.label).legend(move |(x, y)| {
                 EmptyElement::at((x, y))
                     + PathElement::new(vec![(0, 0), (30, 0)], col.stroke_width(3))
                     + Circle::new((15, 0), 5, col.filled())
             });
-        c.draw_series(r.val.iter().map(|&p| Circle::new(p, 5, col.filled())))
+        }
+        c.draw_series(points.iter().map(|&p| Circle::new(p, 5, col.filled())))
             .map_err(|e| anyhow!("{e}"))?;
     }
     if val.iter().all(|s| s.is_empty()) {
@@ -312,14 +348,21 @@ fn plot_val(runs: &[(String, RunLosses)], path: &Path) -> Result<()> {
 
 /// Reads every run's `metrics.jsonl` and writes `loss_train.png` and
 /// `loss_val.png` (in that order; the paths are returned) into `out`,
-/// creating it if needed. `runs` are (legend label, run directory).
-pub fn plot_runs(runs: &[(String, PathBuf)], out: &Path) -> Result<Vec<PathBuf>> {
+/// creating it if needed.
+pub fn plot_runs(runs: &[Curve], out: &Path) -> Result<Vec<PathBuf>> {
     if runs.is_empty() {
         bail!("no run directories to plot");
     }
     let losses = runs
         .iter()
-        .map(|(label, dir)| Ok((label.clone(), read_losses(dir)?)))
+        .enumerate()
+        .map(|(i, curve)| {
+            Ok(Drawn {
+                curve,
+                losses: read_losses(&curve.dir)?,
+                in_legend: runs[..i].iter().all(|c| c.label != curve.label),
+            })
+        })
         .collect::<Result<Vec<_>>>()?;
     register_fonts()?;
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;

@@ -279,6 +279,32 @@ impl RoutingStats {
         }
     }
 
+    /// Share of layer l's routing choices (N tokens x k) that went to e;
+    /// a layer's shares sum to 1, uniform routing gives 1/E each.
+    pub fn choice_share(&self, l: usize, e: usize) -> f64 {
+        self.fraction(l, e) / self.k.max(1) as f64
+    }
+
+    /// Experts that receive at least `min_share` of layer l's routing
+    /// choices.
+    pub fn experts_used(&self, l: usize, min_share: f64) -> usize {
+        (0..self.experts)
+            .filter(|&e| self.choice_share(l, e) >= min_share)
+            .count()
+    }
+
+    /// The effective number of experts at layer l: exp of the entropy of
+    /// its choice shares (E for uniform routing, 1 if all choices went to
+    /// one expert; needs no threshold).
+    pub fn effective_experts(&self, l: usize) -> f64 {
+        let entropy: f64 = (0..self.experts)
+            .map(|e| self.choice_share(l, e))
+            .filter(|&p| p > 0.0)
+            .map(|p| -p * p.ln())
+            .sum();
+        entropy.exp()
+    }
+
     /// Experts of layer l by decreasing count (ties: lower index first).
     pub fn ranked(&self, l: usize) -> Vec<usize> {
         let mut order: Vec<usize> = (0..self.experts).collect();
@@ -307,6 +333,34 @@ pub fn uniform_overlap(experts: usize, k: usize) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn experts_used_and_effective_count() {
+        // 4 experts, top-2, one layer; 4 tokens: 3 x {0, 1}, 1 x {0, 2}.
+        let mut s = RoutingStats::new(1, 4, 2);
+        s.add(&[LayerChoices {
+            experts: vec![0, 1, 0, 1, 0, 1, 0, 2],
+            weights: vec![0.5; 8],
+        }])
+        .unwrap();
+        // Shares of the 8 choices: 4/8, 3/8, 1/8, 0.
+        let shares = [0.5, 0.375, 0.125, 0.0];
+        for (e, want) in shares.iter().enumerate() {
+            assert!((s.choice_share(0, e) - want).abs() < 1e-12);
+        }
+        assert_eq!(s.experts_used(0, 0.125), 3);
+        assert_eq!(s.experts_used(0, 0.2), 2);
+        let h: f64 = shares.iter().filter(|&&p| p > 0.0).map(|p| -p * p.ln()).sum();
+        assert!((s.effective_experts(0) - h.exp()).abs() < 1e-12);
+        // Uniform routing: every expert counts fully.
+        let mut u = RoutingStats::new(1, 4, 2);
+        u.add(&[LayerChoices {
+            experts: vec![0, 1, 2, 3],
+            weights: vec![0.5; 4],
+        }])
+        .unwrap();
+        assert!((u.effective_experts(0) - 4.0).abs() < 1e-12);
+    }
 
     #[test]
     fn uniform_overlap_of_two_of_sixteen() {
