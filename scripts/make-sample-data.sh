@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
-# Rebuilds the shipped FineWeb-Edu-schema sample (data/fineweb-sample/)
-# and its 32,000-token tokenizer (data/tokenizer.json) from the Rust
-# documentation books of the installed toolchain (rustup's `rust-docs`
-# component; Apache-2.0 OR MIT). See data/README.md.
+# Rebuilds the whole shipped data/ directory: the FineWeb-Edu-schema sample
+# (data/fineweb-sample/) and its 32,000-token tokenizer (data/tokenizer.json)
+# from the Rust documentation books of the installed toolchain (rustup's
+# `rust-docs` component; Apache-2.0 OR MIT), then, through
+# scripts/make-python-docs-data.sh, data/python-docs/ (Debian's
+# python3.11-doc; PSF License Agreement) and the 8,192-token
+# data/tokenizer-8k.json trained on both. See data/README.md.
 #
-# Needs: scripts/setup.sh done (target/release/sharedmoe), and pip access
-# for pyarrow + tokenizers (installed into target/py-data-venv).
+# Needs: scripts/setup.sh done (target/release/sharedmoe), pip access
+# for pyarrow + tokenizers (installed into target/py-data-venv), and
+# apt-get + dpkg-deb for the Python documentation package.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -40,3 +44,6 @@ cp "$tmp/tokenizer.json" data/tokenizer.json
 cp "$sysroot/share/doc/rust/licenses/MIT.txt" "$out/LICENSE-MIT.txt"
 cp "$sysroot/share/doc/rust/licenses/Apache-2.0.txt" "$out/LICENSE-APACHE.txt"
 ls -l "$out" data/tokenizer.json
+
+# 4. The Python documentation and the 8,192-token tokenizer.
+scripts/make-python-docs-data.sh
