@@ -235,7 +235,7 @@ pub fn summary(runs: &[Run], scale: &str, out: &Path, total_wall_s: f64) -> Resu
     writeln!(
         s,
         "Same data order and recipe for both models: {} steps of {} sequences x {} tokens, AdamW lr {} -> {} \
-         (warmup {}), {} replicas, backend {}. Validation: held-out documents (data.val_fraction = {}), \
+         (warmup {}), {} replica(s), backend {}. Validation: held-out documents (data.val_fraction = {}), \
          every {} steps. {seeds} seed(s): seed i sets train.seed = {} + i, which draws both the \
          initial weights and the data order; the two models of one seed see the same batches. \
          Wall time of this invocation: {:.1} min.\n",
@@ -348,7 +348,7 @@ fn thesis_table(s: &mut String, runs: &[Run], cmp: Option<&Comparison>) -> Resul
         s,
         "Our final loss is the last validation cross-entropy (held-out documents); the thesis's \
          \"final loss\" is not said to be train or validation loss. Its 0.03 gap is one run per \
-         model, with no seed spread. This run saw {:.2}% of the thesis's tokens per model.\n",
+         model, with no seed spread. This run saw {:.3}% of the thesis's tokens per model.\n",
         100.0 * dense_t / thesis::TOKENS as f64
     )?;
     Ok(())
