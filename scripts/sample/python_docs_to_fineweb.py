@@ -33,13 +33,13 @@ writes the licence files (from the package) to OUT_DIR; --dump-text DIR
 writes each document as a .txt file, for reading by eye.
 """
 import argparse
-import hashlib
 import html.parser
 import pathlib
 import re
 import sys
 import unicodedata
-import uuid
+
+from fineweb_schema import fineweb_row, write_shards
 
 SOURCES = "usr/share/doc/python3.11/html/_sources"
 HTML = "usr/share/doc/python3.11/html"
@@ -711,18 +711,9 @@ def main():
             dropped.append(rel)
         for anchor, text in docs:
             url = f"https://docs.python.org/{VERSION}/{rel}.html" + (f"#{anchor}" if anchor else "")
-            rows.append({
-                "text": text,
-                "id": f"<urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, url)}>",
-                "dump": f"python-{VERSION}-docs-debian-{args.package_version}",
-                "url": url,
-                "file_path": f"{SOURCES}/{rel}.rst.txt",
-                "language": "en",
-                "language_score": 1.0,
-                "token_count": len(tok.encode(text).ids) if tok else 0,
-                "score": 3.0,
-                "int_score": 3,
-            })
+            rows.append(fineweb_row(
+                text, url, f"python-{VERSION}-docs-debian-{args.package_version}",
+                f"{SOURCES}/{rel}.rst.txt", tok))
             if args.dump_text:
                 name = rel.replace("/", "__") + (f"__{anchor}" if anchor else "") + ".txt"
                 args.dump_text.mkdir(parents=True, exist_ok=True)
@@ -737,25 +728,7 @@ def main():
           f"{len(dropped)} files under {args.min_chars} characters dropped: {' '.join(dropped)}",
           file=sys.stderr)
 
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-    # Deterministic spread of pages over files: order by a hash of the id.
-    rows.sort(key=lambda r: hashlib.sha256(r["id"].encode()).hexdigest())
-    schema = pa.schema([
-        ("text", pa.string()), ("id", pa.string()), ("dump", pa.string()),
-        ("url", pa.string()), ("file_path", pa.string()), ("language", pa.string()),
-        ("language_score", pa.float64()), ("token_count", pa.int64()),
-        ("score", pa.float64()), ("int_score", pa.int64()),
-    ])
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    per_file = (len(rows) + args.files - 1) // args.files
-    for f in range(args.files):
-        part = rows[f * per_file:(f + 1) * per_file]
-        table = pa.Table.from_pylist(part, schema=schema)
-        out = args.out_dir / f"000_{f:05d}.parquet"
-        pq.write_table(table, out, row_group_size=args.rows_per_group, compression="zstd")
-        print(f"{out}: {len(part)} documents, {sum(len(r['text']) for r in part)} characters, "
-              f"{sum(r['token_count'] for r in part)} tokens", file=sys.stderr)
+    write_shards(rows, args.out_dir, args.files, args.rows_per_group)
     if args.licences:
         write_licences(args.pkg_root, args.out_dir, args.package_version)
 

@@ -10,15 +10,12 @@ With --token-counts, `token_count` is the page's token count under that
 tokenizer (needs the `tokenizers` package); otherwise 0.
 """
 import argparse
-import hashlib
 import html.parser
 import pathlib
 import re
 import sys
-import uuid
 
-import pyarrow as pa
-import pyarrow.parquet as pq
+from fineweb_schema import fineweb_row, write_shards
 
 BOOKS = ["book", "rust-by-example", "reference", "nomicon", "edition-guide",
          "embedded-book", "cargo", "rustc", "rustdoc", "style-guide"]
@@ -100,36 +97,9 @@ def main():
             if len(text) < args.min_chars:
                 continue
             url = f"https://doc.rust-lang.org/{args.version}/{rel}"
-            rows.append({
-                "text": text,
-                "id": f"<urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, url)}>",
-                "dump": f"rust-docs-{args.version}",
-                "url": url,
-                "file_path": f"share/doc/rust/html/{rel}",
-                "language": "en",
-                "language_score": 1.0,
-                "token_count": len(tok.encode(text).ids) if tok else 0,
-                "score": 3.0,
-                "int_score": 3,
-            })
-    # Deterministic spread of books over files: order by a hash of the id.
-    rows.sort(key=lambda r: hashlib.sha256(r["id"].encode()).hexdigest())
-    schema = pa.schema([
-        ("text", pa.string()), ("id", pa.string()), ("dump", pa.string()),
-        ("url", pa.string()), ("file_path", pa.string()), ("language", pa.string()),
-        ("language_score", pa.float64()), ("token_count", pa.int64()),
-        ("score", pa.float64()), ("int_score", pa.int64()),
-    ])
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    per_file = (len(rows) + args.files - 1) // args.files
-    for f in range(args.files):
-        part = rows[f * per_file:(f + 1) * per_file]
-        table = pa.Table.from_pylist(part, schema=schema)
-        out = args.out_dir / f"000_{f:05d}.parquet"
-        pq.write_table(table, out, row_group_size=args.rows_per_group, compression="zstd")
-        print(f"{out}: {len(part)} documents, {sum(len(r['text']) for r in part)} characters",
-              file=sys.stderr)
-
+            rows.append(fineweb_row(text, url, f"rust-docs-{args.version}",
+                                    f"share/doc/rust/html/{rel}", tok))
+    write_shards(rows, args.out_dir, args.files, args.rows_per_group)
 
 if __name__ == "__main__":
     main()

@@ -88,7 +88,8 @@ pub struct Run {
     pub cfg: Config,
     pub params: i64,
     pub active_params: i64,
-    /// Seconds this invocation spent on the run (compile, train, eval).
+    /// Seconds spent on the run (compile, train, eval, experts) by every
+    /// invocation of the experiment so far.
     pub wall_s: f64,
     pub stats: RunStats,
     /// The routing analysis of a shared-MoE run's final checkpoint, and
@@ -172,7 +173,8 @@ impl Comparison {
             format!(
                 "This run supports the thesis's claim at this scale: the shared MoE's validation CE \
                  differs from the dense model's by {d:+.3} nats, which is within the seed spread \
-                 ({noise:.3}), so the two models cannot be told apart."
+                 ({noise:.3}), so the two models cannot be told apart (nor could a gap smaller than \
+                 that spread)."
             )
         } else if d > 0.0 {
             format!(
@@ -221,7 +223,7 @@ fn short(n: f64) -> String {
 
 /// The whole of summary.md. `runs` in training order; `scale` names it;
 /// `out` is summary.md's directory (image links are relative to it).
-pub fn summary(runs: &[Run], scale: &str, out: &Path, total_wall_s: f64) -> Result<String> {
+pub fn summary(runs: &[Run], scale: &str, out: &Path) -> Result<String> {
     let Some(first) = runs.first() else {
         bail!("no runs to summarise");
     };
@@ -238,7 +240,7 @@ pub fn summary(runs: &[Run], scale: &str, out: &Path, total_wall_s: f64) -> Resu
          (warmup {}), {} replica(s), backend {}. Validation: held-out documents (data.val_fraction = {}), \
          every {} steps. {seeds} seed(s): seed i sets train.seed = {} + i, which draws both the \
          initial weights and the data order; the two models of one seed see the same batches. \
-         Wall time of this invocation: {:.1} min.\n",
+         Wall time of all {} runs: {:.1} min.\n",
         c.train.steps,
         c.train.global_batch,
         c.train.seq_len,
@@ -250,7 +252,8 @@ pub fn summary(runs: &[Run], scale: &str, out: &Path, total_wall_s: f64) -> Resu
         c.data.val_fraction,
         c.train.eval_every,
         c.train.seed,
-        total_wall_s / 60.0
+        runs.len(),
+        runs.iter().map(|r| r.wall_s).sum::<f64>() / 60.0
     )?;
     let comparison = Comparison::of(runs);
     writeln!(s, "## Result\n")?;
@@ -382,9 +385,9 @@ fn runs_table(s: &mut String, runs: &[Run]) -> Result<()> {
         s,
         "\nFinal train CE: mean over the last 10% of steps. Tokens/s and MFU: medians over steps; MFU = \
          achieved model FLOP/s (6 x parameters used per token + attention) over the devices' peak (the \
-         documented bf16 peak on TPU/GPU, a measured f32 matmul on CPU). Wall time: this invocation's, \
-         compilation and validation included (a run resumed or already complete counts only what was \
-         left).\n"
+         documented bf16 peak on TPU/GPU, a measured f32 matmul on CPU). Wall time: compilation, \
+         validation and the experts analysis included, summed over the invocations that worked on \
+         the run (an interrupted experiment resumes where it stopped).\n"
     )?;
     Ok(())
 }

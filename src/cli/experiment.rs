@@ -146,7 +146,6 @@ pub fn run(a: &ExperimentArgs) -> Result<()> {
              so both models see the same batches"
         );
     }
-    let began = Instant::now();
     // Seed by seed, so that an interrupted experiment has whole pairs.
     let mut runs = vec![];
     for seed in 0..seeds {
@@ -183,7 +182,7 @@ pub fn run(a: &ExperimentArgs) -> Result<()> {
                 seed,
                 params: count_params(&cfg.model),
                 active_params: active_params_per_token(&cfg.model),
-                wall_s: started.elapsed().as_secs_f64(),
+                wall_s: add_wall_time(&cfg.run.dir, started.elapsed().as_secs_f64())?,
                 stats: run_stats(&cfg.run.dir)?,
                 experts,
                 cfg,
@@ -203,7 +202,7 @@ pub fn run(a: &ExperimentArgs) -> Result<()> {
         })
         .collect();
     let plots = plot_runs(&curves, &out)?;
-    let summary = summary(&runs, a.scale.name(), &out, began.elapsed().as_secs_f64())?;
+    let summary = summary(&runs, a.scale.name(), &out)?;
     let path = out.join("summary.md");
     std::fs::write(&path, &summary).with_context(|| format!("writing {}", path.display()))?;
     println!("{summary}");
@@ -211,6 +210,27 @@ pub fn run(a: &ExperimentArgs) -> Result<()> {
         println!("wrote {}", p.display());
     }
     Ok(())
+}
+
+/// Adds `seconds` to the time the experiment has spent on the run in
+/// `dir` (its `exp1_wall_time.json`, so that a resumed experiment reports
+/// the whole) and returns the total.
+fn add_wall_time(dir: &Path, seconds: f64) -> Result<f64> {
+    let path = dir.join("exp1_wall_time.json");
+    let before = match std::fs::read_to_string(&path) {
+        Ok(text) => serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v["seconds"].as_f64())
+            .with_context(|| {
+                format!("{}: expected {{\"seconds\": <number>}}", path.display())
+            })?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0.0,
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let total = before + seconds;
+    std::fs::write(&path, serde_json::json!({ "seconds": total }).to_string())
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(total)
 }
 
 /// Trains one run to its last step (continuing from its newest checkpoint
