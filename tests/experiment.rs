@@ -82,15 +82,26 @@ fn exp1_writes_both_runs_plots_and_summary_and_eval_matches_training() {
 }
 
 /// `--scale small` with its real configs (12 layers, 16 experts, the
-/// 8,192-token tokenizer on the shipped text), 2 seeds, for a few steps
-/// of smaller batches: both models per seed, the experts analysis of each
-/// shared-MoE run, and every section of summary.md.
+/// 8,192-token tokenizer on the shipped text), 2 seeds, each model as a
+/// 2-process job (`--workers 2`: a coordinator and two workers on
+/// 127.0.0.1), for a few steps of smaller batches: both models per seed,
+/// the experts analysis of each shared-MoE run, and every section of
+/// summary.md.
 #[test]
 fn exp1_small_runs_two_seeds_and_reports_against_the_thesis() {
     let dir = std::env::temp_dir().join(format!("sharedmoe-exp1-small-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let out = dir.to_str().unwrap();
-    let mut args = vec!["experiment", "exp1", "--scale", "small", "--out", out];
+    let mut args = vec![
+        "experiment",
+        "exp1",
+        "--scale",
+        "small",
+        "--workers",
+        "2",
+        "--out",
+        out,
+    ];
     for set in [
         "train.steps=3",
         "train.warmup_steps=1",
@@ -115,6 +126,7 @@ fn exp1_small_runs_two_seeds_and_reports_against_the_thesis() {
         "(mean of 2; spread ",
         "per seed: ",
         "| tokens seen, per model | 6.29B (12,000 x 512 x 1,024) | 3072 / 3072 |",
+        "2 replica(s)",
         "| dense | 1 | 8655552 |",
         "| sharedmoe | 1 | 3114688 |",
         "![experts per layer](sharedmoe-seed0/experts/expert_heatmap.png)",

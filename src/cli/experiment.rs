@@ -106,6 +106,23 @@ impl Scale {
     }
 }
 
+/// `--workers N` on a one-device config: N replicas, one per worker, each
+/// with 1/N of the micro-batch, so the global batch and the recipe stay
+/// the same. Any other replica count is left to the config's validation.
+fn spread_over_workers(cfg: &mut Config, workers: u32) {
+    let n = i64::from(workers);
+    let t = &mut cfg.train;
+    if n > 1 && t.replicas == 1 && t.micro_batch % n == 0 {
+        tracing::info!(
+            "--workers {n}: train.replicas = {n}, train.micro_batch = {} per replica (global batch {} as before)",
+            t.micro_batch / n,
+            t.global_batch
+        );
+        t.replicas = n;
+        t.micro_batch /= n;
+    }
+}
+
 /// A run's directory under the experiment's: `<label>-seed<i>`.
 fn run_dir(out: &Path, label: &str, seed: u32) -> PathBuf {
     out.join(format!("{label}-seed{seed}"))
@@ -131,7 +148,9 @@ pub fn run(a: &ExperimentArgs) -> Result<()> {
         if let Some(b) = &a.backend {
             sets.push(format!("run.backend={b}"));
         }
-        base.push(Config::load(Path::new(m.config), &sets).map_err(anyhow::Error::msg)?);
+        let mut cfg = Config::load(Path::new(m.config), &sets).map_err(anyhow::Error::msg)?;
+        spread_over_workers(&mut cfg, a.workers);
+        base.push(cfg);
     }
     // Same data order and recipe: everything but the model must agree.
     let recipe = |c: &Config| {
