@@ -137,10 +137,13 @@ fn exp1_small_runs_two_seeds_and_reports_against_the_thesis() {
         assert!(summary.contains(needle), "`{needle}` not in:\n{summary}");
     }
     // The verdict: exactly one of the three, from the numbers.
-    let verdicts = ["supports the thesis's claim", "contradicts the thesis's claim"]
-        .iter()
-        .filter(|v| summary.contains(*v))
-        .count();
+    let verdicts = [
+        "supports the thesis's claim",
+        "contradicts the thesis's claim",
+    ]
+    .iter()
+    .filter(|v| summary.contains(*v))
+    .count();
     assert_eq!(verdicts, 1, "{summary}");
     // A row per layer in the experts table.
     assert!(summary.contains("\n| 11 | "), "{summary}");

@@ -294,7 +294,12 @@ fn thesis_table(s: &mut String, runs: &[Run], cmp: Option<&Comparison>) -> Resul
         cmp.map_or("-".to_string(), |c| {
             let v = &c.val[m];
             if v.len() > 1 {
-                format!("{:.4} (mean of {}; spread {:.4})", mean(v), v.len(), spread(v))
+                format!(
+                    "{:.4} (mean of {}; spread {:.4})",
+                    mean(v),
+                    v.len(),
+                    spread(v)
+                )
             } else {
                 format!("{:.4}", v[0])
             }
@@ -432,7 +437,10 @@ fn experts_section(s: &mut String, runs: &[Run], out: &Path) -> Result<()> {
     let mut header = "| layer |".to_string();
     let mut rule = "|---:|".to_string();
     for (r, _, _) in &analysed {
-        header += &format!(" experts used, seed {} | effective experts, seed {} |", r.seed, r.seed);
+        header += &format!(
+            " experts used, seed {} | effective experts, seed {} |",
+            r.seed, r.seed
+        );
         rule += "---:|---:|";
     }
     writeln!(
@@ -509,7 +517,10 @@ mod tests {
     fn verdict_follows_the_numbers() {
         // Difference 0.02, seed spread 0.05: cannot be told apart.
         let v = cmp(&[4.00, 4.05], &[4.03, 4.06]).verdict();
-        assert!(v.contains("supports") && v.contains("+0.020") && v.contains("0.050"), "{v}");
+        assert!(
+            v.contains("supports") && v.contains("+0.020") && v.contains("0.050"),
+            "{v}"
+        );
         // Behind by 0.3 with a spread of 0.02: contradicts.
         let v = cmp(&[4.00, 4.02], &[4.30, 4.32]).verdict();
         assert!(v.contains("contradicts") && v.contains("0.300 nats"), "{v}");
@@ -518,7 +529,10 @@ mod tests {
         assert!(v.contains("ahead") && v.contains("0.295"), "{v}");
         // One seed: no noise estimate.
         let v = cmp(&[4.0], &[4.3]).verdict();
-        assert!(v.contains("cannot decide") && v.contains("--seeds 2"), "{v}");
+        assert!(
+            v.contains("cannot decide") && v.contains("--seeds 2"),
+            "{v}"
+        );
     }
 
     #[test]

@@ -240,9 +240,7 @@ fn add_wall_time(dir: &Path, seconds: f64) -> Result<f64> {
         Ok(text) => serde_json::from_str::<serde_json::Value>(&text)
             .ok()
             .and_then(|v| v["seconds"].as_f64())
-            .with_context(|| {
-                format!("{}: expected {{\"seconds\": <number>}}", path.display())
-            })?,
+            .with_context(|| format!("{}: expected {{\"seconds\": <number>}}", path.display()))?,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => 0.0,
         Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     };

@@ -294,7 +294,10 @@ fn plot_train(runs: &[Drawn], path: &Path) -> Result<()> {
     for r in runs {
         let col = colour(r.curve.colour);
         let series = c
-            .draw_series(LineSeries::new(ema(&r.losses.train, EMA), col.stroke_width(3)))
+            .draw_series(LineSeries::new(
+                ema(&r.losses.train, EMA),
+                col.stroke_width(3),
+            ))
             .map_err(|e| anyhow!("{e}"))?;
         if r.in_legend {
             series.label(&r.curve.label).legend(move |(x, y)| {

@@ -350,7 +350,11 @@ mod tests {
         }
         assert_eq!(s.experts_used(0, 0.125), 3);
         assert_eq!(s.experts_used(0, 0.2), 2);
-        let h: f64 = shares.iter().filter(|&&p| p > 0.0).map(|p| -p * p.ln()).sum();
+        let h: f64 = shares
+            .iter()
+            .filter(|&&p| p > 0.0)
+            .map(|p| -p * p.ln())
+            .sum();
         assert!((s.effective_experts(0) - h.exp()).abs() < 1e-12);
         // Uniform routing: every expert counts fully.
         let mut u = RoutingStats::new(1, 4, 2);
