@@ -11,10 +11,12 @@
 //! - [`data`]: token sources; [`ckpt`]: checkpoints.
 //! - [`dist`]: the coordinator and workers of a multi-process job (gRPC).
 //! - [`cli`]: the `sharedmoe` command-line interface.
+//! - [`digest`]: SHA-256 as hex, for every layer.
 
 pub mod ckpt;
 pub mod cli;
 pub mod data;
+pub mod digest;
 pub mod dist;
 pub mod graph;
 pub mod model;

@@ -8,7 +8,6 @@ use std::collections::BTreeMap;
 
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 /// One file's fingerprint in `state.json`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -20,14 +19,10 @@ pub struct FileDigest {
 impl FileDigest {
     pub fn of(bytes: &[u8]) -> FileDigest {
         FileDigest {
-            sha256: hex(&Sha256::digest(bytes)),
+            sha256: crate::digest::sha256_hex(bytes),
             bytes: bytes.len() as u64,
         }
     }
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Checks every file `digests` names against its recorded size and sha256.

@@ -10,20 +10,19 @@
 //! loaded ([`integrity`]). [`rundir`] finds, prunes and protects the
 //! checkpoints of a run directory; [`lock`] keeps it to one writer.
 
+pub mod atomic;
 pub mod integrity;
 pub mod lock;
 pub mod rundir;
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::{self, File};
-use std::io::Write;
+use std::fs;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
 use serde::{Deserialize, Deserializer, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::data::stream::Cursor;
 use crate::model::{FfnKind, ParamSpec};
@@ -134,7 +133,7 @@ pub struct Checkpoint {
 }
 
 pub fn sha256_hex(text: &str) -> String {
-    integrity::hex(&Sha256::digest(text.as_bytes()))
+    crate::digest::sha256_hex(text.as_bytes())
 }
 
 /// HF-style `config.json` (LLaMA keys; the shared-MoE fields alongside).
@@ -209,21 +208,6 @@ fn bytemuck_f32(v: &[f32]) -> &[u8] {
     unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
 }
 
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut f = File::create(path).with_context(|| format!("creating {}", path.display()))?;
-    f.write_all(bytes)
-        .with_context(|| format!("writing {}", path.display()))?;
-    f.sync_all()
-        .with_context(|| format!("syncing {}", path.display()))?;
-    Ok(())
-}
-
-fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("syncing directory {}", dir.display()))
-}
-
 /// The files of a checkpoint directory, in the order they are written.
 pub const FILE_NAMES: [&str; 4] = [
     "config.json",
@@ -291,46 +275,7 @@ pub fn install(dir: &Path, files: &[(String, Vec<u8>)]) -> Result<()> {
             bail!("`{name}` is not a checkpoint file (expected one of {FILE_NAMES:?})");
         }
     }
-    let parent = dir
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-    let name = dir
-        .file_name()
-        .context("checkpoint path has no name")?
-        .to_string_lossy()
-        .to_string();
-    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    if tmp.exists() {
-        fs::remove_dir_all(&tmp)?;
-    }
-    // A failed write (a full disk) must not leave its partial copy taking
-    // up the space the next attempt needs.
-    let written = write_dir(&tmp, files);
-    if let Err(e) = written {
-        let _ = fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
-    let old = parent.join(format!(".{name}.old-{}", std::process::id()));
-    if dir.exists() {
-        fs::rename(dir, &old)?;
-    }
-    fs::rename(&tmp, dir)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), dir.display()))?;
-    sync_dir(parent)?;
-    if old.exists() {
-        fs::remove_dir_all(&old)?;
-    }
-    Ok(())
-}
-
-fn write_dir(tmp: &Path, files: &[(String, Vec<u8>)]) -> Result<()> {
-    fs::create_dir_all(tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    for (file, bytes) in files {
-        write_synced(&tmp.join(file), bytes)?;
-    }
-    sync_dir(tmp)
+    atomic::install_dir(dir, files)
 }
 
 /// The files of the checkpoint directory `dir`.

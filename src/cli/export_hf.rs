@@ -23,8 +23,7 @@
 //! one MoE block shared by every layer. OUT is written like a checkpoint
 //! (temporary sibling, files and directory fsynced, renamed into place).
 
-use std::fs::{self, File};
-use std::io::Write;
+use std::fs;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -33,8 +32,8 @@ use safetensors::SafeTensors;
 use serde_json::json;
 
 use crate::ckpt::{self, TrainingState};
-use crate::data::prepare::sha256_file;
 use crate::data::tokenizer::{self, EOT};
+use crate::digest::sha256_file;
 use crate::model::{param_specs, FfnKind};
 use crate::train::Config;
 
@@ -238,20 +237,6 @@ pub fn export(dir: &Path, out: &Path, tokenizer_path: Option<&Path>) -> Result<u
     Ok(specs.len())
 }
 
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut f = File::create(path).with_context(|| format!("creating {}", path.display()))?;
-    f.write_all(bytes)
-        .with_context(|| format!("writing {}", path.display()))?;
-    f.sync_all()
-        .with_context(|| format!("syncing {}", path.display()))
-}
-
-fn sync_dir(dir: &Path) -> Result<()> {
-    File::open(dir)
-        .and_then(|d| d.sync_all())
-        .with_context(|| format!("syncing directory {}", dir.display()))
-}
-
 /// Writes `files` as the directory `out` atomically: a temporary sibling,
 /// every file and the directory fsynced, renamed into place, the parent
 /// fsynced. An existing `out` is replaced only when it holds nothing but
@@ -271,34 +256,5 @@ fn install(out: &Path, files: &[(&str, Vec<u8>)]) -> Result<()> {
             }
         }
     }
-    let parent = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-    let name = out
-        .file_name()
-        .context("the output path has no name")?
-        .to_string_lossy()
-        .to_string();
-    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    if tmp.exists() {
-        fs::remove_dir_all(&tmp)?;
-    }
-    fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    for (file, bytes) in files {
-        write_synced(&tmp.join(file), bytes)?;
-    }
-    sync_dir(&tmp)?;
-    let old = parent.join(format!(".{name}.old-{}", std::process::id()));
-    if out.exists() {
-        fs::rename(out, &old).with_context(|| format!("moving the old {} aside", out.display()))?;
-    }
-    fs::rename(&tmp, out)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), out.display()))?;
-    sync_dir(parent)?;
-    if old.exists() {
-        fs::remove_dir_all(&old)?;
-    }
-    Ok(())
+    ckpt::atomic::install_dir(out, files)
 }

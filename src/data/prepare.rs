@@ -26,6 +26,7 @@ use super::parquet::{
 use super::stream::Split;
 use super::tokenizer::{encode_many, eot_id, is_long, log_long};
 use super::TokenWidth;
+use crate::digest::sha256_file;
 
 /// What `prepare` did; also written to `OUT/meta.json`.
 #[derive(Clone, Debug, Default, Serialize)]
@@ -168,15 +169,6 @@ fn tokenise_group(rg: &RowGroupRef, tk: &Tokenizer, val_fraction: f64) -> Result
         val: encode(val)?,
         split,
     })
-}
-
-pub fn sha256_file(path: &Path) -> Result<String> {
-    use sha2::{Digest, Sha256};
-    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
-    Ok(Sha256::digest(&bytes)
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect())
 }
 
 /// Tokenises every document of `inputs` into `out/train.bin` and

@@ -11,6 +11,7 @@ use super::proto::{
     checkpoint_chunk::Part, CheckpointChunk, CheckpointFile, CheckpointHeader, CheckpointTrailer,
 };
 use crate::ckpt::FILE_NAMES;
+use crate::digest::hex;
 
 /// Bytes per data chunk (well under the gRPC message limit).
 pub const CHUNK_BYTES: usize = 4 << 20;
@@ -80,10 +81,6 @@ pub fn chunks(from: &Sender, ckpt: &CheckpointFiles) -> Vec<CheckpointChunk> {
             part: Some(part),
         })
         .collect()
-}
-
-pub fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Reassembles a chunk stream, refusing anything out of order.

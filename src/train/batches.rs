@@ -21,9 +21,9 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 
 use crate::data::parquet::{all_row_groups, expand_inputs, BadFilePolicy};
-use crate::data::prepare::sha256_file;
 use crate::data::stream::{Cursor, Split, StreamOptions, TokenStream};
 use crate::data::{tokenizer, TokenFile, TokenWidth};
+use crate::digest::sha256_file;
 
 use super::config::Config;
 
