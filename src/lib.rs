@@ -11,13 +11,15 @@
 //! - [`data`]: token sources; [`ckpt`]: checkpoints.
 //! - [`dist`]: the coordinator and workers of a multi-process job (gRPC).
 //! - [`cli`]: the `sharedmoe` command-line interface.
-//! - [`digest`]: SHA-256 as hex, for every layer.
+//! - [`digest`]: SHA-256 as hex; [`f32_bytes`]: f32 values as
+//!   little-endian bytes. Leaves that every layer may use.
 
 pub mod ckpt;
 pub mod cli;
 pub mod data;
 pub mod digest;
 pub mod dist;
+pub mod f32_bytes;
 pub mod graph;
 pub mod model;
 pub mod runtime;

@@ -80,6 +80,22 @@ pub struct TrainingState {
     pub files: BTreeMap<String, FileDigest>,
 }
 
+impl TrainingState {
+    /// Refuses the tokenizer at `path` (SHA-256 `sha256`) when the run was
+    /// trained with another one; a state that recorded none accepts any.
+    /// `hint` says what to do instead.
+    pub fn check_tokenizer(&self, path: &Path, sha256: &str, hint: &str) -> Result<()> {
+        match &self.tokenizer_sha256 {
+            Some(was) if was != sha256 => bail!(
+                "{}: not the tokenizer this run was trained with (sha256 {sha256}, the \
+                 checkpoint's is {was}); {hint}",
+                path.display()
+            ),
+            _ => Ok(()),
+        }
+    }
+}
+
 fn is_zero(v: &i64) -> bool {
     *v == 0
 }
@@ -177,8 +193,7 @@ fn safetensors_bytes(tensors: &Tensors, prefix: &str) -> Result<Vec<u8>> {
     let views: Vec<(String, TensorView)> = tensors
         .iter()
         .map(|(name, dims, data)| {
-            // SAFETY-free view: f32 slice as little-endian bytes.
-            let bytes: &[u8] = bytemuck_f32(data);
+            let bytes = crate::f32_bytes::as_le_bytes(data);
             let shape: Vec<usize> = dims.iter().map(|&d| d as usize).collect();
             TensorView::new(Dtype::F32, shape, bytes)
                 .map(|v| (format!("{prefix}{name}"), v))
@@ -200,12 +215,6 @@ fn optimizer_bytes(ckpt: &Checkpoint) -> Result<Vec<u8>> {
     let mut both = prefixed(&ckpt.adam_m, "adam_m.");
     both.extend(prefixed(&ckpt.adam_v, "adam_v."));
     safetensors_bytes(&both, "")
-}
-
-fn bytemuck_f32(v: &[f32]) -> &[u8] {
-    // SAFETY: f32 has no padding and any byte pattern is a valid u8; the
-    // target is little-endian (x86_64/aarch64), as safetensors requires.
-    unsafe { std::slice::from_raw_parts(v.as_ptr() as *const u8, std::mem::size_of_val(v)) }
 }
 
 /// The files of a checkpoint directory, in the order they are written.

@@ -156,15 +156,8 @@ pub fn export(dir: &Path, out: &Path, tokenizer_path: Option<&Path>) -> Result<u
                     p.display()
                 );
             }
-            if let Some(want) = &state.tokenizer_sha256 {
-                let got = sha256_file(&p)?;
-                if &got != want {
-                    bail!(
-                        "{}: not the tokenizer this run was trained with (sha256 {got}, the \
-                         checkpoint's is {want}): pass --tokenizer",
-                        p.display()
-                    );
-                }
+            if state.tokenizer_sha256.is_some() {
+                state.check_tokenizer(&p, &sha256_file(&p)?, "pass --tokenizer")?;
             }
             p
         }

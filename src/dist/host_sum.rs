@@ -12,8 +12,8 @@ use tokio_stream::StreamExt;
 
 use super::client::{Client, Session};
 use super::coordinator::REDUCE_CHUNK;
-use super::floats;
 use super::proto::ReduceChunk;
+use crate::f32_bytes;
 use crate::train::CrossProcessSum;
 
 pub struct HostSum {
@@ -54,7 +54,7 @@ impl HostSum {
                 step: self.seq,
                 seq: i as u32,
                 total_len: total,
-                values: floats::to_bytes(c),
+                values: f32_bytes::as_le_bytes(c).to_vec(),
             })
             .collect();
         let mut replies = self
@@ -66,7 +66,7 @@ impl HostSum {
         let mut sum = Vec::with_capacity(values.len());
         while let Some(c) = replies.next().await {
             let c = c.with_context(|| format!("all-reduce {}", self.seq))?;
-            floats::extend_from_bytes(&mut sum, &c.values)
+            f32_bytes::extend_from_le_bytes(&mut sum, &c.values)
                 .with_context(|| format!("all-reduce {}: a ragged chunk", self.seq))?;
         }
         if sum.len() != values.len() {

@@ -12,7 +12,6 @@
 pub mod auth;
 pub mod client;
 pub mod coordinator;
-pub mod floats;
 pub mod host_sum;
 pub mod kv;
 pub mod launch;

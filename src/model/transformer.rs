@@ -172,12 +172,12 @@ impl<'a> Transformer<'a> {
         let acc = accumulation_dtype(self.compute);
         let mut aux_sum = inputs.graph().scalar(0.0, acc)?;
         for i in 0..c.num_layers {
-            let params = self.attention_params(i)?;
-            let w = AttentionWeights::from(&params);
-            let x = self.attention_norm(i, &h)?;
-            h = h.add(&attention(&x, &w, c.num_heads, c.num_kv_heads, &rope)?)?;
-            observe(i, &h)?;
-            let (next, aux) = self.ffn_block(i, &h)?;
+            let (next, aux, ()) = self.layer(
+                i,
+                &h,
+                |x, w| Ok((attention(x, w, c.num_heads, c.num_kv_heads, &rope)?, ())),
+                observe,
+            )?;
             h = next;
             if let Some(aux) = aux {
                 aux_sum = aux_sum.add(&aux)?;
@@ -185,6 +185,27 @@ impl<'a> Transformer<'a> {
         }
         let h = self.final_norm(&h)?;
         Ok((h, aux_sum.mul_scalar(1.0 / c.num_layers as f64)?))
+    }
+
+    /// Layer `i` on the residual stream h [B, S, D]: h + attend(RMSNorm(h),
+    /// weights), then `observe(i, h)`, then the FFN half. `attend` is full
+    /// attention (training) or one cached position (decoding); what else it
+    /// returns (the updated caches) is passed through. Returns the new h,
+    /// the layer's balance loss (None for a dense model) and that value.
+    fn layer<T>(
+        &self,
+        i: i64,
+        h: &Tensor,
+        attend: impl FnOnce(&Tensor, &AttentionWeights) -> Result<(Tensor, T)>,
+        observe: &mut dyn FnMut(i64, &Tensor) -> Result<()>,
+    ) -> Result<(Tensor, Option<Tensor>, T)> {
+        let params = self.attention_params(i)?;
+        let x = self.attention_norm(i, h)?;
+        let (a, extra) = attend(&x, &AttentionWeights::from(&params))?;
+        let h = h.add(&a)?;
+        observe(i, &h)?;
+        let (h, aux) = self.ffn_block(i, &h)?;
+        Ok((h, aux, extra))
     }
 
     /// One decoding position with key/value caches: tokens [B, 1] at
@@ -202,14 +223,14 @@ impl<'a> Transformer<'a> {
         let rope = rope_at(&h, pos, c.head_dim(), c.rope_theta)?;
         let mut out = Vec::with_capacity(caches.len());
         for (i, (ck, cv)) in (0..c.num_layers).zip(caches) {
-            let params = self.attention_params(i)?;
-            let w = AttentionWeights::from(&params);
-            let x = self.attention_norm(i, &h)?;
-            let (a, ck, cv) =
-                attention_cached(&x, &w, c.num_heads, c.num_kv_heads, &rope, pos, ck, cv)?;
-            h = h.add(&a)?;
-            h = self.ffn_block(i, &h)?.0;
-            out.push((ck, cv));
+            let attend = |x: &Tensor, w: &AttentionWeights| {
+                let (a, ck, cv) =
+                    attention_cached(x, w, c.num_heads, c.num_kv_heads, &rope, pos, ck, cv)?;
+                Ok((a, (ck, cv)))
+            };
+            let (next, _, cache) = self.layer(i, &h, attend, &mut |_, _| Ok(()))?;
+            h = next;
+            out.push(cache);
         }
         Ok((self.final_norm(&h)?, out))
     }

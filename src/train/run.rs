@@ -195,16 +195,14 @@ pub fn check_data_shards(cfg: &Config, state: &ckpt::TrainingState) -> Result<()
 /// Refuses a tokenizer other than the one the checkpoint's cursors count
 /// tokens of. After opening the data.
 pub fn check_tokenizer(cfg: &Config, state: &ckpt::TrainingState, batches: &Batches) -> Result<()> {
-    if let (Some(was), Some(now)) = (&state.tokenizer_sha256, &batches.tokenizer_sha256) {
-        if was != now {
-            bail!(
-                "{}: not the tokenizer this run was trained with (sha256 {now}, the checkpoint's is {was}); \
-                 the data cursor would point at other tokens",
-                cfg.data.tokenizer.display()
-            );
-        }
+    match &batches.tokenizer_sha256 {
+        Some(now) => state.check_tokenizer(
+            &cfg.data.tokenizer,
+            now,
+            "the data cursor would point at other tokens",
+        ),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// Trains `cfg` and returns the final checkpoint directory.

@@ -111,25 +111,33 @@ pub fn fresh_checkpoint(cfg: &Config, seed: u64) -> Checkpoint {
         .iter()
         .map(|(n, d, v)| (n.clone(), d.clone(), vec![0.0; v.len()]))
         .collect();
-    let config_toml = cfg.to_toml();
     Checkpoint {
         params,
         adam_m: zeros.clone(),
         adam_v: zeros,
-        state: TrainingState {
-            format: crate::ckpt::FORMAT,
-            step: 0,
-            tokens_seen: 0,
-            next_batch: 0,
-            data_cursors: Default::default(),
-            data_shards: cfg.data.shards,
-            tokenizer_sha256: None,
-            seed,
-            config_sha256: crate::ckpt::sha256_hex(&config_toml),
-            config_toml,
-            nonfinite_steps: 0,
-            files: Default::default(),
-        },
+        state: initial_state(cfg, seed),
+    }
+}
+
+/// The training state of step 0 of a run of `cfg` from `seed`: what a
+/// checkpoint records besides the tensors (the data position and the
+/// tokenizer's digest are filled in by the loop, the file digests when it
+/// is written).
+fn initial_state(cfg: &Config, seed: u64) -> TrainingState {
+    let config_toml = cfg.to_toml();
+    TrainingState {
+        format: crate::ckpt::FORMAT,
+        step: 0,
+        tokens_seen: 0,
+        next_batch: 0,
+        data_cursors: Default::default(),
+        data_shards: cfg.data.shards,
+        tokenizer_sha256: None,
+        seed,
+        config_sha256: crate::ckpt::sha256_hex(&config_toml),
+        config_toml,
+        nonfinite_steps: 0,
+        files: Default::default(),
     }
 }
 
@@ -514,25 +522,17 @@ impl Trainer {
                 })
                 .collect()
         };
-        let config_toml = self.cfg.to_toml();
         let tokens_per_step = self.cfg.train.global_batch * self.cfg.train.seq_len;
         Ok(Checkpoint {
             params: read(0)?,
             adam_m: read(n)?,
             adam_v: read(2 * n)?,
             state: TrainingState {
-                format: crate::ckpt::FORMAT,
                 step: self.step,
                 tokens_seen: self.step * tokens_per_step,
                 next_batch,
-                data_cursors: Default::default(),
-                data_shards: self.cfg.data.shards,
-                tokenizer_sha256: None,
-                seed: self.seed,
-                config_sha256: crate::ckpt::sha256_hex(&config_toml),
-                config_toml,
                 nonfinite_steps: self.nonfinite_steps,
-                files: Default::default(),
+                ..initial_state(&self.cfg, self.seed)
             },
         })
     }

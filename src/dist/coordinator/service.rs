@@ -9,10 +9,10 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::state::{Finished, Phase, Worker};
 use super::{Job, UPLOAD_WAIT};
-use crate::dist::floats;
 use crate::dist::proto::coordinator_server::Coordinator;
 use crate::dist::proto::*;
 use crate::dist::transfer::{self, Receiver};
+use crate::f32_bytes;
 
 /// Floats per all-reduce message (4 MiB).
 pub const REDUCE_CHUNK: usize = 1 << 20;
@@ -415,7 +415,7 @@ impl Coordinator for Service {
                     c.values.len()
                 )));
             }
-            floats::extend_from_bytes(&mut part, &c.values).expect("length checked");
+            f32_bytes::extend_from_le_bytes(&mut part, &c.values).expect("length checked");
             if head.is_none() {
                 head = Some(ReduceChunk {
                     values: Vec::new(),
@@ -459,7 +459,7 @@ impl Coordinator for Service {
                     step: seq,
                     seq: i as u32,
                     total_len: total,
-                    values: floats::to_bytes(c),
+                    values: f32_bytes::as_le_bytes(c).to_vec(),
                 })
             })
             .collect();
