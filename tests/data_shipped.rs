@@ -17,6 +17,9 @@ use parquet::arrow::ArrowWriter;
 use parquet::file::properties::WriterProperties;
 use tokenizers::Tokenizer;
 
+mod fineweb;
+
+use fineweb::scratch;
 use sharedmoe::data::parquet::{all_row_groups, expand_inputs, read_row_group, BadFilePolicy};
 use sharedmoe::data::stream::{Split, StreamOptions, TokenStream};
 use sharedmoe::data::tokenizer::{encode, eot_id, load};
@@ -48,13 +51,6 @@ const SCHEMA: [(&str, DataType); 10] = [
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("sharedmoe-shipped-{}-{name}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
 }
 
 /// Every directory under `data/` that holds parquet files.

@@ -464,19 +464,10 @@ fn experts_section(s: &mut String, runs: &[Run], out: &Path) -> Result<()> {
     writeln!(s)?;
     let chance = uniform_overlap(e, k);
     for (r, stats, _) in &analysed {
-        let big_l = stats.layers;
-        if big_l < 2 {
+        let Some(mean) = stats.between_layers() else {
             continue;
-        }
-        let n = (big_l * (big_l - 1)) as f64;
-        let (mut same, mut other) = (0.0, 0.0);
-        for a in 0..big_l {
-            for b in (0..big_l).filter(|&b| b != a) {
-                same += stats.overlap(a, b);
-                other += stats.overlap_other_token(a, b);
-            }
-        }
-        let pair = if big_l > 10 {
+        };
+        let pair = if stats.layers > 10 {
             format!(
                 "; layers 3 and 10 (from 0): {:.1}%",
                 100.0 * stats.overlap(3, 10)
@@ -490,8 +481,8 @@ fn experts_section(s: &mut String, runs: &[Run], out: &Path) -> Result<()> {
              of tokens on average{pair}; a token against another token: {:.1}%; uniform random \
              routing: {:.1}%.",
             r.seed,
-            100.0 * same / n,
-            100.0 * other / n,
+            100.0 * mean.overlap,
+            100.0 * mean.other_token,
             100.0 * chance
         )?;
     }

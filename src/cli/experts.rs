@@ -259,22 +259,13 @@ pub fn summary(s: &RoutingStats, batches: usize) -> String {
         mass.join(", ")
     );
     let chance = uniform_overlap(e, k);
-    if big_l > 1 {
-        let pairs =
-            (0..big_l).flat_map(|a| (0..big_l).filter(move |&b| b != a).map(move |b| (a, b)));
-        let n = (big_l * (big_l - 1)) as f64;
-        let (mut ov, mut jac, mut other) = (0.0, 0.0, 0.0);
-        for (a, b) in pairs {
-            ov += s.overlap(a, b);
-            jac += s.jaccard(a, b);
-            other += s.overlap_other_token(a, b);
-        }
+    if let Some(mean) = s.between_layers() {
         o += &format!(
             "two different layers share an expert for {:.1}% of tokens on average (mean Jaccard \
              {:.3}); a token against another token: {:.1}%; uniform random routing: {:.1}%\n",
-            100.0 * ov / n,
-            jac / n,
-            100.0 * other / n,
+            100.0 * mean.overlap,
+            mean.jaccard,
+            100.0 * mean.other_token,
             100.0 * chance
         );
     }

@@ -305,12 +305,48 @@ impl RoutingStats {
         entropy.exp()
     }
 
+    /// [`overlap`](Self::overlap), [`jaccard`](Self::jaccard) and
+    /// [`overlap_other_token`](Self::overlap_other_token) averaged over
+    /// every ordered pair of two different layers; None with one layer.
+    pub fn between_layers(&self) -> Option<LayerAgreement> {
+        let big_l = self.layers;
+        if big_l < 2 {
+            return None;
+        }
+        let mut mean = LayerAgreement::default();
+        for a in 0..big_l {
+            for b in (0..big_l).filter(|&b| b != a) {
+                mean.overlap += self.overlap(a, b);
+                mean.jaccard += self.jaccard(a, b);
+                mean.other_token += self.overlap_other_token(a, b);
+            }
+        }
+        let n = (big_l * (big_l - 1)) as f64;
+        mean.overlap /= n;
+        mean.jaccard /= n;
+        mean.other_token /= n;
+        Some(mean)
+    }
+
     /// Experts of layer l by decreasing count (ties: lower index first).
     pub fn ranked(&self, l: usize) -> Vec<usize> {
         let mut order: Vec<usize> = (0..self.experts).collect();
         order.sort_by_key(|&e| std::cmp::Reverse(self.counts[l][e]));
         order
     }
+}
+
+/// How alike the expert choices of two layers are, averaged over pairs of
+/// layers (see [`RoutingStats::between_layers`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct LayerAgreement {
+    /// Share of tokens whose top-k sets at the two layers intersect.
+    pub overlap: f64,
+    /// Mean Jaccard index of those sets.
+    pub jaccard: f64,
+    /// The overlap between a token and another token: what the layers'
+    /// expert usage alone gives.
+    pub other_token: f64,
 }
 
 /// Size of the intersection of two sets of distinct experts.
