@@ -9,6 +9,8 @@
 //! - [`model`]: the dense LLaMA baseline and the shared-MoE model.
 //! - [`train`]: the compiled optimizer step, the trainer and the loop.
 //! - [`data`]: token sources; [`ckpt`]: checkpoints.
+//! - [`generate`]: text generation from a checkpoint (the decoding
+//!   programs run with device-resident key/value caches).
 //! - [`dist`]: the coordinator and workers of a multi-process job (gRPC).
 //! - [`cli`]: the `sharedmoe` command-line interface.
 //! - [`digest`]: SHA-256 as hex; [`f32_bytes`]: f32 values as
@@ -20,6 +22,7 @@ pub mod data;
 pub mod digest;
 pub mod dist;
 pub mod f32_bytes;
+pub mod generate;
 pub mod graph;
 pub mod model;
 pub mod runtime;

@@ -301,6 +301,7 @@ fn compiled_router_top_k_matches_a_host_recomputation_in_f64() {
         .param("windows", TensorType::new(DType::I32, &[ROWS, SEQ + 1]))
         .unwrap();
     let loss = Transformer::new(&cfg, &named, DType::F32)
+        .unwrap()
         .loss(&win)
         .unwrap();
     let aux = g

@@ -4,7 +4,7 @@
 
 mod common;
 
-use sharedmoe::model::generate::{Generator, Sampling};
+use sharedmoe::generate::{Generator, Sampling};
 use sharedmoe::model::ModelConfig;
 use sharedmoe::train::trainer::fresh_checkpoint;
 use sharedmoe::train::Config;

@@ -105,7 +105,7 @@ fn our_ce(ckpt: &Path, rows: &[Vec<i32>]) -> (f64, Vec<f64>) {
     let win = g
         .param("windows", TensorType::new(DType::I32, &[b, s1]))
         .unwrap();
-    let model = Transformer::new(&cfg.model, &params, DType::F32);
+    let model = Transformer::new(&cfg.model, &params, DType::F32).unwrap();
     let mut outs = vec![model.loss(&win).unwrap().ce];
     for i in 0..b {
         let row = win.slice_axis(0, i, i + 1).unwrap();

@@ -6,8 +6,9 @@ mod common;
 
 use common::{client, normal, rng};
 use sharedmoe::graph::{grad, DType, Graph, HostTensor, Tensor, TensorType};
+use sharedmoe::model::params::{Mlp, Moe};
 use sharedmoe::model::{
-    init_params, param_specs, ExpertCompute, FfnKind, ModelConfig, Transformer,
+    init_params, param_specs, ExpertCompute, FfnKind, ModelConfig, Params, Transformer,
 };
 
 /// Small enough for finite differences, large enough to exercise GQA,
@@ -48,23 +49,17 @@ fn loss_and_grads(
     experts: ExpertCompute,
 ) -> (sharedmoe::graph::Compiled, Vec<TensorType>) {
     let g = Graph::new();
-    let specs = param_specs(cfg);
-    let params: Vec<(String, Tensor)> = specs
-        .iter()
-        .map(|s| {
-            (
-                s.name.clone(),
-                g.param(&s.name, TensorType::new(DType::F64, &s.dims))
-                    .unwrap(),
-            )
-        })
-        .collect();
+    let params = Params::spec(cfg)
+        .try_map(|s| g.param(&s.name, TensorType::new(DType::F64, &s.dims)))
+        .unwrap();
     let win = g
         .param("windows", TensorType::new(DType::I32, &[BATCH, SEQ + 1]))
         .unwrap();
-    let model = Transformer::new(cfg, &params, DType::F64).with_expert_compute(experts);
+    let model = Transformer::new(cfg, &params, DType::F64)
+        .unwrap()
+        .with_expert_compute(experts);
     let loss = model.loss(&win).unwrap();
-    let refs: Vec<&Tensor> = params.iter().map(|(_, t)| t).collect();
+    let refs: Vec<&Tensor> = params.leaves();
     let grads = grad(&loss.total, &refs).unwrap();
     let mut outs = vec![&loss.total, &loss.ce, &loss.aux];
     outs.extend(grads.iter());
@@ -227,11 +222,13 @@ fn balance_loss_is_exactly_one_for_a_zero_router() {
     let down = g
         .param("down", TensorType::new(DType::F32, &[4, 16, 8]))
         .unwrap();
-    let w = sharedmoe::model::moe::MoeWeights {
-        router: &zero_router,
-        gate: &gate,
-        up: &up,
-        down: &down,
+    let w = Moe {
+        router: zero_router.clone(),
+        experts: Mlp {
+            gate: gate.clone(),
+            up: up.clone(),
+            down: down.clone(),
+        },
     };
     let (_, aux) =
         sharedmoe::model::moe::shared_moe(&xs, &w, 2, ExpertCompute::Routed { block: 4 }).unwrap();
@@ -307,11 +304,13 @@ fn routed_moe_temporaries(n: i64, d: i64, f: i64, e: i64) -> i64 {
     let gate = g.param("gate", t(&[e, f, d])).unwrap();
     let up = g.param("up", t(&[e, f, d])).unwrap();
     let down = g.param("down", t(&[e, d, f])).unwrap();
-    let w = sharedmoe::model::moe::MoeWeights {
-        router: &router,
-        gate: &gate,
-        up: &up,
-        down: &down,
+    let w = Moe {
+        router: router.clone(),
+        experts: Mlp {
+            gate: gate.clone(),
+            up: up.clone(),
+            down: down.clone(),
+        },
     };
     let (y, aux) =
         sharedmoe::model::moe::shared_moe(&x, &w, 2, ExpertCompute::Routed { block: 8 }).unwrap();

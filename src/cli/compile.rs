@@ -22,8 +22,8 @@ use crate::runtime::{
     TpuSlice, TPU_V4_HBM_BYTES,
 };
 use crate::train::placement::{layout, DeviceSlot};
+use crate::train::program::{eval_step, train_step};
 use crate::train::run::flops_per_token;
-use crate::train::step::{eval_step, train_step};
 use crate::train::Config;
 
 #[derive(clap::Args, Debug)]

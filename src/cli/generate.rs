@@ -7,7 +7,7 @@ use anyhow::{anyhow, bail, Result};
 
 use crate::ckpt;
 use crate::data::tokenizer;
-use crate::model::generate::{Generator, Sampling};
+use crate::generate::{Generator, Sampling};
 use crate::model::param_specs;
 use crate::train::run::open_client_with;
 

@@ -42,7 +42,7 @@ use crate::train::placement::Placement;
 use crate::train::run::{
     check_data_shards, check_tokenizer, device_peak_flops, open_job_client, JobMember,
 };
-use crate::train::steps::{
+use crate::train::step_loop::{
     run_steps, snapshot, Diverged, LoopEnd, LoopOptions, MetricsRow, RunSink,
 };
 use crate::train::trainer::fresh_checkpoint;

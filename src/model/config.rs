@@ -264,7 +264,7 @@ impl ModelConfig {
         }
         // Every parameter count in checked arithmetic (names the fields
         // whose product overflows).
-        super::params::checked_counts(self)?;
+        super::count::checked_counts(self)?;
         Ok(())
     }
 }

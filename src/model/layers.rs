@@ -7,6 +7,8 @@
 
 use crate::graph::{concatenate, DType, DotDims, Result, Tensor, TensorType};
 
+use super::params::Attention;
+
 /// The dtype norms, softmax and losses are computed in: f32, or f64 when
 /// the model itself runs in f64 (gradient checks).
 pub fn accumulation_dtype(compute: DType) -> DType {
@@ -70,26 +72,11 @@ pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     x.mul(&table(cos)?)?.add(&rotated.mul(&table(sin)?)?)
 }
 
-/// Weights of one attention block (PyTorch layout [out, in]).
-pub struct AttentionWeights<'a> {
-    pub q: &'a Tensor,
-    pub k: &'a Tensor,
-    pub v: &'a Tensor,
-    pub o: &'a Tensor,
-}
-
-impl<'a> From<&'a [Tensor; 4]> for AttentionWeights<'a> {
-    /// From `[q, k, v, o]`.
-    fn from([q, k, v, o]: &'a [Tensor; 4]) -> Self {
-        AttentionWeights { q, k, v, o }
-    }
-}
-
 /// Queries [B, K, G, S, Hd], keys and values [B, K, S, Hd] of x [B, S, D],
 /// RoPE applied to queries and keys.
 fn project_qkv(
     x: &Tensor,
-    w: &AttentionWeights,
+    w: &Attention<Tensor>,
     heads: i64,
     kv_heads: i64,
     rope: &(Tensor, Tensor),
@@ -98,16 +85,16 @@ fn project_qkv(
     let hd = d / heads;
     let groups = heads / kv_heads;
     let q = apply_rope(
-        &x.linear(w.q)?.reshape(&[b, s, heads, hd])?,
+        &x.linear(&w.q)?.reshape(&[b, s, heads, hd])?,
         &rope.0,
         &rope.1,
     )?;
     let k = apply_rope(
-        &x.linear(w.k)?.reshape(&[b, s, kv_heads, hd])?,
+        &x.linear(&w.k)?.reshape(&[b, s, kv_heads, hd])?,
         &rope.0,
         &rope.1,
     )?;
-    let v = x.linear(w.v)?.reshape(&[b, s, kv_heads, hd])?;
+    let v = x.linear(&w.v)?.reshape(&[b, s, kv_heads, hd])?;
     let q = q
         .reshape(&[b, s, kv_heads, groups, hd])?
         .transpose(&[0, 2, 3, 1, 4])?; // [B, K, G, S, Hd]
@@ -154,7 +141,7 @@ fn attend(q: &Tensor, k: &Tensor, v: &Tensor, allowed: &Tensor, o: &Tensor) -> R
 /// scale 1/sqrt(Hd).
 pub fn attention(
     x: &Tensor,
-    w: &AttentionWeights,
+    w: &Attention<Tensor>,
     heads: i64,
     kv_heads: i64,
     rope: &(Tensor, Tensor),
@@ -164,7 +151,7 @@ pub fn attention(
     let g = x.graph();
     let row = g.iota(TensorType::new(DType::I32, &[s, s]), 0)?;
     let col = g.iota(TensorType::new(DType::I32, &[s, s]), 1)?;
-    attend(&q, &k, &v, &col.le(&row)?, w.o)
+    attend(&q, &k, &v, &col.le(&row)?, &w.o)
 }
 
 /// One decoding position of causal attention with a key/value cache.
@@ -174,7 +161,7 @@ pub fn attention(
 #[allow(clippy::too_many_arguments)] // attention()'s arguments plus the position and caches
 pub fn attention_cached(
     x: &Tensor,
-    w: &AttentionWeights,
+    w: &Attention<Tensor>,
     heads: i64,
     kv_heads: i64,
     rope: &(Tensor, Tensor),
@@ -198,7 +185,7 @@ pub fn attention_cached(
         &cache_k.convert(x.dtype())?,
         &cache_v.convert(x.dtype())?,
         &allowed,
-        w.o,
+        &w.o,
     )?;
     Ok((out, cache_k, cache_v))
 }

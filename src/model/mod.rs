@@ -1,13 +1,22 @@
 //! The two Experiment-1 models (SPEC.md) built from `graph`: the dense
-//! LLaMA baseline and the shared-MoE proposal, their parameters (names,
-//! shapes, initialisation, exact counts) and their loss.
+//! LLaMA baseline and the shared-MoE proposal.
 //!
-//! Where to look: `layers` (RMSNorm, RoPE, attention, SwiGLU), `moe` (the
-//! router, the experts, the balance loss), `transformer` (embeddings, the
-//! blocks, logits, loss), `params` (naming, init, counting), `config`.
+//! Read top-down:
+//! - `config`: the hyper-parameters, presets and their validation;
+//! - `params`: the parameter tree (the one place tensor names are
+//!   spelled), roles, initialisation; `count`: exact counts;
+//! - `layers`: RMSNorm, RoPE, attention, SwiGLU;
+//! - `moe`: the router, the experts (routed or dense), the balance loss;
+//! - `transformer`: embeddings, the blocks, logits, the loss;
+//! - `decode` (cached decoding programs) and `routing` (what the shared
+//!   router chooses), both over the same forward.
+//!
+//! Everything here traces `graph` programs; nothing runs them (no
+//! `runtime`, no checkpoints).
 
 pub mod config;
-pub mod generate;
+pub mod count;
+pub mod decode;
 pub mod layers;
 pub mod moe;
 pub mod params;
@@ -15,9 +24,7 @@ pub mod routing;
 pub mod transformer;
 
 pub use config::{FfnKind, ModelConfig};
+pub use count::{active_params_per_token, count_breakdown, count_params};
 pub use moe::ExpertCompute;
-pub use params::{
-    active_params_per_token, count_breakdown, count_params, declare_params, init_params,
-    param_specs, ParamSpec,
-};
+pub use params::{declare_params, init_params, param_specs, ParamSpec, Params, Role};
 pub use transformer::{Loss, Transformer};

@@ -28,14 +28,7 @@
 use crate::graph::{DType, DotDims, Result, Tensor, TensorType, WeightLayout::OutIn};
 
 use super::layers::{accumulation_dtype, silu};
-
-/// The shared block's weights: router [E, D], gate/up [E, F, D], down [E, D, F].
-pub struct MoeWeights<'a> {
-    pub router: &'a Tensor,
-    pub gate: &'a Tensor,
-    pub up: &'a Tensor,
-    pub down: &'a Tensor,
-}
+use super::params::Moe;
 
 /// How the experts are evaluated.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -90,12 +83,12 @@ fn balance_loss(r: &Routing, num_experts: i64) -> Result<Tensor> {
 /// The shared MoE on x [N, D]: returns (output [N, D], balance loss).
 pub fn shared_moe(
     x: &Tensor,
-    w: &MoeWeights,
+    w: &Moe<Tensor>,
     k: i64,
     compute: ExpertCompute,
 ) -> Result<(Tensor, Tensor)> {
     let e = w.router.dim(0)?;
-    let r = route(x, w.router, k)?;
+    let r = route(x, &w.router, k)?;
     let aux = balance_loss(&r, e)?;
     let weights = r.weights.convert(x.dtype())?;
     let y = match compute {
@@ -108,7 +101,7 @@ pub fn shared_moe(
 /// Every expert on every token; non-chosen experts get weight 0.
 fn dense_experts(
     x: &Tensor,
-    w: &MoeWeights,
+    w: &Moe<Tensor>,
     experts: &Tensor,
     weights: &Tensor,
     e: i64,
@@ -125,8 +118,8 @@ fn dense_experts(
         rhs_contract: vec![2],
         ..Default::default()
     };
-    let gate = x.dot_general(w.gate, &in_proj)?; // [N, E, F]
-    let up = x.dot_general(w.up, &in_proj)?;
+    let gate = x.dot_general(&w.experts.gate, &in_proj)?; // [N, E, F]
+    let up = x.dot_general(&w.experts.up, &in_proj)?;
     let h = silu(&gate)?.mul(&up)?;
     let out_proj = DotDims {
         lhs_contract: vec![2],
@@ -134,7 +127,7 @@ fn dense_experts(
         lhs_batch: vec![1],
         rhs_batch: vec![0],
     };
-    let y = h.dot_general(w.down, &out_proj)?; // [E, N, D]
+    let y = h.dot_general(&w.experts.down, &out_proj)?; // [E, N, D]
     let combine_t = combine.transpose(&[1, 0])?.reshape(&[e, n, 1])?;
     y.mul(&combine_t)?.reduce_sum(&[0])
 }
@@ -170,7 +163,7 @@ pub fn auto_block(assignments: i64, experts: i64) -> i64 {
 /// Each expert on its own tokens, in padded blocks (see module docs).
 fn routed_experts(
     x: &Tensor,
-    w: &MoeWeights,
+    w: &Moe<Tensor>,
     experts: &Tensor,
     weights: &Tensor,
     e: i64,
@@ -233,10 +226,10 @@ fn routed_experts(
         .reduce_sum(&[0])?
         .div(&g.full(block as f64, int(&[]))?)?;
     let grouped = |x: &Tensor, w: &Tensor| x.grouped_matmul(w, &block_expert, &used, OutIn);
-    let gate = grouped(&xs, w.gate)?; // [rows, F]
-    let up = grouped(&xs, w.up)?;
+    let gate = grouped(&xs, &w.experts.gate)?; // [rows, F]
+    let up = grouped(&xs, &w.experts.up)?;
     let h = silu(&gate)?.mul(&up)?;
-    let ys = grouped(&h, w.down)?; // [rows, D]
+    let ys = grouped(&h, &w.experts.down)?; // [rows, D]
     let y = ys.permute_rows(&row_of_assignment, &assignment_of_row.reshape(&[rows, 1])?)?; // [A, D]
     y.reshape(&[n, k, d])?
         .mul(&weights.reshape(&[n, k, 1])?)?

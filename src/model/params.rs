@@ -1,5 +1,13 @@
-//! The model's parameters: names and shapes per SPEC.md (HF LLaMA naming,
-//! Linear weights [out, in]), initialisation, and the exact count.
+//! The model's parameters as ONE typed tree, [`Params`], generic over what
+//! a leaf holds: a [`ParamSpec`] (name, shape, init, role), a traced
+//! [`Tensor`], a device buffer or host values, as a JAX pytree.
+//!
+//! [`Params::spec`] is the only place tensor names are spelled: the
+//! checkpoint contract of SPEC.md (HF LLaMA naming, Linear weights
+//! [out, in]). Everything else maps over the tree, so a wrong field is a
+//! compile error, and the flat order (checkpoints, program arguments) is
+//! the one traversal in [`Params::try_map`]. Each leaf also carries its
+//! [`Role`], what counts and sharding rules are written against.
 
 use rand::SeedableRng;
 use rand_chacha::ChaCha20Rng;
@@ -7,6 +15,23 @@ use rand_distr::{Distribution, Normal};
 
 use super::config::{FfnKind, ModelConfig};
 use crate::graph::{DType, Graph, Tensor, TensorType};
+
+/// What a parameter is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// The (tied) token table and the factorised embedding's projection.
+    Embedding,
+    /// q, k, v, o projections.
+    Attention,
+    /// RMSNorm gains.
+    Norm,
+    /// A dense SwiGLU MLP's weights.
+    Mlp,
+    /// A mixture-of-experts router [E, D].
+    Router,
+    /// Stacked expert weights [E, ..] (the leading axis is the expert).
+    Experts,
+}
 
 /// How a parameter starts.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -21,14 +46,16 @@ pub struct ParamSpec {
     pub name: String,
     pub dims: Vec<i64>,
     pub init: Init,
+    pub role: Role,
 }
 
 impl ParamSpec {
-    fn matrix(name: String, dims: &[i64]) -> ParamSpec {
+    fn matrix(role: Role, name: String, dims: &[i64]) -> ParamSpec {
         ParamSpec {
             name,
             dims: dims.to_vec(),
             init: Init::Normal { std: 0.02 },
+            role,
         }
     }
 
@@ -37,6 +64,7 @@ impl ParamSpec {
             name,
             dims: vec![d],
             init: Init::Ones,
+            role: Role::Norm,
         }
     }
 
@@ -58,288 +86,269 @@ impl ParamSpec {
     }
 }
 
-/// Every parameter of the model as an f32 input of `g`, with its name (what
-/// [`Transformer::new`](super::Transformer::new) takes).
-pub fn declare_params(g: &Graph, c: &ModelConfig) -> crate::graph::Result<Vec<(String, Tensor)>> {
-    param_specs(c)
-        .into_iter()
-        .map(|s| Ok((s.name.clone(), s.declare(g, "")?)))
-        .collect()
+/// Every parameter of a model.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Params<T> {
+    pub embed: Embedding<T>,
+    pub layers: Vec<Layer<T>>,
+    /// The one MoE block every layer shares (shared-MoE models only).
+    pub shared_moe: Option<Moe<T>>,
+    /// The final RMSNorm's gain.
+    pub norm: T,
+}
+
+/// The tied token embedding: a [V, D] table, or a factorised [V, e] table
+/// with its [D, e] projection.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Embedding<T> {
+    pub table: T,
+    pub proj: Option<T>,
+}
+
+/// One pre-norm block.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Layer<T> {
+    pub attn_norm: T,
+    pub attn: Attention<T>,
+    pub ffn_norm: T,
+    pub ffn: LayerFfn<T>,
+}
+
+/// Attention projections, [out, in]: q [D, D], k and v [K*Hd, D], o [D, D].
+#[derive(Clone, Debug, PartialEq)]
+pub struct Attention<T> {
+    pub q: T,
+    pub k: T,
+    pub v: T,
+    pub o: T,
+}
+
+/// A layer's feed-forward half.
+#[derive(Clone, Debug, PartialEq)]
+pub enum LayerFfn<T> {
+    /// Its own SwiGLU MLP.
+    Mlp(Mlp<T>),
+    /// The model's shared MoE block ([`Params::shared_moe`]).
+    Shared,
+}
+
+/// SwiGLU weights: gate and up [F, D], down [D, F]; stacked over experts
+/// with a leading E axis in a [`Moe`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct Mlp<T> {
+    pub gate: T,
+    pub up: T,
+    pub down: T,
+}
+
+/// A mixture-of-experts block: the router [E, D] and E stacked experts.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Moe<T> {
+    pub router: T,
+    pub experts: Mlp<T>,
+}
+
+impl Params<ParamSpec> {
+    /// The parameters of `c`, named as in SPEC.md: the one place tensor
+    /// names are written.
+    pub fn spec(c: &ModelConfig) -> Params<ParamSpec> {
+        let (d, kv) = (c.hidden_size, c.kv_dim());
+        let matrix = ParamSpec::matrix;
+        let embed = if c.embedding_dim > 0 {
+            Embedding {
+                table: matrix(
+                    Role::Embedding,
+                    "model.embed_tokens.weight".into(),
+                    &[c.vocab_size, c.embedding_dim],
+                ),
+                // 1/sqrt(e) so that U P^T has the 0.02 scale of a dense table.
+                proj: Some(ParamSpec {
+                    init: Init::Normal {
+                        std: 1.0 / (c.embedding_dim as f64).sqrt(),
+                    },
+                    ..matrix(
+                        Role::Embedding,
+                        "model.embed_proj.weight".into(),
+                        &[d, c.embedding_dim],
+                    )
+                }),
+            }
+        } else {
+            Embedding {
+                table: matrix(
+                    Role::Embedding,
+                    "model.embed_tokens.weight".into(),
+                    &[c.vocab_size, d],
+                ),
+                proj: None,
+            }
+        };
+        let layer = |i: i64| {
+            let name = |n: &str| format!("model.layers.{i}.{n}");
+            let attn = |n: &str, dims: &[i64]| {
+                matrix(
+                    Role::Attention,
+                    name(&format!("self_attn.{n}.weight")),
+                    dims,
+                )
+            };
+            Layer {
+                attn_norm: ParamSpec::gain(name("input_layernorm.weight"), d),
+                attn: Attention {
+                    q: attn("q_proj", &[d, d]),
+                    k: attn("k_proj", &[kv, d]),
+                    v: attn("v_proj", &[kv, d]),
+                    o: attn("o_proj", &[d, d]),
+                },
+                ffn_norm: ParamSpec::gain(name("post_attention_layernorm.weight"), d),
+                ffn: match c.ffn {
+                    FfnKind::Dense => {
+                        let f = c.intermediate_size;
+                        let mlp = |n: &str, dims: &[i64]| {
+                            matrix(Role::Mlp, name(&format!("mlp.{n}.weight")), dims)
+                        };
+                        LayerFfn::Mlp(Mlp {
+                            gate: mlp("gate_proj", &[f, d]),
+                            up: mlp("up_proj", &[f, d]),
+                            down: mlp("down_proj", &[d, f]),
+                        })
+                    }
+                    FfnKind::SharedMoe => LayerFfn::Shared,
+                },
+            }
+        };
+        let shared_moe = (c.ffn == FfnKind::SharedMoe).then(|| {
+            let (e, f) = (c.num_experts, c.expert_intermediate_size);
+            let expert = |n: &str, dims: &[i64]| {
+                matrix(Role::Experts, format!("model.shared_moe.experts.{n}"), dims)
+            };
+            Moe {
+                router: matrix(
+                    Role::Router,
+                    "model.shared_moe.router.weight".into(),
+                    &[e, d],
+                ),
+                experts: Mlp {
+                    gate: expert("gate_proj", &[e, f, d]),
+                    up: expert("up_proj", &[e, f, d]),
+                    down: expert("down_proj", &[e, d, f]),
+                },
+            }
+        });
+        Params {
+            embed,
+            layers: (0..c.num_layers).map(layer).collect(),
+            shared_moe,
+            norm: ParamSpec::gain("model.norm.weight".into(), d),
+        }
+    }
+
+    /// Every parameter as an f32 input of `g`, named `prefix` + its name.
+    pub fn declare(&self, g: &Graph, prefix: &str) -> crate::graph::Result<Params<Tensor>> {
+        self.try_map(|s| s.declare(g, prefix))
+    }
+}
+
+impl<T> Params<T> {
+    /// The same tree with every leaf replaced by `f(leaf)`, visiting leaves
+    /// in checkpoint order (the order of [`leaves`](Self::leaves)): the
+    /// embedding table and projection; per layer its input norm, q, k, v,
+    /// o, post-attention norm and MLP (gate, up, down); the shared MoE's
+    /// router and experts (gate, up, down); the final norm.
+    pub fn try_map<'a, U, E>(
+        &'a self,
+        mut f: impl FnMut(&'a T) -> Result<U, E>,
+    ) -> Result<Params<U>, E> {
+        let embed = Embedding {
+            table: f(&self.embed.table)?,
+            proj: self.embed.proj.as_ref().map(&mut f).transpose()?,
+        };
+        let mut layers = Vec::with_capacity(self.layers.len());
+        for l in &self.layers {
+            layers.push(Layer {
+                attn_norm: f(&l.attn_norm)?,
+                attn: Attention {
+                    q: f(&l.attn.q)?,
+                    k: f(&l.attn.k)?,
+                    v: f(&l.attn.v)?,
+                    o: f(&l.attn.o)?,
+                },
+                ffn_norm: f(&l.ffn_norm)?,
+                ffn: match &l.ffn {
+                    LayerFfn::Mlp(m) => LayerFfn::Mlp(m.try_map(&mut f)?),
+                    LayerFfn::Shared => LayerFfn::Shared,
+                },
+            });
+        }
+        let shared_moe = match &self.shared_moe {
+            Some(m) => Some(Moe {
+                router: f(&m.router)?,
+                experts: m.experts.try_map(&mut f)?,
+            }),
+            None => None,
+        };
+        Ok(Params {
+            embed,
+            layers,
+            shared_moe,
+            norm: f(&self.norm)?,
+        })
+    }
+
+    /// [`try_map`](Self::try_map) with an infallible `f`.
+    pub fn map<'a, U>(&'a self, mut f: impl FnMut(&'a T) -> U) -> Params<U> {
+        match self.try_map(|t| Ok::<U, std::convert::Infallible>(f(t))) {
+            Ok(p) => p,
+            Err(never) => match never {},
+        }
+    }
+
+    /// Every leaf, in checkpoint order.
+    pub fn leaves(&self) -> Vec<&T> {
+        let mut out = vec![];
+        self.map(|t| out.push(t));
+        out
+    }
+
+    /// The number of leaves.
+    pub fn len(&self) -> usize {
+        self.leaves().len()
+    }
+
+    /// This tree's shape with the leaves taken from `values`, in checkpoint
+    /// order; an error when their count differs.
+    pub fn with_leaves<U>(&self, values: Vec<U>) -> Result<Params<U>, String> {
+        let n = self.len();
+        if values.len() != n {
+            return Err(format!(
+                "{} values for a model of {n} parameter tensors",
+                values.len()
+            ));
+        }
+        let mut values = values.into_iter();
+        Ok(self.map(|_| values.next().expect("as many values as leaves")))
+    }
+}
+
+impl<T> Mlp<T> {
+    fn try_map<'a, U, E>(&'a self, f: &mut impl FnMut(&'a T) -> Result<U, E>) -> Result<Mlp<U>, E> {
+        Ok(Mlp {
+            gate: f(&self.gate)?,
+            up: f(&self.up)?,
+            down: f(&self.down)?,
+        })
+    }
 }
 
 /// Every parameter of the model, in checkpoint order.
 pub fn param_specs(c: &ModelConfig) -> Vec<ParamSpec> {
-    let (d, kv) = (c.hidden_size, c.kv_dim());
-    let mut v = vec![];
-    if c.embedding_dim > 0 {
-        v.push(ParamSpec::matrix(
-            "model.embed_tokens.weight".into(),
-            &[c.vocab_size, c.embedding_dim],
-        ));
-        // 1/sqrt(e) so that U P^T has the 0.02 scale of a dense table.
-        let std = 1.0 / (c.embedding_dim as f64).sqrt();
-        v.push(ParamSpec {
-            name: "model.embed_proj.weight".into(),
-            dims: vec![d, c.embedding_dim],
-            init: Init::Normal { std },
-        });
-    } else {
-        v.push(ParamSpec::matrix(
-            "model.embed_tokens.weight".into(),
-            &[c.vocab_size, d],
-        ));
-    }
-    for i in 0..c.num_layers {
-        let p = format!("model.layers.{i}");
-        v.push(ParamSpec::gain(format!("{p}.input_layernorm.weight"), d));
-        v.push(ParamSpec::matrix(
-            format!("{p}.self_attn.q_proj.weight"),
-            &[d, d],
-        ));
-        v.push(ParamSpec::matrix(
-            format!("{p}.self_attn.k_proj.weight"),
-            &[kv, d],
-        ));
-        v.push(ParamSpec::matrix(
-            format!("{p}.self_attn.v_proj.weight"),
-            &[kv, d],
-        ));
-        v.push(ParamSpec::matrix(
-            format!("{p}.self_attn.o_proj.weight"),
-            &[d, d],
-        ));
-        v.push(ParamSpec::gain(
-            format!("{p}.post_attention_layernorm.weight"),
-            d,
-        ));
-        if c.ffn == FfnKind::Dense {
-            let f = c.intermediate_size;
-            v.push(ParamSpec::matrix(
-                format!("{p}.mlp.gate_proj.weight"),
-                &[f, d],
-            ));
-            v.push(ParamSpec::matrix(
-                format!("{p}.mlp.up_proj.weight"),
-                &[f, d],
-            ));
-            v.push(ParamSpec::matrix(
-                format!("{p}.mlp.down_proj.weight"),
-                &[d, f],
-            ));
-        }
-    }
-    if c.ffn == FfnKind::SharedMoe {
-        let (e, f) = (c.num_experts, c.expert_intermediate_size);
-        v.push(ParamSpec::matrix(
-            "model.shared_moe.router.weight".into(),
-            &[e, d],
-        ));
-        v.push(ParamSpec::matrix(
-            "model.shared_moe.experts.gate_proj".into(),
-            &[e, f, d],
-        ));
-        v.push(ParamSpec::matrix(
-            "model.shared_moe.experts.up_proj".into(),
-            &[e, f, d],
-        ));
-        v.push(ParamSpec::matrix(
-            "model.shared_moe.experts.down_proj".into(),
-            &[e, d, f],
-        ));
-    }
-    v.push(ParamSpec::gain("model.norm.weight".into(), d));
-    v
+    Params::spec(c).leaves().into_iter().cloned().collect()
 }
 
-/// Parameter counts of a model, computed from its shape (not by listing
-/// every tensor, so an absurd `num_layers` costs nothing).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Counts {
-    pub embedding: i64,
-    pub attention: i64,
-    pub norms: i64,
-    pub mlp: i64,
-    pub router: i64,
-    pub experts: i64,
-    pub total: i64,
-    /// See [`active_params_per_token`].
-    pub active_per_token: i64,
-}
-
-/// Bytes of training state per parameter: f32 parameters, gradients and
-/// both Adam moments.
-pub const TRAINING_BYTES_PER_PARAM: i64 = 16;
-
-/// One factor of a count: the config field it comes from (for the error
-/// message) and its value.
-type Factor = (&'static str, i64);
-
-/// The product of `factors`, or an error naming the fields when it
-/// overflows i64.
-fn product(what: &str, factors: &[Factor]) -> Result<i64, String> {
-    factors
-        .iter()
-        .try_fold(1i64, |acc, &(_, v)| acc.checked_mul(v))
-        .ok_or_else(|| overflow(what, factors))
-}
-
-fn overflow(what: &str, factors: &[Factor]) -> String {
-    let fields: Vec<String> = factors
-        .iter()
-        .map(|(name, v)| format!("{name} = {v}"))
-        .collect();
-    format!(
-        "{}: the {what} ({}) overflows a 64-bit count",
-        fields.first().cloned().unwrap_or_default(),
-        fields.join(" x ")
-    )
-}
-
-fn sum(what: &str, parts: &[i64]) -> Result<i64, String> {
-    parts
-        .iter()
-        .try_fold(0i64, |acc, &v| acc.checked_add(v))
-        .ok_or_else(|| format!("the {what} overflows a 64-bit count (parts: {parts:?})"))
-}
-
-/// Every count of `c` with checked arithmetic: an error names the fields
-/// whose product overflows i64, or says that the training state (16 bytes
-/// per parameter) would not fit a 64-bit address space. Expects the
-/// shape checks of [`ModelConfig::validate`] (positive sizes) to pass.
-pub fn checked_counts(c: &ModelConfig) -> Result<Counts, String> {
-    const V: &str = "model.vocab_size";
-    const D: &str = "model.hidden_size";
-    const E: &str = "model.embedding_dim";
-    const L: &str = "model.num_layers";
-    const F: &str = "model.intermediate_size";
-    const X: &str = "model.num_experts";
-    const XF: &str = "model.expert_intermediate_size";
-    const K: &str = "model.experts_per_token";
-    const KV: &str = "model.num_kv_heads * head_dim";
-    let (v, d, l) = (c.vocab_size, c.hidden_size, c.num_layers);
-    let kv = c.num_kv_heads.checked_mul(c.head_dim()).unwrap_or(i64::MAX);
-    let embedding = if c.embedding_dim > 0 {
-        let e = c.embedding_dim;
-        sum(
-            "embedding parameter count",
-            &[
-                product("embedding table", &[(V, v), (E, e)])?,
-                product("embedding projection", &[(D, d), (E, e)])?,
-            ],
-        )?
-    } else {
-        product("embedding table", &[(V, v), (D, d)])?
-    };
-    let attention_layer = sum(
-        "attention parameter count of a layer",
-        &[
-            product("q_proj weight", &[(D, d), (D, d)])?,
-            product("k_proj weight", &[(KV, kv), (D, d)])?,
-            product("v_proj weight", &[(KV, kv), (D, d)])?,
-            product("o_proj weight", &[(D, d), (D, d)])?,
-        ],
-    )?;
-    let attention = product(
-        "attention parameter count",
-        &[(L, l), ("attention per layer", attention_layer)],
-    )?;
-    let norms = sum(
-        "norm parameter count",
-        &[
-            product(
-                "layer norm gains",
-                &[(L, l), (D, d), ("norms per layer", 2)],
-            )?,
-            d,
-        ],
-    )?;
-    let (mut mlp, mut router, mut experts, mut active_moe) = (0, 0, 0, 0);
-    match c.ffn {
-        FfnKind::Dense => {
-            let f = c.intermediate_size;
-            mlp = product(
-                "MLP parameter count",
-                &[(L, l), (F, f), (D, d), ("weights per layer", 3)],
-            )?;
-        }
-        FfnKind::SharedMoe => {
-            let (x, f, k) = (
-                c.num_experts,
-                c.expert_intermediate_size,
-                c.experts_per_token,
-            );
-            router = product("router weight", &[(X, x), (D, d)])?;
-            experts = product(
-                "expert parameter count",
-                &[(X, x), (XF, f), (D, d), ("weights", 3)],
-            )?;
-            // Used per token: the router once per layer, k experts' three
-            // weights once per layer.
-            let routed = product(
-                "routed expert weights used per token",
-                &[(XF, f), (D, d), (K, k), (L, l), ("weights", 3)],
-            )?;
-            let routing = product("router weights used per token", &[(X, x), (D, d), (L, l)])?;
-            active_moe = sum("parameters used per token", &[routed, routing])?;
-        }
-    }
-    let total = sum(
-        "parameter count",
-        &[embedding, attention, norms, mlp, router, experts],
-    )?;
-    let active_per_token = sum(
-        "parameters used per token",
-        &[embedding, attention, norms, mlp, active_moe],
-    )?;
-    if total.checked_mul(TRAINING_BYTES_PER_PARAM).is_none() {
-        return Err(format!(
-            "model.hidden_size = {d}, model.num_layers = {l}, model.vocab_size = {v}: {total} parameters \
-             need {TRAINING_BYTES_PER_PARAM} bytes each of training state, more than a 64-bit address space"
-        ));
-    }
-    Ok(Counts {
-        embedding,
-        attention,
-        norms,
-        mlp,
-        router,
-        experts,
-        total,
-        active_per_token,
-    })
-}
-
-fn counts(c: &ModelConfig) -> Counts {
-    checked_counts(c).unwrap_or_else(|e| panic!("parameter count of an unvalidated model: {e}"))
-}
-
-/// Parameter count by component, then the total. (Panics on a model whose
-/// count overflows, which [`ModelConfig::validate`] refuses.)
-pub fn count_breakdown(c: &ModelConfig) -> Vec<(&'static str, i64)> {
-    let n = counts(c);
-    let mut parts = vec![
-        ("embedding", n.embedding),
-        ("attention", n.attention),
-        ("norms", n.norms),
-        ("mlp", n.mlp),
-        ("router", n.router),
-        ("experts", n.experts),
-    ];
-    parts.retain(|(_, n)| *n > 0);
-    parts.push(("total", n.total));
-    parts
-}
-
-pub fn count_params(c: &ModelConfig) -> i64 {
-    counts(c).total
-}
-
-/// Parameters a token actually uses in a forward pass (the routed experts
-/// only, for the MoE): the N of the usual 6N FLOPs-per-token estimate,
-/// excluding the embedding lookup but including the tied output
-/// projection.
-pub fn active_params_per_token(c: &ModelConfig) -> i64 {
-    counts(c).active_per_token
+/// Every parameter of the model as an f32 input of `g` (what
+/// [`Transformer::new`](super::Transformer::new) takes).
+pub fn declare_params(g: &Graph, c: &ModelConfig) -> crate::graph::Result<Params<Tensor>> {
+    Params::spec(c).declare(g, "")
 }
 
 /// Deterministic initial values (f32, row-major) for every parameter.
@@ -372,78 +381,6 @@ fn fnv1a(s: &str) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn exact_counts_of_the_spec() {
-        assert_eq!(count_params(&ModelConfig::dense125m()), 137_841_408);
-        assert_eq!(count_params(&ModelConfig::sharedmoe50m()), 49_642_240);
-        let b = count_breakdown(&ModelConfig::sharedmoe50m());
-        assert_eq!(b.last().unwrap(), &("total", 49_642_240));
-        assert!(b.contains(&("experts", 26_542_080)) && b.contains(&("router", 12_288)));
-    }
-
-    /// The counts from the shape equal those of the listed tensors.
-    #[test]
-    fn counts_match_the_tensor_list() {
-        for name in crate::model::config::PRESET_NAMES {
-            let c = ModelConfig::preset(name).unwrap();
-            let specs = param_specs(&c);
-            let listed: i64 = specs.iter().map(ParamSpec::num_elements).sum();
-            assert_eq!(count_params(&c), listed, "{name}");
-            let mut parts = [0i64; 6];
-            let mut active = 0;
-            for s in &specs {
-                let part = if s.name.contains("embed") {
-                    0
-                } else if s.name.contains("self_attn") {
-                    1
-                } else if s.name.contains("norm") {
-                    2
-                } else if s.name.contains(".mlp.") {
-                    3
-                } else if s.name.contains("router") {
-                    4
-                } else {
-                    5
-                };
-                parts[part] += s.num_elements();
-                active += if s.name.contains("shared_moe.experts") {
-                    s.num_elements() / c.num_experts * c.experts_per_token * c.num_layers
-                } else if s.name.contains("router") {
-                    s.num_elements() * c.num_layers
-                } else {
-                    s.num_elements()
-                };
-            }
-            let n = checked_counts(&c).unwrap();
-            assert_eq!(
-                [
-                    n.embedding,
-                    n.attention,
-                    n.norms,
-                    n.mlp,
-                    n.router,
-                    n.experts
-                ],
-                parts,
-                "{name}"
-            );
-            assert_eq!(n.active_per_token, active, "{name}");
-        }
-    }
-
-    #[test]
-    fn overflowing_counts_name_the_field() {
-        let mut c = ModelConfig::preset("tiny-sharedmoe").unwrap();
-        c.hidden_size = 1 << 40;
-        let e = checked_counts(&c).unwrap_err();
-        assert!(e.starts_with("model.hidden_size = 1099511627776"), "{e}");
-        assert!(e.contains("overflows a 64-bit count"), "{e}");
-        let mut c = ModelConfig::preset("tiny-dense").unwrap();
-        c.num_layers = 1 << 50;
-        let e = checked_counts(&c).unwrap_err();
-        assert!(e.contains("model.num_layers = 1125899906842624"), "{e}");
-    }
 
     #[test]
     fn names_follow_the_spec() {
@@ -487,5 +424,53 @@ mod tests {
             .find(|(s, _)| s.name == "model.norm.weight")
             .unwrap();
         assert!(gains.1.iter().all(|&v| v == 1.0));
+    }
+
+    /// The tree's flat order is the order checkpoints and programs were
+    /// written in before the tree existed (pinned by name), and
+    /// `with_leaves` rebuilds the same tree.
+    #[test]
+    fn flat_order_is_the_checkpoint_order() {
+        let c = ModelConfig::preset("tiny-dense").unwrap();
+        let names: Vec<String> = param_specs(&c).into_iter().map(|s| s.name).collect();
+        let mut want = vec!["model.embed_tokens.weight".to_string()];
+        for i in 0..c.num_layers {
+            for n in [
+                "input_layernorm.weight",
+                "self_attn.q_proj.weight",
+                "self_attn.k_proj.weight",
+                "self_attn.v_proj.weight",
+                "self_attn.o_proj.weight",
+                "post_attention_layernorm.weight",
+                "mlp.gate_proj.weight",
+                "mlp.up_proj.weight",
+                "mlp.down_proj.weight",
+            ] {
+                want.push(format!("model.layers.{i}.{n}"));
+            }
+        }
+        want.push("model.norm.weight".into());
+        assert_eq!(names, want);
+        let c = ModelConfig::preset("tiny-sharedmoe").unwrap();
+        let names: Vec<String> = param_specs(&c).into_iter().map(|s| s.name).collect();
+        let tail = &names[names.len() - 5..];
+        assert_eq!(
+            tail,
+            [
+                "model.shared_moe.router.weight",
+                "model.shared_moe.experts.gate_proj",
+                "model.shared_moe.experts.up_proj",
+                "model.shared_moe.experts.down_proj",
+                "model.norm.weight"
+            ]
+        );
+        assert_eq!(
+            &names[..2],
+            ["model.embed_tokens.weight", "model.embed_proj.weight"]
+        );
+        let tree = Params::spec(&c);
+        let rebuilt = tree.with_leaves(param_specs(&c)).unwrap();
+        assert_eq!(rebuilt, tree);
+        assert!(tree.with_leaves(vec![0; 3]).is_err());
     }
 }

@@ -14,7 +14,7 @@ use crate::graph::{DType, Function, Graph, GraphError, HostTensor, Result, Tenso
 
 use super::config::ModelConfig;
 use super::moe::route;
-use super::params::declare_params;
+use super::params::{declare_params, Params};
 use super::transformer::Transformer;
 
 /// One layer's routing of N tokens, traced.
@@ -33,29 +33,21 @@ pub struct LayerRouting {
 /// shared router saw and chose. Refuses a dense model.
 pub fn trace_routing(
     cfg: &ModelConfig,
-    params: &[(String, Tensor)],
+    params: &Params<Tensor>,
     compute: DType,
     inputs: &Tensor,
 ) -> Result<Vec<LayerRouting>> {
-    if !cfg.is_moe() {
+    let model = Transformer::new(cfg, params, compute)?;
+    let Some(router) = model.shared_router() else {
         return Err(GraphError::Usage(
             "routing analysis needs a shared-MoE model; this one is dense".into(),
         ));
-    }
-    let name = "model.shared_moe.router.weight";
-    let Some((_, router)) = params.iter().find(|(n, _)| n == name) else {
-        return Err(GraphError::Usage(format!(
-            "model parameter `{name}` was not provided"
-        )));
     };
-    // As the model uses it: the parameter in the compute dtype.
-    let router = router.convert(compute)?;
-    let model = Transformer::new(cfg, params, compute);
     let (b, s, d) = (inputs.dim(0)?, inputs.dim(1)?, cfg.hidden_size);
     let mut layers = Vec::with_capacity(cfg.num_layers as usize);
     model.hidden_observed(inputs, &mut |i, h| {
         let x = model.ffn_norm(i, h)?.reshape(&[b * s, d])?;
-        let r = route(&x, &router, cfg.experts_per_token)?;
+        let r = route(&x, router, cfg.experts_per_token)?;
         layers.push(LayerRouting {
             input: x,
             probs: r.probs,
@@ -67,7 +59,7 @@ pub fn trace_routing(
     Ok(layers)
 }
 
-/// The routing program: parameters (f32, in [`param_specs`] order, named
+/// The routing program: parameters (f32, in [`param_specs`](super::params::param_specs) order, named
 /// as there) and `windows` [M, S+1] (i32; the tokens are window[:, :S], as
 /// in the loss) -> per layer, in order: probs [N, E] (f32), experts [N, k]
 /// (i32), weights [N, k] (f32), and with `with_inputs` also the router's

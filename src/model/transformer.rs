@@ -1,21 +1,22 @@
 //! The whole model: embeddings, the pre-norm blocks, the final norm, tied
 //! output logits, and the next-token loss.
 
-use std::collections::HashMap;
-
 use crate::graph::{DType, GraphError, Result, Tensor};
 
-use super::config::{FfnKind, ModelConfig};
+use super::config::ModelConfig;
 use super::layers::{
     accumulation_dtype, attention, attention_cached, rms_norm, rope_at, rope_tables, swiglu,
-    AttentionWeights,
 };
-use super::moe::{shared_moe, ExpertCompute, MoeWeights};
+use super::moe::{shared_moe, ExpertCompute};
+use super::params::{Attention, Layer, LayerFfn, Mlp, Moe, Params};
 
-/// The model traced over a set of named parameter tensors.
+/// The model traced over its parameter tree.
 pub struct Transformer<'a> {
     cfg: &'a ModelConfig,
-    params: HashMap<String, Tensor>,
+    params: &'a Params<Tensor>,
+    /// The shared MoE block's weights in the compute dtype, converted once
+    /// for all the layers that use it.
+    shared_moe: Option<Moe<Tensor>>,
     /// Dtype of matmul operands (parameters are converted at use).
     compute: DType,
     experts: ExpertCompute,
@@ -32,71 +33,116 @@ pub struct Loss {
 }
 
 impl<'a> Transformer<'a> {
-    /// `params` are (name, tensor) pairs named as in
-    /// [`param_specs`](super::params::param_specs).
+    /// The model `cfg` over `params` (f32 leaves, e.g. from
+    /// [`declare_params`](super::params::declare_params)), computing its
+    /// matmuls in `compute`.
     pub fn new(
         cfg: &'a ModelConfig,
-        params: &[(String, Tensor)],
+        params: &'a Params<Tensor>,
         compute: DType,
-    ) -> Transformer<'a> {
-        Transformer {
+    ) -> Result<Transformer<'a>> {
+        if params.layers.len() as i64 != cfg.num_layers {
+            return Err(GraphError::Usage(format!(
+                "{} layers of parameters for a model of model.num_layers = {}",
+                params.layers.len(),
+                cfg.num_layers
+            )));
+        }
+        // The shared block's weights once, not once per layer. (Their
+        // gradient is then summed over the layers in the compute dtype.)
+        let shared_moe = match &params.shared_moe {
+            Some(m) => Some(Moe {
+                router: m.router.convert(compute)?,
+                experts: Mlp {
+                    gate: m.experts.gate.convert(compute)?,
+                    up: m.experts.up.convert(compute)?,
+                    down: m.experts.down.convert(compute)?,
+                },
+            }),
+            None => None,
+        };
+        Ok(Transformer {
             cfg,
-            params: params.iter().cloned().collect(),
+            params,
+            shared_moe,
             compute,
             experts: ExpertCompute::Routed {
                 block: cfg.moe_block_size,
             },
-        }
+        })
     }
 
-    /// Evaluate experts densely instead of routed (same values).
+    /// Computes the experts as `experts` says: routed (the default) or
+    /// every expert on every token (the same values, for checks).
     pub fn with_expert_compute(mut self, experts: ExpertCompute) -> Self {
         self.experts = experts;
         self
     }
 
     /// A parameter in the compute dtype.
-    fn p(&self, name: &str) -> Result<Tensor> {
-        match self.params.get(name) {
-            Some(t) => t.convert(self.compute),
-            None => Err(GraphError::Usage(format!(
-                "model parameter `{name}` was not provided"
-            ))),
-        }
+    fn p(&self, t: &Tensor) -> Result<Tensor> {
+        t.convert(self.compute)
+    }
+
+    /// Layer `i`'s parameters.
+    fn layer_params(&self, i: i64) -> Result<&'a Layer<Tensor>> {
+        usize::try_from(i)
+            .ok()
+            .and_then(|i| self.params.layers.get(i))
+            .ok_or_else(|| {
+                GraphError::Usage(format!(
+                    "layer {i} of a model of {} layers",
+                    self.params.layers.len()
+                ))
+            })
+    }
+
+    /// The shared MoE block (in the compute dtype).
+    fn shared_moe(&self) -> Result<&Moe<Tensor>> {
+        self.shared_moe.as_ref().ok_or_else(|| {
+            GraphError::Usage("a layer uses the shared MoE block, which this model lacks".into())
+        })
+    }
+
+    /// The shared router [E, D] in the compute dtype, as the MoE block uses
+    /// it (None for a dense model).
+    pub fn shared_router(&self) -> Option<&Tensor> {
+        self.shared_moe.as_ref().map(|m| &m.router)
     }
 
     /// Input embeddings [B, S, D] of tokens [B, S] (through the factorised
     /// projection when the model has one).
     pub fn embed(&self, inputs: &Tensor) -> Result<Tensor> {
-        let h = self.p("model.embed_tokens.weight")?.take(inputs)?; // [B, S, D] or [B, S, e]
-        if self.cfg.embedding_dim > 0 {
-            return h.linear(&self.p("model.embed_proj.weight")?);
+        let e = &self.params.embed;
+        let h = self.p(&e.table)?.take(inputs)?; // [B, S, D] or [B, S, e]
+        match &e.proj {
+            Some(proj) => h.linear(&self.p(proj)?),
+            None => Ok(h),
         }
-        Ok(h)
     }
 
-    /// Layer `i`'s parameter `name`.
-    fn layer_param(&self, i: i64, name: &str) -> Result<Tensor> {
-        self.p(&format!("model.layers.{i}.{name}"))
-    }
-
-    /// Layer `i`'s attention projections (q, k, v, o).
-    fn attention_params(&self, i: i64) -> Result<[Tensor; 4]> {
-        Ok([
-            self.layer_param(i, "self_attn.q_proj.weight")?,
-            self.layer_param(i, "self_attn.k_proj.weight")?,
-            self.layer_param(i, "self_attn.v_proj.weight")?,
-            self.layer_param(i, "self_attn.o_proj.weight")?,
-        ])
+    /// Layer `i`'s attention projections in the compute dtype.
+    fn attention_params(&self, i: i64) -> Result<Attention<Tensor>> {
+        let a = &self.layer_params(i)?.attn;
+        Ok(Attention {
+            q: self.p(&a.q)?,
+            k: self.p(&a.k)?,
+            v: self.p(&a.v)?,
+            o: self.p(&a.o)?,
+        })
     }
 
     /// Layer `i`'s pre-attention RMSNorm of h [B, S, D].
     pub fn attention_norm(&self, i: i64, h: &Tensor) -> Result<Tensor> {
-        rms_norm(
-            h,
-            &self.layer_param(i, "input_layernorm.weight")?,
-            self.cfg.rms_norm_eps,
-        )
+        let gain = self.p(&self.layer_params(i)?.attn_norm)?;
+        rms_norm(h, &gain, self.cfg.rms_norm_eps)
+    }
+
+    /// Layer `i`'s pre-FFN RMSNorm of h [B, S, D]: the input of its MLP, or
+    /// of the shared router and experts.
+    pub fn ffn_norm(&self, i: i64, h: &Tensor) -> Result<Tensor> {
+        let gain = self.p(&self.layer_params(i)?.ffn_norm)?;
+        rms_norm(h, &gain, self.cfg.rms_norm_eps)
     }
 
     /// Layer `i`'s feed-forward half, residual included: h + FFN(RMSNorm(h))
@@ -105,27 +151,16 @@ impl<'a> Transformer<'a> {
     pub fn ffn_block(&self, i: i64, h: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
         let c = self.cfg;
         let x = self.ffn_norm(i, h)?;
-        let (y, aux) = match c.ffn {
-            FfnKind::Dense => (
-                swiglu(
-                    &x,
-                    &self.layer_param(i, "mlp.gate_proj.weight")?,
-                    &self.layer_param(i, "mlp.up_proj.weight")?,
-                    &self.layer_param(i, "mlp.down_proj.weight")?,
-                )?,
+        let (y, aux) = match &self.layer_params(i)?.ffn {
+            LayerFfn::Mlp(m) => (
+                swiglu(&x, &self.p(&m.gate)?, &self.p(&m.up)?, &self.p(&m.down)?)?,
                 None,
             ),
-            FfnKind::SharedMoe => {
-                let w = MoeWeights {
-                    router: &self.p("model.shared_moe.router.weight")?,
-                    gate: &self.p("model.shared_moe.experts.gate_proj")?,
-                    up: &self.p("model.shared_moe.experts.up_proj")?,
-                    down: &self.p("model.shared_moe.experts.down_proj")?,
-                };
+            LayerFfn::Shared => {
                 let (b, s, d) = (x.dim(0)?, x.dim(1)?, c.hidden_size);
                 let (y, aux) = shared_moe(
                     &x.reshape(&[b * s, d])?,
-                    &w,
+                    self.shared_moe()?,
                     c.experts_per_token,
                     self.experts,
                 )?;
@@ -137,17 +172,7 @@ impl<'a> Transformer<'a> {
 
     /// The final RMSNorm.
     pub fn final_norm(&self, h: &Tensor) -> Result<Tensor> {
-        rms_norm(h, &self.p("model.norm.weight")?, self.cfg.rms_norm_eps)
-    }
-
-    /// Layer `i`'s pre-FFN RMSNorm of h [B, S, D]: the input of its MLP, or
-    /// of the shared router and experts.
-    pub fn ffn_norm(&self, i: i64, h: &Tensor) -> Result<Tensor> {
-        rms_norm(
-            h,
-            &self.layer_param(i, "post_attention_layernorm.weight")?,
-            self.cfg.rms_norm_eps,
-        )
+        rms_norm(h, &self.p(&self.params.norm)?, self.cfg.rms_norm_eps)
     }
 
     /// Final hidden states [B, S, D] for input tokens [B, S], and the mean
@@ -196,12 +221,12 @@ impl<'a> Transformer<'a> {
         &self,
         i: i64,
         h: &Tensor,
-        attend: impl FnOnce(&Tensor, &AttentionWeights) -> Result<(Tensor, T)>,
+        attend: impl FnOnce(&Tensor, &Attention<Tensor>) -> Result<(Tensor, T)>,
         observe: &mut dyn FnMut(i64, &Tensor) -> Result<()>,
     ) -> Result<(Tensor, Option<Tensor>, T)> {
-        let params = self.attention_params(i)?;
+        let weights = self.attention_params(i)?;
         let x = self.attention_norm(i, h)?;
-        let (a, extra) = attend(&x, &AttentionWeights::from(&params))?;
+        let (a, extra) = attend(&x, &weights)?;
         let h = h.add(&a)?;
         observe(i, &h)?;
         let (h, aux) = self.ffn_block(i, &h)?;
@@ -223,7 +248,7 @@ impl<'a> Transformer<'a> {
         let rope = rope_at(&h, pos, c.head_dim(), c.rope_theta)?;
         let mut out = Vec::with_capacity(caches.len());
         for (i, (ck, cv)) in (0..c.num_layers).zip(caches) {
-            let attend = |x: &Tensor, w: &AttentionWeights| {
+            let attend = |x: &Tensor, w: &Attention<Tensor>| {
                 let (a, ck, cv) =
                     attention_cached(x, w, c.num_heads, c.num_kv_heads, &rope, pos, ck, cv)?;
                 Ok((a, (ck, cv)))
@@ -239,11 +264,11 @@ impl<'a> Transformer<'a> {
     /// (possibly factorised) embedding.
     pub fn logits(&self, h: &Tensor) -> Result<Tensor> {
         let acc = accumulation_dtype(self.compute);
-        let table = self.p("model.embed_tokens.weight")?;
-        let h = if self.cfg.embedding_dim > 0 {
-            h.matmul(&self.p("model.embed_proj.weight")?)?
-        } else {
-            h.clone()
+        let e = &self.params.embed;
+        let table = self.p(&e.table)?;
+        let h = match &e.proj {
+            Some(proj) => h.matmul(&self.p(proj)?)?,
+            None => h.clone(),
         };
         let dims = crate::graph::DotDims {
             lhs_contract: vec![2],

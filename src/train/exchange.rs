@@ -1,8 +1,8 @@
 //! Summing across processes when XLA cannot: the CPU plugin's collectives
 //! stay inside one process, so a job of several CPU worker processes sums
 //! gradients on the host between the two halves of the step
-//! ([`gradient_step`](super::step::gradient_step) and
-//! [`update_step`](super::step::update_step)). On TPU and GPU the replicas of
+//! ([`gradient_step`](super::program::gradient_step) and
+//! [`update_step`](super::program::update_step)). On TPU and GPU the replicas of
 //! one compiled step span every process and XLA moves the gradients.
 
 use anyhow::Result;

@@ -12,7 +12,7 @@
 
 use anyhow::{bail, Result};
 
-use crate::model::{count_params, params::TRAINING_BYTES_PER_PARAM};
+use crate::model::{count::TRAINING_BYTES_PER_PARAM, count_params};
 use crate::runtime::{Client, Device, MemoryStats};
 
 use super::config::Config;

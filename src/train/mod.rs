@@ -9,10 +9,10 @@ pub mod history;
 pub mod memory;
 pub mod optimizer;
 pub mod placement;
+pub mod program;
 pub mod run;
 pub mod schedule;
-pub mod step;
-pub mod steps;
+pub mod step_loop;
 pub mod tensorboard;
 pub mod trainer;
 

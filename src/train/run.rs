@@ -20,7 +20,7 @@ use crate::runtime::{find_plugin, Backend, Client, KeyValueStore, NamedValue, Pl
 use super::batches::{Batches, DataPosition};
 use super::config::Config;
 use super::history;
-use super::steps::{run_steps, snapshot, LoopOptions, MetricsRow, RunSink};
+use super::step_loop::{run_steps, snapshot, LoopOptions, MetricsRow, RunSink};
 use super::tensorboard::EventWriter;
 use super::trainer::{fresh_checkpoint, Trainer};
 

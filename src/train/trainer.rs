@@ -18,7 +18,9 @@ use crate::runtime::{Arg, Buffer, Client, Device, MemoryStats};
 use super::config::Config;
 use super::exchange::CrossProcessSum;
 use super::placement::Placement;
-use super::step::{eval_step, gradient_step, train_step, update_step, StepLayout};
+use super::program::{
+    eval_step, gradient_step, train_step, update_step, StepLayout, StepOutputs, StepScalar,
+};
 
 /// What one step reports (SPEC "loss" = cross-entropy).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -29,7 +31,7 @@ pub struct StepMetrics {
     pub lr: f64,
     /// The step's update was applied; false when the divergence guard kept
     /// the state because the loss, a gradient or an updated parameter was
-    /// not finite (see `train::step`).
+    /// not finite (see `train::program`).
     pub applied: bool,
     /// Some process of the job voted to stop after this step (see
     /// [`Trainer::set_stop_vote`]); every process sees the same answer.
@@ -355,14 +357,15 @@ impl Trainer {
             })
             .collect();
         let outputs = program.execute(args)?;
-        let m = self.layout.metrics_index();
+        let layout = StepOutputs::fused(&self.layout);
+        let read = |s: StepScalar| scalar(&outputs[0][layout.index(s)]);
         let metrics = StepMetrics {
-            ce: scalar(&outputs[0][m])?,
-            aux: scalar(&outputs[0][m + 1])?,
-            grad_norm: scalar(&outputs[0][m + 2])?,
-            lr: scalar(&outputs[0][m + 3])?,
-            applied: scalar(&outputs[0][m + 4])? > 0.0,
-            stop: scalar(&outputs[0][m + 5])? > 0.0,
+            ce: read(StepScalar::Ce)?,
+            aux: read(StepScalar::Aux)?,
+            grad_norm: read(StepScalar::GradNorm)?,
+            lr: read(StepScalar::Lr)?,
+            applied: read(StepScalar::Applied)? > 0.0,
+            stop: read(StepScalar::StopVotes)? > 0.0,
         };
         self.keep_state(outputs, metrics.applied);
         Ok(metrics)
@@ -373,13 +376,14 @@ impl Trainer {
         self.nonfinite_steps
     }
 
-    /// The step's outputs minus the metrics become the state; one step done.
+    /// The step's outputs minus the scalars become the state; one step
+    /// done.
     fn keep_state(&mut self, outputs: Vec<Vec<Buffer>>, applied: bool) {
-        let m = self.layout.metrics_index();
+        let state = self.layout.state_len();
         self.state = outputs
             .into_iter()
             .map(|mut o| {
-                o.truncate(m);
+                o.truncate(state);
                 o
             })
             .collect();
@@ -413,7 +417,8 @@ impl Trainer {
             .collect();
         let sums = gradient.execute(args)?;
         // Local replicas hold identical sums: replica 0's go to the host as
-        // [ce, aux, grads...], summed with the other processes', and are
+        // one flat vector in the program's result order (the gradients,
+        // then ce and aux), summed with the other processes', and are
         // divided by the job's replica count for the mean.
         let mut flat: Vec<f32> = Vec::new();
         for b in &sums[0] {
@@ -422,15 +427,28 @@ impl Trainer {
         across.sum(&mut flat)?;
         let inv = 1.0 / self.cfg.train.replicas as f32;
         flat.iter_mut().for_each(|x| *x *= inv);
-        let (ce, aux) = (flat[0] as f64, flat[1] as f64);
-        let losses = &flat[..2];
+        let results = StepOutputs::gradient(&self.layout);
+        let grad_len: usize = self
+            .layout
+            .specs
+            .iter()
+            .map(|s| s.num_elements() as usize)
+            .sum();
+        // Each scalar is one element after the gradients.
+        let at = |s: StepScalar| grad_len + results.index(s) - results.tensors;
+        let (ce, aux) = (
+            flat[at(StepScalar::Ce)] as f64,
+            flat[at(StepScalar::Aux)] as f64,
+        );
+        // The update step's `losses` argument: [ce, aux].
+        let losses = [ce as f32, aux as f32];
         let mut args = Vec::with_capacity(self.state.len());
         for (state, dev) in std::mem::take(&mut self.state)
             .into_iter()
             .zip(&self.placement.devices)
         {
             let mut list: Vec<Arg> = state.into_iter().map(Arg::Donated).collect();
-            let mut offset = 2;
+            let mut offset = 0;
             for spec in &self.layout.specs {
                 let len = spec.dims.iter().product::<i64>() as usize;
                 let g =
@@ -440,20 +458,21 @@ impl Trainer {
                 offset += len;
             }
             list.push(Arg::Donated(self.client.buffer_from_host(
-                losses,
+                &losses,
                 &[2],
                 dev,
             )?));
             args.push(list);
         }
         let outputs = update.execute(args)?;
-        let m = self.layout.metrics_index();
+        let layout = StepOutputs::update(&self.layout);
+        let read = |s: StepScalar| scalar(&outputs[0][layout.index(s)]);
         let metrics = StepMetrics {
             ce,
             aux,
-            grad_norm: scalar(&outputs[0][m])?,
-            lr: scalar(&outputs[0][m + 1])?,
-            applied: scalar(&outputs[0][m + 2])? > 0.0,
+            grad_norm: read(StepScalar::GradNorm)?,
+            lr: read(StepScalar::Lr)?,
+            applied: read(StepScalar::Applied)? > 0.0,
             // The host sum carried the votes (`CrossProcessSum`).
             stop: false,
         };
@@ -493,10 +512,10 @@ impl Trainer {
             })
             .collect();
         let out = self.eval_program.execute(args)?;
-        let mut sums = [
-            out[0][0].to_host::<f32>()?[0],
-            out[0][1].to_host::<f32>()?[0],
-        ];
+        let results = StepOutputs::eval();
+        let read =
+            |s: StepScalar| -> Result<f32> { Ok(out[0][results.index(s)].to_host::<f32>()?[0]) };
+        let mut sums = [read(StepScalar::Ce)?, read(StepScalar::Aux)?];
         if let StepPrograms::Split { across, .. } = &mut self.programs {
             across.sum(&mut sums)?;
         }

@@ -360,7 +360,7 @@ pub async fn serve(
         fs::write(&tmp, addr.to_string())?;
         fs::rename(&tmp, f)?;
     }
-    let bar = crate::train::steps::step_bar(cfg.train.steps, opts.progress);
+    let bar = crate::train::step_loop::step_bar(cfg.train.steps, opts.progress);
     let (tick, _) = watch::channel(0u64);
     let job = Arc::new(Job {
         job_id,

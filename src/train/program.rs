@@ -1,17 +1,19 @@
-//! The whole optimizer step as ONE compiled program, and the evaluation
-//! program.
+//! The traced programs of training: the whole optimizer step as ONE
+//! compiled program (or its two halves, for processes XLA cannot
+//! connect), and the evaluation program. What runs them step after step is
+//! [`super::trainer`] and [`super::step_loop`].
 //!
 //! Step program, per replica (R replicas, A accumulation steps, M sequences
 //! per micro-batch, S sequence length, n parameter tensors):
 //!   inputs:  params[n], adam_m[n], adam_v[n] (f32), step (i32 scalar),
 //!            windows [A, M, S+1] (i32), stop (f32 scalar: this process
 //!            votes to stop after the step) -- the state is donated
-//!   outputs: params'[n], adam_m'[n], adam_v'[n], step + 1,
-//!            ce, aux, grad_norm, lr (f32 scalars; ce/aux of this step's
-//!            batch before the update, averaged over the global batch),
-//!            applied (f32 1 or 0, see below),
-//!            stop votes (summed over every replica of the job, so that all
-//!            hosts of a pod stop after the same step)
+//!   outputs: params'[n], adam_m'[n], adam_v'[n], step + 1, then the f32
+//!            scalars of [`StepOutputs::fused`]: ce, aux, grad_norm, lr
+//!            (ce/aux of this step's batch before the update, averaged over
+//!            the global batch), applied (1 or 0, see below), stop votes
+//!            (summed over every replica of the job, so that all hosts of a
+//!            pod stop after the same step)
 //! Reads like the recipe: accumulate gradients over A micro-batches in a
 //! loop, average, all-reduce across replicas, clip to the global norm,
 //! AdamW with the scheduled learning rate.
@@ -24,43 +26,130 @@
 //! to stop or go on (`train.on_nonfinite`).
 
 use crate::graph::{grad, DType, Function, Graph, Result, Tensor, TensorType};
-use crate::model::{param_specs, ExpertCompute, ParamSpec, Transformer};
+use crate::model::{ExpertCompute, ParamSpec, Params, Transformer};
 
 use super::config::Config;
 use super::optimizer::{clip_by_global_norm, AdamW};
 use super::schedule::Schedule;
 
-/// Index layout of the step program's arguments and results.
+/// The parameters a step program takes, as a tree and in argument order.
 #[derive(Clone, Debug)]
 pub struct StepLayout {
+    pub tree: Params<ParamSpec>,
     pub specs: Vec<ParamSpec>,
 }
 
 impl StepLayout {
     pub fn new(cfg: &Config) -> StepLayout {
-        StepLayout {
-            specs: param_specs(&cfg.model),
-        }
+        let tree = Params::spec(&cfg.model);
+        let specs = tree.leaves().into_iter().cloned().collect();
+        StepLayout { tree, specs }
     }
 
+    /// Parameter tensors.
     pub fn n(&self) -> usize {
         self.specs.len()
     }
 
-    /// Arguments: params, m, v, step, windows.
-    pub fn step_index(&self) -> usize {
-        3 * self.n()
-    }
-
-    /// Results after the state: in the fused step ce, aux, grad_norm, lr,
-    /// applied, stop votes; in the update step grad_norm, lr, applied.
-    pub fn metrics_index(&self) -> usize {
+    /// The state arguments and results: params, m, v (n each), step.
+    pub fn state_len(&self) -> usize {
         3 * self.n() + 1
     }
 }
 
-fn declare_params(g: &Graph, specs: &[ParamSpec], prefix: &str) -> Result<Vec<Tensor>> {
-    specs.iter().map(|s| s.declare(g, prefix)).collect()
+/// A scalar result of a step program.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StepScalar {
+    /// Mean next-token cross-entropy of the step's batch.
+    Ce,
+    /// Mean balance loss.
+    Aux,
+    /// The global gradient norm before clipping.
+    GradNorm,
+    /// The learning rate the update used.
+    Lr,
+    /// 1 when the update was applied, 0 when the divergence guard kept the
+    /// state.
+    Applied,
+    /// Stop votes summed over the job.
+    StopVotes,
+}
+
+/// Where a program's results are: `tensors` results first (the state, or
+/// the gradients), then one f32 scalar per entry of `scalars`. Declared
+/// once here, used by the tracer to order the results and by the trainer
+/// to read them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct StepOutputs {
+    pub tensors: usize,
+    pub scalars: &'static [StepScalar],
+}
+
+impl StepOutputs {
+    /// [`train_step`]: the state, then ce, aux, grad_norm, lr, applied,
+    /// stop votes.
+    pub fn fused(layout: &StepLayout) -> StepOutputs {
+        use StepScalar::*;
+        StepOutputs {
+            tensors: layout.state_len(),
+            scalars: &[Ce, Aux, GradNorm, Lr, Applied, StopVotes],
+        }
+    }
+
+    /// [`gradient_step`]: the gradients, then ce and aux.
+    pub fn gradient(layout: &StepLayout) -> StepOutputs {
+        StepOutputs {
+            tensors: layout.n(),
+            scalars: &[StepScalar::Ce, StepScalar::Aux],
+        }
+    }
+
+    /// [`update_step`]: the state, then grad_norm, lr, applied.
+    pub fn update(layout: &StepLayout) -> StepOutputs {
+        use StepScalar::*;
+        StepOutputs {
+            tensors: layout.state_len(),
+            scalars: &[GradNorm, Lr, Applied],
+        }
+    }
+
+    /// [`eval_step`]: ce and aux.
+    pub fn eval() -> StepOutputs {
+        StepOutputs {
+            tensors: 0,
+            scalars: &[StepScalar::Ce, StepScalar::Aux],
+        }
+    }
+
+    /// The result index of `s`. Panics when this program does not return
+    /// it: a mismatch between the tracer and its reader is a bug.
+    pub fn index(&self, s: StepScalar) -> usize {
+        let at = self.scalars.iter().position(|&x| x == s);
+        self.tensors + at.unwrap_or_else(|| panic!("{s:?} is not a result of {self:?}"))
+    }
+
+    /// The results in this order: `tensors`, then `scalar(s)` for each
+    /// scalar.
+    fn results<'t>(
+        &self,
+        tensors: &'t [Tensor],
+        scalar: impl Fn(StepScalar) -> &'t Tensor,
+    ) -> Vec<&'t Tensor> {
+        assert_eq!(tensors.len(), self.tensors, "results of {self:?}");
+        let mut out: Vec<&Tensor> = tensors.iter().collect();
+        out.extend(self.scalars.iter().map(|&s| scalar(s)));
+        out
+    }
+}
+
+/// The flat tensors of `tree`'s shape declared as `prefix` + their names.
+fn declare_params(g: &Graph, tree: &Params<ParamSpec>, prefix: &str) -> Result<Vec<Tensor>> {
+    Ok(tree
+        .declare(g, prefix)?
+        .leaves()
+        .into_iter()
+        .cloned()
+        .collect())
 }
 
 /// Sum over the replicas of this program (a no-op for one replica).
@@ -84,11 +173,11 @@ struct StepInputs {
     step: Tensor,
 }
 
-fn declare_state(g: &Graph, specs: &[ParamSpec]) -> Result<StepInputs> {
+fn declare_state(g: &Graph, tree: &Params<ParamSpec>) -> Result<StepInputs> {
     Ok(StepInputs {
-        params: declare_params(g, specs, "")?,
-        adam_m: declare_params(g, specs, "adam_m.")?,
-        adam_v: declare_params(g, specs, "adam_v.")?,
+        params: declare_params(g, tree, "")?,
+        adam_m: declare_params(g, tree, "adam_m.")?,
+        adam_v: declare_params(g, tree, "adam_v.")?,
         step: g.param("step", TensorType::scalar(DType::I32))?,
     })
 }
@@ -102,14 +191,11 @@ fn trace_gradients(
     params: &[Tensor],
     windows: &Tensor,
 ) -> Result<(Tensor, Tensor, Vec<Tensor>)> {
-    let specs = param_specs(&cfg.model);
     let t = &cfg.train;
     let (a, m, s) = (cfg.accumulation_steps(), t.micro_batch, t.seq_len);
-    let named: Vec<(String, Tensor)> = specs
-        .iter()
-        .map(|p| p.name.clone())
-        .zip(params.iter().cloned())
-        .collect();
+    let tree = Params::spec(&cfg.model)
+        .with_leaves(params.to_vec())
+        .map_err(crate::graph::GraphError::Usage)?;
     let compute = cfg.compute_dtype();
 
     // Accumulate gradient sums over the A micro-batches.
@@ -124,7 +210,7 @@ fn trace_gradients(
         let batch = windows
             .dynamic_slice(&[i, &zero_i, &zero_i], &[1, m, s + 1])?
             .reshape(&[m, s + 1])?;
-        let model = Transformer::new(&cfg.model, &named, compute).with_expert_compute(experts);
+        let model = Transformer::new(&cfg.model, &tree, compute)?.with_expert_compute(experts);
         let loss = model.loss(&batch)?;
         let refs: Vec<&Tensor> = params.iter().collect();
         let grads = grad(&loss.total, &refs)?;
@@ -180,7 +266,7 @@ fn trace_update(
     ce: &Tensor,
     aux: &Tensor,
 ) -> Result<Update> {
-    let specs = param_specs(&cfg.model);
+    let specs = StepLayout::new(cfg).specs;
     let t = &cfg.train;
     let (grads, grad_norm) = clip_by_global_norm(grads, t.grad_clip)?;
     let schedule = Schedule {
@@ -254,7 +340,7 @@ pub fn train_step(cfg: &Config, experts: ExpertCompute) -> Result<Function> {
     let layout = StepLayout::new(cfg);
     let replicas = cfg.train.replicas as usize;
     let g = Graph::new();
-    let state = declare_state(&g, &layout.specs)?;
+    let state = declare_state(&g, &layout.tree)?;
     let windows = declare_windows(&g, cfg)?;
     let stop = g.param("stop", TensorType::new(DType::F32, &[]))?;
     let (ce, aux, grads) = trace_gradients(&g, cfg, experts, &state.params, &windows)?;
@@ -266,10 +352,15 @@ pub fn train_step(cfg: &Config, experts: ExpertCompute) -> Result<Function> {
         .map(|gr| replica_mean(gr, replicas))
         .collect::<Result<Vec<_>>>()?;
     let u = trace_update(cfg, &state, &grads, &ce, &aux)?;
-    // Results: state', then ce, aux, grad_norm, lr, applied, stop votes.
-    let mut outs: Vec<&Tensor> = u.state.iter().collect();
-    outs.extend([&ce, &aux, &u.grad_norm, &u.lr, &u.applied, &votes]);
-    let donated: Vec<usize> = (0..=layout.step_index()).collect();
+    let outs = StepOutputs::fused(&layout).results(&u.state, |s| match s {
+        StepScalar::Ce => &ce,
+        StepScalar::Aux => &aux,
+        StepScalar::GradNorm => &u.grad_norm,
+        StepScalar::Lr => &u.lr,
+        StepScalar::Applied => &u.applied,
+        StepScalar::StopVotes => &votes,
+    });
+    let donated: Vec<usize> = (0..layout.state_len()).collect();
     g.build(&outs)?
         .with_replicas(replicas)
         .with_name("train_step")
@@ -277,65 +368,79 @@ pub fn train_step(cfg: &Config, experts: ExpertCompute) -> Result<Function> {
 }
 
 /// The first half of a step whose replicas span several processes that
-/// XLA cannot connect (the CPU plugin): params[n], windows -> ce, aux,
-/// grads[n], each SUMMED over this program's `local` replicas (identical
-/// on all of them). The caller sums across processes and divides by the
+/// XLA cannot connect (the CPU plugin): params[n], windows -> grads[n],
+/// ce, aux ([`StepOutputs::gradient`]), each SUMMED over this program's
+/// `local` replicas (identical on all of them). The caller sums across processes and divides by the
 /// job's replica count before [`update_step`].
 pub fn gradient_step(cfg: &Config, experts: ExpertCompute, local: usize) -> Result<Function> {
     let layout = StepLayout::new(cfg);
     let g = Graph::new();
-    let params = declare_params(&g, &layout.specs, "")?;
+    let params = declare_params(&g, &layout.tree, "")?;
     let windows = declare_windows(&g, cfg)?;
     let (ce, aux, grads) = trace_gradients(&g, cfg, experts, &params, &windows)?;
-    let mut outs = vec![replica_sum(&ce, local)?, replica_sum(&aux, local)?];
-    for gr in &grads {
-        outs.push(replica_sum(gr, local)?);
-    }
-    let refs: Vec<&Tensor> = outs.iter().collect();
-    Ok(g.build(&refs)?
+    let grads = grads
+        .iter()
+        .map(|gr| replica_sum(gr, local))
+        .collect::<Result<Vec<_>>>()?;
+    let (ce, aux) = (replica_sum(&ce, local)?, replica_sum(&aux, local)?);
+    let outs = StepOutputs::gradient(&layout).results(&grads, |s| match s {
+        StepScalar::Ce => &ce,
+        StepScalar::Aux => &aux,
+        other => unreachable!("{other:?} is not declared for this program"),
+    });
+    Ok(g.build(&outs)?
         .with_replicas(local)
         .with_name("gradient_step"))
 }
 
 /// The second half: params[n], m[n], v[n], step, grads[n] (the job's mean
 /// gradients), losses [ce, aux] (the job's means, for the divergence
-/// guard) -> params', m', v', step + 1, grad_norm, lr, applied. Everything
+/// guard) -> params', m', v', step + 1, then grad_norm, lr, applied
+/// ([`StepOutputs::update`]). Everything
 /// but the gradients and losses is donated, as in [`train_step`].
 pub fn update_step(cfg: &Config, local: usize) -> Result<Function> {
     let layout = StepLayout::new(cfg);
     let g = Graph::new();
-    let state = declare_state(&g, &layout.specs)?;
-    let grads = declare_params(&g, &layout.specs, "grad.")?;
+    let state = declare_state(&g, &layout.tree)?;
+    let grads = declare_params(&g, &layout.tree, "grad.")?;
     let losses = g.param("losses", TensorType::new(DType::F32, &[2]))?;
     let ce = losses.slice(&[0], &[1], &[1])?.reshape(&[])?;
     let aux = losses.slice(&[1], &[2], &[1])?.reshape(&[])?;
     let u = trace_update(cfg, &state, &grads, &ce, &aux)?;
-    let mut refs: Vec<&Tensor> = u.state.iter().collect();
-    refs.extend([&u.grad_norm, &u.lr, &u.applied]);
-    let donated: Vec<usize> = (0..=layout.step_index()).collect();
-    g.build(&refs)?
+    let outs = StepOutputs::update(&layout).results(&u.state, |s| match s {
+        StepScalar::GradNorm => &u.grad_norm,
+        StepScalar::Lr => &u.lr,
+        StepScalar::Applied => &u.applied,
+        other => unreachable!("{other:?} is not declared for this program"),
+    });
+    let donated: Vec<usize> = (0..layout.state_len()).collect();
+    g.build(&outs)?
         .with_replicas(local)
         .with_name("update_step")
         .donate(&donated)
 }
 
-/// Traces the evaluation program: params[n], windows [M, S+1] -> ce, aux,
+/// Traces the evaluation program: params[n], windows [M, S+1] -> ce, aux
+/// ([`StepOutputs::eval`]),
 /// SUMMED over the program's `local` replicas (the caller divides by the
 /// job's replica count, after summing across processes if there are
 /// several).
 pub fn eval_step(cfg: &Config, experts: ExpertCompute, local: usize) -> Result<Function> {
     let g = Graph::new();
-    let named = crate::model::declare_params(&g, &cfg.model)?;
+    let params = crate::model::declare_params(&g, &cfg.model)?;
     let windows = g.param(
         "windows",
         TensorType::new(DType::I32, &[cfg.train.micro_batch, cfg.train.seq_len + 1]),
     )?;
     let model =
-        Transformer::new(&cfg.model, &named, cfg.compute_dtype()).with_expert_compute(experts);
+        Transformer::new(&cfg.model, &params, cfg.compute_dtype())?.with_expert_compute(experts);
     let loss = model.loss(&windows)?;
     let ce = replica_sum(&loss.ce.convert(DType::F32)?, local)?;
     let aux = replica_sum(&loss.aux.convert(DType::F32)?, local)?;
-    Ok(g.build(&[&ce, &aux])?
-        .with_replicas(local)
-        .with_name("eval_step"))
+    let outs = StepOutputs::eval().results(&[], |s| match s {
+        StepScalar::Ce => &ce,
+        StepScalar::Aux => &aux,
+        other => unreachable!("{other:?} is not declared for this program"),
+    });
+    Ok(g.build(&outs)?.with_replicas(local).with_name("eval_step"))
 }

@@ -1,17 +1,18 @@
 //! Text generation from a checkpoint: one compiled decoding step per token
-//! with key/value caches kept on the device (donated, updated in place),
-//! greedy or sampled (temperature, top-k) from a seeded RNG. A reference
-//! path without the cache recomputes the whole sequence every step.
+//! ([`model::decode`](crate::model::decode)) with key/value caches kept on
+//! the device (donated, updated in place), greedy or sampled (temperature,
+//! top-k) from a seeded RNG. A reference path without the cache recomputes
+//! the whole sequence every step.
 
 use anyhow::{bail, Context, Result};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::ckpt::Tensors;
-use crate::graph::{Compiled, DType, Graph, TensorType};
+use crate::graph::Compiled;
+use crate::model::decode::{decode_step_program, full_forward_program};
+use crate::model::ModelConfig;
 use crate::runtime::{Arg, Buffer, Client};
-
-use super::{declare_params, param_specs, ModelConfig, Transformer};
 
 /// How the next token is chosen.
 #[derive(Clone, Debug)]
@@ -42,46 +43,10 @@ impl Generator {
         params: &Tensors,
         max_len: i64,
     ) -> Result<Generator> {
-        let (layers, kv, hd) = (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim());
-        let n = param_specs(cfg).len();
-        // Decoding step: params, token [1, 1], pos, caches -> logits [1, V], caches'.
-        let g = Graph::new();
-        let named = declare_params(&g, cfg)?;
-        let token = g.param("token", TensorType::new(DType::I32, &[1, 1]))?;
-        let pos = g.param("pos", TensorType::scalar(DType::I32))?;
-        let cache_ty = TensorType::new(DType::F32, &[1, kv, max_len, hd]);
-        let caches = (0..layers)
-            .map(|l| {
-                Ok((
-                    g.param(&format!("cache_k.{l}"), cache_ty.clone())?,
-                    g.param(&format!("cache_v.{l}"), cache_ty.clone())?,
-                ))
-            })
-            .collect::<crate::graph::Result<Vec<_>>>()?;
-        let model = Transformer::new(cfg, &named, DType::F32);
-        let (h, caches) = model.decode(&token, &pos, &caches)?;
-        let logits = model.logits(&h)?.reshape(&[1, cfg.vocab_size])?;
-        let mut outs = vec![&logits];
-        for (k, v) in &caches {
-            outs.extend([k, v]);
-        }
-        let donated: Vec<usize> = (n + 2..n + 2 + 2 * layers as usize).collect();
-        let decode = g
-            .build(&outs)?
-            .with_name("decode_step")
-            .donate(&donated)?
+        let decode = decode_step_program(cfg, max_len)?
             .compile(client)
             .context("compiling the decoding step")?;
-        // Reference: logits at every position of a padded sequence.
-        let g = Graph::new();
-        let named = declare_params(&g, cfg)?;
-        let tokens = g.param("tokens", TensorType::new(DType::I32, &[1, max_len]))?;
-        let model = Transformer::new(cfg, &named, DType::F32);
-        let (h, _) = model.hidden(&tokens)?;
-        let logits = model.logits(&h)?;
-        let full = g
-            .build(&[&logits])?
-            .with_name("full_forward")
+        let full = full_forward_program(cfg, max_len)?
             .compile(client)
             .context("compiling the full forward")?;
         let dev = &client.devices()[0];
