@@ -96,7 +96,7 @@ impl Job {
         edit(&mut c);
         CheckpointFiles {
             step,
-            files: ckpt::to_files(&self.cfg, &c).unwrap(),
+            files: ckpt::to_files(&self.cfg.model, self.cfg.train.seq_len, &c).unwrap(),
         }
     }
 

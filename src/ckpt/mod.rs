@@ -25,8 +25,7 @@ use safetensors::SafeTensors;
 use serde::{Deserialize, Deserializer, Serialize};
 
 use crate::data::stream::Cursor;
-use crate::model::{FfnKind, ParamSpec};
-use crate::train::config::Config;
+use crate::model::{FfnKind, ModelConfig, ParamSpec};
 use integrity::{check_digests, non_finite, non_finite_error, non_finite_le_f32, FileDigest};
 pub use lock::RunLock;
 pub use rundir::{
@@ -152,9 +151,9 @@ pub fn sha256_hex(text: &str) -> String {
     crate::digest::sha256_hex(text.as_bytes())
 }
 
-/// HF-style `config.json` (LLaMA keys; the shared-MoE fields alongside).
-pub fn hf_config(cfg: &Config) -> serde_json::Value {
-    let m = &cfg.model;
+/// HF-style `config.json` of model `m` trained on sequences of
+/// `max_positions` tokens (LLaMA keys; the shared-MoE fields alongside).
+pub fn hf_config(m: &ModelConfig, max_positions: i64) -> serde_json::Value {
     let mut v = serde_json::json!({
         "architectures": [if m.ffn == FfnKind::Dense { "LlamaForCausalLM" } else { "SharedMoeForCausalLM" }],
         "model_type": if m.ffn == FfnKind::Dense { "llama" } else { "sharedmoe" },
@@ -166,7 +165,7 @@ pub fn hf_config(cfg: &Config) -> serde_json::Value {
         "num_key_value_heads": m.num_kv_heads,
         "head_dim": m.head_dim(),
         "hidden_act": "silu",
-        "max_position_embeddings": cfg.train.seq_len,
+        "max_position_embeddings": max_positions,
         "rms_norm_eps": m.rms_norm_eps,
         "rope_theta": m.rope_theta,
         "tie_word_embeddings": true,
@@ -229,9 +228,10 @@ pub const FILE_NAMES: [&str; 4] = [
 pub type Files = Vec<(String, Vec<u8>)>;
 
 /// The bytes of every file of `ckpt`'s directory, `state.json` (last)
-/// recording the others' digests. Refuses a state with a non-finite value:
+/// recording the others' digests; `config.json` describes `model` trained
+/// on `max_positions` tokens. Refuses a state with a non-finite value:
 /// such a checkpoint could only resume a diverged run.
-pub fn to_files(cfg: &Config, ckpt: &Checkpoint) -> Result<Files> {
+pub fn to_files(model: &ModelConfig, max_positions: i64, ckpt: &Checkpoint) -> Result<Files> {
     for (file, tensors) in [
         ("model.safetensors", &ckpt.params),
         ("optimizer.safetensors (adam_m)", &ckpt.adam_m),
@@ -249,7 +249,7 @@ pub fn to_files(cfg: &Config, ckpt: &Checkpoint) -> Result<Files> {
     let mut files: Files = vec![
         (
             "config.json".into(),
-            serde_json::to_string_pretty(&hf_config(cfg))?.into_bytes(),
+            serde_json::to_string_pretty(&hf_config(model, max_positions))?.into_bytes(),
         ),
         (
             "model.safetensors".into(),
@@ -270,9 +270,10 @@ pub fn to_files(cfg: &Config, ckpt: &Checkpoint) -> Result<Files> {
     Ok(files)
 }
 
-/// Writes `ckpt` to `dir` atomically (replacing an older one there).
-pub fn save(dir: &Path, cfg: &Config, ckpt: &Checkpoint) -> Result<()> {
-    install(dir, &to_files(cfg, ckpt)?)
+/// Writes `ckpt` to `dir` atomically (replacing an older one there); see
+/// [`to_files`].
+pub fn save(dir: &Path, model: &ModelConfig, max_positions: i64, ckpt: &Checkpoint) -> Result<()> {
+    install(dir, &to_files(model, max_positions, ckpt)?)
 }
 
 /// Writes a checkpoint directory's files atomically: a temporary sibling,

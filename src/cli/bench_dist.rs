@@ -158,12 +158,17 @@ fn checkpoints(cfg: &Config, repeats: usize) -> Result<()> {
     let dir = scratch("checkpoints")?;
     let run = dir.join("run");
     let state = fresh_checkpoint(cfg, 0);
-    let bytes: u64 = ckpt::to_files(cfg, &state)?
+    let bytes: u64 = ckpt::to_files(&cfg.model, cfg.train.seq_len, &state)?
         .iter()
         .map(|(_, b)| b.len() as u64)
         .sum();
     // The job starts from this one: downloads fetch it.
-    ckpt::save(&ckpt::step_dir(&run, 0), cfg, &state)?;
+    ckpt::save(
+        &ckpt::step_dir(&run, 0),
+        &cfg.model,
+        cfg.train.seq_len,
+        &state,
+    )?;
     let rt = tokio::runtime::Runtime::new()?;
     let addr = start_coordinator(&rt, cfg, 1, &run)?;
     let mb = bytes as f64 / 1e6;
@@ -202,7 +207,7 @@ fn checkpoints(cfg: &Config, repeats: usize) -> Result<()> {
             state_k.state.step = k as i64 + 1;
             let f = CheckpointFiles {
                 step: k as i64 + 1,
-                files: ckpt::to_files(cfg, &state_k)?,
+                files: ckpt::to_files(&cfg.model, cfg.train.seq_len, &state_k)?,
             };
             let t = Instant::now();
             // Chunking (and hashing) is part of what an upload costs.
@@ -231,7 +236,7 @@ fn checkpoints(cfg: &Config, repeats: usize) -> Result<()> {
         let mut local = vec![];
         for k in 0..repeats {
             let t = Instant::now();
-            ckpt::save(&dir.join(format!("local-{k}")), cfg, &state)?;
+            ckpt::save(&dir.join(format!("local-{k}")), &cfg.model, cfg.train.seq_len, &state)?;
             local.push(t.elapsed().as_secs_f64());
         }
         let (up, local) = (median(up), median(local));

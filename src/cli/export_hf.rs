@@ -176,7 +176,7 @@ pub fn export(dir: &Path, out: &Path, tokenizer_path: Option<&Path>) -> Result<u
     let tokenizer_json =
         fs::read(&tk_path).with_context(|| format!("reading {}", tk_path.display()))?;
 
-    let mut config = ckpt::hf_config(&cfg);
+    let mut config = ckpt::hf_config(&cfg.model, cfg.train.seq_len);
     let o = config.as_object_mut().expect("an object");
     for (k, v) in [
         ("bos_token_id", json!(eot)),

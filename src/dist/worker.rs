@@ -611,7 +611,7 @@ impl RunSink for WorkerSink<'_> {
         }
         let files = CheckpointFiles {
             step,
-            files: ckpt::to_files(&trainer.cfg, &c)?,
+            files: ckpt::to_files(&trainer.cfg.model, trainer.cfg.train.seq_len, &c)?,
         };
         let from = transfer::Sender {
             job_id: s.job_id.clone(),

@@ -294,7 +294,12 @@ pub fn train(cfg: &Config, start: &StartFrom, plugin: Option<&Path>) -> Result<P
         Some(d) => Ok(d),
         None => {
             let dir = ckpt::step_dir(run_dir, trainer.step_count());
-            ckpt::save(&dir, cfg, &snapshot(&trainer, &batches)?)?;
+            ckpt::save(
+                &dir,
+                &cfg.model,
+                cfg.train.seq_len,
+                &snapshot(&trainer, &batches)?,
+            )?;
             Ok(dir)
         }
     }
@@ -350,7 +355,12 @@ impl RunSink for LocalSink<'_> {
 
     fn checkpoint(&mut self, trainer: &Trainer, batches: &Batches) -> Result<String> {
         let dir = ckpt::step_dir(self.run_dir, trainer.step_count());
-        ckpt::save(&dir, self.cfg, &snapshot(trainer, batches)?)?;
+        ckpt::save(
+            &dir,
+            &self.cfg.model,
+            self.cfg.train.seq_len,
+            &snapshot(trainer, batches)?,
+        )?;
         let shown = dir.display().to_string();
         self.last = Some(dir);
         Ok(shown)
@@ -367,7 +377,12 @@ impl RunSink for LocalSink<'_> {
 
 /// Writes the step-0 checkpoint `train --init` starts from.
 pub fn write_init(cfg: &Config, out: &Path, seed: u64) -> Result<()> {
-    ckpt::save(out, cfg, &fresh_checkpoint(cfg, seed))
+    ckpt::save(
+        out,
+        &cfg.model,
+        cfg.train.seq_len,
+        &fresh_checkpoint(cfg, seed),
+    )
 }
 
 #[cfg(test)]
