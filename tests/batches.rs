@@ -340,12 +340,16 @@ fn ranges_and_positions_that_do_not_fit_are_refused() {
     assert!(e.contains("cursor for shard 2, but data.shards = 2"), "{e}");
     // data.shards must divide train.replicas.
     let text = cfg.to_toml();
-    let e = Config::parse(&text, &["data.shards=3".into()]).unwrap_err();
+    let e = Config::parse(&text, &["data.shards=3".into()])
+        .unwrap_err()
+        .to_string();
     assert!(
         e.contains("data.shards = 3 does not divide train.replicas = 4"),
         "{e}"
     );
-    let e = Config::parse(&text, &["data.shards=0".into()]).unwrap_err();
+    let e = Config::parse(&text, &["data.shards=0".into()])
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("data.shards = 0"), "{e}");
     // More shards than row groups.
     let many = Config::parse(

@@ -114,6 +114,26 @@ fn negative_weight_decay_and_non_finite_floats_are_refused() {
 }
 
 #[test]
+fn unknown_names_are_refused_with_the_field_and_the_choices() {
+    refused(
+        &["run.backend=rocm"],
+        "run.backend: unknown variant `rocm`, expected one of `cpu`, `cuda`, `gpu`, `tpu`",
+    );
+    refused(
+        &["train.compute_dtype=f16"],
+        "train.compute_dtype: unknown variant `f16`, expected one of `auto`, `f32`, `bf16`",
+    );
+    refused(
+        &["data.token_dtype=u8"],
+        "data.token_dtype: unknown variant `u8`, expected `u16` or `u32`",
+    );
+    refused(
+        &["data.on_bad_file=ignore"],
+        "data.on_bad_file: unknown variant `ignore`, expected `fail` or `skip`",
+    );
+}
+
+#[test]
 fn params_refuses_an_overflowing_hidden_size() {
     let out = sharedmoe(&[
         "params",

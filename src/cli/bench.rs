@@ -234,7 +234,7 @@ impl BenchArgs {
         let Some(path) = &self.config else {
             anyhow::bail!("bench {} needs --config", self.which)
         };
-        crate::train::Config::load(path, &self.overrides).map_err(anyhow::Error::msg)
+        crate::train::Config::load(path, &self.overrides)
     }
 }
 

@@ -90,7 +90,7 @@ async fn register(client: &mut Client) -> Result<Session> {
 }
 
 pub fn dist(config: &Path, processes: &[u32], repeats: usize) -> Result<()> {
-    let cfg = Config::load(config, &[]).map_err(anyhow::Error::msg)?;
+    let cfg = Config::load(config, &[])?;
     println!(
         "model: {} ({} parameters)",
         config.display(),

@@ -8,7 +8,9 @@ use anyhow::{bail, Result};
 
 use super::bench::BenchArgs;
 
+use crate::runtime::Backend;
 use crate::train::batches::{Batches, DataPosition};
+use crate::train::config::ComputeDtype;
 use crate::train::run::open_client;
 use crate::train::trainer::fresh_checkpoint;
 use crate::train::{Config, Trainer};
@@ -25,15 +27,15 @@ fn first_losses(cfg: &Config, steps: usize) -> Result<Vec<f64>> {
 
 pub fn parity(args: &BenchArgs, cfg: &Config) -> Result<()> {
     let (steps, tolerance) = (args.steps, args.tolerance);
-    if cfg.run.backend == "cpu" && cfg.compute_dtype() == crate::graph::DType::F32 {
+    if cfg.run.backend == Backend::Cpu && cfg.compute_dtype() == crate::graph::DType::F32 {
         bail!(
             "nothing to compare: this is the CPU f32 reference itself; pass --set run.backend=cuda \
              (or tpu), or --set train.compute_dtype=bf16 to check bf16 on the CPU"
         );
     }
     let mut reference = cfg.clone();
-    reference.run.backend = "cpu".into();
-    reference.train.compute_dtype = "f32".into();
+    reference.run.backend = Backend::Cpu;
+    reference.train.compute_dtype = ComputeDtype::F32;
     println!(
         "{} ({:?} compute) vs cpu (f32), {steps} steps from the same state and batches",
         cfg.run.backend,

@@ -207,7 +207,7 @@ pub fn step(args: &BenchArgs, cfg: &Config) -> Result<()> {
                 .arg(spec.to_string())
                 .arg(variant)
                 // The peer runs where we run.
-                .env("JAX_PLATFORMS", &cfg.run.backend);
+                .env("JAX_PLATFORMS", cfg.run.backend.to_string());
             outcomes.push(measure("jax", variant, &mut cmd)?);
         }
     } else {

@@ -229,7 +229,7 @@ fn config_for_slice(a: &CompileArgs, chips: i64) -> Result<(Config, Vec<String>)
     // First read with one replica, to see the batch before spreading it.
     let mut first = overrides.clone();
     first.push("train.replicas=1".into());
-    let base = Config::load(&a.config, &first).map_err(anyhow::Error::msg)?;
+    let base = Config::load(&a.config, &first)?;
     let t = &base.train;
     let mut notes = vec![];
     if t.global_batch % chips != 0 {
@@ -265,7 +265,7 @@ fn config_for_slice(a: &CompileArgs, chips: i64) -> Result<(Config, Vec<String>)
         ));
         overrides.push("data.shards=1".into());
     }
-    let cfg = Config::load(&a.config, &overrides).map_err(anyhow::Error::msg)?;
+    let cfg = Config::load(&a.config, &overrides)?;
     Ok((cfg, notes))
 }
 

@@ -239,7 +239,7 @@ pub fn run_launch(a: &LaunchArgs) -> Result<()> {
     for o in &a.config.overrides {
         config_args.extend(["--set".to_string(), o.clone()]);
     }
-    let mut worker_args = vec!["--backend".to_string(), cfg.run.backend.clone()];
+    let mut worker_args = vec!["--backend".to_string(), cfg.run.backend.to_string()];
     if let Some(b) = a.config.backend {
         config_args.extend(["--backend".to_string(), b.to_string()]);
     }

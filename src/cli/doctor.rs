@@ -64,11 +64,7 @@ impl Report {
 pub fn run(a: &DoctorArgs) -> Result<()> {
     let backend = match (a.backend, &a.config) {
         (Some(b), _) => b,
-        (None, Some(path)) => crate::train::Config::load(path, &[])
-            .map_err(anyhow::Error::msg)?
-            .run
-            .backend
-            .parse()?,
+        (None, Some(path)) => crate::train::Config::load(path, &[])?.run.backend,
         (None, None) => Backend::Cpu,
     };
     println!("sharedmoe doctor: backend {backend}");

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use anyhow::{anyhow, bail, Context, Result};
 
 use crate::ckpt;
-use crate::data::parquet::{all_row_groups, expand_inputs, BadFilePolicy};
+use crate::data::parquet::{all_row_groups, expand_inputs};
 use crate::data::stream::{StreamOptions, TokenStream};
 use crate::data::tokenizer;
 use crate::model::param_specs;
@@ -85,8 +85,7 @@ pub fn run(a: &EvalArgs) -> Result<()> {
 fn all_documents(cfg: &Config, max_batches: usize) -> Result<Vec<Vec<Vec<i32>>>> {
     let (t, d) = (&cfg.train, &cfg.data);
     let tk = Arc::new(tokenizer::load(&d.tokenizer)?);
-    let policy: BadFilePolicy = d.on_bad_file.parse().map_err(anyhow::Error::msg)?;
-    let (groups, _) = all_row_groups(&expand_inputs(&d.parquet)?, policy)?;
+    let (groups, _) = all_row_groups(&expand_inputs(&d.parquet)?, d.on_bad_file)?;
     let mut stream = TokenStream::open(
         groups,
         tk,

@@ -148,7 +148,7 @@ pub fn run(a: &ExperimentArgs) -> Result<()> {
         if let Some(b) = &a.backend {
             sets.push(format!("run.backend={b}"));
         }
-        let mut cfg = Config::load(Path::new(m.config), &sets).map_err(anyhow::Error::msg)?;
+        let mut cfg = Config::load(Path::new(m.config), &sets)?;
         spread_over_workers(&mut cfg, a.workers);
         base.push(cfg);
     }

@@ -78,6 +78,26 @@ pub fn hf_name(ours: &str) -> String {
 /// Writes the HF directory `out` for the dense checkpoint `dir`; returns
 /// how many tensors `model.safetensors` holds.
 pub fn export(dir: &Path, out: &Path, tokenizer_path: Option<&Path>) -> Result<usize> {
+    let (state, cfg) = read_dense_checkpoint(dir)?;
+    let (weights, tensors) = hf_weights(dir, &cfg)?;
+    let (tokenizer_json, eot) = shipped_tokenizer(dir, &state, &cfg, tokenizer_path)?;
+    let [config, generation, tokenizer_config, special] = hf_json_files(&cfg, eot)?;
+    let files: Vec<(&str, Vec<u8>)> = vec![
+        (FILES[0], config),
+        (FILES[1], generation),
+        (FILES[2], weights),
+        (FILES[3], tokenizer_json),
+        (FILES[4], tokenizer_config),
+        (FILES[5], special),
+    ];
+    install(out, &files)?;
+    Ok(tensors)
+}
+
+/// The checkpoint's state and run config, refused (before anything is
+/// read or written) unless LlamaForCausalLM can hold the model: dense, with
+/// plain tied embeddings.
+fn read_dense_checkpoint(dir: &Path) -> Result<(TrainingState, Config)> {
     let state_path = dir.join("state.json");
     let state: TrainingState = serde_json::from_slice(
         &fs::read(&state_path)
@@ -103,9 +123,14 @@ pub fn export(dir: &Path, out: &Path, tokenizer_path: Option<&Path>) -> Result<u
             m.embedding_dim
         );
     }
+    Ok((state, cfg))
+}
 
-    // The weights: checked against the config, renamed, lm_head left out.
-    let specs = param_specs(m);
+/// `model.safetensors` for HF, and how many tensors it holds: every
+/// tensor of the config checked for its shape and f32 dtype, renamed, and
+/// `lm_head` left out (tied).
+fn hf_weights(dir: &Path, cfg: &Config) -> Result<(Vec<u8>, usize)> {
+    let specs = param_specs(&cfg.model);
     let model_path = dir.join("model.safetensors");
     let model_bytes =
         fs::read(&model_path).with_context(|| format!("reading {}", model_path.display()))?;
@@ -135,10 +160,19 @@ pub fn export(dir: &Path, out: &Path, tokenizer_path: Option<&Path>) -> Result<u
         "format".to_string(),
         "pt".to_string(),
     )]));
-    let weights = safetensors::serialize(views, &metadata)?;
-    drop(model_bytes);
+    Ok((safetensors::serialize(views, &metadata)?, specs.len()))
+}
 
-    // The tokenizer the run read its text through.
+/// The bytes of the tokenizer.json to ship and its end-of-text id: the
+/// `--tokenizer` given, else the run's own data.tokenizer, which must
+/// still be the file the run trained with (its sha256 in the state, when
+/// recorded), since the ids mean nothing through another one.
+fn shipped_tokenizer(
+    dir: &Path,
+    state: &TrainingState,
+    cfg: &Config,
+    tokenizer_path: Option<&Path>,
+) -> Result<(Vec<u8>, u32)> {
     let tk_path = match tokenizer_path {
         Some(p) => p.to_path_buf(),
         None if cfg.data.tokenizer.as_os_str().is_empty() => bail!(
@@ -166,16 +200,23 @@ pub fn export(dir: &Path, out: &Path, tokenizer_path: Option<&Path>) -> Result<u
     let eot = tokenizer::eot_id(&tk)
         .with_context(|| format!("{}: no end-of-text token", tk_path.display()))?;
     let tk_vocab = tk.get_vocab_size(true) as i64;
-    if tk_vocab > m.vocab_size {
+    if tk_vocab > cfg.model.vocab_size {
         bail!(
             "{}: {tk_vocab} tokens, more than the model's vocabulary ({})",
             tk_path.display(),
-            m.vocab_size
+            cfg.model.vocab_size
         );
     }
     let tokenizer_json =
         fs::read(&tk_path).with_context(|| format!("reading {}", tk_path.display()))?;
+    Ok((tokenizer_json, eot))
+}
 
+/// `config.json`, `generation_config.json`, `tokenizer_config.json` and
+/// `special_tokens_map.json`, pretty-printed: `<|endoftext|>` (`eot`) is
+/// both bos and eos, and the tokenizer adds no special tokens, as
+/// training did.
+fn hf_json_files(cfg: &Config, eot: u32) -> Result<[Vec<u8>; 4]> {
     let mut config = ckpt::hf_config(&cfg.model, cfg.train.seq_len);
     let o = config.as_object_mut().expect("an object");
     for (k, v) in [
@@ -218,16 +259,12 @@ pub fn export(dir: &Path, out: &Path, tokenizer_path: Option<&Path>) -> Result<u
         b.push(b'\n');
         Ok(b)
     };
-    let files: Vec<(&str, Vec<u8>)> = vec![
-        (FILES[0], pretty(&config)?),
-        (FILES[1], pretty(&generation)?),
-        (FILES[2], weights),
-        (FILES[3], tokenizer_json),
-        (FILES[4], pretty(&tokenizer_config)?),
-        (FILES[5], pretty(&special)?),
-    ];
-    install(out, &files)?;
-    Ok(specs.len())
+    Ok([
+        pretty(&config)?,
+        pretty(&generation)?,
+        pretty(&tokenizer_config)?,
+        pretty(&special)?,
+    ])
 }
 
 /// Writes `files` as the directory `out` atomically: a temporary sibling,

@@ -29,7 +29,7 @@ impl ConfigArgs {
         if let Some(b) = self.backend {
             overrides.push(format!("run.backend={b}"));
         }
-        Config::load(&self.config, &overrides).map_err(anyhow::Error::msg)
+        Config::load(&self.config, &overrides)
     }
 }
 

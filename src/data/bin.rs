@@ -7,21 +7,26 @@
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+use anyhow::{bail, Context, Result};
+
+/// The width of one token in a `.bin` file: `data.token_dtype` in a run
+/// config, spelt by the serde names `u16` (nanoGPT) and `u32`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum TokenWidth {
     U16,
     U32,
 }
 
-impl TokenWidth {
-    pub fn parse(s: &str) -> Result<TokenWidth, String> {
-        match s {
-            "u16" => Ok(TokenWidth::U16),
-            "u32" => Ok(TokenWidth::U32),
-            other => Err(format!("token dtype {other:?}: expected u16 or u32")),
-        }
+impl std::str::FromStr for TokenWidth {
+    type Err = serde::de::value::Error;
+    fn from_str(s: &str) -> std::result::Result<TokenWidth, Self::Err> {
+        use serde::de::IntoDeserializer;
+        serde::Deserialize::deserialize(s.into_deserializer())
     }
+}
 
+impl TokenWidth {
     fn bytes(self) -> usize {
         match self {
             TokenWidth::U16 => 2,
@@ -37,23 +42,23 @@ pub struct TokenFile {
 }
 
 impl TokenFile {
-    pub fn open(path: &Path, width: TokenWidth) -> Result<TokenFile, String> {
-        let file = File::open(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    pub fn open(path: &Path, width: TokenWidth) -> Result<TokenFile> {
+        let file = File::open(path).with_context(|| path.display().to_string())?;
         let len = file
             .metadata()
-            .map_err(|e| format!("{}: {e}", path.display()))?
+            .with_context(|| path.display().to_string())?
             .len();
         if len % width.bytes() as u64 != 0 {
-            return Err(format!(
+            bail!(
                 "{}: {len} bytes is not a whole number of {:?} tokens (wrong data.token_dtype?)",
                 path.display(),
                 width
-            ));
+            );
         }
         // SAFETY: the file is opened read-only; a concurrent writer could
         // change the bytes under us, which only changes token values.
         let map =
-            unsafe { memmap2::Mmap::map(&file) }.map_err(|e| format!("{}: {e}", path.display()))?;
+            unsafe { memmap2::Mmap::map(&file) }.with_context(|| path.display().to_string())?;
         Ok(TokenFile {
             path: path.to_path_buf(),
             map,
@@ -84,15 +89,15 @@ impl TokenFile {
 
     /// Refuses a file that cannot fill one batch, or whose tokens are not
     /// below `vocab`.
-    pub fn check(&self, seq: i64, batch: i64, vocab: i64) -> Result<(), String> {
+    pub fn check(&self, seq: i64, batch: i64, vocab: i64) -> Result<()> {
         let windows = self.num_windows(seq);
         if windows < batch {
-            return Err(format!(
+            bail!(
                 "{}: {} tokens make {windows} windows of {} tokens, fewer than one batch of {batch} sequences",
                 self.path.display(),
                 self.num_tokens(),
                 seq + 1
-            ));
+            );
         }
         // Sample the file (all of it when small) for out-of-vocabulary ids.
         let n = self.num_tokens();
@@ -101,11 +106,11 @@ impl TokenFile {
             .step_by(stride)
             .find(|&i| self.token(i) as i64 >= vocab)
         {
-            return Err(format!(
+            bail!(
                 "{}: token {} at position {i} is >= model.vocab_size {vocab}",
                 self.path.display(),
                 self.token(i)
-            ));
+            );
         }
         Ok(())
     }
@@ -158,17 +163,20 @@ mod tests {
         // step 2, batch 3: windows 6, 7, 8 wrap to 1, 2, 3; replica 1 of 3 takes row 1.
         assert_eq!(f.batch_rows(2, 3, 3, 1, 1), vec![8, 9, 10, 11]);
         f.check(3, 5, 20).unwrap();
-        let e = f.check(3, 6, 20).unwrap_err();
+        let e = f.check(3, 6, 20).unwrap_err().to_string();
         assert!(
             e.contains("5 windows") && e.contains("fewer than one batch of 6"),
             "{e}"
         );
-        let e = f.check(3, 2, 10).unwrap_err();
+        let e = f.check(3, 2, 10).unwrap_err().to_string();
         assert!(e.contains(">= model.vocab_size 10"), "{e}");
         std::fs::remove_file(p).unwrap();
         let odd = std::env::temp_dir().join(format!("sharedmoe-odd-{}.bin", std::process::id()));
         std::fs::write(&odd, [1u8, 2, 3]).unwrap();
-        let e = TokenFile::open(&odd, TokenWidth::U16).err().unwrap();
+        let e = TokenFile::open(&odd, TokenWidth::U16)
+            .err()
+            .unwrap()
+            .to_string();
         assert!(e.contains("3 bytes"), "{e}");
         std::fs::remove_file(odd).unwrap();
     }

@@ -15,21 +15,21 @@ use arrow_array::{Array, LargeStringArray, RecordBatch, StringArray, StringViewA
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::arrow::ProjectionMask;
 
-/// What to do with a file that cannot be read.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+/// What to do with a file that cannot be read: `data.on_bad_file` in a
+/// run config and `--on-bad-file` on the command line, spelt by the serde
+/// names `fail` and `skip`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum BadFilePolicy {
     Fail,
     Skip,
 }
 
 impl std::str::FromStr for BadFilePolicy {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "fail" => Ok(BadFilePolicy::Fail),
-            "skip" => Ok(BadFilePolicy::Skip),
-            other => Err(format!("--on-bad-file {other:?}: expected skip or fail")),
-        }
+    type Err = serde::de::value::Error;
+    fn from_str(s: &str) -> std::result::Result<Self, Self::Err> {
+        use serde::de::IntoDeserializer;
+        serde::Deserialize::deserialize(s.into_deserializer())
     }
 }
 

@@ -430,7 +430,7 @@ fn run_attempt(
     // coordinator. Accelerator clients are multi-host (libtpu's topology
     // discovery, the CUDA plugin through the key-value store above): one
     // program spans every chip of the job and XLA's collectives sum.
-    let host_sum = world > 1 && cfg.run.backend == "cpu";
+    let host_sum = world > 1 && cfg.run.backend == Backend::Cpu;
     let replicas = if host_sum {
         s.rank as i64 * local..(s.rank as i64 + 1) * local
     } else {

@@ -50,9 +50,16 @@ macro_rules! args {
 pub(crate) use args;
 
 /// The accelerator family a plugin drives.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+///
+/// Its names, as `run.backend` in a run config and `--backend` on the
+/// command line, are the serde names below: `cpu`, `cuda` (alias `gpu`),
+/// `tpu`. `FromStr` goes through them (ignoring case); `Display` and
+/// serialising give the first name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Backend {
     Cpu,
+    #[serde(alias = "gpu")]
     Cuda,
     Tpu,
 }
@@ -112,15 +119,9 @@ impl fmt::Display for Backend {
 impl FromStr for Backend {
     type Err = Error;
     fn from_str(s: &str) -> Result<Backend> {
-        match s.to_ascii_lowercase().as_str() {
-            "cpu" => Ok(Backend::Cpu),
-            "cuda" | "gpu" => Ok(Backend::Cuda),
-            "tpu" => Ok(Backend::Tpu),
-            other => Err(Error::new(
-                "backend",
-                format!("unknown backend `{other}` (expected cpu, cuda or tpu)"),
-            )),
-        }
+        use serde::de::{value::Error as NameError, IntoDeserializer};
+        serde::Deserialize::deserialize(s.to_ascii_lowercase().into_deserializer())
+            .map_err(|e: NameError| Error::new("backend", e.to_string()))
     }
 }
 
@@ -848,10 +849,12 @@ mod tests {
     fn backend_names() {
         assert_eq!("CPU".parse::<Backend>().unwrap(), Backend::Cpu);
         assert_eq!("gpu".parse::<Backend>().unwrap(), Backend::Cuda);
-        assert!("fpga"
-            .parse::<Backend>()
-            .unwrap_err()
-            .to_string()
-            .contains("fpga"));
+        let e = "fpga".parse::<Backend>().unwrap_err().to_string();
+        assert!(e.contains("`fpga`") && e.contains("`gpu`"), "{e}");
+        // Printing and serialising give the name parsing takes.
+        for b in [Backend::Cpu, Backend::Cuda, Backend::Tpu] {
+            assert_eq!(b.to_string().parse::<Backend>().unwrap(), b);
+            assert_eq!(serde_json::to_value(b).unwrap(), b.to_string().as_str());
+        }
     }
 }

@@ -19,10 +19,11 @@ use std::path::Path;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
+use tokenizers::Tokenizer;
 
-use crate::data::parquet::{all_row_groups, expand_inputs, BadFilePolicy};
+use crate::data::parquet::{all_row_groups, expand_inputs, RowGroupRef};
 use crate::data::stream::{Cursor, Split, StreamOptions, TokenStream};
-use crate::data::{tokenizer, TokenFile, TokenWidth};
+use crate::data::{tokenizer, TokenFile};
 use crate::digest::sha256_file;
 
 use super::config::Config;
@@ -113,6 +114,181 @@ fn check_local(cfg: &Config, local: &Range<i64>) -> Result<()> {
     Ok(())
 }
 
+/// The cursor each of `shards` resumes from: none on a fresh start (an
+/// empty position), else the position's cursor of every one of them. A
+/// position written with another `data.shards`, or lacking some of these
+/// shards, is refused rather than silently restarting those streams.
+fn resume_cursors(
+    at: &DataPosition,
+    shards: &Range<u32>,
+    num_shards: i64,
+) -> Result<Vec<Option<Cursor>>> {
+    if at.streams.is_empty() {
+        return Ok(vec![None; shards.len()]);
+    }
+    if let Some(k) = at.streams.keys().find(|&&k| k as i64 >= num_shards) {
+        bail!(
+            "the data position has a cursor for shard {k}, but data.shards = {num_shards} \
+             (the cursors were written with another data.shards?)"
+        );
+    }
+    let missing: Vec<u32> = shards
+        .clone()
+        .filter(|k| !at.streams.contains_key(k))
+        .collect();
+    if !missing.is_empty() {
+        bail!(
+            "the data position holds cursors for shards {:?} but none for shard(s) {missing:?} \
+             of the shards {}..{} these replicas read: resume with the cursors of every shard \
+             (or of none, to start the data from its beginning)",
+            at.streams.keys().collect::<Vec<_>>(),
+            shards.start,
+            shards.end
+        );
+    }
+    Ok(shards.clone().map(|k| Some(at.streams[&k])).collect())
+}
+
+/// `data.tokenizer`, refused when it has ids the model has no embedding
+/// for.
+fn load_tokenizer(cfg: &Config) -> Result<Arc<Tokenizer>> {
+    let path = &cfg.data.tokenizer;
+    let tk = tokenizer::load(path)?;
+    let vocab = tk.get_vocab_size(true) as i64;
+    if vocab > cfg.model.vocab_size {
+        bail!(
+            "{}: {vocab} tokens, more than model.vocab_size = {}",
+            path.display(),
+            cfg.model.vocab_size
+        );
+    }
+    Ok(Arc::new(tk))
+}
+
+/// The row groups of `data.parquet`'s files, unreadable files failing or
+/// skipped (with a warning) as `data.on_bad_file` says.
+fn readable_row_groups(cfg: &Config) -> Result<Vec<RowGroupRef>> {
+    let d = &cfg.data;
+    let files = expand_inputs(&d.parquet)?;
+    let (groups, skipped) = all_row_groups(&files, d.on_bad_file)?;
+    if !skipped.is_empty() {
+        tracing::warn!(
+            "{} of {} parquet files skipped as unreadable",
+            skipped.len(),
+            files.len()
+        );
+    }
+    Ok(groups)
+}
+
+/// How a stream of this run cuts its rows: S + 1 tokens and the run's seed
+/// and hold-out share, whatever the split.
+fn stream_options(
+    cfg: &Config,
+    split: Split,
+    shuffle_rows: usize,
+    epochs: Option<u64>,
+    rank: usize,
+    workers: usize,
+) -> StreamOptions {
+    StreamOptions {
+        row_len: (cfg.train.seq_len + 1) as usize,
+        seed: cfg.train.seed,
+        shuffle_groups: split == Split::Train,
+        shuffle_rows,
+        val_fraction: cfg.data.val_fraction,
+        split,
+        rank,
+        workers,
+        epochs,
+    }
+}
+
+/// The endless training stream of each of `shards` (stream k is worker k
+/// of `data.shards`), resumed at its cursor.
+fn training_streams(
+    cfg: &Config,
+    groups: &[RowGroupRef],
+    tk: &Arc<Tokenizer>,
+    shards: Range<u32>,
+    cursors: Vec<Option<Cursor>>,
+) -> Result<Vec<TokenStream>> {
+    let d = &cfg.data;
+    shards
+        .zip(cursors)
+        .map(|(k, cursor)| {
+            let options = stream_options(
+                cfg,
+                Split::Train,
+                d.shuffle_rows,
+                None,
+                k as usize,
+                d.shards as usize,
+            );
+            TokenStream::open(groups.to_vec(), tk.clone(), options, cursor).with_context(|| {
+                format!(
+                    "opening the training stream of data shard {k} of {}",
+                    d.shards
+                )
+            })
+        })
+        .collect()
+}
+
+/// The fixed validation micro-batches of the `local` replicas,
+/// [eval batch][local replica] -> rows: one pass over the held-out
+/// documents, in file order, as one stream whatever data.shards and the
+/// process, so every process and every resume scores the same tokens.
+/// They are the first eval_batches batches of replicas * micro_batch rows
+/// it fills; eval batch b, replica r gets rows [r*M, (r+1)*M) of batch b.
+fn validation_rows(
+    cfg: &Config,
+    groups: Vec<RowGroupRef>,
+    tk: Arc<Tokenizer>,
+    local: &Range<i64>,
+) -> Result<Vec<Vec<Vec<i32>>>> {
+    let t = &cfg.train;
+    let options = stream_options(cfg, Split::Validation, 1, Some(1), 0, 1);
+    let mut vs =
+        TokenStream::open(groups, tk, options, None).context("opening the validation stream")?;
+    let m = t.micro_batch as usize;
+    let per_eval = t.replicas as usize * m;
+    let mut rows = vec![];
+    while rows.len() < per_eval * t.eval_batches as usize {
+        match vs.next_row()? {
+            Some(r) => rows.push(r),
+            None => break,
+        }
+    }
+    if rows.len() < per_eval {
+        bail!(
+            "the validation split (data.val_fraction = {}) holds {} rows of {} tokens; one \
+             evaluation needs train.replicas * train.micro_batch = {per_eval} (raise data.val_fraction)",
+            cfg.data.val_fraction,
+            rows.len(),
+            t.seq_len + 1
+        );
+    }
+    let batches = rows.len() / per_eval;
+    if (batches as i64) < t.eval_batches {
+        tracing::warn!(
+            "the validation split fills {batches} of the {} eval_batches asked for; evaluating on those",
+            t.eval_batches
+        );
+    }
+    Ok(rows
+        .chunks_exact(per_eval)
+        .map(|batch| {
+            batch
+                .chunks_exact(m)
+                .skip(local.start as usize)
+                .take((local.end - local.start) as usize)
+                .map(to_i32)
+                .collect()
+        })
+        .collect())
+}
+
 impl Batches {
     /// The parquet shards whose replicas are exactly `local` (global
     /// replica indices): an error unless `local` covers whole shards.
@@ -148,17 +324,13 @@ impl Batches {
             bail!("no training data: set data.train_bin (a .bin file) or data.parquet + data.tokenizer");
         }
         let t = &cfg.train;
-        let width = TokenWidth::parse(&d.token_dtype).map_err(anyhow::Error::msg)?;
-        let train = TokenFile::open(&d.train_bin, width).map_err(anyhow::Error::msg)?;
-        train
-            .check(t.seq_len, t.global_batch, cfg.model.vocab_size)
-            .map_err(anyhow::Error::msg)?;
+        let train = TokenFile::open(&d.train_bin, d.token_dtype)?;
+        train.check(t.seq_len, t.global_batch, cfg.model.vocab_size)?;
         let mut val = vec![];
         if t.eval_every > 0 && !d.val_bin.as_os_str().is_empty() {
-            let f = TokenFile::open(&d.val_bin, width).map_err(anyhow::Error::msg)?;
+            let f = TokenFile::open(&d.val_bin, d.token_dtype)?;
             let per_eval = t.micro_batch * t.replicas;
-            f.check(t.seq_len, per_eval, cfg.model.vocab_size)
-                .map_err(anyhow::Error::msg)?;
+            f.check(t.seq_len, per_eval, cfg.model.vocab_size)?;
             val = (0..t.eval_batches)
                 .map(|b| {
                     local
@@ -182,136 +354,15 @@ impl Batches {
     fn open_parquet(cfg: &Config, at: &DataPosition, local: Range<i64>) -> Result<Batches> {
         let (d, t) = (&cfg.data, &cfg.train);
         let shards = Self::shards_of(cfg, &local)?;
-        let cursors: Vec<Option<Cursor>> = if at.streams.is_empty() {
-            vec![None; shards.len()]
+        let cursors = resume_cursors(at, &shards, d.shards)?;
+        let tk = load_tokenizer(cfg)?;
+        let groups = readable_row_groups(cfg)?;
+        let streams = training_streams(cfg, &groups, &tk, shards.clone(), cursors)?;
+        let val = if t.eval_every > 0 && d.val_fraction > 0.0 {
+            validation_rows(cfg, groups, tk, &local)?
         } else {
-            if let Some(k) = at.streams.keys().find(|&&k| k as i64 >= d.shards) {
-                bail!(
-                    "the data position has a cursor for shard {k}, but data.shards = {} \
-                     (the cursors were written with another data.shards?)",
-                    d.shards
-                );
-            }
-            let missing: Vec<u32> = shards
-                .clone()
-                .filter(|k| !at.streams.contains_key(k))
-                .collect();
-            if !missing.is_empty() {
-                bail!(
-                    "the data position holds cursors for shards {:?} but none for shard(s) {missing:?} \
-                     of the shards {}..{} these replicas read: resume with the cursors of every shard \
-                     (or of none, to start the data from its beginning)",
-                    at.streams.keys().collect::<Vec<_>>(),
-                    shards.start,
-                    shards.end
-                );
-            }
-            shards.clone().map(|k| Some(at.streams[&k])).collect()
+            vec![]
         };
-        let tk = Arc::new(tokenizer::load(&d.tokenizer)?);
-        let vocab = tk.get_vocab_size(true) as i64;
-        if vocab > cfg.model.vocab_size {
-            bail!(
-                "{}: {vocab} tokens, more than model.vocab_size = {}",
-                d.tokenizer.display(),
-                cfg.model.vocab_size
-            );
-        }
-        let policy: BadFilePolicy = d.on_bad_file.parse().map_err(anyhow::Error::msg)?;
-        let files = expand_inputs(&d.parquet)?;
-        let (groups, skipped) = all_row_groups(&files, policy)?;
-        if !skipped.is_empty() {
-            tracing::warn!(
-                "{} of {} parquet files skipped as unreadable",
-                skipped.len(),
-                files.len()
-            );
-        }
-        let options = |split, shuffle_rows, epochs, rank, workers| StreamOptions {
-            row_len: (t.seq_len + 1) as usize,
-            seed: t.seed,
-            shuffle_groups: split == Split::Train,
-            shuffle_rows,
-            val_fraction: d.val_fraction,
-            split,
-            rank,
-            workers,
-            epochs,
-        };
-        let streams = shards
-            .clone()
-            .zip(cursors)
-            .map(|(k, cursor)| {
-                TokenStream::open(
-                    groups.clone(),
-                    tk.clone(),
-                    options(
-                        Split::Train,
-                        d.shuffle_rows,
-                        None,
-                        k as usize,
-                        d.shards as usize,
-                    ),
-                    cursor,
-                )
-                .with_context(|| {
-                    format!(
-                        "opening the training stream of data shard {k} of {}",
-                        d.shards
-                    )
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let mut val = vec![];
-        if t.eval_every > 0 && d.val_fraction > 0.0 {
-            // One pass over the held-out documents, in file order, as one
-            // stream whatever data.shards and the process: the first
-            // eval_batches batches of replicas * micro_batch rows it fills.
-            let mut vs = TokenStream::open(
-                groups,
-                tk,
-                options(Split::Validation, 1, Some(1), 0, 1),
-                None,
-            )
-            .context("opening the validation stream")?;
-            let m = t.micro_batch as usize;
-            let per_eval = t.replicas as usize * m;
-            let mut rows = vec![];
-            while rows.len() < per_eval * t.eval_batches as usize {
-                match vs.next_row()? {
-                    Some(r) => rows.push(r),
-                    None => break,
-                }
-            }
-            if rows.len() < per_eval {
-                bail!(
-                    "the validation split (data.val_fraction = {}) holds {} rows of {} tokens; one \
-                     evaluation needs train.replicas * train.micro_batch = {per_eval} (raise data.val_fraction)",
-                    d.val_fraction,
-                    rows.len(),
-                    t.seq_len + 1
-                );
-            }
-            let batches = rows.len() / per_eval;
-            if (batches as i64) < t.eval_batches {
-                tracing::warn!(
-                    "the validation split fills {batches} of the {} eval_batches asked for; evaluating on those",
-                    t.eval_batches
-                );
-            }
-            // Eval batch b, replica r: rows [r*M, (r+1)*M) of the batch.
-            val = rows
-                .chunks_exact(per_eval)
-                .map(|batch| {
-                    batch
-                        .chunks_exact(m)
-                        .skip(local.start as usize)
-                        .take((local.end - local.start) as usize)
-                        .map(to_i32)
-                        .collect()
-                })
-                .collect();
-        }
         Ok(Batches {
             source: Source::Stream {
                 first: shards.start,

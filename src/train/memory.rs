@@ -13,7 +13,7 @@
 use anyhow::{bail, Result};
 
 use crate::model::{count::TRAINING_BYTES_PER_PARAM, count_params};
-use crate::runtime::{Client, Device, MemoryStats};
+use crate::runtime::{Backend, Client, Device, MemoryStats};
 
 use super::config::Config;
 
@@ -119,7 +119,7 @@ pub fn check_host_memory(cfg: &Config, local_replicas: i64) -> Result<()> {
         tracing::debug!("no MemAvailable in /proc/meminfo: skipping the memory estimate");
         return Ok(());
     };
-    if cfg.run.backend == "cpu" {
+    if cfg.run.backend == Backend::Cpu {
         check_cpu(&e, available)
     } else {
         check_host_copy(&e, available)
@@ -177,7 +177,7 @@ pub fn check_compiled_step(cfg: &Config, stats: &MemoryStats, devices: &[Device]
         cfg.train.micro_batch,
         cfg.train.seq_len
     );
-    if cfg.run.backend == "cpu" {
+    if cfg.run.backend == Backend::Cpu {
         let need = per_device.max(0) as u128 * devices.len() as u128;
         if let Some(available) = host_available() {
             if need > available {

@@ -135,7 +135,7 @@ pub fn open_job_client(
     devices: i64,
     member: Option<JobMember>,
 ) -> Result<Client> {
-    let backend: Backend = cfg.run.backend.parse()?;
+    let backend = cfg.run.backend;
     let loc = find_plugin(backend, plugin)?;
     let plugin = Plugin::load(&loc.path)?;
     let (options, kv) = job_client_options(backend, devices, member);

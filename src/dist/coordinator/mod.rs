@@ -365,7 +365,7 @@ pub async fn serve(
     let job = Arc::new(Job {
         job_id,
         world: opts.workers,
-        backend: cfg.run.backend.clone(),
+        backend: cfg.run.backend.to_string(),
         config_toml: cfg.to_toml(),
         specs,
         // params, two moments, headers and JSON.
