@@ -176,7 +176,7 @@ impl ModelConfig {
     }
 
     /// Refuses impossible shapes, naming the field (`model.<name>`).
-    pub fn validate(&self) -> Result<(), String> {
+    pub fn validate(&self) -> anyhow::Result<()> {
         let positive = [
             ("vocab_size", self.vocab_size),
             ("hidden_size", self.hidden_size),
@@ -186,55 +186,58 @@ impl ModelConfig {
         ];
         for (name, v) in positive {
             if v <= 0 {
-                return Err(format!("model.{name} = {v}: must be positive"));
+                anyhow::bail!("model.{name} = {v}: must be positive");
             }
         }
         if self.hidden_size % self.num_heads != 0 {
-            return Err(format!(
+            anyhow::bail!(
                 "model.num_heads = {} does not divide model.hidden_size = {}",
-                self.num_heads, self.hidden_size
-            ));
+                self.num_heads,
+                self.hidden_size
+            );
         }
         if self.head_dim() % 2 != 0 {
-            return Err(format!(
+            anyhow::bail!(
                 "model.hidden_size / model.num_heads = {} must be even for RoPE",
                 self.head_dim()
-            ));
+            );
         }
         if self.num_heads % self.num_kv_heads != 0 {
-            return Err(format!(
+            anyhow::bail!(
                 "model.num_kv_heads = {} does not divide model.num_heads = {}",
-                self.num_kv_heads, self.num_heads
-            ));
+                self.num_kv_heads,
+                self.num_heads
+            );
         }
         if self.embedding_dim < 0 {
-            return Err(format!(
+            anyhow::bail!(
                 "model.embedding_dim = {}: must be >= 0 (0 = unfactorised)",
                 self.embedding_dim
-            ));
+            );
         }
         match self.ffn {
             FfnKind::Dense if self.intermediate_size <= 0 => {
-                return Err(format!(
+                anyhow::bail!(
                     "model.intermediate_size = {}: must be positive for a dense FFN",
                     self.intermediate_size
-                ))
+                )
             }
             FfnKind::SharedMoe => {
                 if self.num_experts <= 0
                     || self.expert_intermediate_size <= 0
                     || self.moe_block_size < 0
                 {
-                    return Err(format!(
+                    anyhow::bail!(
                         "model.num_experts = {} and model.expert_intermediate_size = {} must be positive, model.moe_block_size = {} >= 0, for a shared MoE",
                         self.num_experts, self.expert_intermediate_size, self.moe_block_size
-                    ));
+                    );
                 }
                 if self.experts_per_token <= 0 || self.experts_per_token > self.num_experts {
-                    return Err(format!(
+                    anyhow::bail!(
                         "model.experts_per_token = {} must be in 1..={} (model.num_experts)",
-                        self.experts_per_token, self.num_experts
-                    ));
+                        self.experts_per_token,
+                        self.num_experts
+                    );
                 }
             }
             _ => {}
@@ -245,22 +248,22 @@ impl ModelConfig {
             ("aux_loss_coef", self.aux_loss_coef),
         ] {
             if !v.is_finite() {
-                return Err(format!("model.{name} = {v}: must be a finite number"));
+                anyhow::bail!("model.{name} = {v}: must be a finite number");
             }
         }
         let bad = self.rms_norm_eps <= 0.0 || self.rope_theta <= 0.0 || self.aux_loss_coef < 0.0;
         if bad {
-            return Err(format!(
+            anyhow::bail!(
                 "model.rms_norm_eps = {} and model.rope_theta = {} must be positive, model.aux_loss_coef = {} >= 0",
                 self.rms_norm_eps, self.rope_theta, self.aux_loss_coef
-            ));
+            );
         }
         if self.vocab_size > i32::MAX as i64 {
-            return Err(format!(
+            anyhow::bail!(
                 "model.vocab_size = {}: token ids are i32, so at most {}",
                 self.vocab_size,
                 i32::MAX
-            ));
+            );
         }
         // Every parameter count in checked arithmetic (names the fields
         // whose product overflows).
@@ -287,15 +290,21 @@ mod tests {
         assert!(c
             .validate()
             .unwrap_err()
+            .to_string()
             .contains("model.num_heads = 7 does not divide model.hidden_size = 768"));
         let mut c = ModelConfig::sharedmoe50m();
         c.num_kv_heads = 5;
-        assert!(c.validate().unwrap_err().contains("model.num_kv_heads = 5"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("model.num_kv_heads = 5"));
         let mut c = ModelConfig::sharedmoe50m();
         c.experts_per_token = 17;
         assert!(c
             .validate()
             .unwrap_err()
+            .to_string()
             .contains("model.experts_per_token = 17"));
     }
 
@@ -303,19 +312,24 @@ mod tests {
     fn overflowing_and_non_finite_values_are_refused() {
         let mut c = ModelConfig::preset("tiny-sharedmoe").unwrap();
         c.hidden_size = 1 << 40;
-        let e = c.validate().unwrap_err();
+        let e = c.validate().unwrap_err().to_string();
         assert!(
             e.starts_with("model.hidden_size = 1099511627776") && e.contains("overflows"),
             "{e}"
         );
         let mut c = ModelConfig::preset("tiny-dense").unwrap();
         c.rope_theta = f64::INFINITY;
-        assert!(c.validate().unwrap_err().contains("model.rope_theta = inf"));
+        assert!(c
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("model.rope_theta = inf"));
         let mut c = ModelConfig::preset("tiny-dense").unwrap();
         c.rms_norm_eps = f64::NAN;
         assert!(c
             .validate()
             .unwrap_err()
+            .to_string()
             .contains("model.rms_norm_eps = NaN"));
     }
 }

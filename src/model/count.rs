@@ -29,11 +29,11 @@ type Factor = (&'static str, i64);
 
 /// The product of `factors`, or an error naming the fields when it
 /// overflows i64.
-fn product(what: &str, factors: &[Factor]) -> Result<i64, String> {
+fn product(what: &str, factors: &[Factor]) -> anyhow::Result<i64> {
     factors
         .iter()
         .try_fold(1i64, |acc, &(_, v)| acc.checked_mul(v))
-        .ok_or_else(|| overflow(what, factors))
+        .ok_or_else(|| anyhow::anyhow!(overflow(what, factors)))
 }
 
 fn overflow(what: &str, factors: &[Factor]) -> String {
@@ -48,18 +48,18 @@ fn overflow(what: &str, factors: &[Factor]) -> String {
     )
 }
 
-fn sum(what: &str, parts: &[i64]) -> Result<i64, String> {
+fn sum(what: &str, parts: &[i64]) -> anyhow::Result<i64> {
     parts
         .iter()
         .try_fold(0i64, |acc, &v| acc.checked_add(v))
-        .ok_or_else(|| format!("the {what} overflows a 64-bit count (parts: {parts:?})"))
+        .ok_or_else(|| anyhow::anyhow!("the {what} overflows a 64-bit count (parts: {parts:?})"))
 }
 
 /// Every count of `c` with checked arithmetic: an error names the fields
 /// whose product overflows i64, or says that the training state (16 bytes
 /// per parameter) would not fit a 64-bit address space. Expects the
 /// shape checks of [`ModelConfig::validate`] (positive sizes) to pass.
-pub fn checked_counts(c: &ModelConfig) -> Result<Counts, String> {
+pub fn checked_counts(c: &ModelConfig) -> anyhow::Result<Counts> {
     const V: &str = "model.vocab_size";
     const D: &str = "model.hidden_size";
     const E: &str = "model.embedding_dim";
@@ -145,10 +145,10 @@ pub fn checked_counts(c: &ModelConfig) -> Result<Counts, String> {
         &[embedding, attention, norms, mlp, active_moe],
     )?;
     if total.checked_mul(TRAINING_BYTES_PER_PARAM).is_none() {
-        return Err(format!(
+        anyhow::bail!(
             "model.hidden_size = {d}, model.num_layers = {l}, model.vocab_size = {v}: {total} parameters \
              need {TRAINING_BYTES_PER_PARAM} bytes each of training state, more than a 64-bit address space"
-        ));
+        );
     }
     Ok(Counts {
         embedding,
@@ -258,12 +258,12 @@ mod tests {
     fn overflowing_counts_name_the_field() {
         let mut c = ModelConfig::preset("tiny-sharedmoe").unwrap();
         c.hidden_size = 1 << 40;
-        let e = checked_counts(&c).unwrap_err();
+        let e = checked_counts(&c).unwrap_err().to_string();
         assert!(e.starts_with("model.hidden_size = 1099511627776"), "{e}");
         assert!(e.contains("overflows a 64-bit count"), "{e}");
         let mut c = ModelConfig::preset("tiny-dense").unwrap();
         c.num_layers = 1 << 50;
-        let e = checked_counts(&c).unwrap_err();
+        let e = checked_counts(&c).unwrap_err().to_string();
         assert!(e.contains("model.num_layers = 1125899906842624"), "{e}");
     }
 }

@@ -300,7 +300,7 @@ impl Config {
 
     pub fn validate(&self) -> Result<()> {
         // ModelConfig::validate still says what is wrong as a String.
-        self.model.validate().map_err(anyhow::Error::msg)?;
+        self.model.validate()?;
         let t = &self.train;
         for (name, v) in [
             ("seq_len", t.seq_len),
