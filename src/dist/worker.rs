@@ -167,71 +167,107 @@ pub fn run_worker(opts: &WorkerOptions) -> Result<WorkerExit> {
         ));
         let result = run_attempt(&rt, &client, &session, &reg, &signals, &sigterm, opts);
         beat.abort();
-        let finish = |outcome: Outcome, step: i64, message: String| {
-            let req = FinishRequest {
-                job_id: session.job_id.clone(),
-                worker_id: session.worker_id,
-                attempt: session.attempt,
-                outcome: outcome as i32,
-                step,
-                message,
-            };
-            rt.block_on(client.clone().finish(req))
+        let ended = AttemptEnd {
+            rt: &rt,
+            client: &client,
+            session: &session,
+            signals: &signals,
+            in_process,
         };
-        let step = signals.step.load(Ordering::Relaxed);
-        match result {
-            Ok(LoopEnd::Reached) => {
-                finish(Outcome::Finished, step, String::new()).context("reporting the finish")?;
-                return Ok(WorkerExit::Finished);
-            }
-            Ok(LoopEnd::Stopped) => {
-                finish(Outcome::Preempted, step, String::new()).context("reporting the stop")?;
-                return Ok(WorkerExit::Preempted);
-            }
-            Err(e) if signals.stop.load(Ordering::Relaxed) => {
-                tracing::info!("the coordinator ended the job ({e:#})");
-                return Ok(WorkerExit::Stopped {
-                    ok: signals.stop_ok.load(Ordering::Relaxed),
-                    reason: signals.reason.lock().map(|r| r.clone()).unwrap_or_default(),
-                });
-            }
-            Err(e) if signals.abort.load(Ordering::Relaxed) => {
-                let why = signals.reason.lock().map(|r| r.clone()).unwrap_or_default();
-                tracing::debug!("the attempt ended with: {e:#}");
-                if !in_process {
-                    return Ok(WorkerExit::Restart {
-                        reason: format!("attempt {} aborted ({why})", session.attempt),
-                    });
-                }
-                tracing::warn!(
-                    "attempt {} aborted ({why}); registering again",
-                    session.attempt
-                );
-            }
-            Err(e) if e.downcast_ref::<Diverged>().is_some() => {
-                // Ends the job: every restart would diverge the same way.
-                if let Err(s) = finish(Outcome::Diverged, step, format!("{e:#}")) {
-                    tracing::debug!("could not report the divergence: {s}");
-                }
-                return Err(e);
-            }
-            Err(e) => {
-                tracing::error!("attempt {} failed at step {step}: {e:#}", session.attempt);
-                // Tell the coordinator (it restarts or ends the job); if it
-                // is unreachable, registering again finds out.
-                if let Err(s) = finish(Outcome::Failed, step, format!("{e:#}")) {
-                    tracing::debug!("could not report the failure: {s}");
-                }
-                if !in_process {
-                    return Ok(WorkerExit::Restart {
-                        reason: format!("attempt {} failed at step {step}", session.attempt),
-                    });
-                }
-            }
+        if let Some(exit) = ended.conclude(result)? {
+            return Ok(exit);
         }
         if sigterm.load(Ordering::Relaxed) {
             return Ok(WorkerExit::Preempted);
         }
+    }
+}
+
+/// An attempt that has ended, to report to the coordinator and to turn
+/// into the worker's exit (or another attempt).
+struct AttemptEnd<'a> {
+    rt: &'a Runtime,
+    client: &'a Client,
+    session: &'a Session,
+    signals: &'a Signals,
+    /// Whether the next attempt may start in this process
+    /// ([`restarts_in_process`]).
+    in_process: bool,
+}
+
+impl AttemptEnd<'_> {
+    /// Reports how the attempt ended; the worker's exit, or `None` to
+    /// register for the next attempt.
+    fn conclude(&self, result: Result<LoopEnd>) -> Result<Option<WorkerExit>> {
+        let (signals, attempt) = (self.signals, self.session.attempt);
+        let step = signals.step.load(Ordering::Relaxed);
+        let reason = || signals.reason.lock().map(|r| r.clone()).unwrap_or_default();
+        match result {
+            Ok(LoopEnd::Reached) => {
+                self.finish(Outcome::Finished, step, String::new())
+                    .context("reporting the finish")?;
+                Ok(Some(WorkerExit::Finished))
+            }
+            Ok(LoopEnd::Stopped) => {
+                self.finish(Outcome::Preempted, step, String::new())
+                    .context("reporting the stop")?;
+                Ok(Some(WorkerExit::Preempted))
+            }
+            Err(e) if signals.stop.load(Ordering::Relaxed) => {
+                tracing::info!("the coordinator ended the job ({e:#})");
+                Ok(Some(WorkerExit::Stopped {
+                    ok: signals.stop_ok.load(Ordering::Relaxed),
+                    reason: reason(),
+                }))
+            }
+            Err(e) if signals.abort.load(Ordering::Relaxed) => {
+                let why = reason();
+                tracing::debug!("the attempt ended with: {e:#}");
+                if !self.in_process {
+                    return Ok(Some(WorkerExit::Restart {
+                        reason: format!("attempt {attempt} aborted ({why})"),
+                    }));
+                }
+                tracing::warn!("attempt {attempt} aborted ({why}); registering again");
+                Ok(None)
+            }
+            Err(e) if e.downcast_ref::<Diverged>().is_some() => {
+                // Ends the job: every restart would diverge the same way.
+                if let Err(s) = self.finish(Outcome::Diverged, step, format!("{e:#}")) {
+                    tracing::debug!("could not report the divergence: {s}");
+                }
+                Err(e)
+            }
+            Err(e) => {
+                tracing::error!("attempt {attempt} failed at step {step}: {e:#}");
+                // Tell the coordinator (it restarts or ends the job); if it
+                // is unreachable, registering again finds out.
+                if let Err(s) = self.finish(Outcome::Failed, step, format!("{e:#}")) {
+                    tracing::debug!("could not report the failure: {s}");
+                }
+                if !self.in_process {
+                    return Ok(Some(WorkerExit::Restart {
+                        reason: format!("attempt {attempt} failed at step {step}"),
+                    }));
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    /// Tells the coordinator this worker is done with the attempt.
+    fn finish(&self, outcome: Outcome, step: i64, message: String) -> Result<(), tonic::Status> {
+        let s = self.session;
+        let req = FinishRequest {
+            job_id: s.job_id.clone(),
+            worker_id: s.worker_id,
+            attempt: s.attempt,
+            outcome: outcome as i32,
+            step,
+            message,
+        };
+        self.rt.block_on(self.client.clone().finish(req))?;
+        Ok(())
     }
 }
 
