@@ -7,6 +7,8 @@
 //! - metrics rows: from rank 0 only, one JSON object per line, in step
 //!   order;
 //! - the key-value store's total size is capped;
+//! - after the end of the job, heartbeats and a late Register say how it
+//!   ended in typed fields (issue 16);
 //! - `coordinator --workers 0` and `launch --local 0` are refused with a
 //!   message, not a panic.
 
@@ -17,8 +19,12 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use sharedmoe::ckpt::{self, Checkpoint};
-use sharedmoe::dist::proto::{KvGetRequest, KvPutRequest, PingRequest, RegisterReply};
+use sharedmoe::dist::proto::{
+    Command as Beat, FinishRequest, HeartbeatRequest, KvGetRequest, KvPutRequest, Outcome,
+    PingRequest, RegisterReply, RegisterRequest,
+};
 use sharedmoe::dist::transfer::CheckpointFiles;
+use sharedmoe::dist::worker::job_over;
 use sharedmoe::train::Config;
 use tonic::Code;
 
@@ -398,6 +404,59 @@ fn the_key_value_store_is_capped_and_the_coordinator_keeps_serving() {
         assert_eq!(got.value, b"cursor");
         client.clone().ping(PingRequest { nonce: 5 }).await.unwrap();
         assert!(!job.log().contains("panicked"), "{}", job.log());
+    });
+}
+
+/// Once the job is over, heartbeats say STOP and whether it succeeded, and
+/// a late Register is refused with a typed detail saying how it ended:
+/// workers act on these fields, never on the messages.
+#[test]
+fn after_the_end_workers_are_told_how_the_job_ended_in_typed_fields() {
+    let job = Job::start("over", 1);
+    rt().block_on(async {
+        let client = connect(&job.addr).await;
+        let reg = register(&client).await;
+        // A diverged step ends the job as failed.
+        client
+            .clone()
+            .finish(FinishRequest {
+                job_id: reg.job_id.clone(),
+                worker_id: reg.worker_id,
+                attempt: reg.attempt,
+                outcome: Outcome::Diverged as i32,
+                step: 0,
+                message: "the loss is NaN".into(),
+            })
+            .await
+            .unwrap();
+        let beat = client
+            .clone()
+            .heartbeat(HeartbeatRequest {
+                job_id: reg.job_id.clone(),
+                worker_id: reg.worker_id,
+                attempt: reg.attempt,
+                step: 0,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(beat.command, Beat::Stop as i32, "{beat:?}");
+        assert!(!beat.job_ok, "{beat:?}");
+        let e = client
+            .clone()
+            .register(RegisterRequest {
+                host: "late".into(),
+                backend: "cpu".into(),
+                local_devices: 1,
+                pid: std::process::id(),
+                want_rank: -1,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+        let over = job_over(&e).expect("a JobOver detail");
+        assert!(!over.ok, "{over:?}");
+        assert!(over.message.contains("the loss is NaN"), "{over:?}");
     });
 }
 

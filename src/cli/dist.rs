@@ -11,6 +11,7 @@ use crate::dist::auth::load_secret;
 use crate::dist::coordinator::{serve, CoordinatorOptions};
 use crate::dist::launch::{launch_local, LaunchOptions};
 use crate::dist::worker::{run_worker, WorkerExit, WorkerOptions, EXIT_RESTART};
+use crate::runtime::Backend;
 
 /// Job-level settings of the coordinator (also taken by `launch`).
 #[derive(clap::Args, Debug, Clone)]
@@ -73,9 +74,9 @@ pub struct WorkerArgs {
     /// The port of the default TPU coordinator address.
     #[arg(long, default_value_t = 50051)]
     pub coordinator_port: u16,
-    /// This host's backend: cpu, cuda or tpu.
+    /// This host's backend: cpu, cuda (or gpu) or tpu.
     #[arg(long, default_value = "cpu")]
-    pub backend: String,
+    pub backend: Backend,
     /// The rank this worker must have; default any, and on TPU the slice's
     /// worker number (TPU_WORKER_ID on GKE, the TPU VM's metadata).
     #[arg(long)]
@@ -180,7 +181,7 @@ fn fit_data_shards(cfg: &mut crate::train::Config, workers: u32) {
 pub fn run_worker_cmd(a: &WorkerArgs) -> Result<()> {
     // On a TPU slice the worker's rank is the slice's worker number and
     // the coordinator runs on worker 0, unless told otherwise.
-    let slice = if a.backend == "tpu" && (a.rank.is_none() || a.coordinator.is_none()) {
+    let slice = if a.backend == Backend::Tpu && (a.rank.is_none() || a.coordinator.is_none()) {
         let host = crate::dist::tpu::discover()?;
         tracing::info!(
             "TPU slice worker {} of {} hosts",
@@ -208,7 +209,7 @@ pub fn run_worker_cmd(a: &WorkerArgs) -> Result<()> {
         coordinator,
         secret: load_secret(a.secret_file.as_deref())?,
         plugin: a.plugin.clone(),
-        backend: a.backend.clone(),
+        backend: a.backend,
         want_rank: rank.map_or(-1, |r| r as i32),
         connect_timeout: seconds(a.connect_timeout_s, "--connect-timeout-s")?,
         progress: false,

@@ -20,9 +20,10 @@ pub struct HostSum {
     rt: Handle,
     client: Client,
     session: Session,
-    /// All-reduces done so far in this attempt (they are numbered so a
-    /// worker out of step is refused, not summed with the wrong vector).
-    seq: i64,
+    /// All-reduces done so far in this attempt: the next one's
+    /// `ReduceChunk.reduce_seq` (they are numbered so a worker out of step
+    /// is refused, not summed with the wrong vector).
+    reduce_seq: i64,
     /// Set by the signal handler: this worker wants to stop.
     pub vote: Arc<AtomicBool>,
     /// Set when any worker's vote was in the last sum.
@@ -35,7 +36,7 @@ impl HostSum {
             rt,
             client,
             session,
-            seq: 0,
+            reduce_seq: 0,
             vote,
             agreed: Arc::new(AtomicBool::new(false)),
         }
@@ -51,7 +52,7 @@ impl HostSum {
                 job_id: s.job_id.clone(),
                 worker_id: s.worker_id,
                 attempt: s.attempt,
-                step: self.seq,
+                reduce_seq: self.reduce_seq,
                 seq: i as u32,
                 total_len: total,
                 values: f32_bytes::as_le_bytes(c).to_vec(),
@@ -61,18 +62,18 @@ impl HostSum {
             .client
             .all_reduce(tokio_stream::iter(chunks))
             .await
-            .with_context(|| format!("all-reduce {}", self.seq))?
+            .with_context(|| format!("all-reduce {}", self.reduce_seq))?
             .into_inner();
         let mut sum = Vec::with_capacity(values.len());
         while let Some(c) = replies.next().await {
-            let c = c.with_context(|| format!("all-reduce {}", self.seq))?;
+            let c = c.with_context(|| format!("all-reduce {}", self.reduce_seq))?;
             f32_bytes::extend_from_le_bytes(&mut sum, &c.values)
-                .with_context(|| format!("all-reduce {}: a ragged chunk", self.seq))?;
+                .with_context(|| format!("all-reduce {}: a ragged chunk", self.reduce_seq))?;
         }
         if sum.len() != values.len() {
             bail!(
                 "all-reduce {}: {} values back for {} sent",
-                self.seq,
+                self.reduce_seq,
                 sum.len(),
                 values.len()
             );
@@ -95,7 +96,7 @@ impl CrossProcessSum for HostSum {
         });
         let rt = self.rt.clone();
         let sum = rt.block_on(self.reduce(v))?;
-        self.seq += 1;
+        self.reduce_seq += 1;
         let (head, vote) = sum.split_at(values.len());
         values.copy_from_slice(head);
         if vote[0] > 0.0 {

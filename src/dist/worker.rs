@@ -23,6 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
+use prost::Message;
 use tokio::runtime::Runtime;
 use tokio_stream::StreamExt;
 use tonic::Code;
@@ -35,7 +36,7 @@ use super::transfer::{self, CheckpointFiles, Receiver};
 use crate::ckpt::{self, Checkpoint};
 use crate::data::stream::Cursor;
 use crate::model::param_specs;
-use crate::runtime::Backend;
+use crate::runtime::{Backend, Client as PjrtClient};
 use crate::train::batches::{Batches, DataPosition};
 use crate::train::memory::{check_device_memory, check_host_memory};
 use crate::train::placement::Placement;
@@ -53,8 +54,8 @@ pub struct WorkerOptions {
     pub coordinator: String,
     pub secret: Option<String>,
     pub plugin: Option<PathBuf>,
-    /// This host's backend (cpu, cuda, tpu): must be the job's.
-    pub backend: String,
+    /// This host's backend: must be the job's.
+    pub backend: Backend,
     /// -1: any rank.
     pub want_rank: i32,
     /// How long to keep trying to reach the coordinator.
@@ -114,12 +115,19 @@ struct Signals {
     step: AtomicI64,
 }
 
-fn is_job_over(e: &tonic::Status) -> bool {
-    e.code() == Code::FailedPrecondition && e.message().contains("the job is over")
+/// How the job ended, when `e` refuses a request because it is over (the
+/// coordinator's typed [`Refusal`] detail; the message is only for logs).
+pub fn job_over(e: &tonic::Status) -> Option<JobOver> {
+    if e.code() != Code::FailedPrecondition || e.details().is_empty() {
+        return None;
+    }
+    match Refusal::decode(e.details()).ok()?.reason? {
+        refusal::Reason::JobOver(over) => Some(over),
+    }
 }
 
 pub fn run_worker(opts: &WorkerOptions) -> Result<WorkerExit> {
-    let backend: Backend = opts.backend.parse()?;
+    let backend = opts.backend;
     let rt = Runtime::new().context("starting the async runtime")?;
     let client = {
         let _guard = rt.enter();
@@ -159,71 +167,107 @@ pub fn run_worker(opts: &WorkerOptions) -> Result<WorkerExit> {
         ));
         let result = run_attempt(&rt, &client, &session, &reg, &signals, &sigterm, opts);
         beat.abort();
-        let finish = |outcome: Outcome, step: i64, message: String| {
-            let req = FinishRequest {
-                job_id: session.job_id.clone(),
-                worker_id: session.worker_id,
-                attempt: session.attempt,
-                outcome: outcome as i32,
-                step,
-                message,
-            };
-            rt.block_on(client.clone().finish(req))
+        let ended = AttemptEnd {
+            rt: &rt,
+            client: &client,
+            session: &session,
+            signals: &signals,
+            in_process,
         };
-        let step = signals.step.load(Ordering::Relaxed);
-        match result {
-            Ok(LoopEnd::Reached) => {
-                finish(Outcome::Finished, step, String::new()).context("reporting the finish")?;
-                return Ok(WorkerExit::Finished);
-            }
-            Ok(LoopEnd::Stopped) => {
-                finish(Outcome::Preempted, step, String::new()).context("reporting the stop")?;
-                return Ok(WorkerExit::Preempted);
-            }
-            Err(e) if signals.stop.load(Ordering::Relaxed) => {
-                tracing::info!("the coordinator ended the job ({e:#})");
-                return Ok(WorkerExit::Stopped {
-                    ok: signals.stop_ok.load(Ordering::Relaxed),
-                    reason: signals.reason.lock().map(|r| r.clone()).unwrap_or_default(),
-                });
-            }
-            Err(e) if signals.abort.load(Ordering::Relaxed) => {
-                let why = signals.reason.lock().map(|r| r.clone()).unwrap_or_default();
-                tracing::debug!("the attempt ended with: {e:#}");
-                if !in_process {
-                    return Ok(WorkerExit::Restart {
-                        reason: format!("attempt {} aborted ({why})", session.attempt),
-                    });
-                }
-                tracing::warn!(
-                    "attempt {} aborted ({why}); registering again",
-                    session.attempt
-                );
-            }
-            Err(e) if e.downcast_ref::<Diverged>().is_some() => {
-                // Ends the job: every restart would diverge the same way.
-                if let Err(s) = finish(Outcome::Diverged, step, format!("{e:#}")) {
-                    tracing::debug!("could not report the divergence: {s}");
-                }
-                return Err(e);
-            }
-            Err(e) => {
-                tracing::error!("attempt {} failed at step {step}: {e:#}", session.attempt);
-                // Tell the coordinator (it restarts or ends the job); if it
-                // is unreachable, registering again finds out.
-                if let Err(s) = finish(Outcome::Failed, step, format!("{e:#}")) {
-                    tracing::debug!("could not report the failure: {s}");
-                }
-                if !in_process {
-                    return Ok(WorkerExit::Restart {
-                        reason: format!("attempt {} failed at step {step}", session.attempt),
-                    });
-                }
-            }
+        if let Some(exit) = ended.conclude(result)? {
+            return Ok(exit);
         }
         if sigterm.load(Ordering::Relaxed) {
             return Ok(WorkerExit::Preempted);
         }
+    }
+}
+
+/// An attempt that has ended, to report to the coordinator and to turn
+/// into the worker's exit (or another attempt).
+struct AttemptEnd<'a> {
+    rt: &'a Runtime,
+    client: &'a Client,
+    session: &'a Session,
+    signals: &'a Signals,
+    /// Whether the next attempt may start in this process
+    /// ([`restarts_in_process`]).
+    in_process: bool,
+}
+
+impl AttemptEnd<'_> {
+    /// Reports how the attempt ended; the worker's exit, or `None` to
+    /// register for the next attempt.
+    fn conclude(&self, result: Result<LoopEnd>) -> Result<Option<WorkerExit>> {
+        let (signals, attempt) = (self.signals, self.session.attempt);
+        let step = signals.step.load(Ordering::Relaxed);
+        let reason = || signals.reason.lock().map(|r| r.clone()).unwrap_or_default();
+        match result {
+            Ok(LoopEnd::Reached) => {
+                self.finish(Outcome::Finished, step, String::new())
+                    .context("reporting the finish")?;
+                Ok(Some(WorkerExit::Finished))
+            }
+            Ok(LoopEnd::Stopped) => {
+                self.finish(Outcome::Preempted, step, String::new())
+                    .context("reporting the stop")?;
+                Ok(Some(WorkerExit::Preempted))
+            }
+            Err(e) if signals.stop.load(Ordering::Relaxed) => {
+                tracing::info!("the coordinator ended the job ({e:#})");
+                Ok(Some(WorkerExit::Stopped {
+                    ok: signals.stop_ok.load(Ordering::Relaxed),
+                    reason: reason(),
+                }))
+            }
+            Err(e) if signals.abort.load(Ordering::Relaxed) => {
+                let why = reason();
+                tracing::debug!("the attempt ended with: {e:#}");
+                if !self.in_process {
+                    return Ok(Some(WorkerExit::Restart {
+                        reason: format!("attempt {attempt} aborted ({why})"),
+                    }));
+                }
+                tracing::warn!("attempt {attempt} aborted ({why}); registering again");
+                Ok(None)
+            }
+            Err(e) if e.downcast_ref::<Diverged>().is_some() => {
+                // Ends the job: every restart would diverge the same way.
+                if let Err(s) = self.finish(Outcome::Diverged, step, format!("{e:#}")) {
+                    tracing::debug!("could not report the divergence: {s}");
+                }
+                Err(e)
+            }
+            Err(e) => {
+                tracing::error!("attempt {attempt} failed at step {step}: {e:#}");
+                // Tell the coordinator (it restarts or ends the job); if it
+                // is unreachable, registering again finds out.
+                if let Err(s) = self.finish(Outcome::Failed, step, format!("{e:#}")) {
+                    tracing::debug!("could not report the failure: {s}");
+                }
+                if !self.in_process {
+                    return Ok(Some(WorkerExit::Restart {
+                        reason: format!("attempt {attempt} failed at step {step}"),
+                    }));
+                }
+                Ok(None)
+            }
+        }
+    }
+
+    /// Tells the coordinator this worker is done with the attempt.
+    fn finish(&self, outcome: Outcome, step: i64, message: String) -> Result<(), tonic::Status> {
+        let s = self.session;
+        let req = FinishRequest {
+            job_id: s.job_id.clone(),
+            worker_id: s.worker_id,
+            attempt: s.attempt,
+            outcome: outcome as i32,
+            step,
+            message,
+        };
+        self.rt.block_on(self.client.clone().finish(req))?;
+        Ok(())
     }
 }
 
@@ -245,7 +289,7 @@ async fn register(
         }
         let req = RegisterRequest {
             host: host.clone(),
-            backend: opts.backend.clone(),
+            backend: opts.backend.to_string(),
             local_devices: 0,
             pid: std::process::id(),
             want_rank: opts.want_rank,
@@ -257,7 +301,7 @@ async fn register(
         };
         match outcome {
             Ok(r) => return Ok(Some(r.into_inner())),
-            Err(e) if is_job_over(&e) => bail!("{}", e.message()),
+            Err(e) if job_over(&e).is_some() => bail!("{}", e.message()),
             Err(e)
                 if matches!(
                     e.code(),
@@ -343,9 +387,7 @@ async fn heartbeats(
                         return;
                     }
                     Command::Stop => {
-                        signals
-                            .stop_ok
-                            .store(!r.reason.contains("gave up"), Ordering::Relaxed);
+                        signals.stop_ok.store(r.job_ok, Ordering::Relaxed);
                         *signals.reason.lock().expect("not poisoned") = r.reason;
                         signals.stop.store(true, Ordering::Relaxed);
                         return;
@@ -400,114 +442,210 @@ fn run_attempt(
     sigterm: &Arc<AtomicBool>,
     opts: &WorkerOptions,
 ) -> Result<LoopEnd> {
-    let cfg = Config::parse(&reg.config_toml, &[]).map_err(|e| anyhow!("the job's config: {e}"))?;
-    let world = s.world as i64;
-    let local = cfg.train.replicas / world;
-    check_host_memory(&cfg, local)?;
-    let specs = param_specs(&cfg.model);
-    let start: Checkpoint = if reg.has_checkpoint {
-        let files = rt.block_on(fetch_checkpoint(client.clone(), s))?;
-        ckpt::from_files(&files.files, &specs, ckpt::Purpose::Resume)
-            .context("the start checkpoint")?
-    } else {
-        fresh_checkpoint(&cfg, cfg.train.seed)
+    let attempt = Attempt {
+        rt,
+        client,
+        session: s,
+        reg,
+        signals,
+        sigterm,
+        opts,
     };
-    signals.step.store(start.state.step, Ordering::Relaxed);
-    check_data_shards(&cfg, &start.state)?;
-    let member = JobMember {
-        node_id: s.rank as i64,
-        num_nodes: world,
-        kv: Arc::new(CoordinatorKv {
-            rt: rt.handle().clone(),
-            client: client.clone(),
-            session: s.clone(),
-        }),
-    };
-    let client_pjrt = open_job_client(&cfg, opts.plugin.as_deref(), local, Some(member))?;
-    check_device_memory(&cfg, &client_pjrt)?;
-    // The CPU plugin's processes cannot join one XLA program: each runs its
-    // share of the replicas and gradients are summed through the
-    // coordinator. Accelerator clients are multi-host (libtpu's topology
-    // discovery, the CUDA plugin through the key-value store above): one
-    // program spans every chip of the job and XLA's collectives sum.
-    let host_sum = world > 1 && cfg.run.backend == Backend::Cpu;
-    let replicas = if host_sum {
-        s.rank as i64 * local..(s.rank as i64 + 1) * local
-    } else {
-        let r = Placement::job(&client_pjrt, cfg.train.replicas as usize)?.local;
-        r.start as i64..r.end as i64
-    };
-    let at = DataPosition::from_state(&start.state);
-    let mut batches = Batches::open(&cfg, &at, replicas)?;
-    check_tokenizer(&cfg, &start.state, &batches)?;
-    let began = Instant::now();
-    let vote = sigterm.clone();
-    let (mut trainer, agreed) = if host_sum {
-        let sum = HostSum::new(rt.handle().clone(), client.clone(), s.clone(), vote);
-        let agreed = sum.agreed.clone();
-        (
-            Trainer::across_processes(cfg.clone(), client_pjrt.clone(), &start, Box::new(sum))?,
-            agreed,
+    attempt.run()
+}
+
+/// What the stages of one attempt share: the coordinator and this
+/// worker's place in the attempt.
+struct Attempt<'a> {
+    rt: &'a Runtime,
+    client: &'a Client,
+    session: &'a Session,
+    reg: &'a RegisterReply,
+    /// From the heartbeat task: abort or stop.
+    signals: &'a Arc<Signals>,
+    /// This worker's SIGTERM/SIGINT: its vote to stop the job.
+    sigterm: &'a Arc<AtomicBool>,
+    opts: &'a WorkerOptions,
+}
+
+impl Attempt<'_> {
+    fn run(&self) -> Result<LoopEnd> {
+        let cfg = Config::parse(&self.reg.config_toml, &[]).context("the job's config")?;
+        let world = self.session.world as i64;
+        let local = cfg.train.replicas / world;
+        check_host_memory(&cfg, local)?;
+        let start = self.start_checkpoint(&cfg)?;
+        self.signals.step.store(start.state.step, Ordering::Relaxed);
+        check_data_shards(&cfg, &start.state)?;
+        let devices = self.open_devices(&cfg, local)?;
+        // The CPU plugin's processes cannot join one XLA program: each runs
+        // its share of the replicas and gradients are summed through the
+        // coordinator. Accelerator clients are multi-host (libtpu's topology
+        // discovery, the CUDA plugin through the key-value store): one
+        // program spans every chip of the job and XLA's collectives sum.
+        let host_sum = world > 1 && cfg.run.backend == Backend::Cpu;
+        let mut batches = self.open_batches(&cfg, &devices, &start, local, host_sum)?;
+        let began = Instant::now();
+        let (mut trainer, agreed) = self.build_trainer(&cfg, &devices, &start, host_sum)?;
+        // The state lives on the devices now; the host copy (12 bytes per
+        // parameter) would only sit in memory beside it.
+        drop(start);
+        tracing::info!("compiled in {:.1}s", began.elapsed().as_secs_f64());
+        // Everyone compiled: the first step's time is the step's.
+        self.barrier("compiled").context("the start barrier")?;
+        self.train(&cfg, &devices, &mut trainer, &mut batches, agreed)
+    }
+
+    /// The checkpoint the attempt starts from: the job's (downloaded), or
+    /// a fresh one when it has none yet.
+    fn start_checkpoint(&self, cfg: &Config) -> Result<Checkpoint> {
+        if !self.reg.has_checkpoint {
+            return Ok(fresh_checkpoint(cfg, cfg.train.seed));
+        }
+        let files = self
+            .rt
+            .block_on(fetch_checkpoint(self.client.clone(), self.session))?;
+        ckpt::from_files(
+            &files.files,
+            &param_specs(&cfg.model),
+            ckpt::Purpose::Resume,
         )
-    } else {
+        .context("the start checkpoint")
+    }
+
+    /// This host's PJRT client, as member of the job (multi-host
+    /// initialisation goes through the coordinator's key-value store), with
+    /// `local` devices.
+    fn open_devices(&self, cfg: &Config, local: i64) -> Result<PjrtClient> {
+        let s = self.session;
+        let member = JobMember {
+            node_id: s.rank as i64,
+            num_nodes: s.world as i64,
+            kv: Arc::new(CoordinatorKv {
+                rt: self.rt.handle().clone(),
+                client: self.client.clone(),
+                session: s.clone(),
+            }),
+        };
+        let devices = open_job_client(cfg, self.opts.plugin.as_deref(), local, Some(member))?;
+        check_device_memory(cfg, &devices)?;
+        Ok(devices)
+    }
+
+    /// This worker's data: the shards of its replicas, from where `start`
+    /// left off. With `host_sum` the replicas are this rank's `local` in
+    /// rank order; otherwise the job's placement says which are on this
+    /// host's devices.
+    fn open_batches(
+        &self,
+        cfg: &Config,
+        devices: &PjrtClient,
+        start: &Checkpoint,
+        local: i64,
+        host_sum: bool,
+    ) -> Result<Batches> {
+        let rank = self.session.rank as i64;
+        let replicas = if host_sum {
+            rank * local..(rank + 1) * local
+        } else {
+            let r = Placement::job(devices, cfg.train.replicas as usize)?.local;
+            r.start as i64..r.end as i64
+        };
+        let batches = Batches::open(cfg, &DataPosition::from_state(&start.state), replicas)?;
+        check_tokenizer(cfg, &start.state, &batches)?;
+        Ok(batches)
+    }
+
+    /// The compiled trainer, and the flag raised when the job agreed to
+    /// stop (some worker's SIGTERM).
+    fn build_trainer(
+        &self,
+        cfg: &Config,
+        devices: &PjrtClient,
+        start: &Checkpoint,
+        host_sum: bool,
+    ) -> Result<(Trainer, Arc<AtomicBool>)> {
+        if host_sum {
+            // The stop vote travels in the host all-reduce.
+            let sum = HostSum::new(
+                self.rt.handle().clone(),
+                self.client.clone(),
+                self.session.clone(),
+                self.sigterm.clone(),
+            );
+            let agreed = sum.agreed.clone();
+            let trainer =
+                Trainer::across_processes(cfg.clone(), devices.clone(), start, Box::new(sum))?;
+            return Ok((trainer, agreed));
+        }
         // One program over every chip of the job: a SIGTERM here is a vote
         // summed inside the step, so all hosts stop after the same step.
-        let mut trainer = Trainer::new(cfg.clone(), client_pjrt.clone(), &start)?;
-        trainer.set_stop_vote(sigterm.clone());
-        (trainer, Arc::new(AtomicBool::new(false)))
-    };
-    // The state lives on the devices now; the host copy (12 bytes per
-    // parameter) would only sit in memory beside it.
-    drop(start);
-    tracing::info!("compiled in {:.1}s", began.elapsed().as_secs_f64());
-    // Everyone compiled: the first step's time is the step's.
-    rt.block_on(client.clone().barrier(BarrierRequest {
-        job_id: s.job_id.clone(),
-        worker_id: s.worker_id,
-        attempt: s.attempt,
-        name: "compiled".into(),
-        timeout_ms: 0,
-    }))
-    .context("the start barrier")?;
-    let metrics = if s.rank == 0 {
-        Some(MetricsStream::open(rt, client.clone(), s.clone()))
-    } else {
-        None
-    };
-    let mut sink = WorkerSink {
-        rt,
-        client: client.clone(),
-        session: s.clone(),
-        signals: signals.clone(),
-        agreed,
-        metrics,
-    };
-    // Only rank 0 reports metrics, so only it measures the peak for MFU.
-    let peak = if s.rank == 0 {
-        device_peak_flops(&client_pjrt).map(|p| p * cfg.train.replicas as f64)
-    } else {
-        None
-    };
-    let end = run_steps(
-        &cfg,
-        &mut trainer,
-        &mut batches,
-        &mut sink,
-        &LoopOptions {
-            end: cfg.train.steps,
-            peak_flops: peak,
-            progress: opts.progress && s.rank == 0,
-            started_from: reg
-                .has_checkpoint
-                .then(|| format!("the job's checkpoint of step {}", reg.start_step)),
-        },
-    );
-    if let Some(m) = sink.metrics.take() {
-        if let Err(e) = m.close(rt) {
-            tracing::warn!("metrics stream: {e:#}");
-        }
+        let mut trainer = Trainer::new(cfg.clone(), devices.clone(), start)?;
+        trainer.set_stop_vote(self.sigterm.clone());
+        Ok((trainer, Arc::new(AtomicBool::new(false))))
     }
-    end
+
+    /// Waits until every worker of the attempt has reached barrier `name`.
+    fn barrier(&self, name: &str) -> Result<()> {
+        let s = self.session;
+        self.rt
+            .block_on(self.client.clone().barrier(BarrierRequest {
+                job_id: s.job_id.clone(),
+                worker_id: s.worker_id,
+                attempt: s.attempt,
+                name: name.into(),
+                timeout_ms: 0,
+            }))?;
+        Ok(())
+    }
+
+    /// Trains to the job's last step, or until stopped or aborted; rank 0
+    /// streams the metrics rows to the coordinator meanwhile.
+    fn train(
+        &self,
+        cfg: &Config,
+        devices: &PjrtClient,
+        trainer: &mut Trainer,
+        batches: &mut Batches,
+        agreed: Arc<AtomicBool>,
+    ) -> Result<LoopEnd> {
+        let (s, rank0) = (self.session, self.session.rank == 0);
+        let mut sink = WorkerSink {
+            rt: self.rt,
+            client: self.client.clone(),
+            session: s.clone(),
+            signals: self.signals.clone(),
+            agreed,
+            metrics: rank0.then(|| MetricsStream::open(self.rt, self.client.clone(), s.clone())),
+        };
+        // Only rank 0 reports metrics, so only it measures the peak for MFU.
+        let peak = if rank0 {
+            device_peak_flops(devices).map(|p| p * cfg.train.replicas as f64)
+        } else {
+            None
+        };
+        let reg = self.reg;
+        let end = run_steps(
+            cfg,
+            trainer,
+            batches,
+            &mut sink,
+            &LoopOptions {
+                end: cfg.train.steps,
+                peak_flops: peak,
+                progress: self.opts.progress && rank0,
+                started_from: reg
+                    .has_checkpoint
+                    .then(|| format!("the job's checkpoint of step {}", reg.start_step)),
+            },
+        );
+        if let Some(m) = sink.metrics.take() {
+            if let Err(e) = m.close(self.rt) {
+                tracing::warn!("metrics stream: {e:#}");
+            }
+        }
+        end
+    }
 }
 
 /// Rank 0's metrics rows, streamed to the coordinator in the background.
@@ -662,5 +800,25 @@ mod tests {
         assert!(restarts_in_process(Backend::Cuda, 1));
         assert!(!restarts_in_process(Backend::Cuda, 2));
         assert!(!restarts_in_process(Backend::Cuda, 8));
+    }
+
+    #[test]
+    fn the_job_is_over_by_its_typed_detail_not_its_message() {
+        use crate::dist::coordinator::state::{Phase, State};
+        let mut st = State::new(None);
+        assert!(st.phase.refuse_if_over().is_ok());
+        for ok in [true, false] {
+            st.phase = Phase::Over {
+                ok,
+                message: "why".into(),
+            };
+            let e = st.phase.refuse_if_over().unwrap_err();
+            assert_eq!(e.code(), Code::FailedPrecondition);
+            let message = "why".to_string();
+            assert_eq!(job_over(&e), Some(JobOver { ok, message }));
+        }
+        // The same code and words without the detail are not the end.
+        let e = tonic::Status::failed_precondition("the job is over: why");
+        assert_eq!(job_over(&e), None);
     }
 }

@@ -19,6 +19,7 @@ use tonic::Status;
 
 use crate::ckpt;
 use crate::model::{count_params, param_specs, ParamSpec};
+use crate::runtime::Backend;
 use crate::train::history;
 use crate::train::tensorboard::EventWriter;
 use crate::train::Config;
@@ -79,7 +80,7 @@ impl CoordinatorOptions {
 pub struct Job {
     pub job_id: String,
     pub world: u32,
-    pub backend: String,
+    pub backend: Backend,
     pub config_toml: String,
     pub opts: CoordinatorOptions,
     specs: Vec<ParamSpec>,
@@ -365,7 +366,7 @@ pub async fn serve(
     let job = Arc::new(Job {
         job_id,
         world: opts.workers,
-        backend: cfg.run.backend.to_string(),
+        backend: cfg.run.backend,
         config_toml: cfg.to_toml(),
         specs,
         // params, two moments, headers and JSON.

@@ -7,12 +7,13 @@ use std::time::{Duration, Instant};
 use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
-use super::state::{Finished, Phase, Worker};
+use super::state::{Finished, Phase, State, Worker};
 use super::{Job, UPLOAD_WAIT};
 use crate::dist::proto::coordinator_server::Coordinator;
 use crate::dist::proto::*;
 use crate::dist::transfer::{self, Receiver};
 use crate::f32_bytes;
+use crate::runtime::Backend;
 
 /// Floats per all-reduce message (4 MiB).
 pub const REDUCE_CHUNK: usize = 1 << 20;
@@ -50,6 +51,266 @@ impl Drop for PendingRegistration {
     }
 }
 
+/// Register's steps.
+impl Service {
+    /// Refuses a worker whose backend is unknown or not the job's.
+    fn check_backend(&self, backend: &str) -> Result<(), Status> {
+        let backend: Backend = backend
+            .parse()
+            .map_err(|e| Status::invalid_argument(format!("{e:#}")))?;
+        if backend != self.job.backend {
+            return Err(Status::invalid_argument(format!(
+                "worker backend `{backend}` but the job runs on `{}`",
+                self.job.backend
+            )));
+        }
+        Ok(())
+    }
+
+    /// Waits for an attempt that is gathering and has a free rank, and
+    /// joins it as a new worker: `(worker id, attempt)`. The last worker to
+    /// join starts the attempt.
+    async fn join_gathering_attempt(&self, r: &RegisterRequest) -> Result<(u64, u32), Status> {
+        let world = self.job.world;
+        self.job
+            .wait_for(None, |st| {
+                if let Err(over) = st.phase.refuse_if_over() {
+                    return Some(Err(over));
+                }
+                if st.phase != Phase::Gathering || st.member_count() >= world as usize {
+                    return None;
+                }
+                Some(self.add_worker(st, r))
+            })
+            .await
+            .expect("no timeout")
+    }
+
+    /// Adds the registering worker to the gathering attempt (starting it
+    /// when the worker is the last one missing).
+    fn add_worker(&self, st: &mut State, r: &RegisterRequest) -> Result<(u64, u32), Status> {
+        let world = self.job.world;
+        let rank = st.assign_rank(r.want_rank, world)?;
+        let id = st.next_worker_id;
+        st.next_worker_id += 1;
+        st.workers.insert(
+            id,
+            Worker {
+                rank,
+                attempt: st.attempt,
+                host: r.host.clone(),
+                pid: r.pid,
+                last_seen: Instant::now(),
+                step: 0,
+                finished: None,
+            },
+        );
+        tracing::info!(
+            "worker {id} registered: rank {rank} of {world}, host {} pid {}, {} {} device(s), attempt {}",
+            r.host, r.pid, r.local_devices, r.backend, st.attempt
+        );
+        if st.member_count() == world as usize {
+            self.job.start_attempt(st);
+        }
+        Ok((id, st.attempt))
+    }
+
+    /// The start barrier: waits until every worker of `attempt` is in and
+    /// the attempt runs, then tells worker `id` its rank and where training
+    /// starts.
+    async fn start_barrier(&self, id: u64, attempt: u32) -> Result<RegisterReply, Status> {
+        let job = &self.job;
+        job.wait_for(None, |st| {
+            if st.attempt != attempt {
+                return Some(Err(Status::aborted(format!(
+                    "attempt {attempt} was aborted before it started ({})",
+                    st.abort_reason
+                ))));
+            }
+            if let Err(over) = st.phase.refuse_if_over() {
+                return Some(Err(over));
+            }
+            if st.phase != Phase::Running {
+                return None;
+            }
+            let w = st.workers.get(&id)?;
+            Some(Ok(RegisterReply {
+                job_id: job.job_id.clone(),
+                worker_id: id,
+                attempt,
+                rank: w.rank,
+                world: job.world,
+                config_toml: job.config_toml.clone(),
+                start_step: st.start.as_ref().map_or(0, |c| c.step),
+                has_checkpoint: st.start.is_some(),
+                heartbeat_interval_ms: job.opts.heartbeat_interval.as_millis() as u32,
+            }))
+        })
+        .await
+        .expect("no timeout")
+    }
+}
+
+/// One worker's vector for one all-reduce, as its stream delivered it.
+struct ReducePart {
+    /// The first chunk, without its values: who sent the vector, for which
+    /// reduction, and how long it is.
+    head: ReduceChunk,
+    /// The sender's rank (the sum adds the parts in rank order).
+    rank: u32,
+    values: Vec<f32>,
+}
+
+/// AllReduce's steps.
+impl Service {
+    /// Reads one worker's all-reduce stream, checking every chunk against
+    /// the first; the whole vector, or the status that refuses it.
+    async fn receive_part(&self, mut stream: Streaming<ReduceChunk>) -> Result<ReducePart, Status> {
+        let mut values: Vec<f32> = vec![];
+        let mut first: Option<(ReduceChunk, u32)> = None;
+        while let Some(c) = stream.next().await {
+            let c = c?;
+            let rank = match &first {
+                None => {
+                    let rank = self.check_first_chunk(&c)?;
+                    values.reserve(c.total_len as usize);
+                    rank
+                }
+                Some((head, rank)) => {
+                    check_next_chunk(head, &c, values.len())?;
+                    *rank
+                }
+            };
+            check_chunk_size(&c, values.len())?;
+            f32_bytes::extend_from_le_bytes(&mut values, &c.values).expect("length checked");
+            if first.is_none() {
+                let head = ReduceChunk {
+                    values: Vec::new(),
+                    ..c
+                };
+                first = Some((head, rank));
+            }
+        }
+        let (head, rank) =
+            first.ok_or_else(|| Status::invalid_argument("empty all-reduce stream"))?;
+        if values.len() != head.total_len as usize {
+            return Err(Status::invalid_argument(format!(
+                "truncated all-reduce: {} of {} values",
+                values.len(),
+                head.total_len
+            )));
+        }
+        Ok(ReducePart { head, rank, values })
+    }
+
+    /// The first chunk of a stream: from a worker of the running attempt,
+    /// within the job's size limit, numbered 0. Returns the sender's rank.
+    fn check_first_chunk(&self, c: &ReduceChunk) -> Result<u32, Status> {
+        let job = &self.job;
+        let rank = job
+            .lock()
+            .member(&c.job_id, &job.job_id, c.worker_id, c.attempt)?
+            .rank;
+        if c.total_len > job.max_reduce_len {
+            return Err(Status::resource_exhausted(format!(
+                "all-reduce of {} values; this job's limit is {}",
+                c.total_len, job.max_reduce_len
+            )));
+        }
+        if c.seq != 0 {
+            return Err(Status::invalid_argument(format!(
+                "all-reduce chunk {} out of sequence (expected 0)",
+                c.seq
+            )));
+        }
+        Ok(rank)
+    }
+
+    /// Adds `values`, `rank`'s part of reduction `head.reduce_seq`, and
+    /// waits until every rank's part is in: the sum.
+    async fn sum_with_the_others(
+        &self,
+        head: &ReduceChunk,
+        rank: u32,
+        values: Vec<f32>,
+    ) -> Result<Arc<Vec<f32>>, Status> {
+        let job = &self.job;
+        let (seq, world) = (head.reduce_seq, job.world);
+        {
+            let mut st = job.lock();
+            st.member(&head.job_id, &job.job_id, head.worker_id, head.attempt)?;
+            st.add_part(seq, rank, values, world)?;
+        }
+        job.bump();
+        job.wait_for(None, |st| {
+            if let Err(e) = st.member(&head.job_id, &job.job_id, head.worker_id, head.attempt) {
+                return Some(Err(e));
+            }
+            st.take_result(seq, rank, world).map(Ok)
+        })
+        .await
+        .expect("no timeout")
+    }
+}
+
+/// A chunk after the first (`received` values in): the same sender,
+/// reduction and length as `head`, and the next chunk number.
+fn check_next_chunk(head: &ReduceChunk, c: &ReduceChunk, received: usize) -> Result<(), Status> {
+    fn identity(c: &ReduceChunk) -> (&str, u64, u32, i64, u64) {
+        (&c.job_id, c.worker_id, c.attempt, c.reduce_seq, c.total_len)
+    }
+    if identity(c) != identity(head) {
+        return Err(Status::invalid_argument(
+            "all-reduce chunks of one call must agree on job, worker, attempt, reduction and length",
+        ));
+    }
+    let expected = (received / REDUCE_CHUNK) as u32;
+    if c.seq != expected {
+        return Err(Status::invalid_argument(format!(
+            "all-reduce chunk {} out of sequence (expected {expected})",
+            c.seq
+        )));
+    }
+    Ok(())
+}
+
+/// Every chunk holds [`REDUCE_CHUNK`] whole f32 values, but the last,
+/// which ends the vector at `total_len` (`received` values in before it).
+fn check_chunk_size(c: &ReduceChunk, received: usize) -> Result<(), Status> {
+    let n = c.values.len() / 4;
+    if c.values.len() % 4 != 0
+        || received + n > c.total_len as usize
+        || (n != REDUCE_CHUNK && received + n != c.total_len as usize)
+    {
+        return Err(Status::invalid_argument(format!(
+            "all-reduce chunk {} has {} bytes: chunks hold {REDUCE_CHUNK} f32 values but the last",
+            c.seq,
+            c.values.len()
+        )));
+    }
+    Ok(())
+}
+
+/// The sum of reduction `reduce_seq`, cut into chunks as the workers cut
+/// their parts.
+fn sum_chunks(sum: &[f32], attempt: u32, reduce_seq: i64) -> Vec<Result<ReduceChunk, Status>> {
+    let total = sum.len() as u64;
+    sum.chunks(REDUCE_CHUNK)
+        .enumerate()
+        .map(|(i, c)| {
+            Ok(ReduceChunk {
+                job_id: String::new(),
+                worker_id: 0,
+                attempt,
+                reduce_seq,
+                seq: i as u32,
+                total_len: total,
+                values: f32_bytes::as_le_bytes(c).to_vec(),
+            })
+        })
+        .collect()
+}
+
 #[tonic::async_trait]
 impl Coordinator for Service {
     async fn ping(&self, req: Request<PingRequest>) -> Result<Response<PingReply>, Status> {
@@ -64,97 +325,16 @@ impl Coordinator for Service {
         req: Request<RegisterRequest>,
     ) -> Result<Response<RegisterReply>, Status> {
         let r = req.into_inner();
-        if !["cpu", "cuda", "tpu"].contains(&r.backend.as_str()) {
-            return Err(Status::invalid_argument(format!(
-                "backend `{}`: expected cpu, cuda or tpu",
-                r.backend
-            )));
-        }
-        if r.backend != self.job.backend {
-            return Err(Status::invalid_argument(format!(
-                "worker backend `{}` but the job runs on `{}`",
-                r.backend, self.job.backend
-            )));
-        }
-        let job = &self.job;
-        let world = job.world;
-        // Join the attempt that is gathering.
-        let (id, attempt) = job
-            .wait_for(None, |st| {
-                if let Phase::Over { message, .. } = &st.phase {
-                    return Some(Err(Status::failed_precondition(format!("the job is over: {message}"))));
-                }
-                if st.phase != Phase::Gathering || st.member_count() >= world as usize {
-                    return None;
-                }
-                let rank = match st.assign_rank(r.want_rank, world) {
-                    Ok(rank) => rank,
-                    Err(e) => return Some(Err(e)),
-                };
-                let id = st.next_worker_id;
-                st.next_worker_id += 1;
-                st.workers.insert(
-                    id,
-                    Worker {
-                        rank,
-                        attempt: st.attempt,
-                        host: r.host.clone(),
-                        pid: r.pid,
-                        last_seen: Instant::now(),
-                        step: 0,
-                        finished: None,
-                    },
-                );
-                tracing::info!(
-                    "worker {id} registered: rank {rank} of {world}, host {} pid {}, {} {} device(s), attempt {}",
-                    r.host, r.pid, r.local_devices, r.backend, st.attempt
-                );
-                if st.member_count() == world as usize {
-                    job.start_attempt(st);
-                }
-                Some(Ok((id, st.attempt)))
-            })
-            .await
-            .expect("no timeout")?;
+        self.check_backend(&r.backend)?;
+        let (id, attempt) = self.join_gathering_attempt(&r).await?;
         // Joining changed the state (and may have started the attempt).
-        job.bump();
+        self.job.bump();
         let mut guard = PendingRegistration {
-            job: job.clone(),
+            job: self.job.clone(),
             id,
             armed: true,
         };
-        // The start barrier: wait until every worker of the attempt is in.
-        let reply = job
-            .wait_for(None, |st| {
-                if st.attempt != attempt {
-                    return Some(Err(Status::aborted(format!(
-                        "attempt {attempt} was aborted before it started ({})",
-                        st.abort_reason
-                    ))));
-                }
-                match &st.phase {
-                    Phase::Over { message, .. } => Some(Err(Status::failed_precondition(format!(
-                        "the job is over: {message}"
-                    )))),
-                    Phase::Gathering => None,
-                    Phase::Running => {
-                        let w = st.workers.get(&id)?;
-                        Some(Ok(RegisterReply {
-                            job_id: job.job_id.clone(),
-                            worker_id: id,
-                            attempt,
-                            rank: w.rank,
-                            world,
-                            config_toml: job.config_toml.clone(),
-                            start_step: st.start.as_ref().map_or(0, |c| c.step),
-                            has_checkpoint: st.start.is_some(),
-                            heartbeat_interval_ms: job.opts.heartbeat_interval.as_millis() as u32,
-                        }))
-                    }
-                }
-            })
-            .await
-            .expect("no timeout")?;
+        let reply = self.start_barrier(id, attempt).await?;
         guard.armed = false;
         Ok(Response::new(reply))
     }
@@ -174,7 +354,7 @@ impl Coordinator for Service {
         }
         let current = st.attempt;
         let over = match &st.phase {
-            Phase::Over { message, .. } => Some(message.clone()),
+            Phase::Over { ok, message } => Some((*ok, message.clone())),
             _ => None,
         };
         let reason = st.abort_reason.clone();
@@ -182,18 +362,19 @@ impl Coordinator for Service {
             .workers
             .get_mut(&r.worker_id)
             .ok_or_else(|| Status::not_found(format!("unknown worker {}", r.worker_id)))?;
-        let (command, reason) = if let Some(message) = over {
-            (Command::Stop, message)
+        let (command, reason, job_ok) = if let Some((ok, message)) = over {
+            (Command::Stop, message, ok)
         } else if w.attempt != current || r.attempt != current {
-            (Command::Abort, reason)
+            (Command::Abort, reason, false)
         } else {
             w.last_seen = Instant::now();
             w.step = r.step;
-            (Command::Continue, String::new())
+            (Command::Continue, String::new(), false)
         };
         Ok(Response::new(HeartbeatReply {
             command: command as i32,
             reason,
+            job_ok,
         }))
     }
 
@@ -352,117 +533,9 @@ impl Coordinator for Service {
         &self,
         req: Request<Streaming<ReduceChunk>>,
     ) -> Result<Response<Self::AllReduceStream>, Status> {
-        let mut stream = req.into_inner();
-        let job = &self.job;
-        let mut part: Vec<f32> = vec![];
-        let mut head: Option<ReduceChunk> = None;
-        let mut rank = 0;
-        while let Some(c) = stream.next().await {
-            let c = c?;
-            match &head {
-                None => {
-                    let st = job.lock();
-                    rank = st
-                        .member(&c.job_id, &job.job_id, c.worker_id, c.attempt)?
-                        .rank;
-                    if c.total_len > job.max_reduce_len {
-                        return Err(Status::resource_exhausted(format!(
-                            "all-reduce of {} values; this job's limit is {}",
-                            c.total_len, job.max_reduce_len
-                        )));
-                    }
-                    if c.seq != 0 {
-                        return Err(Status::invalid_argument(format!(
-                            "all-reduce chunk {} out of sequence (expected 0)",
-                            c.seq
-                        )));
-                    }
-                    part.reserve(c.total_len as usize);
-                }
-                Some(h) => {
-                    let expected = (part.len() / REDUCE_CHUNK) as u32;
-                    if (
-                        c.job_id.as_str(),
-                        c.worker_id,
-                        c.attempt,
-                        c.step,
-                        c.total_len,
-                    ) != (
-                        h.job_id.as_str(),
-                        h.worker_id,
-                        h.attempt,
-                        h.step,
-                        h.total_len,
-                    ) {
-                        return Err(Status::invalid_argument("all-reduce chunks of one call must agree on job, worker, attempt, step and length"));
-                    }
-                    if c.seq != expected {
-                        return Err(Status::invalid_argument(format!(
-                            "all-reduce chunk {} out of sequence (expected {expected})",
-                            c.seq
-                        )));
-                    }
-                }
-            }
-            let n = c.values.len() / 4;
-            if c.values.len() % 4 != 0
-                || part.len() + n > c.total_len as usize
-                || (n != REDUCE_CHUNK && part.len() + n != c.total_len as usize)
-            {
-                return Err(Status::invalid_argument(format!(
-                    "all-reduce chunk {} has {} bytes: chunks hold {REDUCE_CHUNK} f32 values but the last",
-                    c.seq,
-                    c.values.len()
-                )));
-            }
-            f32_bytes::extend_from_le_bytes(&mut part, &c.values).expect("length checked");
-            if head.is_none() {
-                head = Some(ReduceChunk {
-                    values: Vec::new(),
-                    ..c
-                });
-            }
-        }
-        let head = head.ok_or_else(|| Status::invalid_argument("empty all-reduce stream"))?;
-        if part.len() != head.total_len as usize {
-            return Err(Status::invalid_argument(format!(
-                "truncated all-reduce: {} of {} values",
-                part.len(),
-                head.total_len
-            )));
-        }
-        let (seq, world) = (head.step, job.world);
-        {
-            let mut st = job.lock();
-            st.member(&head.job_id, &job.job_id, head.worker_id, head.attempt)?;
-            st.add_part(seq, rank, part, world)?;
-        }
-        job.bump();
-        let sum = job
-            .wait_for(None, |st| {
-                if let Err(e) = st.member(&head.job_id, &job.job_id, head.worker_id, head.attempt) {
-                    return Some(Err(e));
-                }
-                st.take_result(seq, rank, world).map(Ok)
-            })
-            .await
-            .expect("no timeout")?;
-        let total = sum.len() as u64;
-        let chunks: Vec<Result<ReduceChunk, Status>> = sum
-            .chunks(REDUCE_CHUNK)
-            .enumerate()
-            .map(|(i, c)| {
-                Ok(ReduceChunk {
-                    job_id: String::new(),
-                    worker_id: 0,
-                    attempt: head.attempt,
-                    step: seq,
-                    seq: i as u32,
-                    total_len: total,
-                    values: f32_bytes::as_le_bytes(c).to_vec(),
-                })
-            })
-            .collect();
+        let ReducePart { head, rank, values } = self.receive_part(req.into_inner()).await?;
+        let sum = self.sum_with_the_others(&head, rank, values).await?;
+        let chunks = sum_chunks(&sum, head.attempt, head.reduce_seq);
         Ok(Response::new(Box::pin(tokio_stream::iter(chunks))))
     }
 

@@ -1,14 +1,19 @@
 //! The job as the coordinator sees it: which workers belong to which
 //! attempt, where the attempt starts, and the small shared stores
-//! (key-value, barriers, host all-reduce). Pure bookkeeping behind one
-//! mutex; the gRPC handlers wait on `tick` for changes.
+//! (key-value, barriers, host all-reduce). Bookkeeping behind one mutex:
+//! no I/O and no waiting (the gRPC handlers wait on `tick` for changes).
+//! It is not transport-free, though: its checks refuse with the
+//! `tonic::Status` the handlers return as is, so the status codes the
+//! workers (and the tests) see are chosen here.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Instant;
 
-use tonic::Status;
+use prost::Message;
+use tonic::{Code, Status};
 
+use crate::dist::proto::{refusal, JobOver, Refusal};
 use crate::dist::transfer::CheckpointFiles;
 
 #[derive(Clone, Debug, PartialEq)]
@@ -21,6 +26,32 @@ pub enum Phase {
         ok: bool,
         message: String,
     },
+}
+
+impl Phase {
+    /// Once the job is over, the refusal of any request:
+    /// FAILED_PRECONDITION with a typed [`Refusal`] detail that workers act
+    /// on (the message is for logs).
+    pub fn refuse_if_over(&self) -> Result<(), Status> {
+        match self {
+            Phase::Over { ok, message } => Err(job_over(*ok, message)),
+            _ => Ok(()),
+        }
+    }
+}
+
+fn job_over(ok: bool, message: &str) -> Status {
+    let detail = Refusal {
+        reason: Some(refusal::Reason::JobOver(JobOver {
+            ok,
+            message: message.to_string(),
+        })),
+    };
+    Status::with_details(
+        Code::FailedPrecondition,
+        format!("the job is over: {message}"),
+        detail.encode_to_vec().into(),
+    )
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -170,11 +201,7 @@ impl State {
                 self.abort_reason
             )));
         }
-        if let Phase::Over { message, .. } = &self.phase {
-            return Err(Status::failed_precondition(format!(
-                "the job is over: {message}"
-            )));
-        }
+        self.phase.refuse_if_over()?;
         Ok(w)
     }
 
@@ -368,7 +395,6 @@ impl State {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tonic::Code;
 
     #[test]
     fn sums_in_rank_order_whatever_the_arrival_order() {
