@@ -61,8 +61,14 @@ fn max_diff(a: &ckpt::Tensors, b: &ckpt::Tensors) -> f32 {
     let mut worst = 0f32;
     for ((na, da, va), (nb, db, vb)) in a.iter().zip(b) {
         assert_eq!((na, da), (nb, db));
-        let scale = va.iter().fold(0f32, |m, x| m.max(x.abs())).max(f32::MIN_POSITIVE);
-        let diff = va.iter().zip(vb).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        let scale = va
+            .iter()
+            .fold(0f32, |m, x| m.max(x.abs()))
+            .max(f32::MIN_POSITIVE);
+        let diff = va
+            .iter()
+            .zip(vb)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
         worst = worst.max(diff / scale);
     }
     worst
@@ -76,8 +82,15 @@ fn check(model: &str) {
     // (1) It loads under today's names, in today's order.
     let old = load(&old_dir, &cfg);
     let names: Vec<&String> = old.params.iter().map(|(n, _, _)| n).collect();
-    let want: Vec<String> = param_specs(&cfg.model).into_iter().map(|s| s.name).collect();
-    assert_eq!(names, want.iter().collect::<Vec<_>>(), "{model}: tensor names");
+    let want: Vec<String> = param_specs(&cfg.model)
+        .into_iter()
+        .map(|s| s.name)
+        .collect();
+    assert_eq!(
+        names,
+        want.iter().collect::<Vec<_>>(),
+        "{model}: tensor names"
+    );
     assert_eq!(old.state.step, 2);
 
     // (2) Today's code trains the same state (see TOLERANCE).
@@ -89,7 +102,10 @@ fn check(model: &str) {
         ("adam_v", &old.adam_v, &new.adam_v),
     ] {
         let d = max_diff(a, b);
-        assert!(d <= TOLERANCE, "{model}: {what} differ by {d:e} from the old code's");
+        assert!(
+            d <= TOLERANCE,
+            "{model}: {what} differ by {d:e} from the old code's"
+        );
     }
     assert_eq!(old.state.data_cursors, new.state.data_cursors, "{model}");
 
@@ -114,7 +130,10 @@ fn check(model: &str) {
     assert_eq!(a.state.step, 3);
     assert_eq!(b.state.step, 3);
     let d = max_diff(&a.params, &b.params).max(max_diff(&a.adam_v, &b.adam_v));
-    assert!(d <= TOLERANCE, "{model}: step 3 from the old checkpoint differs by {d:e}");
+    assert!(
+        d <= TOLERANCE,
+        "{model}: step 3 from the old checkpoint differs by {d:e}"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

@@ -282,8 +282,8 @@ fn four_replicas_equal_one_device_accumulating_four_micro_batches() {
     )
     .unwrap();
     let start = fresh_checkpoint(&serial, 0);
-    let c4 = sharedmoe::train::run::open_client(&parallel, None).unwrap();
-    let c1 = sharedmoe::train::run::open_client(&serial, None).unwrap();
+    let c4 = sharedmoe::train::client::open_client(&parallel, None).unwrap();
+    let c1 = sharedmoe::train::client::open_client(&serial, None).unwrap();
     let mut p = Trainer::new(parallel.clone(), c4, &start).unwrap();
     let mut s = Trainer::new(serial.clone(), c1, &start).unwrap();
     for step in 0..3 {
@@ -476,7 +476,7 @@ fn bf16_compute_tracks_f32_losses_and_keeps_f32_master_weights() {
         sharedmoe::data::TokenFile::open(&f32_cfg.data.train_bin, sharedmoe::data::TokenWidth::U16)
             .unwrap();
     let start = fresh_checkpoint(&f32_cfg, 0);
-    let client = sharedmoe::train::run::open_client(&f32_cfg, None).unwrap();
+    let client = sharedmoe::train::client::open_client(&f32_cfg, None).unwrap();
     let mut full = Trainer::new(f32_cfg, client.clone(), &start).unwrap();
     let mut half = Trainer::new(bf16_cfg, client, &start).unwrap();
     for step in 0..3 {
@@ -518,7 +518,7 @@ fn a_stop_vote_reaches_every_replica_through_the_step() {
     let file =
         sharedmoe::data::TokenFile::open(&cfg.data.train_bin, sharedmoe::data::TokenWidth::U16)
             .unwrap();
-    let client = sharedmoe::train::run::open_client(&cfg, None).unwrap();
+    let client = sharedmoe::train::client::open_client(&cfg, None).unwrap();
     let mut t = Trainer::new(cfg.clone(), client, &fresh_checkpoint(&cfg, 0)).unwrap();
     let flag = std::sync::Arc::new(AtomicBool::new(false));
     t.set_stop_vote(flag.clone());

@@ -10,8 +10,8 @@ use super::bench::BenchArgs;
 
 use crate::runtime::Backend;
 use crate::train::batches::{Batches, DataPosition};
+use crate::train::client::open_client;
 use crate::train::config::ComputeDtype;
-use crate::train::run::open_client;
 use crate::train::trainer::fresh_checkpoint;
 use crate::train::{Config, Trainer};
 

@@ -20,7 +20,8 @@ use super::bench::BenchArgs;
 use super::measured;
 use crate::model::ExpertCompute;
 use crate::runtime::MemoryStats;
-use crate::train::run::{device_peak_flops, flops_per_token, open_client};
+use crate::train::client::open_client;
+use crate::train::mfu::{device_peak_flops, flops_per_token};
 use crate::train::trainer::fresh_checkpoint;
 use crate::train::{Config, Trainer};
 

@@ -21,9 +21,9 @@ use crate::runtime::{
     find_plugin, tpu_present, Backend, CompileOptions, MemoryStats, Offline, Plugin, Topology,
     TpuSlice, TPU_V4_HBM_BYTES,
 };
+use crate::train::mfu::flops_per_token;
 use crate::train::placement::{layout, DeviceSlot};
 use crate::train::program::{eval_step, train_step};
-use crate::train::run::flops_per_token;
 use crate::train::Config;
 
 #[derive(clap::Args, Debug)]

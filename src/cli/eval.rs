@@ -14,7 +14,7 @@ use crate::data::stream::{StreamOptions, TokenStream};
 use crate::data::tokenizer;
 use crate::model::param_specs;
 use crate::train::batches::{Batches, DataPosition};
-use crate::train::run::open_client;
+use crate::train::client::open_client;
 use crate::train::{Config, Trainer};
 
 /// A checkpoint and the rows to run it on (shared by `eval` and `experts`).

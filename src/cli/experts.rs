@@ -32,7 +32,7 @@ use crate::graph::HostTensor;
 use crate::model::param_specs;
 use crate::model::routing::{choices_from_outputs, routing_program, uniform_overlap, RoutingStats};
 use crate::runtime::Arg;
-use crate::train::run::open_client_with;
+use crate::train::client::open_client_with;
 use crate::train::Config;
 
 use super::eval::CheckpointRows;

@@ -9,7 +9,7 @@ use crate::ckpt;
 use crate::data::tokenizer;
 use crate::generate::{Generator, Sampling};
 use crate::model::param_specs;
-use crate::train::run::open_client_with;
+use crate::train::client::open_client_with;
 
 #[derive(clap::Args, Debug)]
 pub struct GenerateArgs {

@@ -38,11 +38,11 @@ use crate::data::stream::Cursor;
 use crate::model::param_specs;
 use crate::runtime::{Backend, Client as PjrtClient};
 use crate::train::batches::{Batches, DataPosition};
+use crate::train::client::{open_job_client, JobMember};
 use crate::train::memory::{check_device_memory, check_host_memory};
+use crate::train::mfu::device_peak_flops;
 use crate::train::placement::Placement;
-use crate::train::run::{
-    check_data_shards, check_tokenizer, device_peak_flops, open_job_client, JobMember,
-};
+use crate::train::run::{check_data_shards, check_tokenizer};
 use crate::train::step_loop::{
     run_steps, snapshot, Diverged, LoopEnd, LoopOptions, MetricsRow, RunSink,
 };

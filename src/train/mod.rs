@@ -3,10 +3,12 @@
 //! device-resident trainer, the token sources and the training loop.
 
 pub mod batches;
+pub mod client;
 pub mod config;
 pub mod exchange;
 pub mod history;
 pub mod memory;
+pub mod mfu;
 pub mod optimizer;
 pub mod placement;
 pub mod program;

@@ -12,7 +12,7 @@ use crate::ckpt::Checkpoint;
 
 use super::batches::Batches;
 use super::config::{Config, NonFinitePolicy};
-use super::run::flops_per_token;
+use super::mfu::flops_per_token;
 use super::trainer::{StepMetrics, Trainer};
 
 /// One row of `metrics.jsonl`.
