@@ -1,6 +1,7 @@
 //! The decoding programs (traced, not run): one position with key/value
 //! caches, and the cache-free full forward that is its reference. Running
-//! them (devices, caches, sampling) is [`crate::generate`]'s job.
+//! them (devices, caches, sampling) is the job of the `generate` module
+//! above.
 
 use crate::graph::{DType, Function, Graph, Result, TensorType};
 

@@ -154,34 +154,27 @@ impl Params<ParamSpec> {
     pub fn spec(c: &ModelConfig) -> Params<ParamSpec> {
         let (d, kv) = (c.hidden_size, c.kv_dim());
         let matrix = ParamSpec::matrix;
-        let embed = if c.embedding_dim > 0 {
-            Embedding {
-                table: matrix(
+        // The table is [V, e] when factorised (with its [D, e] projection),
+        // else [V, D].
+        let factorised = c.embedding_dim > 0;
+        let width = if factorised { c.embedding_dim } else { d };
+        let embed = Embedding {
+            table: matrix(
+                Role::Embedding,
+                "model.embed_tokens.weight".into(),
+                &[c.vocab_size, width],
+            ),
+            // 1/sqrt(e) so that U P^T has the 0.02 scale of a dense table.
+            proj: factorised.then(|| ParamSpec {
+                init: Init::Normal {
+                    std: 1.0 / (width as f64).sqrt(),
+                },
+                ..matrix(
                     Role::Embedding,
-                    "model.embed_tokens.weight".into(),
-                    &[c.vocab_size, c.embedding_dim],
-                ),
-                // 1/sqrt(e) so that U P^T has the 0.02 scale of a dense table.
-                proj: Some(ParamSpec {
-                    init: Init::Normal {
-                        std: 1.0 / (c.embedding_dim as f64).sqrt(),
-                    },
-                    ..matrix(
-                        Role::Embedding,
-                        "model.embed_proj.weight".into(),
-                        &[d, c.embedding_dim],
-                    )
-                }),
-            }
-        } else {
-            Embedding {
-                table: matrix(
-                    Role::Embedding,
-                    "model.embed_tokens.weight".into(),
-                    &[c.vocab_size, d],
-                ),
-                proj: None,
-            }
+                    "model.embed_proj.weight".into(),
+                    &[d, width],
+                )
+            }),
         };
         let layer = |i: i64| {
             let name = |n: &str| format!("model.layers.{i}.{n}");
