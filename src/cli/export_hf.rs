@@ -196,17 +196,9 @@ fn shipped_tokenizer(
             p
         }
     };
-    let tk = tokenizer::load(&tk_path)?;
+    let tk = tokenizer::load_for_model(&tk_path, cfg.model.vocab_size)?;
     let eot = tokenizer::eot_id(&tk)
         .with_context(|| format!("{}: no end-of-text token", tk_path.display()))?;
-    let tk_vocab = tk.get_vocab_size(true) as i64;
-    if tk_vocab > cfg.model.vocab_size {
-        bail!(
-            "{}: {tk_vocab} tokens, more than the model's vocabulary ({})",
-            tk_path.display(),
-            cfg.model.vocab_size
-        );
-    }
     let tokenizer_json =
         fs::read(&tk_path).with_context(|| format!("reading {}", tk_path.display()))?;
     Ok((tokenizer_json, eot))

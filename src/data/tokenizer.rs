@@ -19,6 +19,20 @@ pub fn load(path: &Path) -> Result<Tokenizer> {
         .map_err(|e| anyhow!("{}: not a loadable tokenizer.json ({e})", path.display()))
 }
 
+/// [`load`], refused when the tokenizer has ids a model of `vocab_size`
+/// embeddings has no row for.
+pub fn load_for_model(path: &Path, vocab_size: i64) -> Result<Tokenizer> {
+    let tk = load(path)?;
+    let tokens = tk.get_vocab_size(true) as i64;
+    if tokens > vocab_size {
+        anyhow::bail!(
+            "{}: {tokens} tokens, more than model.vocab_size = {vocab_size}",
+            path.display()
+        );
+    }
+    Ok(tk)
+}
+
 /// The id of the end-of-text token, which a tokenizer used for training
 /// must have.
 pub fn eot_id(t: &Tokenizer) -> Result<u32> {

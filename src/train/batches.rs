@@ -152,16 +152,7 @@ fn resume_cursors(
 /// `data.tokenizer`, refused when it has ids the model has no embedding
 /// for.
 fn load_tokenizer(cfg: &Config) -> Result<Arc<Tokenizer>> {
-    let path = &cfg.data.tokenizer;
-    let tk = tokenizer::load(path)?;
-    let vocab = tk.get_vocab_size(true) as i64;
-    if vocab > cfg.model.vocab_size {
-        bail!(
-            "{}: {vocab} tokens, more than model.vocab_size = {}",
-            path.display(),
-            cfg.model.vocab_size
-        );
-    }
+    let tk = tokenizer::load_for_model(&cfg.data.tokenizer, cfg.model.vocab_size)?;
     Ok(Arc::new(tk))
 }
 

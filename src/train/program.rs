@@ -370,8 +370,9 @@ pub fn train_step(cfg: &Config, experts: ExpertCompute) -> Result<Function> {
 /// The first half of a step whose replicas span several processes that
 /// XLA cannot connect (the CPU plugin): params[n], windows -> grads[n],
 /// ce, aux ([`StepOutputs::gradient`]), each SUMMED over this program's
-/// `local` replicas (identical on all of them). The caller sums across processes and divides by the
-/// job's replica count before [`update_step`].
+/// `local` replicas (identical on all of them). The caller sums across
+/// processes and divides by the job's replica count before
+/// [`update_step`].
 pub fn gradient_step(cfg: &Config, experts: ExpertCompute, local: usize) -> Result<Function> {
     let layout = StepLayout::new(cfg);
     let g = Graph::new();
@@ -421,10 +422,9 @@ pub fn update_step(cfg: &Config, local: usize) -> Result<Function> {
 }
 
 /// Traces the evaluation program: params[n], windows [M, S+1] -> ce, aux
-/// ([`StepOutputs::eval`]),
-/// SUMMED over the program's `local` replicas (the caller divides by the
-/// job's replica count, after summing across processes if there are
-/// several).
+/// ([`StepOutputs::eval`]), SUMMED over the program's `local` replicas
+/// (the caller divides by the job's replica count, after summing across
+/// processes if there are several).
 pub fn eval_step(cfg: &Config, experts: ExpertCompute, local: usize) -> Result<Function> {
     let g = Graph::new();
     let params = crate::model::declare_params(&g, &cfg.model)?;
