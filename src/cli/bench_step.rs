@@ -157,7 +157,6 @@ pub fn step(args: &BenchArgs, cfg: &Config) -> Result<()> {
         return run_variant(cfg, name, args.steps);
     }
     let t = &cfg.train;
-    let tokens = (t.global_batch * t.seq_len) as f64;
     let fpt = flops_per_token(cfg);
     println!(
         "config: {:?} d={} layers={} vocab={} | batch {} x {} tokens, {} replica(s), {} accumulation step(s), {:?}",
@@ -179,7 +178,18 @@ pub fn step(args: &BenchArgs, cfg: &Config) -> Result<()> {
     if let Some(p) = peak {
         println!("device peak for MFU: {:.1} GFLOP/s (documented for accelerators, measured matmul on CPU)", p / 1e9);
     }
+    let outcomes = measure_all(args, cfg)?;
+    print_times(cfg, &outcomes, peak);
+    if args.memory {
+        print_memory(&outcomes);
+    }
+    print_ratios(&outcomes);
+    Ok(())
+}
 
+/// Each of our variants, then each of JAX's (when its venv is installed),
+/// in a child process of its own.
+fn measure_all(args: &BenchArgs, cfg: &Config) -> Result<Vec<Outcome>> {
     let mut outcomes = vec![];
     let me = std::env::current_exe().context("finding this executable")?;
     for (variant, _) in our_variants(cfg) {
@@ -196,32 +206,39 @@ pub fn step(args: &BenchArgs, cfg: &Config) -> Result<()> {
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let python = root.join("target/bench-venv/bin/python");
-    if python.exists() {
-        let spec = serde_json::json!({
-            "model": cfg.model,
-            "train": cfg.train,
-            "steps": args.steps,
-        });
-        for variant in jax_variants(cfg) {
-            let mut cmd = Command::new(&python);
-            cmd.arg(root.join("benches/peers/step_jax.py"))
-                .arg(spec.to_string())
-                .arg(variant)
-                // The peer runs where we run.
-                .env("JAX_PLATFORMS", cfg.run.backend.to_string());
-            outcomes.push(measure("jax", variant, &mut cmd)?);
-        }
-    } else {
+    if !python.exists() {
         println!(
             "peer (JAX): not installed; run scripts/bench-peers.sh to compare in the same run"
         );
+        return Ok(outcomes);
     }
+    let spec = serde_json::json!({
+        "model": cfg.model,
+        "train": cfg.train,
+        "steps": args.steps,
+    });
+    for variant in jax_variants(cfg) {
+        let mut cmd = Command::new(&python);
+        cmd.arg(root.join("benches/peers/step_jax.py"))
+            .arg(spec.to_string())
+            .arg(variant)
+            // The peer runs where we run.
+            .env("JAX_PLATFORMS", cfg.run.backend.to_string());
+        outcomes.push(measure("jax", variant, &mut cmd)?);
+    }
+    Ok(outcomes)
+}
 
+/// Step time, tokens/s, GFLOP/s, MFU (against `peak`, the job's FLOP/s),
+/// peak RSS and compiled memory of every variant.
+fn print_times(cfg: &Config, outcomes: &[Outcome], peak: Option<f64>) {
+    let tokens = (cfg.train.global_batch * cfg.train.seq_len) as f64;
+    let fpt = flops_per_token(cfg);
     println!(
         "{:<26} {:>10} {:>10} {:>9} {:>6} {:>10} {:>10}",
         "variant", "step ms", "tokens/s", "GFLOP/s", "MFU", "peak RSS", "compiled"
     );
-    for o in &outcomes {
+    for o in outcomes {
         let name = format!("{} ({})", o.side, o.variant);
         let rss = format!("{:.2} GiB", gib(o.peak_rss as f64));
         let Some(r) = &o.result else {
@@ -245,30 +262,34 @@ pub fn step(args: &BenchArgs, cfg: &Config) -> Result<()> {
             tokens * fpt / r.step_s / 1e9,
         );
     }
-    if args.memory {
-        println!("compiled step memory per device (XLA buffer assignment), GiB:");
-        println!(
-            "{:<26} {:>9} {:>9} {:>9} {:>11} {:>9}",
-            "variant", "arguments", "outputs", "aliased", "temporaries", "code"
-        );
-        for o in &outcomes {
-            if let Some(c) = o.result.as_ref().and_then(|r| r.compiled) {
-                println!(
-                    "{:<26} {:>9.3} {:>9.3} {:>9.3} {:>11.3} {:>9.3}",
-                    format!("{} ({})", o.side, o.variant),
-                    gib(c.arguments as f64),
-                    gib(c.outputs as f64),
-                    gib(c.aliased as f64),
-                    gib(c.temporaries as f64),
-                    gib(c.generated_code as f64),
-                );
-            }
+}
+
+/// XLA's buffer assignment of each variant's compiled step.
+fn print_memory(outcomes: &[Outcome]) {
+    println!("compiled step memory per device (XLA buffer assignment), GiB:");
+    println!(
+        "{:<26} {:>9} {:>9} {:>9} {:>11} {:>9}",
+        "variant", "arguments", "outputs", "aliased", "temporaries", "code"
+    );
+    for o in outcomes {
+        if let Some(c) = o.result.as_ref().and_then(|r| r.compiled) {
+            println!(
+                "{:<26} {:>9.3} {:>9.3} {:>9.3} {:>11.3} {:>9.3}",
+                format!("{} ({})", o.side, o.variant),
+                gib(c.arguments as f64),
+                gib(c.outputs as f64),
+                gib(c.aliased as f64),
+                gib(c.temporaries as f64),
+                gib(c.generated_code as f64),
+            );
         }
     }
+}
 
-    // Ours (the default variant) against every peer that finished.
+/// Ours (the default variant) against every peer that finished.
+fn print_ratios(outcomes: &[Outcome]) {
     let Some(ours) = outcomes.first().filter(|o| o.result.is_some()) else {
-        return Ok(());
+        return;
     };
     let mine = ours.result.as_ref().expect("filtered");
     let peers: Vec<&Outcome> = outcomes.iter().filter(|o| o.side == "jax").collect();
@@ -306,5 +327,4 @@ pub fn step(args: &BenchArgs, cfg: &Config) -> Result<()> {
             mine.step_s / best.1.step_s
         );
     }
-    Ok(())
 }

@@ -10,7 +10,8 @@
 //! `TPU_SKIP_MDS_QUERY=1`, set up by this command itself before anything
 //! else runs ([`Offline::enter`]); where that cannot be done it refuses.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -345,6 +346,115 @@ fn print_table(cols: &[(&str, &Compiled)]) {
     row("compile time", &|c| format!("{:.1} s", c.seconds));
 }
 
+/// The slice as libtpu's offline topology lays it out.
+struct Slice {
+    topology: Topology,
+    /// The device assignment a job on this slice uses (host by host).
+    assignment: Vec<i64>,
+    /// The devices' kind ("TPU v4").
+    kind: String,
+    hosts: usize,
+}
+
+/// libtpu's topology of `slice` (compiling only, no chips needed), with
+/// the job's device assignment over it.
+fn open_slice(plugin: Arc<Plugin>, slice: &TpuSlice) -> Result<Slice> {
+    let chips = slice.chips();
+    let topology = Topology::create(plugin, &slice.topology_name(), &slice.options())?;
+    let devices = topology.devices()?;
+    if devices.len() as i64 != chips {
+        bail!(
+            "libtpu's topology {} lists {} devices, expected {chips} chips",
+            slice.topology_name(),
+            devices.len()
+        );
+    }
+    let kind = devices.first().map(|d| d.kind.clone()).unwrap_or_default();
+    let mut processes: Vec<i32> = devices.iter().map(|d| d.process_index).collect();
+    processes.sort();
+    processes.dedup();
+    let slots: Vec<DeviceSlot> = devices
+        .iter()
+        .map(|d| DeviceSlot {
+            id: d.id as i64,
+            process: d.process_index,
+            local_hardware_id: 0,
+        })
+        .collect();
+    let (assignment, _) = layout(&slots, chips as usize, 0)?;
+    Ok(Slice {
+        topology,
+        assignment,
+        kind,
+        hosts: processes.len(),
+    })
+}
+
+/// What is compiled, for whom, with which libtpu; the model and batch.
+fn print_setup(
+    a: &CompileArgs,
+    slice: &TpuSlice,
+    s: &Slice,
+    libtpu: (&Path, &Plugin),
+    offline: &Offline,
+    cfg: &Config,
+    notes: &[String],
+) {
+    let (path, plugin) = libtpu;
+    let version = s.topology.platform_version().unwrap_or_default();
+    println!(
+        "sharedmoe compile: {} for TPU {} = {} ({} x \"{}\" on {} host{}), \
+         offline ({}, TPU_SKIP_MDS_QUERY=1)",
+        a.config.display(),
+        slice.accelerator_type(),
+        slice.topology_name(),
+        slice.chips(),
+        s.kind,
+        s.hosts,
+        if s.hosts == 1 { "" } else { "s" },
+        offline.how()
+    );
+    println!(
+        "libtpu: {} (PJRT C API {}.{}){}",
+        path.display(),
+        plugin.api_version().0,
+        plugin.api_version().1,
+        if version.is_empty() {
+            String::new()
+        } else {
+            format!(", {}", first_line(&version))
+        }
+    );
+    for n in notes {
+        println!("note: {n}");
+    }
+    let t = &cfg.train;
+    let params = count_params(&cfg.model);
+    println!(
+        "model: {params} parameters; parameters + Adam moments (f32) {} per chip; \
+         {:?} compute",
+        human(12 * params),
+        cfg.compute_dtype()
+    );
+    println!(
+        "batch: {} x {} tokens = {} chips x {} accumulation step(s) x micro-batch {}",
+        t.global_batch,
+        t.seq_len,
+        t.replicas,
+        cfg.accumulation_steps(),
+        t.micro_batch
+    );
+}
+
+/// Writes the JSON report where `--json` says (nowhere without it).
+fn write_json(a: &CompileArgs, report: &serde_json::Value) -> Result<()> {
+    if let Some(p) = &a.json {
+        std::fs::write(p, serde_json::to_string_pretty(report)?)
+            .with_context(|| format!("writing {}", p.display()))?;
+    }
+    Ok(())
+}
+
 pub fn run(a: &CompileArgs) -> Result<()> {
     // First, while this process still has one thread: no network, and
     // libtpu told not to ask the metadata server. Nothing else before it.
@@ -367,86 +477,18 @@ pub fn run(a: &CompileArgs) -> Result<()> {
     let loc = find_plugin(Backend::Tpu, a.plugin.as_deref())?;
     let plugin = Plugin::load(&loc.path)?;
     plugin.initialize_offline(&offline)?;
-    let topology = Topology::create(plugin.clone(), &slice.topology_name(), &slice.options())?;
-    let devices = topology.devices()?;
-    if devices.len() as i64 != chips {
-        bail!(
-            "libtpu's topology {} lists {} devices, expected {chips} chips",
-            slice.topology_name(),
-            devices.len()
-        );
-    }
-    let kind = devices.first().map(|d| d.kind.clone()).unwrap_or_default();
-    let hosts = {
-        let mut p: Vec<i32> = devices.iter().map(|d| d.process_index).collect();
-        p.sort();
-        p.dedup();
-        p.len()
-    };
-    let slots: Vec<DeviceSlot> = devices
-        .iter()
-        .map(|d| DeviceSlot {
-            id: d.id as i64,
-            process: d.process_index,
-            local_hardware_id: 0,
-        })
-        .collect();
-    // The device assignment a job on this slice uses (host by host).
-    let (assignment, _) = layout(&slots, chips as usize, 0)?;
-    let version = topology.platform_version().unwrap_or_default();
-    println!(
-        "sharedmoe compile: {} for TPU {} = {} ({chips} x \"{kind}\" on {hosts} host{}), \
-         offline ({}, TPU_SKIP_MDS_QUERY=1)",
-        a.config.display(),
-        slice.accelerator_type(),
-        slice.topology_name(),
-        if hosts == 1 { "" } else { "s" },
-        offline.how()
-    );
-    println!(
-        "libtpu: {} (PJRT C API {}.{}){}",
-        loc.path.display(),
-        plugin.api_version().0,
-        plugin.api_version().1,
-        if version.is_empty() {
-            String::new()
-        } else {
-            format!(", {}", first_line(&version))
-        }
-    );
-    for n in &notes {
-        println!("note: {n}");
-    }
+    let s = open_slice(plugin.clone(), &slice)?;
+    print_setup(a, &slice, &s, (&loc.path, &plugin), &offline, &cfg, &notes);
+
     let t = &cfg.train;
     let params = count_params(&cfg.model);
-    println!(
-        "model: {params} parameters; parameters + Adam moments (f32) {} per chip; \
-         {:?} compute",
-        human(12 * params),
-        cfg.compute_dtype()
-    );
-    println!(
-        "batch: {} x {} tokens = {} chips x {} accumulation step(s) x micro-batch {}",
-        t.global_batch,
-        t.seq_len,
-        t.replicas,
-        cfg.accumulation_steps(),
-        t.micro_batch
-    );
-
-    let compiler = Compiler {
-        topology,
-        assignment,
-        experts_block: cfg.model.moe_block_size,
-    };
-    let train = compiler.compile(&cfg, true)?;
     let mut report = json!({
         "config": a.config.display().to_string(),
         "accelerator_type": slice.accelerator_type(),
         "topology": slice.topology_name(),
         "chips": chips,
-        "hosts": hosts,
-        "device_kind": kind,
+        "hosts": s.hosts,
+        "device_kind": s.kind,
         "hbm_bytes": TPU_V4_HBM_BYTES,
         "parameters": params,
         "state_bytes": 12 * params,
@@ -455,59 +497,84 @@ pub fn run(a: &CompileArgs) -> Result<()> {
         "micro_batch": t.micro_batch,
         "accumulation_steps": cfg.accumulation_steps(),
         "model_flops_per_micro_batch": flops_per_token(&cfg) * (t.micro_batch * t.seq_len) as f64,
-        "train": train.to_json(),
     });
-    let write_json = |report: &serde_json::Value| -> Result<()> {
-        if let Some(p) = &a.json {
-            std::fs::write(p, serde_json::to_string_pretty(report)?)
-                .with_context(|| format!("writing {}", p.display()))?;
-        }
-        Ok(())
+    let compiler = Compiler {
+        topology: s.topology,
+        assignment: s.assignment,
+        experts_block: cfg.model.moe_block_size,
     };
+    let train = compiler.compile(&cfg, true)?;
+    report["train"] = train.to_json();
     if train.fits() {
-        let eval = compiler.compile(&cfg, false)?;
-        println!();
-        print_table(&[("train step", &train), ("eval step", &eval)]);
-        // The routed experts run in a loop over row blocks too (see
-        // model::moe), so their matmuls count as one block's.
-        let experts_loop = if cfg.model.is_moe() {
-            " and the routed experts' matmuls as one block's"
-        } else {
-            ""
-        };
-        println!(
-            "  (FLOPs: XLA counts a loop body once, so the train step's figure is about one \
-             micro-batch's forward and backward plus the update{experts_loop}; the model's 6N + \
-             attention estimate for one micro-batch is {:.3e})",
-            flops_per_token(&cfg) * (t.micro_batch * t.seq_len) as f64
-        );
-        report["eval"] = eval.to_json();
-        report["fits"] = json!(eval.fits());
-        write_json(&report)?;
-        println!();
-        if !eval.fits() {
-            bail!(
-                "the eval step does not fit: {} at micro-batch {}, HBM {} per chip",
-                eval.figure(),
-                t.micro_batch,
-                human(TPU_V4_HBM_BYTES)
-            );
-        }
-        println!(
-            "fits: the train step needs {} of {} HBM per chip at micro-batch {} ({} x {} tokens \
-             per chip per accumulation step)",
-            human(train.stats.map_or(0, |s| s.total())),
-            human(TPU_V4_HBM_BYTES),
-            t.micro_batch,
-            t.micro_batch,
-            t.seq_len
-        );
-        return Ok(());
+        conclude_fits(a, &cfg, &compiler, &train, report)
+    } else {
+        conclude_does_not_fit(a, &cfg, &compiler, &train, report)
     }
+}
 
+/// The train step fits: compile the eval step, print both, succeed if it
+/// fits too.
+fn conclude_fits(
+    a: &CompileArgs,
+    cfg: &Config,
+    compiler: &Compiler,
+    train: &Compiled,
+    mut report: serde_json::Value,
+) -> Result<()> {
+    let t = &cfg.train;
+    let eval = compiler.compile(cfg, false)?;
+    println!();
+    print_table(&[("train step", train), ("eval step", &eval)]);
+    // The routed experts run in a loop over row blocks too (see
+    // model::moe), so their matmuls count as one block's.
+    let experts_loop = if cfg.model.is_moe() {
+        " and the routed experts' matmuls as one block's"
+    } else {
+        ""
+    };
+    println!(
+        "  (FLOPs: XLA counts a loop body once, so the train step's figure is about one \
+         micro-batch's forward and backward plus the update{experts_loop}; the model's 6N + \
+         attention estimate for one micro-batch is {:.3e})",
+        flops_per_token(cfg) * (t.micro_batch * t.seq_len) as f64
+    );
+    report["eval"] = eval.to_json();
+    report["fits"] = json!(eval.fits());
+    write_json(a, &report)?;
+    println!();
+    if !eval.fits() {
+        bail!(
+            "the eval step does not fit: {} at micro-batch {}, HBM {} per chip",
+            eval.figure(),
+            t.micro_batch,
+            human(TPU_V4_HBM_BYTES)
+        );
+    }
+    println!(
+        "fits: the train step needs {} of {} HBM per chip at micro-batch {} ({} x {} tokens \
+         per chip per accumulation step)",
+        human(train.stats.map_or(0, |s| s.total())),
+        human(TPU_V4_HBM_BYTES),
+        t.micro_batch,
+        t.micro_batch,
+        t.seq_len
+    );
+    Ok(())
+}
+
+/// The train step does not fit: say by how much, search the largest
+/// micro-batch that does (unless `--no-search`), and fail naming it.
+fn conclude_does_not_fit(
+    a: &CompileArgs,
+    cfg: &Config,
+    compiler: &Compiler,
+    train: &Compiled,
+    mut report: serde_json::Value,
+) -> Result<()> {
+    let t = &cfg.train;
     println!();
     if train.stats.is_some() {
-        print_table(&[("train step", &train)]);
+        print_table(&[("train step", train)]);
     } else {
         println!(
             "train step at micro-batch {}: XLA refused it ({:.1} s): {}",
@@ -527,12 +594,12 @@ pub fn run(a: &CompileArgs) -> Result<()> {
         None
     } else {
         println!("searching the largest micro-batch that fits:");
-        search(&compiler, &cfg, t.micro_batch, &mut tried)?
+        search(compiler, cfg, t.micro_batch, &mut tried)?
     };
     report["fits"] = json!(false);
     report["search"] = json!(tried.iter().map(Compiled::to_json).collect::<Vec<_>>());
     report["largest_fitting_micro_batch"] = json!(best.as_ref().map(|b| b.micro_batch));
-    write_json(&report)?;
+    write_json(a, &report)?;
     match best {
         Some(b) => bail!(
             "the train step does not fit a TPU v4 chip at micro-batch {}: {} (a chip has {} \

@@ -65,6 +65,8 @@ pub enum Backend {
 }
 
 impl Backend {
+    pub const ALL: [Backend; 3] = [Backend::Cpu, Backend::Cuda, Backend::Tpu];
+
     /// (pip package, plugin path inside site-packages) candidates.
     fn packages(self) -> &'static [(&'static str, &'static str)] {
         match self {
@@ -120,8 +122,19 @@ impl FromStr for Backend {
     type Err = Error;
     fn from_str(s: &str) -> Result<Backend> {
         use serde::de::{value::Error as NameError, IntoDeserializer};
-        serde::Deserialize::deserialize(s.to_ascii_lowercase().into_deserializer())
-            .map_err(|e: NameError| Error::new("backend", e.to_string()))
+        serde::Deserialize::deserialize(s.to_ascii_lowercase().into_deserializer()).map_err(
+            |_: NameError| {
+                let names: Vec<String> = Backend::ALL.iter().map(Backend::to_string).collect();
+                let (last, rest) = names.split_last().expect("backends");
+                Error::new(
+                    "backend",
+                    format!(
+                        "unknown backend `{s}` (expected {} or {last}; gpu means cuda)",
+                        rest.join(", ")
+                    ),
+                )
+            },
+        )
     }
 }
 
@@ -850,9 +863,12 @@ mod tests {
         assert_eq!("CPU".parse::<Backend>().unwrap(), Backend::Cpu);
         assert_eq!("gpu".parse::<Backend>().unwrap(), Backend::Cuda);
         let e = "fpga".parse::<Backend>().unwrap_err().to_string();
-        assert!(e.contains("`fpga`") && e.contains("`gpu`"), "{e}");
+        assert!(
+            e.contains("`fpga`") && e.contains("cpu, cuda or tpu; gpu means cuda"),
+            "{e}"
+        );
         // Printing and serialising give the name parsing takes.
-        for b in [Backend::Cpu, Backend::Cuda, Backend::Tpu] {
+        for b in Backend::ALL {
             assert_eq!(b.to_string().parse::<Backend>().unwrap(), b);
             assert_eq!(serde_json::to_value(b).unwrap(), b.to_string().as_str());
         }
