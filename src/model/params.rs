@@ -303,20 +303,20 @@ impl<T> Params<T> {
         out
     }
 
-    /// The number of leaves.
-    pub fn len(&self) -> usize {
+    /// The number of leaves (parameter tensors).
+    pub fn num_tensors(&self) -> usize {
         self.leaves().len()
     }
 
     /// This tree's shape with the leaves taken from `values`, in checkpoint
     /// order; an error when their count differs.
-    pub fn with_leaves<U>(&self, values: Vec<U>) -> Result<Params<U>, String> {
-        let n = self.len();
+    pub fn with_leaves<U>(&self, values: Vec<U>) -> crate::graph::Result<Params<U>> {
+        let n = self.num_tensors();
         if values.len() != n {
-            return Err(format!(
+            return Err(crate::graph::GraphError::Usage(format!(
                 "{} values for a model of {n} parameter tensors",
                 values.len()
-            ));
+            )));
         }
         let mut values = values.into_iter();
         Ok(self.map(|_| values.next().expect("as many values as leaves")))

@@ -193,9 +193,7 @@ fn trace_gradients(
 ) -> Result<(Tensor, Tensor, Vec<Tensor>)> {
     let t = &cfg.train;
     let (a, m, s) = (cfg.accumulation_steps(), t.micro_batch, t.seq_len);
-    let tree = Params::spec(&cfg.model)
-        .with_leaves(params.to_vec())
-        .map_err(crate::graph::GraphError::Usage)?;
+    let tree = Params::spec(&cfg.model).with_leaves(params.to_vec())?;
     let compute = cfg.compute_dtype();
 
     // Accumulate gradient sums over the A micro-batches.
