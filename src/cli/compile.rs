@@ -25,6 +25,7 @@ use crate::runtime::{
 use crate::train::mfu::flops_per_token;
 use crate::train::placement::{layout, DeviceSlot};
 use crate::train::program::{eval_step, train_step};
+use crate::train::sharding::StepMesh;
 use crate::train::Config;
 
 #[derive(clap::Args, Debug)]
@@ -161,9 +162,8 @@ struct Compiler {
 impl Compiler {
     fn options(&self) -> CompileOptions {
         CompileOptions {
-            num_replicas: self.assignment.len(),
             device_assignment: Some(self.assignment.clone()),
-            ..Default::default()
+            ..CompileOptions::spmd(self.assignment.len())
         }
     }
 
@@ -174,11 +174,11 @@ impl Compiler {
     }
 
     fn compile(&self, cfg: &Config, train: bool) -> Result<Compiled> {
-        let replicas = self.assignment.len();
+        let mesh = StepMesh::of(cfg)?;
         let function = if train {
-            train_step(cfg, self.experts())?
+            train_step(cfg, self.experts(), &mesh)?
         } else {
-            eval_step(cfg, self.experts(), replicas)?
+            eval_step(cfg, self.experts(), &mesh)?
         };
         let mlir = function.to_mlir()?;
         let began = Instant::now();

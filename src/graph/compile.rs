@@ -124,64 +124,75 @@ impl HostTensor {
 }
 
 /// A compiled [`Function`] that checks its arguments against the traced
-/// parameter types before anything reaches the device.
+/// parameter types (each device's block, for an SPMD program) before
+/// anything reaches the device.
 pub struct Compiled {
     exe: Executable,
+    /// Name and per-device type of each parameter.
     params: Vec<(String, TensorType)>,
     outputs: Vec<TensorType>,
     donated: Vec<usize>,
-    num_replicas: usize,
+    /// Devices of one execution in the whole job (replicas x partitions).
+    num_devices: usize,
 }
 
 impl Function {
-    /// Emits the module and compiles it for `num_replicas` devices (the
-    /// client's first ones).
+    /// Emits the module and compiles it for its devices (the client's
+    /// first ones).
     pub fn compile(&self, client: &Client) -> Result<Compiled> {
         self.compile_on(client, None)
     }
 
-    /// Compiles with replica r on device `assignment[r]`. In a multi-host
-    /// job the assignment names every host's devices and each process
-    /// executes only its own replicas.
+    /// Compiles with replica (or partition) r on device `assignment[r]`.
+    /// In a multi-host job the assignment names every host's devices and
+    /// each process executes only its own.
     pub fn compile_on(&self, client: &Client, assignment: Option<&[i64]>) -> Result<Compiled> {
+        let num_devices = self.num_devices();
         if let Some(a) = assignment {
-            if a.len() != self.num_replicas {
+            if a.len() != num_devices {
                 return usage(format!(
-                    "a device assignment of {} devices for {} replicas",
+                    "a device assignment of {} devices for a program of {num_devices}",
                     a.len(),
-                    self.num_replicas
                 ));
             }
         }
         let mlir = self.to_mlir()?;
+        let options = match &self.partitioning {
+            None => CompileOptions {
+                num_replicas: self.num_replicas,
+                ..Default::default()
+            },
+            Some(_) => CompileOptions::spmd(num_devices),
+        };
         let options = CompileOptions {
-            num_replicas: self.num_replicas,
             device_assignment: assignment.map(<[i64]>::to_vec),
-            ..Default::default()
+            ..options
         };
         let exe = client.compile(&mlir, &options)?;
         let params = self
             .param_names()
             .into_iter()
-            .zip(self.param_types())
+            .zip(self.param_shard_types())
             .collect();
         Ok(Compiled {
             exe,
             params,
-            outputs: self.output_types(),
+            outputs: self.output_shard_types(),
             donated: self.donated_params(),
-            num_replicas: self.num_replicas,
+            num_devices,
         })
     }
 }
 
 impl Compiled {
+    /// Each device's block of each result.
     pub fn output_types(&self) -> &[TensorType] {
         &self.outputs
     }
 
-    pub fn num_replicas(&self) -> usize {
-        self.num_replicas
+    /// Devices of one execution in the whole job.
+    pub fn num_devices(&self) -> usize {
+        self.num_devices
     }
 
     /// The devices this process runs the program on, one per argument list
@@ -195,22 +206,23 @@ impl Compiled {
         &self.exe
     }
 
-    /// Runs with one argument list per replica this process runs (every
-    /// replica unless the program spans hosts). Donated parameters must be
-    /// passed as [`Arg::Donated`]; they are consumed.
+    /// Runs with one argument list per device this process runs (every
+    /// device unless the program spans hosts); an SPMD program takes each
+    /// device's block of each argument. Donated parameters must be passed
+    /// as [`Arg::Donated`]; they are consumed.
     pub fn execute(&self, args: Vec<Vec<Arg<'_>>>) -> Result<Vec<Vec<Buffer>>> {
         let local = self.exe.num_replicas();
         if args.len() != local {
             return usage(format!(
-                "{} argument lists for the {local} replicas this process runs (of {})",
+                "{} argument lists for the {local} devices this process runs (of {})",
                 args.len(),
-                self.num_replicas
+                self.num_devices
             ));
         }
         for (r, list) in args.iter().enumerate() {
             if list.len() != self.params.len() {
                 return usage(format!(
-                    "replica {r}: {} arguments for {} parameters",
+                    "device {r}: {} arguments for {} parameters",
                     list.len(),
                     self.params.len()
                 ));
@@ -223,7 +235,7 @@ impl Compiled {
                 let got = (DType::from_element_type(buf.element_type()), buf.dims());
                 if got != (Some(ty.dtype), ty.dims.clone()) {
                     return usage(format!(
-                        "replica {r}: argument {i} (`{name}`) is {:?}{:?}, expected {ty}",
+                        "device {r}: argument {i} (`{name}`) is {:?}{:?}, expected {ty}",
                         buf.element_type(),
                         buf.dims()
                     ));

@@ -12,6 +12,7 @@ use super::core::{value_names, BlockId, Graph, GraphState, NodeId, Tensor, Value
 use super::dtype::TensorType;
 use super::error::{usage, Result};
 use super::primitive::Operand;
+use super::sharding::{Mesh, Sharding};
 
 /// A traced function ready to be emitted and compiled: parameters are the
 /// graph's parameters in declaration order, outputs as given to
@@ -23,7 +24,18 @@ pub struct Function {
     /// (parameter index, output index) pairs whose buffers are shared.
     pub(crate) aliases: Vec<(usize, usize)>,
     pub(crate) num_replicas: usize,
+    /// Set for an SPMD program: one program over the mesh's devices
+    /// (1 replica x N partitions), partitioned by XLA.
+    pub(crate) partitioning: Option<Partitioning>,
     pub(crate) name: String,
+}
+
+/// Where an SPMD program's arguments and results lie on its mesh.
+#[derive(Clone, Debug)]
+pub(crate) struct Partitioning {
+    pub mesh: Mesh,
+    pub params: Vec<Sharding>,
+    pub results: Vec<Sharding>,
 }
 
 impl Graph {
@@ -50,6 +62,7 @@ impl Graph {
             outputs: ids,
             aliases: vec![],
             num_replicas: 1,
+            partitioning: None,
             name: "main".into(),
         })
     }
@@ -61,6 +74,90 @@ impl Function {
     pub fn with_replicas(mut self, n: usize) -> Self {
         self.num_replicas = n.max(1);
         self
+    }
+
+    /// Makes this one SPMD program over `mesh` (`mhlo.num_partitions` =
+    /// its devices, one replica): argument i lies as `params[i]`, result j
+    /// as `results[j]`, and XLA's partitioner turns the program written on
+    /// full shapes into each device's share, with the collectives it
+    /// needs.
+    pub fn partitioned(
+        mut self,
+        mesh: &Mesh,
+        params: Vec<Sharding>,
+        results: Vec<Sharding>,
+    ) -> Result<Self> {
+        if self.num_replicas != 1 {
+            return usage("an SPMD program has one replica; drop with_replicas");
+        }
+        let (names, ptypes, otypes) = (self.param_names(), self.param_types(), self.output_types());
+        if params.len() != ptypes.len() || results.len() != otypes.len() {
+            return usage(format!(
+                "shardings for {} arguments and {} results of a function with {} and {}",
+                params.len(),
+                results.len(),
+                ptypes.len(),
+                otypes.len()
+            ));
+        }
+        let described = names
+            .iter()
+            .map(|n| format!("argument `{n}`"))
+            .zip(params.iter().zip(&ptypes))
+            .chain(
+                (0..otypes.len())
+                    .map(|j| format!("result {j}"))
+                    .zip(results.iter().zip(&otypes)),
+            );
+        for (what, (sharding, ty)) in described {
+            if sharding.mesh() != mesh {
+                return usage(format!("{what}: its sharding is for another mesh"));
+            }
+            sharding
+                .shard_dims(&ty.dims)
+                .map_err(|e| super::error::GraphError::Usage(format!("{what} ({ty}): {e}")))?;
+        }
+        self.partitioning = Some(Partitioning {
+            mesh: mesh.clone(),
+            params,
+            results,
+        });
+        Ok(self)
+    }
+
+    /// Devices one execution runs on: replicas x partitions.
+    pub fn num_devices(&self) -> usize {
+        match &self.partitioning {
+            Some(p) => p.mesh.devices(),
+            None => self.num_replicas,
+        }
+    }
+
+    /// The block of argument i one device holds (its full type when the
+    /// program is not partitioned).
+    pub fn param_shard_types(&self) -> Vec<TensorType> {
+        let full = self.param_types();
+        match &self.partitioning {
+            None => full,
+            Some(p) => full
+                .iter()
+                .zip(&p.params)
+                .map(|(ty, s)| shard_type(ty, s))
+                .collect(),
+        }
+    }
+
+    /// The block of result j one device holds.
+    pub fn output_shard_types(&self) -> Vec<TensorType> {
+        let full = self.output_types();
+        match &self.partitioning {
+            None => full,
+            Some(p) => full
+                .iter()
+                .zip(&p.results)
+                .map(|(ty, s)| shard_type(ty, s))
+                .collect(),
+        }
     }
 
     /// Module name (shows up in XLA dumps and profiles).
@@ -139,28 +236,38 @@ impl Function {
         let st = self.graph.st.borrow();
         let mut cx = EmitCx::new(&st, self.num_replicas);
         let mut out = String::new();
+        let partitions = self.partitioning.as_ref().map_or(1, |p| p.mesh.devices());
         writeln!(
             out,
-            "module @{} attributes {{mhlo.num_replicas = {} : i32, mhlo.num_partitions = 1 : i32}} {{",
+            "module @{} attributes {{mhlo.num_replicas = {} : i32, mhlo.num_partitions = {partitions} : i32}} {{",
             self.name, self.num_replicas
         )
         .unwrap();
+        let sharding = |s: Option<&Sharding>| s.map(Sharding::attribute);
         let params: Vec<String> = st
             .params
             .iter()
             .enumerate()
             .map(|(i, &(_, v))| {
-                let alias = match self.aliases.iter().find(|&&(p, _)| p == i) {
-                    Some(&(_, o)) => format!(" {{tf.aliasing_output = {o} : i32}}"),
-                    None => String::new(),
-                };
-                format!("{}: {}{alias}", cx.name(v), st.values[v].ty.mlir())
+                let alias = self
+                    .aliases
+                    .iter()
+                    .find(|&&(p, _)| p == i)
+                    .map(|&(_, o)| format!("tf.aliasing_output = {o} : i32"));
+                let on = sharding(self.partitioning.as_ref().map(|p| &p.params[i]));
+                let attrs: Vec<String> = on.into_iter().chain(alias).collect();
+                format!("{}: {}{}", cx.name(v), st.values[v].ty.mlir(), braced(&attrs))
             })
             .collect();
         let results: Vec<String> = self
             .outputs
             .iter()
-            .map(|&v| st.values[v].ty.mlir())
+            .enumerate()
+            .map(|(j, &v)| {
+                let on = sharding(self.partitioning.as_ref().map(|p| &p.results[j]));
+                let attrs: Vec<String> = on.into_iter().collect();
+                format!("{}{}", st.values[v].ty.mlir(), braced(&attrs))
+            })
             .collect();
         writeln!(
             out,
@@ -173,6 +280,22 @@ impl Function {
         out.push_str("  }\n}\n");
         Ok(out)
     }
+}
+
+/// ` {a, b}` for a non-empty attribute list, else nothing.
+fn braced(attrs: &[String]) -> String {
+    if attrs.is_empty() {
+        String::new()
+    } else {
+        format!(" {{{}}}", attrs.join(", "))
+    }
+}
+
+/// The block of `ty` one device holds under `s` (checked when the
+/// shardings were set).
+fn shard_type(ty: &TensorType, s: &Sharding) -> TensorType {
+    let dims = s.shard_dims(&ty.dims).expect("checked by Function::partitioned");
+    TensorType::new(ty.dtype, &dims)
 }
 
 /// State of one emission: SSA names and counters for fresh names and

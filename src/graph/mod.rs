@@ -16,6 +16,7 @@ mod emit;
 mod error;
 mod ops;
 mod primitive;
+mod sharding;
 
 pub use self::autodiff::{grad, vjp};
 pub use self::compile::{Compiled, HostTensor};
@@ -26,3 +27,4 @@ pub use self::error::{GraphError, Result};
 pub use self::ops::grouped::WeightLayout;
 pub use self::ops::linalg::DotDims;
 pub use self::ops::shape::concatenate;
+pub use self::sharding::{place_shard, shard_of, Mesh, Sharding};

@@ -20,6 +20,8 @@ pub struct Transformer<'a> {
     /// Dtype of matmul operands (parameters are converted at use).
     compute: DType,
     experts: ExpertCompute,
+    /// Groups of the batch the balance loss is computed over.
+    balance_groups: i64,
 }
 
 /// The loss of one batch, kept in parts.
@@ -69,7 +71,16 @@ impl<'a> Transformer<'a> {
             experts: ExpertCompute::Routed {
                 block: cfg.moe_block_size,
             },
+            balance_groups: 1,
         })
+    }
+
+    /// Balances the experts' load over `groups` equal groups of the batch's
+    /// sequences (one per data-parallel device) rather than over the whole
+    /// batch; see `moe::balance_loss`.
+    pub fn with_balance_groups(mut self, groups: i64) -> Self {
+        self.balance_groups = groups;
+        self
     }
 
     /// Computes the experts as `experts` says: routed (the default) or
@@ -163,6 +174,7 @@ impl<'a> Transformer<'a> {
                     self.shared_moe()?,
                     c.experts_per_token,
                     self.experts,
+                    self.balance_groups,
                 )?;
                 (y.reshape(&[b, s, d])?, Some(aux))
             }

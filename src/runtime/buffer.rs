@@ -90,6 +90,19 @@ impl Buffer {
         }
     }
 
+    /// Bytes the buffer takes on its device
+    /// (`PJRT_Buffer_OnDeviceSizeInBytes`: padding and layout included).
+    pub fn on_device_size(&self) -> Result<usize> {
+        let mut a = args!(PJRT_Buffer_OnDeviceSizeInBytes_Args { buffer: self.raw });
+        pjrt_call!(
+            self.client.plugin,
+            PJRT_Buffer_OnDeviceSizeInBytes,
+            &mut a,
+            "buffer on-device size"
+        )?;
+        Ok(a.on_device_size_in_bytes)
+    }
+
     /// True once the buffer was donated to (consumed by) an execution.
     pub fn is_deleted(&self) -> bool {
         let mut a = args!(PJRT_Buffer_IsDeleted_Args { buffer: self.raw });

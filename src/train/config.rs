@@ -20,9 +20,12 @@ pub struct TrainConfig {
     pub seq_len: i64,
     /// Sequences per optimizer step, over all replicas and micro-batches.
     pub global_batch: i64,
-    /// Sequences per replica per accumulation step.
+    /// Sequences per device per accumulation step.
     pub micro_batch: i64,
-    /// Data-parallel replicas (devices) in this process.
+    /// Devices of the job, each taking `micro_batch` sequences of every
+    /// micro-step: `mesh.data * mesh.fsdp` once the config is loaded. Set
+    /// without `mesh.data`, a shorthand for `mesh.data` (what it meant
+    /// before the mesh: data-parallel replicas).
     #[serde(default = "one")]
     pub replicas: i64,
     pub steps: i64,
@@ -252,11 +255,38 @@ impl Default for RunConfig {
     }
 }
 
+/// The job's devices as a mesh with named axes, as MaxText's and
+/// Levanter's: the batch is split over data x fsdp; under fsdp every
+/// parameter and both Adam moments are split too (`train::sharding` says
+/// along which dimension), and XLA gathers them where they are used.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MeshConfig {
+    /// Devices that hold the same shard of the state and different
+    /// sequences. Unset: `train.replicas`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<i64>,
+    /// Devices over which the state is split.
+    #[serde(default = "one")]
+    pub fsdp: i64,
+}
+
+impl Default for MeshConfig {
+    fn default() -> Self {
+        MeshConfig {
+            data: None,
+            fsdp: 1,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     pub model: ModelConfig,
     pub train: TrainConfig,
+    #[serde(default)]
+    pub mesh: MeshConfig,
     #[serde(default)]
     pub data: DataConfig,
     #[serde(default)]
@@ -278,11 +308,52 @@ impl Config {
             apply_override(&mut doc, o)?;
         }
         expand_preset(&mut doc)?;
-        let cfg: Config = doc
+        let mut cfg: Config = doc
             .try_into()
             .map_err(|e: toml::de::Error| anyhow!(field_first(&e)))?;
+        cfg.resolve_mesh()?;
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// Fills in `mesh.data` (from `train.replicas` when unset) and sets
+    /// `train.replicas` to the job's devices, data x fsdp.
+    pub fn resolve_mesh(&mut self) -> Result<()> {
+        let (t, m) = (&mut self.train, &mut self.mesh);
+        if m.fsdp < 1 {
+            bail!("mesh.fsdp = {}: must be at least 1", m.fsdp);
+        }
+        let data = match m.data {
+            None => t.replicas,
+            Some(d) if d < 1 => bail!("mesh.data = {d}: must be at least 1"),
+            // train.replicas is the default, the shorthand for mesh.data,
+            // or already data x fsdp (a config written back by to_toml).
+            Some(d) if [1, d, d * m.fsdp].contains(&t.replicas) => d,
+            Some(d) => bail!(
+                "train.replicas = {} and mesh.data = {d} (mesh.fsdp = {}) disagree: train.replicas \
+                 alone is a shorthand for mesh.data; give one of them",
+                t.replicas,
+                m.fsdp
+            ),
+        };
+        if data < 1 {
+            bail!("train.replicas = {data}: must be positive");
+        }
+        m.data = Some(data);
+        t.replicas = data.checked_mul(m.fsdp).ok_or_else(|| {
+            anyhow!("mesh.data * mesh.fsdp = {data} * {} overflows", m.fsdp)
+        })?;
+        Ok(())
+    }
+
+    /// The mesh's (data, fsdp) sizes.
+    pub fn mesh_axes(&self) -> (usize, usize) {
+        let fsdp = self.mesh.fsdp.max(1) as usize;
+        let data = self
+            .mesh
+            .data
+            .map_or(self.train.replicas as usize / fsdp, |d| d as usize);
+        (data, fsdp)
     }
 
     pub fn compute_dtype(&self) -> DType {
@@ -312,6 +383,17 @@ impl Config {
             if v <= 0 {
                 bail!("train.{name} = {v}: must be positive");
             }
+        }
+        let m = &self.mesh;
+        let devices = m.data.map(|d| d.saturating_mul(m.fsdp));
+        if m.fsdp < 1 || devices.is_some_and(|n| n != t.replicas) {
+            bail!(
+                "mesh.data = {:?} x mesh.fsdp = {} is not train.replicas = {} (Config::resolve_mesh \
+                 makes them agree)",
+                m.data,
+                m.fsdp,
+                t.replicas
+            );
         }
         let per_step = t.replicas.checked_mul(t.micro_batch).ok_or_else(|| {
             anyhow!(

@@ -14,6 +14,7 @@ pub mod placement;
 pub mod program;
 pub mod run;
 pub mod schedule;
+pub mod sharding;
 pub mod step_loop;
 pub mod tensorboard;
 pub mod trainer;

@@ -3,20 +3,28 @@
 //! connect), and the evaluation program. What runs them step after step is
 //! [`super::trainer`] and [`super::step_loop`].
 //!
-//! Step program, per replica (R replicas, A accumulation steps, M sequences
+//! Each is one SPMD program over the job's mesh ([`StepMesh`]): written on
+//! the global shapes, with the shardings of its arguments and results
+//! (`train::sharding`) and a constraint on each gradient, so that XLA's
+//! partitioner splits it over the devices and inserts the collectives
+//! (compiled with 1 replica x N partitions, as JAX compiles since pmap
+//! went).
+//!
+//! Step program (N devices, A accumulation steps, M sequences per device
 //! per micro-batch, S sequence length, n parameter tensors):
 //!   inputs:  params[n], adam_m[n], adam_v[n] (f32), step (i32 scalar),
-//!            windows [A, M, S+1] (i32), stop (f32 scalar: this process
-//!            votes to stop after the step) -- the state is donated
+//!            windows [A, N*M, S+1] (i32, split over the devices), stop
+//!            [N] (f32: each device's process votes to stop after the
+//!            step) -- the state is donated
 //!   outputs: params'[n], adam_m'[n], adam_v'[n], step + 1, then the f32
 //!            scalars of [`StepOutputs::fused`]: ce, aux, grad_norm, lr
 //!            (ce/aux of this step's batch before the update, averaged over
 //!            the global batch), applied (1 or 0, see below), stop votes
-//!            (summed over every replica of the job, so that all hosts of a
+//!            (summed over every device of the job, so that all hosts of a
 //!            pod stop after the same step)
 //! Reads like the recipe: accumulate gradients over A micro-batches in a
-//! loop, average, all-reduce across replicas, clip to the global norm,
-//! AdamW with the scheduled learning rate.
+//! loop, average, clip to the global norm, AdamW with the scheduled
+//! learning rate.
 //!
 //! The divergence guard is part of the program: when the loss, the aux
 //! loss, the gradient norm or any updated parameter is not finite, the
@@ -25,12 +33,13 @@
 //! reaches the state, and so never a checkpoint; the host decides whether
 //! to stop or go on (`train.on_nonfinite`).
 
-use crate::graph::{grad, DType, Function, Graph, Result, Tensor, TensorType};
+use crate::graph::{grad, DType, Function, Graph, Result, Sharding, Tensor, TensorType};
 use crate::model::{ExpertCompute, ParamSpec, Params, Transformer};
 
 use super::config::Config;
 use super::optimizer::{clip_by_global_norm, AdamW};
 use super::schedule::Schedule;
+use super::sharding::StepMesh;
 
 /// The parameters a step program takes, as a tree and in argument order.
 #[derive(Clone, Debug)]
@@ -54,6 +63,22 @@ impl StepLayout {
     /// The state arguments and results: params, m, v (n each), step.
     pub fn state_len(&self) -> usize {
         3 * self.n() + 1
+    }
+
+    /// Where each parameter lies on `mesh`, in argument order.
+    pub fn param_shardings(&self, mesh: &StepMesh) -> Result<Vec<Sharding>> {
+        self.specs.iter().map(|s| mesh.param(s)).collect()
+    }
+
+    /// Where the state lies: params, m, v like the parameters, the step
+    /// counter on every device.
+    pub fn state_shardings(&self, mesh: &StepMesh) -> Result<Vec<Sharding>> {
+        let params = self.param_shardings(mesh)?;
+        let mut all = params.clone();
+        all.extend(params.iter().cloned());
+        all.extend(params);
+        all.push(mesh.replicated(0));
+        Ok(all)
     }
 }
 
@@ -128,6 +153,18 @@ impl StepOutputs {
         self.tensors + at.unwrap_or_else(|| panic!("{s:?} is not a result of {self:?}"))
     }
 
+    /// Where the results lie: the tensors as the state (or, for the
+    /// gradient program, as the parameters), the scalars on every device.
+    fn shardings(&self, layout: &StepLayout, mesh: &StepMesh) -> Result<Vec<Sharding>> {
+        let mut all = match self.tensors {
+            0 => vec![],
+            n if n == layout.n() => layout.param_shardings(mesh)?,
+            _ => layout.state_shardings(mesh)?,
+        };
+        all.extend(self.scalars.iter().map(|_| mesh.replicated(0)));
+        Ok(all)
+    }
+
     /// The results in this order: `tensors`, then `scalar(s)` for each
     /// scalar.
     fn results<'t>(
@@ -152,19 +189,6 @@ fn declare_params(g: &Graph, tree: &Params<ParamSpec>, prefix: &str) -> Result<V
         .collect())
 }
 
-/// Sum over the replicas of this program (a no-op for one replica).
-fn replica_sum(t: &Tensor, replicas: usize) -> Result<Tensor> {
-    if replicas == 1 {
-        return Ok(t.clone());
-    }
-    t.all_reduce_sum()
-}
-
-/// Mean over replicas of a per-replica value.
-fn replica_mean(t: &Tensor, replicas: usize) -> Result<Tensor> {
-    replica_sum(t, replicas)?.mul_scalar(1.0 / replicas as f64)
-}
-
 /// The step's arguments (see the module docs).
 struct StepInputs {
     params: Vec<Tensor>,
@@ -182,18 +206,24 @@ fn declare_state(g: &Graph, tree: &Params<ParamSpec>) -> Result<StepInputs> {
     })
 }
 
-/// One replica's (ce, aux, gradients), each the mean over its A
-/// micro-batches of `windows` [A, M, S+1].
+/// (ce, aux, gradients), each the mean over the A micro-batches of
+/// `windows` [A, N*M, S+1] (N: the mesh's devices). Each gradient sum is
+/// kept where its parameter lies (`grad_shardings`), so that under fsdp
+/// the partitioner reduce-scatters it rather than holding it whole.
 fn trace_gradients(
     g: &Graph,
     cfg: &Config,
     experts: ExpertCompute,
+    mesh: &StepMesh,
     params: &[Tensor],
     windows: &Tensor,
 ) -> Result<(Tensor, Tensor, Vec<Tensor>)> {
     let t = &cfg.train;
-    let (a, m, s) = (cfg.accumulation_steps(), t.micro_batch, t.seq_len);
-    let tree = Params::spec(&cfg.model).with_leaves(params.to_vec())?;
+    let (a, s) = (cfg.accumulation_steps(), t.seq_len);
+    let m = t.micro_batch * mesh.devices() as i64;
+    let layout = StepLayout::new(cfg);
+    let grad_shardings = layout.param_shardings(mesh)?;
+    let tree = layout.tree.with_leaves(params.to_vec())?;
     let compute = cfg.compute_dtype();
 
     // Accumulate gradient sums over the A micro-batches.
@@ -208,7 +238,9 @@ fn trace_gradients(
         let batch = windows
             .dynamic_slice(&[i, &zero_i, &zero_i], &[1, m, s + 1])?
             .reshape(&[m, s + 1])?;
-        let model = Transformer::new(&cfg.model, &tree, compute)?.with_expert_compute(experts);
+        let model = Transformer::new(&cfg.model, &tree, compute)?
+            .with_expert_compute(experts)
+            .with_balance_groups(mesh.devices() as i64);
         let loss = model.loss(&batch)?;
         let refs: Vec<&Tensor> = params.iter().collect();
         let grads = grad(&loss.total, &refs)?;
@@ -217,8 +249,8 @@ fn trace_gradients(
             acc[0].add(&loss.ce.convert(DType::F32)?)?,
             acc[1].add(&loss.aux.convert(DType::F32)?)?,
         ];
-        for (sum, gr) in acc[2..].iter().zip(&grads) {
-            next.push(sum.add(&gr.convert(DType::F32)?)?);
+        for ((sum, gr), on) in acc[2..].iter().zip(&grads).zip(&grad_shardings) {
+            next.push(sum.add(&gr.convert(DType::F32)?.with_sharding(on)?)?);
         }
         Ok(next)
     };
@@ -326,31 +358,29 @@ fn trace_update(
     })
 }
 
-fn declare_windows(g: &Graph, cfg: &Config) -> Result<Tensor> {
+/// The step's batch: [A, N*M, S+1], device d's sequences at rows
+/// d*M..(d+1)*M of every micro-batch.
+fn declare_windows(g: &Graph, cfg: &Config, mesh: &StepMesh) -> Result<Tensor> {
     let t = &cfg.train;
-    let shape = [cfg.accumulation_steps(), t.micro_batch, t.seq_len + 1];
+    let rows = t.micro_batch * mesh.devices() as i64;
+    let shape = [cfg.accumulation_steps(), rows, t.seq_len + 1];
     g.param("windows", TensorType::new(DType::I32, &shape))
 }
 
-/// Traces the training step for `cfg` with every replica of the job in
-/// this one program (see the module docs for the signature).
-pub fn train_step(cfg: &Config, experts: ExpertCompute) -> Result<Function> {
+/// Traces the training step for `cfg` over the job's `mesh` (see the
+/// module docs for the signature).
+pub fn train_step(cfg: &Config, experts: ExpertCompute, mesh: &StepMesh) -> Result<Function> {
     let layout = StepLayout::new(cfg);
-    let replicas = cfg.train.replicas as usize;
+    let devices = mesh.devices() as i64;
     let g = Graph::new();
     let state = declare_state(&g, &layout.tree)?;
-    let windows = declare_windows(&g, cfg)?;
-    let stop = g.param("stop", TensorType::new(DType::F32, &[]))?;
-    let (ce, aux, grads) = trace_gradients(&g, cfg, experts, &state.params, &windows)?;
-    let votes = replica_sum(&stop, replicas)?;
-    let ce = replica_mean(&ce, replicas)?;
-    let aux = replica_mean(&aux, replicas)?;
-    let grads = grads
-        .iter()
-        .map(|gr| replica_mean(gr, replicas))
-        .collect::<Result<Vec<_>>>()?;
+    let windows = declare_windows(&g, cfg, mesh)?;
+    let stop = g.param("stop", TensorType::new(DType::F32, &[devices]))?;
+    let (ce, aux, grads) = trace_gradients(&g, cfg, experts, mesh, &state.params, &windows)?;
+    let votes = stop.sum_all()?;
     let u = trace_update(cfg, &state, &grads, &ce, &aux)?;
-    let outs = StepOutputs::fused(&layout).results(&u.state, |s| match s {
+    let results = StepOutputs::fused(&layout);
+    let outs = results.results(&u.state, |s| match s {
         StepScalar::Ce => &ce,
         StepScalar::Aux => &aux,
         StepScalar::GradNorm => &u.grad_norm,
@@ -358,46 +388,46 @@ pub fn train_step(cfg: &Config, experts: ExpertCompute) -> Result<Function> {
         StepScalar::Applied => &u.applied,
         StepScalar::StopVotes => &votes,
     });
+    let mut inputs = layout.state_shardings(mesh)?;
+    inputs.push(mesh.batch(3, 1)?);
+    inputs.push(mesh.batch(1, 0)?);
     let donated: Vec<usize> = (0..layout.state_len()).collect();
     g.build(&outs)?
-        .with_replicas(replicas)
         .with_name("train_step")
-        .donate(&donated)
+        .donate(&donated)?
+        .partitioned(&mesh.mesh, inputs, results.shardings(&layout, mesh)?)
 }
 
-/// The first half of a step whose replicas span several processes that
-/// XLA cannot connect (the CPU plugin): params[n], windows -> grads[n],
-/// ce, aux ([`StepOutputs::gradient`]), each SUMMED over this program's
-/// `local` replicas (identical on all of them). The caller sums across
-/// processes and divides by the job's replica count before
-/// [`update_step`].
-pub fn gradient_step(cfg: &Config, experts: ExpertCompute, local: usize) -> Result<Function> {
+/// The first half of a step whose devices span several processes that
+/// XLA cannot connect (the CPU plugin), over this process's `mesh`:
+/// params[n], windows -> grads[n], ce, aux ([`StepOutputs::gradient`]),
+/// each the mean over this process's batch. The caller averages them
+/// across processes before [`update_step`].
+pub fn gradient_step(cfg: &Config, experts: ExpertCompute, mesh: &StepMesh) -> Result<Function> {
     let layout = StepLayout::new(cfg);
     let g = Graph::new();
     let params = declare_params(&g, &layout.tree, "")?;
-    let windows = declare_windows(&g, cfg)?;
-    let (ce, aux, grads) = trace_gradients(&g, cfg, experts, &params, &windows)?;
-    let grads = grads
-        .iter()
-        .map(|gr| replica_sum(gr, local))
-        .collect::<Result<Vec<_>>>()?;
-    let (ce, aux) = (replica_sum(&ce, local)?, replica_sum(&aux, local)?);
-    let outs = StepOutputs::gradient(&layout).results(&grads, |s| match s {
+    let windows = declare_windows(&g, cfg, mesh)?;
+    let (ce, aux, grads) = trace_gradients(&g, cfg, experts, mesh, &params, &windows)?;
+    let results = StepOutputs::gradient(&layout);
+    let outs = results.results(&grads, |s| match s {
         StepScalar::Ce => &ce,
         StepScalar::Aux => &aux,
         other => unreachable!("{other:?} is not declared for this program"),
     });
-    Ok(g.build(&outs)?
-        .with_replicas(local)
-        .with_name("gradient_step"))
+    let mut inputs = layout.param_shardings(mesh)?;
+    inputs.push(mesh.batch(3, 1)?);
+    g.build(&outs)?
+        .with_name("gradient_step")
+        .partitioned(&mesh.mesh, inputs, results.shardings(&layout, mesh)?)
 }
 
 /// The second half: params[n], m[n], v[n], step, grads[n] (the job's mean
 /// gradients), losses [ce, aux] (the job's means, for the divergence
 /// guard) -> params', m', v', step + 1, then grad_norm, lr, applied
-/// ([`StepOutputs::update`]). Everything
-/// but the gradients and losses is donated, as in [`train_step`].
-pub fn update_step(cfg: &Config, local: usize) -> Result<Function> {
+/// ([`StepOutputs::update`]). Everything but the gradients and losses is
+/// donated, as in [`train_step`].
+pub fn update_step(cfg: &Config, mesh: &StepMesh) -> Result<Function> {
     let layout = StepLayout::new(cfg);
     let g = Graph::new();
     let state = declare_state(&g, &layout.tree)?;
@@ -406,39 +436,50 @@ pub fn update_step(cfg: &Config, local: usize) -> Result<Function> {
     let ce = losses.slice(&[0], &[1], &[1])?.reshape(&[])?;
     let aux = losses.slice(&[1], &[2], &[1])?.reshape(&[])?;
     let u = trace_update(cfg, &state, &grads, &ce, &aux)?;
-    let outs = StepOutputs::update(&layout).results(&u.state, |s| match s {
+    let results = StepOutputs::update(&layout);
+    let outs = results.results(&u.state, |s| match s {
         StepScalar::GradNorm => &u.grad_norm,
         StepScalar::Lr => &u.lr,
         StepScalar::Applied => &u.applied,
         other => unreachable!("{other:?} is not declared for this program"),
     });
+    let mut inputs = layout.state_shardings(mesh)?;
+    inputs.extend(layout.param_shardings(mesh)?);
+    inputs.push(mesh.replicated(1));
     let donated: Vec<usize> = (0..layout.state_len()).collect();
     g.build(&outs)?
-        .with_replicas(local)
         .with_name("update_step")
-        .donate(&donated)
+        .donate(&donated)?
+        .partitioned(&mesh.mesh, inputs, results.shardings(&layout, mesh)?)
 }
 
-/// Traces the evaluation program: params[n], windows [M, S+1] -> ce, aux
-/// ([`StepOutputs::eval`]), SUMMED over the program's `local` replicas
-/// (the caller divides by the job's replica count, after summing across
-/// processes if there are several).
-pub fn eval_step(cfg: &Config, experts: ExpertCompute, local: usize) -> Result<Function> {
+/// Traces the evaluation program over `mesh`: params[n], windows [N*M,
+/// S+1] (split over the devices) -> ce, aux ([`StepOutputs::eval`]), the
+/// means over the batch.
+pub fn eval_step(cfg: &Config, experts: ExpertCompute, mesh: &StepMesh) -> Result<Function> {
+    let layout = StepLayout::new(cfg);
     let g = Graph::new();
-    let params = crate::model::declare_params(&g, &cfg.model)?;
+    let params = layout.tree.declare(&g, "")?;
+    let rows = cfg.train.micro_batch * mesh.devices() as i64;
     let windows = g.param(
         "windows",
-        TensorType::new(DType::I32, &[cfg.train.micro_batch, cfg.train.seq_len + 1]),
+        TensorType::new(DType::I32, &[rows, cfg.train.seq_len + 1]),
     )?;
-    let model =
-        Transformer::new(&cfg.model, &params, cfg.compute_dtype())?.with_expert_compute(experts);
+    let model = Transformer::new(&cfg.model, &params, cfg.compute_dtype())?
+        .with_expert_compute(experts)
+        .with_balance_groups(mesh.devices() as i64);
     let loss = model.loss(&windows)?;
-    let ce = replica_sum(&loss.ce.convert(DType::F32)?, local)?;
-    let aux = replica_sum(&loss.aux.convert(DType::F32)?, local)?;
-    let outs = StepOutputs::eval().results(&[], |s| match s {
+    let ce = loss.ce.convert(DType::F32)?;
+    let aux = loss.aux.convert(DType::F32)?;
+    let results = StepOutputs::eval();
+    let outs = results.results(&[], |s| match s {
         StepScalar::Ce => &ce,
         StepScalar::Aux => &aux,
         other => unreachable!("{other:?} is not declared for this program"),
     });
-    Ok(g.build(&outs)?.with_replicas(local).with_name("eval_step"))
+    let mut inputs = layout.param_shardings(mesh)?;
+    inputs.push(mesh.batch(2, 0)?);
+    g.build(&outs)?
+        .with_name("eval_step")
+        .partitioned(&mesh.mesh, inputs, results.shardings(&layout, mesh)?)
 }

@@ -1,9 +1,11 @@
 //! Device-resident training state and one call per optimizer step.
 //!
-//! Parameters, both Adam moments and the step counter live on every
-//! replica's device between steps and are donated to the step program, so
-//! XLA updates them in place; only the batch goes up and four scalars come
-//! back per step.
+//! Parameters, both Adam moments and the step counter live on the devices
+//! between steps, each device holding its block of each tensor as the
+//! mesh says (`train::sharding`: whole copies under `data`, shards under
+//! `fsdp`), and are donated to the step program, so XLA updates them in
+//! place; only each device's sequences go up and a few scalars come back
+//! per step. Checkpoints are whole tensors, so a run resumes on any mesh.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -11,7 +13,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 
 use crate::ckpt::{Checkpoint, Tensors, TrainingState};
-use crate::graph::{Compiled, HostTensor};
+use crate::graph::{place_shard, shard_of, Compiled, HostTensor, Sharding};
 use crate::model::{init_params, ExpertCompute};
 use crate::runtime::{Arg, Buffer, Client, Device, MemoryStats};
 
@@ -21,6 +23,7 @@ use super::placement::Placement;
 use super::program::{
     eval_step, gradient_step, train_step, update_step, StepLayout, StepOutputs, StepScalar,
 };
+use super::sharding::StepMesh;
 
 /// What one step reports (SPEC "loss" = cross-entropy).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -38,17 +41,19 @@ pub struct StepMetrics {
     pub stop: bool,
 }
 
-/// How the step's replicas are connected.
+/// How the step's devices are connected.
 enum StepPrograms {
-    /// Every replica of the job in one program; XLA all-reduces.
+    /// Every device of the job in one program; XLA inserts the
+    /// collectives.
     Fused {
         program: Compiled,
-        /// The stop-vote argument on each local device: [no, yes] (f32
-        /// scalars 0 and 1), uploaded once and lent to every step.
+        /// Each local device's block of the stop-vote argument: [no, yes]
+        /// (f32 [1] holding 0 or 1), uploaded once and lent to every step.
         votes: [Vec<Buffer>; 2],
     },
-    /// This process's replicas in two programs with a host-side sum across
-    /// processes in between (CPU multi-process jobs).
+    /// This process's devices in two programs with a host-side sum across
+    /// processes in between (CPU multi-process jobs: the data axis spans
+    /// the processes, each runs its share of the mesh).
     Split {
         gradient: Compiled,
         update: Compiled,
@@ -59,12 +64,18 @@ enum StepPrograms {
 pub struct Trainer {
     pub cfg: Config,
     client: Client,
-    /// This process's replicas and their devices.
+    /// This process's devices and their places in the programs' mesh
+    /// (`placement.local`).
     placement: Placement,
     layout: StepLayout,
+    /// The mesh the programs are partitioned over: the job's, or for the
+    /// split step this process's share.
+    mesh: StepMesh,
+    /// Where each state tensor lies on `mesh` (params, m, v, step).
+    state_shardings: Vec<Sharding>,
     programs: StepPrograms,
     eval_program: Compiled,
-    /// Per local replica: params[n], m[n], v[n], step.
+    /// Per local device: its blocks of params[n], m[n], v[n], and the step.
     state: Vec<Vec<Buffer>>,
     step: i64,
     seed: u64,
@@ -146,13 +157,13 @@ fn initial_state(cfg: &Config, seed: u64) -> TrainingState {
 /// Takes the step program's own devices (`PJRT_LoadedExecutable_
 /// AddressableDevices`, the order of its argument lists) as the devices
 /// every buffer of the run is uploaded to; they must be the placement's
-/// replicas' devices in replica order, or data would reach other replicas.
+/// devices in mesh order, or blocks would reach the wrong devices.
 fn adopt_devices(placement: &mut Placement, program: &Compiled) -> Result<()> {
     let ids = |d: &[Device]| d.iter().map(|d| d.id()).collect::<Vec<_>>();
     let (theirs, ours) = (ids(program.devices()), ids(&placement.devices));
     if theirs != ours {
         bail!(
-            "the compiled step runs on devices {theirs:?}, the placement of its replicas is {ours:?}: \
+            "the compiled step runs on devices {theirs:?}, the placement of its mesh is {ours:?}: \
              the plugin ordered the program's devices otherwise"
         );
     }
@@ -160,10 +171,79 @@ fn adopt_devices(placement: &mut Placement, program: &Compiled) -> Result<()> {
     Ok(())
 }
 
-fn upload(client: &Client, dev: &Device, tensors: &Tensors) -> Result<Vec<Buffer>> {
-    tensors
+/// Each local device's blocks of the state of `start` (params, m, v,
+/// then the step counter), device i being the mesh's device `first + i`.
+fn upload_state(
+    client: &Client,
+    devices: &[Device],
+    first: usize,
+    shardings: &[Sharding],
+    start: &Checkpoint,
+) -> Result<Vec<Vec<Buffer>>> {
+    let tensors: Vec<_> = start
+        .params
         .iter()
-        .map(|(_, dims, v)| Ok(client.buffer_from_host(v, dims, dev)?))
+        .chain(&start.adam_m)
+        .chain(&start.adam_v)
+        .collect();
+    devices
+        .iter()
+        .enumerate()
+        .map(|(i, dev)| {
+            let mut bufs = tensors
+                .iter()
+                .zip(shardings)
+                .map(|((name, dims, v), on)| {
+                    let block = on.shard_dims(dims)?;
+                    let part = shard_of(on, dims, v, first + i)
+                        .with_context(|| format!("the block of `{name}` for device {i}"))?;
+                    Ok(client.buffer_from_host(&part, &block, dev)?)
+                })
+                .collect::<Result<Vec<Buffer>>>()?;
+            bufs.push(client.buffer_from_host(&[start.state.step as i32], &[], dev)?);
+            Ok(bufs)
+        })
+        .collect()
+}
+
+/// Assembles whole tensors from the local devices' blocks: tensor k of
+/// `specs` from `blocks(i)[k]` of local device i (the mesh's device `first
+/// + i`), each block read once, from the first device that holds it.
+/// Fails when the local devices do not hold every block (a process of a
+/// multi-host job holds only its share).
+fn gather(
+    specs: &[(String, Vec<i64>)],
+    shardings: &[Sharding],
+    first: usize,
+    devices: usize,
+    blocks: impl Fn(usize, usize) -> Result<Vec<f32>>,
+) -> Result<Tensors> {
+    specs
+        .iter()
+        .zip(shardings)
+        .enumerate()
+        .map(|(k, ((name, dims), on))| {
+            let len: i64 = dims.iter().product();
+            let mut full = vec![0f32; len as usize];
+            let block_len: i64 = on.shard_dims(dims)?.iter().product();
+            let mut seen = Vec::new();
+            for i in 0..devices {
+                let at = on.shard_offsets(dims, first + i)?;
+                if seen.contains(&at) {
+                    continue;
+                }
+                place_shard(on, dims, &blocks(i, k)?, first + i, &mut full)?;
+                seen.push(at);
+            }
+            if seen.len() as i64 * block_len != len {
+                bail!(
+                    "`{name}`: this process's {devices} devices hold {} of its {} blocks",
+                    seen.len(),
+                    len / block_len
+                );
+            }
+            Ok((name.clone(), dims.clone(), full))
+        })
         .collect()
 }
 
@@ -211,13 +291,15 @@ impl Trainer {
     ) -> Result<Trainer> {
         let total = cfg.train.replicas as usize;
         let layout = StepLayout::new(&cfg);
-        // One program over every replica of the job (on a multi-host client,
-        // every host's chips), or, when XLA cannot connect the processes,
-        // this process's share with a host-side sum between two programs.
-        let (placement, programs, eval_replicas) = match across {
+        let job_mesh = StepMesh::of(&cfg)?;
+        // One program over every device of the job (on a multi-host
+        // client, every host's chips), or, when XLA cannot connect the
+        // processes, this process's share of the data axis with a host-side
+        // sum between two programs.
+        let (placement, mesh, programs) = match across {
             None => {
                 let mut placement = Placement::job(&client, total)?;
-                let program = train_step(&cfg, experts)?
+                let program = train_step(&cfg, experts, &job_mesh)?
                     .compile_on(&client, Some(&placement.assignment))
                     .context("compiling the train step")?;
                 adopt_devices(&mut placement, &program)?;
@@ -225,7 +307,7 @@ impl Trainer {
                     placement
                         .devices
                         .iter()
-                        .map(|dev| Ok(client.buffer_from_host(&[v], &[], dev)?))
+                        .map(|dev| Ok(client.buffer_from_host(&[v], &[1], dev)?))
                         .collect::<Result<Vec<Buffer>>>()
                 });
                 let [no, yes] = votes;
@@ -233,27 +315,30 @@ impl Trainer {
                     program,
                     votes: [no?, yes?],
                 };
-                (placement, programs, total)
+                (placement, job_mesh, programs)
             }
             Some(across) => {
                 let processes = across.processes();
-                if total % processes != 0 {
+                let (data, fsdp) = (job_mesh.data, job_mesh.fsdp);
+                if data % processes != 0 {
                     bail!(
-                        "train.replicas = {total} is not divisible by the {processes} processes of the job"
+                        "mesh.data = {data} is not divisible by the {processes} processes of the job \
+                         (their devices are connected through the host, along the data axis)"
                     );
                 }
-                let replicas = total / processes;
-                let mut placement = Placement::local(&client, replicas).with_context(|| {
+                let mesh = StepMesh::new(data / processes, fsdp)?;
+                let devices = mesh.devices();
+                let mut placement = Placement::local(&client, devices).with_context(|| {
                     format!(
-                        "this process drives {replicas} replicas (train.replicas = {total} over \
-                         {processes} processes)"
+                        "this process drives {devices} devices (mesh.data = {data} over \
+                         {processes} processes, mesh.fsdp = {fsdp})"
                     )
                 })?;
                 let on = Some(placement.assignment.as_slice());
-                let gradient = gradient_step(&cfg, experts, replicas)?
+                let gradient = gradient_step(&cfg, experts, &mesh)?
                     .compile_on(&client, on)
                     .context("compiling the gradient step")?;
-                let update = update_step(&cfg, replicas)?
+                let update = update_step(&cfg, &mesh)?
                     .compile_on(&client, on)
                     .context("compiling the update step")?;
                 adopt_devices(&mut placement, &gradient)?;
@@ -262,7 +347,7 @@ impl Trainer {
                     update,
                     across,
                 };
-                (placement, programs, replicas)
+                (placement, mesh, programs)
             }
         };
         // Programs compiled, state not uploaded yet: refuse a step that
@@ -270,22 +355,19 @@ impl Trainer {
         if let Some(stats) = step_memory(&programs) {
             super::memory::check_compiled_step(&cfg, &stats, &placement.devices)?;
         }
-        let eval_program = eval_step(&cfg, experts, eval_replicas)?
+        let eval_program = eval_step(&cfg, experts, &mesh)?
             .compile_on(&client, Some(&placement.assignment))
             .context("compiling the eval step")?;
-        let mut state = Vec::with_capacity(placement.devices.len());
-        for dev in &placement.devices {
-            let mut bufs = upload(&client, dev, &start.params)?;
-            bufs.extend(upload(&client, dev, &start.adam_m)?);
-            bufs.extend(upload(&client, dev, &start.adam_v)?);
-            bufs.push(client.buffer_from_host(&[start.state.step as i32], &[], dev)?);
-            state.push(bufs);
-        }
+        let state_shardings = layout.state_shardings(&mesh)?;
+        let first = placement.local.start;
+        let state = upload_state(&client, &placement.devices, first, &state_shardings, start)?;
         Ok(Trainer {
             cfg,
             client,
             placement,
             layout,
+            mesh,
+            state_shardings,
             programs,
             eval_program,
             state,
@@ -297,37 +379,44 @@ impl Trainer {
     }
 
     /// Votes to stop after the current step while `flag` is set: the fused
-    /// step sums the votes of every replica, so that in a multi-host job
+    /// step sums the votes of every device, so that in a multi-host job
     /// all processes see [`StepMetrics::stop`] in the same step (a process
     /// stopping alone would leave the others waiting in a collective).
     pub fn set_stop_vote(&mut self, flag: Arc<AtomicBool>) {
         self.stop_vote = Some(flag);
     }
 
-    /// Optimizer steps done so far.
     /// What XLA's buffer assignment gives the step program(s) per device.
     pub fn step_memory(&self) -> Option<MemoryStats> {
         step_memory(&self.programs)
     }
 
+    /// Optimizer steps done so far.
     pub fn step_count(&self) -> i64 {
         self.step
     }
 
-    /// Sequences per replica per step: [A, M, S+1].
-    fn replica_shape(&self) -> Vec<i64> {
+    /// The mesh the step runs over (this process's share for a split
+    /// step).
+    pub fn mesh(&self) -> &StepMesh {
+        &self.mesh
+    }
+
+    /// Sequences of one device per step: [A, M, S+1].
+    fn device_shape(&self) -> Vec<i64> {
         let t = &self.cfg.train;
         vec![self.cfg.accumulation_steps(), t.micro_batch, t.seq_len + 1]
     }
 
-    /// Runs one optimizer step. `rows[r]` holds local replica r's share of
-    /// the global batch (B/R windows of S+1 tokens, row-major).
+    /// Runs one optimizer step. `rows[i]` holds local device i's share of
+    /// the global batch (its B/N windows of S+1 tokens, row-major [A, M,
+    /// S+1]).
     pub fn train_step(&mut self, rows: &[Vec<i32>]) -> Result<StepMetrics> {
-        let shape = self.replica_shape();
-        let per_replica: usize = shape.iter().product::<i64>() as usize;
-        if rows.len() != self.state.len() || rows.iter().any(|r| r.len() != per_replica) {
+        let shape = self.device_shape();
+        let per_device: usize = shape.iter().product::<i64>() as usize;
+        if rows.len() != self.state.len() || rows.iter().any(|r| r.len() != per_device) {
             bail!(
-                "batch: expected {} replicas x {per_replica} tokens",
+                "batch: expected {} devices x {per_device} tokens",
                 self.state.len()
             );
         }
@@ -393,18 +482,20 @@ impl Trainer {
         }
     }
 
-    /// The step as gradient program, host-side sum across processes,
+    /// The parameters' names and whole dims, in argument order.
+    fn param_dims(&self) -> Vec<(String, Vec<i64>)> {
+        self.layout
+            .specs
+            .iter()
+            .map(|s| (s.name.clone(), s.dims.clone()))
+            .collect()
+    }
+
+    /// The step as gradient program, host-side mean across processes,
     /// update program.
     fn split_step(&mut self, windows: Vec<Buffer>) -> Result<StepMetrics> {
-        let StepPrograms::Split {
-            gradient,
-            update,
-            across,
-        } = &mut self.programs
-        else {
-            unreachable!("called for split programs only")
-        };
         let n = self.layout.n();
+        let specs = self.param_dims();
         let args = self
             .state
             .iter()
@@ -415,25 +506,31 @@ impl Trainer {
                 list
             })
             .collect();
-        let sums = gradient.execute(args)?;
-        // Local replicas hold identical sums: replica 0's go to the host as
-        // one flat vector in the program's result order (the gradients,
-        // then ce and aux), summed with the other processes', and are
-        // divided by the job's replica count for the mean.
-        let mut flat: Vec<f32> = Vec::new();
-        for b in &sums[0] {
-            flat.extend(b.to_host::<f32>()?);
+        let StepPrograms::Split {
+            gradient,
+            update,
+            across,
+        } = &mut self.programs
+        else {
+            unreachable!("called for split programs only")
+        };
+        let means = gradient.execute(args)?;
+        // This process's mean gradients, whole, then ce and aux (on every
+        // device alike), as one flat vector summed with the other
+        // processes' and divided by their count: the job's means.
+        let first = self.placement.local.start;
+        let grads = gather(&specs, &self.state_shardings[..n], first, means.len(), |i, k| {
+            Ok(means[i][k].to_host::<f32>()?)
+        })?;
+        let results = StepOutputs::gradient(&self.layout);
+        let mut flat: Vec<f32> = grads.iter().flat_map(|(_, _, v)| v.iter().copied()).collect();
+        let grad_len = flat.len();
+        for s in results.scalars {
+            flat.push(means[0][results.index(*s)].to_host::<f32>()?[0]);
         }
         across.sum(&mut flat)?;
-        let inv = 1.0 / self.cfg.train.replicas as f32;
+        let inv = 1.0 / across.processes() as f32;
         flat.iter_mut().for_each(|x| *x *= inv);
-        let results = StepOutputs::gradient(&self.layout);
-        let grad_len: usize = self
-            .layout
-            .specs
-            .iter()
-            .map(|s| s.num_elements() as usize)
-            .sum();
         // Each scalar is one element after the gradients.
         let at = |s: StepScalar| grad_len + results.index(s) - results.tensors;
         let (ce, aux) = (
@@ -443,17 +540,18 @@ impl Trainer {
         // The update step's `losses` argument: [ce, aux].
         let losses = [ce as f32, aux as f32];
         let mut args = Vec::with_capacity(self.state.len());
-        for (state, dev) in std::mem::take(&mut self.state)
+        for (i, (state, dev)) in std::mem::take(&mut self.state)
             .into_iter()
             .zip(&self.placement.devices)
+            .enumerate()
         {
             let mut list: Vec<Arg> = state.into_iter().map(Arg::Donated).collect();
             let mut offset = 0;
-            for spec in &self.layout.specs {
-                let len = spec.dims.iter().product::<i64>() as usize;
-                let g =
-                    self.client
-                        .buffer_from_host(&flat[offset..offset + len], &spec.dims, dev)?;
+            for ((_, dims), on) in specs.iter().zip(&self.state_shardings) {
+                let len = dims.iter().product::<i64>() as usize;
+                let block = on.shard_dims(dims)?;
+                let part = shard_of(on, dims, &flat[offset..offset + len], first + i)?;
+                let g = self.client.buffer_from_host(&part, &block, dev)?;
                 list.push(Arg::Donated(g));
                 offset += len;
             }
@@ -480,15 +578,15 @@ impl Trainer {
         Ok(metrics)
     }
 
-    /// Validation loss of one micro-batch per local replica ([M, S+1]
-    /// each): (ce, aux) averaged over the job's replicas.
+    /// Validation loss of one micro-batch per local device ([M, S+1]
+    /// each): (ce, aux) averaged over the job's devices.
     pub fn eval(&mut self, rows: &[Vec<i32>]) -> Result<(f64, f64)> {
         let t = &self.cfg.train;
         let n = self.layout.n();
         let mut owned = vec![];
         if rows.len() != self.placement.devices.len() {
             bail!(
-                "eval batch: {} rows for {} local replicas",
+                "eval batch: {} rows for {} local devices",
                 rows.len(),
                 self.placement.devices.len()
             );
@@ -515,37 +613,35 @@ impl Trainer {
         let results = StepOutputs::eval();
         let read =
             |s: StepScalar| -> Result<f32> { Ok(out[0][results.index(s)].to_host::<f32>()?[0]) };
-        let mut sums = [read(StepScalar::Ce)?, read(StepScalar::Aux)?];
+        let mut means = [read(StepScalar::Ce)?, read(StepScalar::Aux)?];
         if let StepPrograms::Split { across, .. } = &mut self.programs {
-            across.sum(&mut sums)?;
+            across.sum(&mut means)?;
+            let inv = 1.0 / across.processes() as f32;
+            means.iter_mut().for_each(|x| *x *= inv);
         }
-        let inv = 1.0 / self.cfg.train.replicas as f64;
-        Ok((sums[0] as f64 * inv, sums[1] as f64 * inv))
+        Ok((means[0] as f64, means[1] as f64))
     }
 
-    /// Downloads replica 0's state (replicas hold identical copies).
+    /// The whole state, read from this process's devices (each block once).
     pub fn checkpoint(&self, next_batch: i64) -> Result<Checkpoint> {
         let n = self.layout.n();
-        let s = &self.state[0];
-        let read = |offset: usize| -> Result<Tensors> {
-            self.layout
-                .specs
-                .iter()
-                .enumerate()
-                .map(|(i, spec)| {
-                    Ok((
-                        spec.name.clone(),
-                        spec.dims.clone(),
-                        s[offset + i].to_host::<f32>()?,
-                    ))
-                })
-                .collect()
+        let specs = self.param_dims();
+        let first = self.placement.local.start;
+        let read = |group: usize| -> Result<Tensors> {
+            let at = group * n;
+            gather(
+                &specs,
+                &self.state_shardings[at..at + n],
+                first,
+                self.state.len(),
+                |i, k| Ok(self.state[i][at + k].to_host::<f32>()?),
+            )
         };
         let tokens_per_step = self.cfg.train.global_batch * self.cfg.train.seq_len;
         Ok(Checkpoint {
             params: read(0)?,
-            adam_m: read(n)?,
-            adam_v: read(2 * n)?,
+            adam_m: read(1)?,
+            adam_v: read(2)?,
             state: TrainingState {
                 step: self.step,
                 tokens_seen: self.step * tokens_per_step,
@@ -556,12 +652,34 @@ impl Trainer {
         })
     }
 
-    /// Parameters of replica `r` as host tensors (for tests and checks).
-    pub fn params_of_replica(&self, r: usize) -> Result<Vec<HostTensor>> {
-        let n = self.layout.n();
-        self.state[r][..n]
+    /// The parameters, whole, as host tensors (for tests and checks).
+    pub fn params(&self) -> Result<Vec<HostTensor>> {
+        let ckpt = self.checkpoint(0)?;
+        Ok(ckpt
+            .params
             .iter()
-            .map(|b| Ok(HostTensor::from_buffer(b)?))
+            .map(|(_, dims, v)| {
+                let values: Vec<f64> = v.iter().map(|&x| x as f64).collect();
+                HostTensor::from_f64(
+                    &values,
+                    crate::graph::TensorType::new(crate::graph::DType::F32, dims),
+                )
+            })
+            .collect::<std::result::Result<_, _>>()?)
+    }
+
+    /// Bytes of each local device's blocks of the parameters and both
+    /// Adam moments, as the devices report them.
+    pub fn state_bytes_per_device(&self) -> Result<Vec<usize>> {
+        let tensors = 3 * self.layout.n();
+        self.state
+            .iter()
+            .map(|bufs| {
+                bufs[..tensors]
+                    .iter()
+                    .map(|b| Ok(b.on_device_size()?))
+                    .sum::<Result<usize>>()
+            })
             .collect()
     }
 }
