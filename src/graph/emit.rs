@@ -256,7 +256,12 @@ impl Function {
                     .map(|&(_, o)| format!("tf.aliasing_output = {o} : i32"));
                 let on = sharding(self.partitioning.as_ref().map(|p| &p.params[i]));
                 let attrs: Vec<String> = on.into_iter().chain(alias).collect();
-                format!("{}: {}{}", cx.name(v), st.values[v].ty.mlir(), braced(&attrs))
+                format!(
+                    "{}: {}{}",
+                    cx.name(v),
+                    st.values[v].ty.mlir(),
+                    braced(&attrs)
+                )
             })
             .collect();
         let results: Vec<String> = self
@@ -294,7 +299,9 @@ fn braced(attrs: &[String]) -> String {
 /// The block of `ty` one device holds under `s` (checked when the
 /// shardings were set).
 fn shard_type(ty: &TensorType, s: &Sharding) -> TensorType {
-    let dims = s.shard_dims(&ty.dims).expect("checked by Function::partitioned");
+    let dims = s
+        .shard_dims(&ty.dims)
+        .expect("checked by Function::partitioned");
     TensorType::new(ty.dtype, &dims)
 }
 

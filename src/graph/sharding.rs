@@ -112,7 +112,9 @@ impl Sharding {
     /// minor), replicated over the mesh's other axes.
     pub fn split(mesh: &Mesh, rank: usize, dim: usize, axes: &[&str]) -> Result<Sharding> {
         if dim >= rank {
-            return usage(format!("cannot split dimension {dim} of a rank-{rank} tensor"));
+            return usage(format!(
+                "cannot split dimension {dim} of a rank-{rank} tensor"
+            ));
         }
         let mut s = Sharding::replicated(mesh, rank);
         for name in axes {
@@ -231,7 +233,12 @@ impl Sharding {
 
 /// Copies device `p`'s block of `full` (row-major, `dims`) under
 /// `sharding`.
-pub fn shard_of<T: Copy>(sharding: &Sharding, dims: &[i64], full: &[T], p: usize) -> Result<Vec<T>> {
+pub fn shard_of<T: Copy>(
+    sharding: &Sharding,
+    dims: &[i64],
+    full: &[T],
+    p: usize,
+) -> Result<Vec<T>> {
     let block = sharding.shard_dims(dims)?;
     let at = sharding.shard_offsets(dims, p)?;
     check_len(dims, full.len())?;
@@ -279,9 +286,7 @@ fn for_each_row(dims: &[i64], block: &[i64], at: &[i64], mut row: impl FnMut(usi
         row(0, 1);
         return;
     }
-    let strides: Vec<i64> = (0..rank)
-        .map(|d| dims[d + 1..].iter().product())
-        .collect();
+    let strides: Vec<i64> = (0..rank).map(|d| dims[d + 1..].iter().product()).collect();
     let outer: Vec<i64> = block[..rank - 1].to_vec();
     let count: i64 = outer.iter().product();
     let mut idx = vec![0i64; rank - 1];
@@ -326,7 +331,9 @@ mod tests {
         );
         // Over both (the batch): block 4d + f on device 4d + f.
         assert_eq!(
-            Sharding::split(&m, 3, 1, &["data", "fsdp"]).unwrap().to_hlo(),
+            Sharding::split(&m, 3, 1, &["data", "fsdp"])
+                .unwrap()
+                .to_hlo(),
             "{devices=[1,8,1]0,1,2,3,4,5,6,7}"
         );
     }

@@ -87,7 +87,9 @@ fn balance_loss(r: &Routing, num_experts: i64, groups: i64) -> Result<Tensor> {
         .eq(&r.experts.reshape(&[n, k, 1])?)?
         .convert(acc)?
         .reshape(&[groups, per * k, num_experts])?;
-    let f = chosen.reduce_sum(&[1])?.mul_scalar(1.0 / (per * k) as f64)?;
+    let f = chosen
+        .reduce_sum(&[1])?
+        .mul_scalar(1.0 / (per * k) as f64)?;
     let p = r.probs.reshape(&[groups, per, num_experts])?.mean(&[1])?;
     f.mul(&p)?
         .sum_all()?

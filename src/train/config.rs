@@ -340,9 +340,9 @@ impl Config {
             bail!("train.replicas = {data}: must be positive");
         }
         m.data = Some(data);
-        t.replicas = data.checked_mul(m.fsdp).ok_or_else(|| {
-            anyhow!("mesh.data * mesh.fsdp = {data} * {} overflows", m.fsdp)
-        })?;
+        t.replicas = data
+            .checked_mul(m.fsdp)
+            .ok_or_else(|| anyhow!("mesh.data * mesh.fsdp = {data} * {} overflows", m.fsdp))?;
         Ok(())
     }
 

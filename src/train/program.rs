@@ -417,9 +417,11 @@ pub fn gradient_step(cfg: &Config, experts: ExpertCompute, mesh: &StepMesh) -> R
     });
     let mut inputs = layout.param_shardings(mesh)?;
     inputs.push(mesh.batch(3, 1)?);
-    g.build(&outs)?
-        .with_name("gradient_step")
-        .partitioned(&mesh.mesh, inputs, results.shardings(&layout, mesh)?)
+    g.build(&outs)?.with_name("gradient_step").partitioned(
+        &mesh.mesh,
+        inputs,
+        results.shardings(&layout, mesh)?,
+    )
 }
 
 /// The second half: params[n], m[n], v[n], step, grads[n] (the job's mean
@@ -479,7 +481,9 @@ pub fn eval_step(cfg: &Config, experts: ExpertCompute, mesh: &StepMesh) -> Resul
     });
     let mut inputs = layout.param_shardings(mesh)?;
     inputs.push(mesh.batch(2, 0)?);
-    g.build(&outs)?
-        .with_name("eval_step")
-        .partitioned(&mesh.mesh, inputs, results.shardings(&layout, mesh)?)
+    g.build(&outs)?.with_name("eval_step").partitioned(
+        &mesh.mesh,
+        inputs,
+        results.shardings(&layout, mesh)?,
+    )
 }

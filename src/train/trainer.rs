@@ -519,11 +519,18 @@ impl Trainer {
         // device alike), as one flat vector summed with the other
         // processes' and divided by their count: the job's means.
         let first = self.placement.local.start;
-        let grads = gather(&specs, &self.state_shardings[..n], first, means.len(), |i, k| {
-            Ok(means[i][k].to_host::<f32>()?)
-        })?;
+        let grads = gather(
+            &specs,
+            &self.state_shardings[..n],
+            first,
+            means.len(),
+            |i, k| Ok(means[i][k].to_host::<f32>()?),
+        )?;
         let results = StepOutputs::gradient(&self.layout);
-        let mut flat: Vec<f32> = grads.iter().flat_map(|(_, _, v)| v.iter().copied()).collect();
+        let mut flat: Vec<f32> = grads
+            .iter()
+            .flat_map(|(_, _, v)| v.iter().copied())
+            .collect();
         let grad_len = flat.len();
         for s in results.scalars {
             flat.push(means[0][results.index(*s)].to_host::<f32>()?[0]);
