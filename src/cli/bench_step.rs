@@ -2,6 +2,10 @@
 //! machine, next to the same model, batch and recipe under `jax.jit` with
 //! donated state (benches/peers/step_jax.py), measured in the same run.
 //!
+//! On N > 1 devices each of our variants runs twice, under mesh.data = N
+//! (each device a whole copy of the state) and mesh.fsdp = N (a shard
+//! each), and their ratio is printed.
+//!
 //! Every variant (ours routed, ours with every expert computed densely,
 //! each JAX variant) runs in its own process, so its peak RSS is its own;
 //! each also reports what its compiled step program needs according to
@@ -159,7 +163,7 @@ pub fn step(args: &BenchArgs, cfg: &Config) -> Result<()> {
     let t = &cfg.train;
     let fpt = flops_per_token(cfg);
     println!(
-        "config: {:?} d={} layers={} vocab={} | batch {} x {} tokens, {} replica(s), {} accumulation step(s), {:?}",
+        "config: {:?} d={} layers={} vocab={} | batch {} x {} tokens, {} device(s), {} accumulation step(s), {:?}",
         cfg.model.ffn,
         cfg.model.hidden_size,
         cfg.model.num_layers,
@@ -183,8 +187,64 @@ pub fn step(args: &BenchArgs, cfg: &Config) -> Result<()> {
     if args.memory {
         print_memory(&outcomes);
     }
+    print_mesh_ratios(cfg, &outcomes);
     print_ratios(&outcomes);
     Ok(())
+}
+
+/// The meshes our variants run on: for N > 1 devices, data = N and
+/// fsdp = N (the same devices holding whole copies of the state, or a
+/// shard each); one device is one mesh.
+fn meshes(cfg: &Config) -> Vec<(i64, i64)> {
+    match cfg.train.replicas {
+        1 => vec![(1, 1)],
+        n => vec![(n, 1), (1, n)],
+    }
+}
+
+/// Our variant's name on a mesh, as the tables show it.
+fn mesh_label(cfg: &Config, variant: &str, (data, fsdp): (i64, i64)) -> String {
+    if cfg.train.replicas == 1 {
+        return variant.into();
+    }
+    if fsdp == 1 {
+        format!("{variant}, data={data}")
+    } else {
+        format!("{variant}, fsdp={fsdp}")
+    }
+}
+
+/// fsdp = N against data = N for each of our variants.
+fn print_mesh_ratios(cfg: &Config, outcomes: &[Outcome]) {
+    let [data, fsdp] = match meshes(cfg)[..] {
+        [a, b] => [a, b],
+        _ => return,
+    };
+    let find = |label: &str| {
+        outcomes
+            .iter()
+            .find(|o| o.side == "sharedmoe" && o.variant == label)
+            .and_then(|o| o.result.as_ref().map(|r| (o, r)))
+    };
+    for (variant, _) in our_variants(cfg) {
+        let (Some((od, rd)), Some((of, rf))) = (
+            find(&mesh_label(cfg, variant, data)),
+            find(&mesh_label(cfg, variant, fsdp)),
+        ) else {
+            continue;
+        };
+        let compiled = match (rf.compiled, rd.compiled) {
+            (Some(a), Some(b)) => format!("{:.2}", a.live() as f64 / b.live() as f64),
+            _ => "-".into(),
+        };
+        println!(
+            "ratio fsdp={} / data={} ({variant}): time {:.2}, peak RSS {:.2}, compiled per device {compiled}",
+            fsdp.1,
+            data.0,
+            rf.step_s / rd.step_s,
+            of.peak_rss as f64 / od.peak_rss as f64,
+        );
+    }
 }
 
 /// Each of our variants, then each of JAX's (when its venv is installed),
@@ -193,16 +253,23 @@ fn measure_all(args: &BenchArgs, cfg: &Config) -> Result<Vec<Outcome>> {
     let mut outcomes = vec![];
     let me = std::env::current_exe().context("finding this executable")?;
     for (variant, _) in our_variants(cfg) {
-        let mut cmd = Command::new(&me);
-        cmd.args(["bench", "step", "--variant", variant, "--steps"])
-            .arg(args.steps.to_string());
-        if let Some(c) = &args.config {
-            cmd.arg("--config").arg(c);
+        for mesh in meshes(cfg) {
+            let mut cmd = Command::new(&me);
+            cmd.args(["bench", "step", "--variant", variant, "--steps"])
+                .arg(args.steps.to_string());
+            if let Some(c) = &args.config {
+                cmd.arg("--config").arg(c);
+            }
+            for s in &args.overrides {
+                cmd.arg("--set").arg(s);
+            }
+            cmd.arg("--set")
+                .arg(format!("mesh.data={}", mesh.0))
+                .arg("--set")
+                .arg(format!("mesh.fsdp={}", mesh.1));
+            let label = mesh_label(cfg, variant, mesh);
+            outcomes.push(measure("sharedmoe", &label, &mut cmd)?);
         }
-        for s in &args.overrides {
-            cmd.arg("--set").arg(s);
-        }
-        outcomes.push(measure("sharedmoe", variant, &mut cmd)?);
     }
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let python = root.join("target/bench-venv/bin/python");
@@ -235,7 +302,7 @@ fn print_times(cfg: &Config, outcomes: &[Outcome], peak: Option<f64>) {
     let tokens = (cfg.train.global_batch * cfg.train.seq_len) as f64;
     let fpt = flops_per_token(cfg);
     println!(
-        "{:<26} {:>10} {:>10} {:>9} {:>6} {:>10} {:>10}",
+        "{:<36} {:>10} {:>10} {:>9} {:>6} {:>10} {:>10}",
         "variant", "step ms", "tokens/s", "GFLOP/s", "MFU", "peak RSS", "compiled"
     );
     for o in outcomes {
@@ -243,7 +310,7 @@ fn print_times(cfg: &Config, outcomes: &[Outcome], peak: Option<f64>) {
         let rss = format!("{:.2} GiB", gib(o.peak_rss as f64));
         let Some(r) = &o.result else {
             println!(
-                "{name:<26} {:>10} {:>10} {:>9} {:>6} {rss:>10}   {}",
+                "{name:<36} {:>10} {:>10} {:>9} {:>6} {rss:>10}   {}",
                 "-", "-", "-", "-", o.status
             );
             continue;
@@ -256,7 +323,7 @@ fn print_times(cfg: &Config, outcomes: &[Outcome], peak: Option<f64>) {
             .map(|c| format!("{:.2} GiB", gib(c.live() as f64)))
             .unwrap_or_else(|| "-".into());
         println!(
-            "{name:<26} {:>10.1} {:>10.0} {:>9.2} {mfu:>6} {rss:>10} {compiled:>10}",
+            "{name:<36} {:>10.1} {:>10.0} {:>9.2} {mfu:>6} {rss:>10} {compiled:>10}",
             r.step_s * 1e3,
             tokens / r.step_s,
             tokens * fpt / r.step_s / 1e9,
@@ -268,13 +335,13 @@ fn print_times(cfg: &Config, outcomes: &[Outcome], peak: Option<f64>) {
 fn print_memory(outcomes: &[Outcome]) {
     println!("compiled step memory per device (XLA buffer assignment), GiB:");
     println!(
-        "{:<26} {:>9} {:>9} {:>9} {:>11} {:>9}",
+        "{:<36} {:>9} {:>9} {:>9} {:>11} {:>9}",
         "variant", "arguments", "outputs", "aliased", "temporaries", "code"
     );
     for o in outcomes {
         if let Some(c) = o.result.as_ref().and_then(|r| r.compiled) {
             println!(
-                "{:<26} {:>9.3} {:>9.3} {:>9.3} {:>11.3} {:>9.3}",
+                "{:<36} {:>9.3} {:>9.3} {:>9.3} {:>11.3} {:>9.3}",
                 format!("{} ({})", o.side, o.variant),
                 gib(c.arguments as f64),
                 gib(c.outputs as f64),
