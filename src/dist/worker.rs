@@ -1,9 +1,10 @@
 //! A worker: one per host. Registers with the coordinator, builds its PJRT
 //! client and the compiled step for its local devices, reads its data
-//! shard and trains; rank 0 streams metrics and checkpoints. When another
+//! shard and trains; rank 0 streams metrics, and every rank sends its
+//! shards of each checkpoint, which the coordinator assembles. When another
 //! worker is lost the attempt is aborted and the worker registers again for
-//! the restart; SIGTERM (preemption) finishes the step, lets rank 0 write a
-//! checkpoint and exits 0.
+//! the restart; SIGTERM (preemption) finishes the step, lets the ranks
+//! write a checkpoint and exits 0.
 //!
 //! Only the CPU (and single-node CUDA) path restarts in the same process.
 //! On TPU and multi-node GPU a worker whose attempt aborts or fails exits

@@ -226,8 +226,9 @@ impl State {
     }
 
     /// Refuses a checkpoint of `step` from `rank` that no metrics row still
-    /// in flight can make due: only rank 0 uploads (see
-    /// `WorkerSink::checkpoint`); never a step beyond the job's end, behind
+    /// in flight can make due: only rank 0 uploads whole checkpoints
+    /// (UploadCheckpoint; workers send shards, see
+    /// [`check_step`](Self::check_step)); never a step beyond the job's end, behind
     /// the step reached, or not after the newest checkpoint (so a worker
     /// cannot make keep-K pruning delete good checkpoints). A step ahead of
     /// the one reached waits for [`check_due`](Self::check_due).
