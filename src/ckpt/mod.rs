@@ -14,6 +14,7 @@ pub mod atomic;
 pub mod integrity;
 pub mod lock;
 pub mod rundir;
+pub mod shards;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;

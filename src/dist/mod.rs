@@ -15,6 +15,7 @@ pub mod coordinator;
 pub mod host_sum;
 pub mod kv;
 pub mod launch;
+pub mod shard_transfer;
 pub mod tpu;
 pub mod transfer;
 pub mod worker;

@@ -1,9 +1,10 @@
 //! A worker: one per host. Registers with the coordinator, builds its PJRT
 //! client and the compiled step for its local devices, reads its data
-//! shard and trains; rank 0 streams metrics and checkpoints. When another
+//! shard and trains; rank 0 streams metrics, and every rank sends its
+//! shards of each checkpoint, which the coordinator assembles. When another
 //! worker is lost the attempt is aborted and the worker registers again for
-//! the restart; SIGTERM (preemption) finishes the step, lets rank 0 write a
-//! checkpoint and exits 0.
+//! the restart; SIGTERM (preemption) finishes the step, lets the ranks
+//! write a checkpoint and exits 0.
 //!
 //! Only the CPU (and single-node CUDA) path restarts in the same process.
 //! On TPU and multi-node GPU a worker whose attempt aborts or fails exits
@@ -32,8 +33,10 @@ use super::client::{connect, Client, Session};
 use super::host_sum::HostSum;
 use super::kv::CoordinatorKv;
 use super::proto::*;
+use super::shard_transfer::{self, ShardUpload};
 use super::transfer::{self, CheckpointFiles, Receiver};
-use crate::ckpt::{self, Checkpoint};
+use crate::ckpt::shards::{self, Shard};
+use crate::ckpt::{self, Checkpoint, TrainingState};
 use crate::data::stream::Cursor;
 use crate::model::param_specs;
 use crate::runtime::{Backend, Client as PjrtClient};
@@ -688,6 +691,41 @@ struct WorkerSink<'a> {
 }
 
 impl WorkerSink<'_> {
+    /// Sends this rank's `shards` of the checkpoint of `step` (rank 0 with
+    /// the training state); returns once the coordinator has assembled and
+    /// written the checkpoint from every rank's shards: its directory.
+    fn upload_shards(
+        &self,
+        step: i64,
+        state: Option<TrainingState>,
+        shards: Vec<Shard>,
+    ) -> Result<String> {
+        let s = &self.session;
+        let from = transfer::Sender {
+            job_id: s.job_id.clone(),
+            worker_id: s.worker_id,
+            attempt: s.attempt,
+        };
+        let up = ShardUpload {
+            step,
+            rank: s.rank,
+            state,
+            shards,
+        };
+        let chunks = shard_transfer::chunks(&from, &up)?;
+        drop(up);
+        let reply = self
+            .rt
+            .block_on(
+                self.client
+                    .clone()
+                    .upload_shards(tokio_stream::iter(chunks)),
+            )
+            .with_context(|| format!("uploading rank {}'s shards of step {step}", s.rank))?
+            .into_inner();
+        Ok(reply.path)
+    }
+
     fn kv_put(&self, key: String, value: Vec<u8>) -> Result<()> {
         let s = &self.session;
         self.rt.block_on(self.client.clone().kv_put(KvPutRequest {
@@ -731,42 +769,31 @@ impl RunSink for WorkerSink<'_> {
         let step = trainer.step_count();
         let s = &self.session;
         // Every worker's data cursors (its shards') go to rank 0 through the
-        // key-value store; rank 0 writes the checkpoint with all of them.
+        // key-value store; rank 0 sends the training state with all of them.
         let mine = batches.position().streams;
         self.kv_put(
             format!("cursors/{step}/{}", s.rank),
             serde_json::to_vec(&mine)?,
         )?;
-        if s.rank != 0 {
-            return Ok(String::new());
-        }
+        // Every rank holds the whole state here; each sends its round-robin
+        // share so that the upload is spread over the ranks.
         let mut c = snapshot(trainer, batches)?;
-        for r in 1..s.world {
-            let theirs: BTreeMap<u32, Cursor> =
-                serde_json::from_slice(&self.kv_get(format!("cursors/{step}/{r}"))?)
-                    .with_context(|| format!("rank {r}'s data cursors"))?;
-            c.state.data_cursors.extend(theirs);
-        }
-        let files = CheckpointFiles {
-            step,
-            files: ckpt::to_files(&trainer.cfg.model, trainer.cfg.train.seq_len, &c)?,
+        let state = if s.rank == 0 {
+            for r in 1..s.world {
+                let theirs: BTreeMap<u32, Cursor> =
+                    serde_json::from_slice(&self.kv_get(format!("cursors/{step}/{r}"))?)
+                        .with_context(|| format!("rank {r}'s data cursors"))?;
+                c.state.data_cursors.extend(theirs);
+            }
+            Some(c.state.clone())
+        } else {
+            None
         };
-        let from = transfer::Sender {
-            job_id: s.job_id.clone(),
-            worker_id: s.worker_id,
-            attempt: s.attempt,
-        };
-        let chunks = transfer::chunks(&from, &files);
-        let reply = self
-            .rt
-            .block_on(
-                self.client
-                    .clone()
-                    .upload_checkpoint(tokio_stream::iter(chunks)),
-            )
-            .context("uploading the checkpoint")?
-            .into_inner();
-        Ok(reply.path)
+        let shards = shards::round_robin(&c, s.rank as usize, s.world as usize);
+        drop(c);
+        let path = self.upload_shards(step, state, shards)?;
+        // Only rank 0 reports where the checkpoint is, as before.
+        Ok(if s.rank == 0 { path } else { String::new() })
     }
 
     fn stop_requested(&self) -> bool {

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use sharedmoe::dist::proto::coordinator_client::CoordinatorClient;
 use sharedmoe::dist::proto::{MetricsRow, RegisterReply, RegisterRequest, UploadCheckpointReply};
+use sharedmoe::dist::shard_transfer::{self, ShardUpload};
 use sharedmoe::dist::transfer::{chunks, CheckpointFiles, Sender};
 use tonic::Status;
 
@@ -97,6 +98,21 @@ pub async fn upload(
     Ok(client
         .clone()
         .upload_checkpoint(tokio_stream::iter(c))
+        .await?
+        .into_inner())
+}
+
+/// Uploads `reg`'s shards (UploadShards) as its worker; `up.rank` is sent
+/// as given.
+pub async fn upload_shards(
+    client: &Client,
+    reg: &RegisterReply,
+    up: &ShardUpload,
+) -> Result<UploadCheckpointReply, Status> {
+    let c = shard_transfer::chunks(&sender(reg), up).unwrap();
+    Ok(client
+        .clone()
+        .upload_shards(tokio_stream::iter(c))
         .await?
         .into_inner())
 }

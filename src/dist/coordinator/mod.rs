@@ -6,6 +6,7 @@
 mod service;
 pub mod state;
 
+use std::collections::BTreeMap;
 use std::fs::{self, OpenOptions};
 use std::io::Write;
 use std::net::SocketAddr;
@@ -17,8 +18,8 @@ use anyhow::{bail, Context, Result};
 use tokio::sync::watch;
 use tonic::Status;
 
-use crate::ckpt;
-use crate::model::{count_params, param_specs, ParamSpec};
+use crate::ckpt::{self, shards};
+use crate::model::{count_params, param_specs, ModelConfig, ParamSpec};
 use crate::runtime::Backend;
 use crate::train::history;
 use crate::train::tensorboard::EventWriter;
@@ -26,7 +27,8 @@ use crate::train::Config;
 
 use super::auth;
 use super::proto::coordinator_server::CoordinatorServer;
-use super::proto::{CheckpointHeader, MetricsRow};
+use super::proto::{CheckpointHeader, MetricsRow, ShardHeader};
+use super::shard_transfer::ShardUpload;
 use super::transfer::CheckpointFiles;
 pub use service::REDUCE_CHUNK;
 use state::{Finished, Phase, State};
@@ -84,6 +86,9 @@ pub struct Job {
     pub config_toml: String,
     pub opts: CoordinatorOptions,
     specs: Vec<ParamSpec>,
+    /// What shards are assembled into, and the config.json of the files.
+    model: ModelConfig,
+    max_positions: i64,
     pub max_checkpoint_bytes: u64,
     pub max_reduce_len: u64,
     total_steps: i64,
@@ -193,6 +198,42 @@ impl Job {
         st.check_upload(rank, h.step, self.total_steps)
     }
 
+    /// The model's tensors (each in params, adam_m and adam_v).
+    fn tensor_count(&self) -> usize {
+        self.specs.len()
+    }
+
+    /// Refuses shards (by their header) from a worker that is not of the
+    /// running attempt, or not of the rank it says, or of a step that
+    /// cannot become due; and the training state from any rank but 0, or
+    /// rank 0's shards without it.
+    fn check_shard_sender(&self, st: &State, h: &ShardHeader) -> Result<(), Status> {
+        let rank = st
+            .member(&h.job_id, &self.job_id, h.worker_id, h.attempt)?
+            .rank;
+        if rank != h.rank {
+            return Err(Status::invalid_argument(format!(
+                "shards of step {} say rank {}, but worker {} is rank {rank}",
+                h.step, h.rank, h.worker_id
+            )));
+        }
+        match (rank, h.state_json.is_empty()) {
+            (0, true) => {
+                return Err(Status::invalid_argument(format!(
+                    "rank 0's shards of step {} come without the training state (state.json)",
+                    h.step
+                )))
+            }
+            (r, false) if r != 0 => {
+                return Err(Status::permission_denied(format!(
+                    "rank {r} may not send the training state: rank 0 does"
+                )))
+            }
+            _ => {}
+        }
+        st.check_step(h.step, self.total_steps)
+    }
+
     /// Writes rank 0's checkpoint of the step the job reached, if
     /// `ckpt::verify_files` accepts it for this model, atomically; keeps
     /// the newest K. A refusal leaves the run directory untouched.
@@ -207,6 +248,59 @@ impl Job {
             self.check_uploader(&st, from)?;
             st.check_due(files.step)?;
         }
+        self.install_verified(files)
+    }
+
+    /// Assembles every rank's shards of the step the job reached (`from`:
+    /// the header of the upload that completed them) into one checkpoint,
+    /// builds its files and stores them as [`store_checkpoint`] does: the
+    /// same verification, the same atomic install. A refusal (a missing,
+    /// duplicated or malformed shard, named) leaves the run directory
+    /// untouched.
+    ///
+    /// [`store_checkpoint`]: Self::store_checkpoint
+    fn store_shards(
+        &self,
+        from: &ShardHeader,
+        mut parts: BTreeMap<u32, ShardUpload>,
+    ) -> Result<PathBuf, Status> {
+        let _one = self.storing.lock().unwrap_or_else(|p| p.into_inner());
+        let step = from.step;
+        {
+            let st = self.lock();
+            st.member(&from.job_id, &self.job_id, from.worker_id, from.attempt)?;
+            st.check_step(step, self.total_steps)?;
+            st.check_due(step)?;
+        }
+        // The header checks made rank 0 send it.
+        let state = parts
+            .get_mut(&0)
+            .and_then(|p| p.state.take())
+            .ok_or_else(|| {
+                Status::invalid_argument(format!(
+                    "checkpoint for step {step}: no training state from rank 0"
+                ))
+            })?;
+        let shards = parts.into_values().flat_map(|p| p.shards).collect();
+        let specs: Vec<(String, Vec<i64>)> = self
+            .specs
+            .iter()
+            .map(|s| (s.name.clone(), s.dims.clone()))
+            .collect();
+        let refuse = |e: anyhow::Error| {
+            Status::invalid_argument(format!("checkpoint for step {step}: {e:#}"))
+        };
+        let c = shards::assemble_checkpoint(&specs, state, shards).map_err(refuse)?;
+        let files = ckpt::to_files(&self.model, self.max_positions, &c).map_err(refuse)?;
+        drop(c);
+        self.install_verified(CheckpointFiles { step, files })
+    }
+
+    /// The end of every store: `files` verified with `ckpt::verify_files`
+    /// for this model and of their header's step, installed atomically,
+    /// the newest K kept. The caller holds `storing` and has checked the
+    /// sender and the step.
+    fn install_verified(&self, files: CheckpointFiles) -> Result<PathBuf, Status> {
         let state =
             ckpt::verify_files(&files.files, &self.specs, ckpt::Purpose::Resume).map_err(|e| {
                 Status::invalid_argument(format!("checkpoint for step {}: {e:#}", files.step))
@@ -369,6 +463,8 @@ pub async fn serve(
         backend: cfg.run.backend,
         config_toml: cfg.to_toml(),
         specs,
+        model: cfg.model.clone(),
+        max_positions: cfg.train.seq_len,
         // params, two moments, headers and JSON.
         max_checkpoint_bytes: 12 * params + (64 << 20),
         // gradients plus a few scalars.

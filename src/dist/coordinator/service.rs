@@ -1,5 +1,6 @@
 //! The coordinator's gRPC handlers over the shared [`Job`].
 
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,6 +12,7 @@ use super::state::{Finished, Phase, State, Worker};
 use super::{Job, UPLOAD_WAIT};
 use crate::dist::proto::coordinator_server::Coordinator;
 use crate::dist::proto::*;
+use crate::dist::shard_transfer::{ShardReceiver, ShardUpload};
 use crate::dist::transfer::{self, Receiver};
 use crate::f32_bytes;
 use crate::runtime::Backend;
@@ -247,6 +249,75 @@ impl Service {
                 return Some(Err(e));
             }
             st.take_result(seq, rank, world).map(Ok)
+        })
+        .await
+        .expect("no timeout")
+    }
+}
+
+/// Devices a shard upload may be cut for: a shard per tensor, group and
+/// device, at most.
+const MAX_SHARDS_PER_TENSOR: u32 = 3 * 1024;
+
+/// UploadShards's steps.
+impl Service {
+    /// Reads one rank's shard stream, refusing its header before any data
+    /// arrives when the sender may not send it.
+    async fn receive_shards(
+        &self,
+        mut stream: Streaming<ShardChunk>,
+    ) -> Result<(ShardHeader, ShardUpload), Status> {
+        let job = &self.job;
+        let max_shards = MAX_SHARDS_PER_TENSOR.saturating_mul(job.tensor_count() as u32);
+        let mut rx = ShardReceiver::new(job.max_checkpoint_bytes / 4, max_shards);
+        let mut header = None;
+        while let Some(chunk) = stream.next().await {
+            rx.push(chunk?)?;
+            if header.is_none() {
+                let h = rx.header().expect("header accepted");
+                job.check_shard_sender(&job.lock(), h)?;
+                // Without the state: it is parsed into the upload.
+                header = Some(ShardHeader {
+                    state_json: vec![],
+                    ..h.clone()
+                });
+            }
+        }
+        let up = rx.finish()?;
+        let h = header.ok_or_else(|| Status::invalid_argument("empty shard upload"))?;
+        Ok((h, up))
+    }
+
+    /// Adds `up` to the checkpoint being gathered; the upload that
+    /// completes it stores it. Waits until it is stored or refused (every
+    /// rank gets the same answer), or the attempt is over (a rank lost
+    /// meanwhile: ABORTED, as in AllReduce).
+    async fn gather_and_store(
+        &self,
+        from: ShardHeader,
+        up: ShardUpload,
+    ) -> Result<PathBuf, Status> {
+        let job = &self.job;
+        let (step, rank, world) = (from.step, from.rank, job.world);
+        let complete = {
+            let mut st = job.lock();
+            st.member(&from.job_id, &job.job_id, from.worker_id, from.attempt)?;
+            st.add_shards(up, world, job.max_checkpoint_bytes / 4)?
+        };
+        job.bump();
+        if let Some(parts) = complete {
+            let (store, header) = (job.clone(), from.clone());
+            let result = tokio::task::spawn_blocking(move || store.store_shards(&header, parts))
+                .await
+                .unwrap_or_else(|e| Err(Status::internal(format!("checkpoint writer: {e}"))));
+            job.lock().shards_stored(step, &result);
+            job.bump();
+        }
+        job.wait_for(None, |st| {
+            if let Err(e) = st.member(&from.job_id, &job.job_id, from.worker_id, from.attempt) {
+                return Some(Err(e));
+            }
+            st.take_stored(step, rank, world)
         })
         .await
         .expect("no timeout")
@@ -511,6 +582,39 @@ impl Coordinator for Service {
         Ok(Response::new(UploadCheckpointReply {
             path: path.display().to_string(),
             bytes,
+        }))
+    }
+
+    async fn upload_shards(
+        &self,
+        req: Request<Streaming<ShardChunk>>,
+    ) -> Result<Response<UploadCheckpointReply>, Status> {
+        let began = Instant::now();
+        let (from, up) = self.receive_shards(req.into_inner()).await?;
+        let job = &self.job;
+        let values: u64 = up.shards.iter().map(|s| s.values.len() as u64).sum();
+        // As for UploadCheckpoint: rank 0's metrics rows of the steps
+        // before may still be in flight.
+        let _ = job
+            .wait_for(Some(UPLOAD_WAIT), |st| {
+                let gone = st
+                    .member(&from.job_id, &job.job_id, from.worker_id, from.attempt)
+                    .is_err();
+                (gone || st.reached >= from.step).then_some(())
+            })
+            .await;
+        let path = self.gather_and_store(from.clone(), up).await?;
+        if from.rank == 0 {
+            tracing::info!(
+                "checkpoint {} from every rank's shards ({:.1} MB from rank 0 in {:.2}s)",
+                path.display(),
+                values as f64 * 4.0 / 1e6,
+                began.elapsed().as_secs_f64()
+            );
+        }
+        Ok(Response::new(UploadCheckpointReply {
+            path: path.display().to_string(),
+            bytes: values * 4,
         }))
     }
 

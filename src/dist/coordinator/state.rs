@@ -7,6 +7,7 @@
 //! workers (and the tests) see are chosen here.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -14,6 +15,7 @@ use prost::Message;
 use tonic::{Code, Status};
 
 use crate::dist::proto::{refusal, JobOver, Refusal};
+use crate::dist::shard_transfer::ShardUpload;
 use crate::dist::transfer::CheckpointFiles;
 
 #[derive(Clone, Debug, PartialEq)]
@@ -125,6 +127,20 @@ pub struct Reduction {
     pub fetched: HashSet<u32>,
 }
 
+/// One checkpoint's shards, gathered from every rank (UploadShards); then
+/// the outcome of storing it, which every rank is told.
+pub struct Gathering {
+    pub step: i64,
+    /// Each rank's upload, by rank.
+    pub parts: BTreeMap<u32, ShardUpload>,
+    /// Values in all parts (the job's checkpoint size limit).
+    pub values: u64,
+    /// The stored checkpoint's directory, or the refusal (code and
+    /// message: a Status is not Clone).
+    pub result: Option<Result<PathBuf, (Code, String)>>,
+    pub fetched: HashSet<u32>,
+}
+
 pub struct State {
     pub attempt: u32,
     pub phase: Phase,
@@ -142,6 +158,9 @@ pub struct State {
     pub kv: Kv,
     pub barriers: HashMap<String, HashSet<u64>>,
     pub reductions: BTreeMap<i64, Reduction>,
+    /// The checkpoint whose shards are coming in, or whose outcome not
+    /// every rank has fetched yet.
+    pub gathering: Option<Gathering>,
     /// Why the previous attempt ended (told to its workers).
     pub abort_reason: String,
     /// When the job ended (to let workers hear STOP before exiting).
@@ -162,6 +181,7 @@ impl State {
             kv: Kv::default(),
             barriers: HashMap::new(),
             reductions: BTreeMap::new(),
+            gathering: None,
             abort_reason: String::new(),
             over_since: None,
         }
@@ -206,8 +226,9 @@ impl State {
     }
 
     /// Refuses a checkpoint of `step` from `rank` that no metrics row still
-    /// in flight can make due: only rank 0 uploads (see
-    /// `WorkerSink::checkpoint`); never a step beyond the job's end, behind
+    /// in flight can make due: only rank 0 uploads whole checkpoints
+    /// (UploadCheckpoint; workers send shards, see
+    /// [`check_step`](Self::check_step)); never a step beyond the job's end, behind
     /// the step reached, or not after the newest checkpoint (so a worker
     /// cannot make keep-K pruning delete good checkpoints). A step ahead of
     /// the one reached waits for [`check_due`](Self::check_due).
@@ -217,6 +238,12 @@ impl State {
                 "rank {rank} may not upload checkpoints: rank 0 does"
             )));
         }
+        self.check_step(step, total_steps)
+    }
+
+    /// [`check_upload`](Self::check_upload)'s checks of the step, for
+    /// uploads any rank makes (UploadShards).
+    pub fn check_step(&self, step: i64, total_steps: i64) -> Result<(), Status> {
         if step > total_steps {
             return Err(Status::invalid_argument(format!(
                 "checkpoint for step {step}: the job has {total_steps} steps"
@@ -279,6 +306,84 @@ impl State {
         }
     }
 
+    /// Adds `rank`'s shards of checkpoint `up.step`. Refuses a second
+    /// upload from one rank, shards of another step while one is being
+    /// gathered, and more than `max_values` values in all. Returns every
+    /// rank's upload once all `world` are in (the caller stores the
+    /// checkpoint and reports with [`shards_stored`](Self::shards_stored)).
+    pub fn add_shards(
+        &mut self,
+        up: ShardUpload,
+        world: u32,
+        max_values: u64,
+    ) -> Result<Option<BTreeMap<u32, ShardUpload>>, Status> {
+        let (rank, step) = (up.rank, up.step);
+        if let Some(g) = &self.gathering {
+            if g.step != step && g.result.is_none() {
+                return Err(Status::failed_precondition(format!(
+                    "rank {rank} sent shards of step {step} while the checkpoint of step {} is being gathered",
+                    g.step
+                )));
+            }
+            if g.step == step && (g.result.is_some() || g.parts.contains_key(&rank)) {
+                return Err(Status::already_exists(format!(
+                    "rank {rank} sent its shards of step {step} twice"
+                )));
+            }
+        }
+        if self.gathering.as_ref().map_or(true, |g| g.step != step) {
+            self.gathering = Some(Gathering {
+                step,
+                parts: BTreeMap::new(),
+                values: 0,
+                result: None,
+                fetched: HashSet::new(),
+            });
+        }
+        let g = self.gathering.as_mut().expect("set above");
+        let values = g.values + up.shards.iter().map(|s| s.values.len() as u64).sum::<u64>();
+        if values > max_values {
+            return Err(Status::resource_exhausted(format!(
+                "the ranks' shards of step {step} hold {values} values, more than the {max_values} this model's checkpoints hold"
+            )));
+        }
+        g.values = values;
+        g.parts.insert(rank, up);
+        if g.parts.len() < world as usize {
+            return Ok(None);
+        }
+        g.values = 0;
+        Ok(Some(std::mem::take(&mut g.parts)))
+    }
+
+    /// Records how storing the gathered checkpoint of `step` ended (unless
+    /// the attempt has moved on meanwhile).
+    pub fn shards_stored(&mut self, step: i64, result: &Result<PathBuf, Status>) {
+        if let Some(g) = self.gathering.as_mut().filter(|g| g.step == step) {
+            g.result = Some(match result {
+                Ok(p) => Ok(p.clone()),
+                Err(e) => Err((e.code(), e.message().to_string())),
+            });
+        }
+    }
+
+    /// The outcome for `rank` of the checkpoint of `step`, once stored;
+    /// forgets it after every rank has fetched it.
+    pub fn take_stored(
+        &mut self,
+        step: i64,
+        rank: u32,
+        world: u32,
+    ) -> Option<Result<PathBuf, Status>> {
+        let g = self.gathering.as_mut().filter(|g| g.step == step)?;
+        let result = g.result.clone()?;
+        g.fetched.insert(rank);
+        if g.fetched.len() == world as usize {
+            self.gathering = None;
+        }
+        Some(result.map_err(|(code, message)| Status::new(code, message)))
+    }
+
     /// Lowest free rank, or `want` when it is free.
     pub fn assign_rank(&self, want: i32, world: u32) -> Result<u32, Status> {
         let taken: HashSet<u32> = self.members().map(|(_, w)| w.rank).collect();
@@ -307,6 +412,7 @@ impl State {
         self.kv.clear();
         self.barriers.clear();
         self.reductions.clear();
+        self.gathering = None;
         self.start = None;
         if self.restarts > max_restarts {
             tracing::error!("{reason}; giving up after {max_restarts} restarts");
@@ -480,6 +586,60 @@ mod tests {
             code(st.check_upload(0, 10, 100)),
             Err(Code::FailedPrecondition)
         );
+    }
+
+    #[test]
+    fn shards_are_gathered_once_per_rank_and_the_outcome_told_to_every_rank() {
+        use crate::ckpt::shards::{Group, Shard, ShardIndex};
+        let up = |rank: u32, step: i64, n: usize| ShardUpload {
+            step,
+            rank,
+            state: None,
+            shards: vec![Shard {
+                group: Group::Params,
+                name: format!("t{rank}"),
+                index: ShardIndex::whole(),
+                values: vec![0.0; n],
+            }],
+        };
+        let code = |r: Result<Option<BTreeMap<u32, ShardUpload>>, Status>| {
+            r.map(|_| ()).map_err(|e| e.code())
+        };
+        let mut st = State::new(None);
+        assert!(st.add_shards(up(1, 4, 2), 2, 10).unwrap().is_none());
+        assert_eq!(
+            code(st.add_shards(up(1, 4, 2), 2, 10)),
+            Err(Code::AlreadyExists)
+        );
+        assert_eq!(
+            code(st.add_shards(up(0, 5, 2), 2, 10)),
+            Err(Code::FailedPrecondition)
+        );
+        assert_eq!(
+            code(st.add_shards(up(0, 4, 9), 2, 10)),
+            Err(Code::ResourceExhausted)
+        );
+        let parts = st.add_shards(up(0, 4, 2), 2, 10).unwrap().unwrap();
+        assert_eq!(parts.keys().copied().collect::<Vec<_>>(), [0, 1]);
+        assert!(st.take_stored(4, 0, 2).is_none(), "not stored yet");
+        st.shards_stored(4, &Err(Status::invalid_argument("tensor `t1` missing")));
+        // Late shards of the step are not gathered again.
+        assert_eq!(
+            code(st.add_shards(up(1, 4, 2), 2, 10)),
+            Err(Code::AlreadyExists)
+        );
+        for rank in [1, 0] {
+            let e = st.take_stored(4, rank, 2).unwrap().unwrap_err();
+            assert_eq!(
+                (e.code(), e.message()),
+                (Code::InvalidArgument, "tensor `t1` missing")
+            );
+        }
+        assert!(st.gathering.is_none());
+        // A restart forgets a gathering in progress.
+        st.add_shards(up(0, 4, 2), 2, 10).unwrap();
+        st.restart("lost".into(), 3);
+        assert!(st.gathering.is_none());
     }
 
     #[test]
