@@ -255,3 +255,31 @@ fn eight_devices_data_two_by_fsdp_four_equal_data_eight() {
     assert_same_run(&a, &b, 1e-5, 1e-5, "data = 2 x fsdp = 4 vs data = 8");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn the_owned_shards_of_a_mesh_make_its_checkpoint_once() {
+    // data = 2 x fsdp = 2: each block of a split tensor sits on two
+    // devices, a whole small tensor on all four; each is sent once.
+    let dir = scratch("shards");
+    let cfg = config(&dir, "tiny-sharedmoe", &["mesh.data=2", "mesh.fsdp=2"]);
+    let start = fresh_checkpoint(&cfg, 0);
+    let (_, t) = train(&cfg, &start, 0..2);
+    let whole = t.checkpoint(2).unwrap();
+    let shards = t.owned_shards(0, 1).unwrap();
+    let specs: Vec<(String, Vec<i64>)> = param_specs(&cfg.model)
+        .into_iter()
+        .map(|s| (s.name, s.dims))
+        .collect();
+    let split = shards.iter().filter(|s| s.index.parts == 2).count();
+    assert!(
+        split > 0 && split < shards.len(),
+        "{split} of {} shards split",
+        shards.len()
+    );
+    let assembled =
+        sharedmoe::ckpt::shards::assemble_checkpoint(&specs, whole.state.clone(), shards).unwrap();
+    assert_eq!(assembled.params, whole.params);
+    assert_eq!(assembled.adam_m, whole.adam_m);
+    assert_eq!(assembled.adam_v, whole.adam_v);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -17,7 +17,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 
-use crate::model::{count_params, ExpertCompute};
+use crate::model::{count_params, param_specs, ExpertCompute};
 use crate::runtime::{
     find_plugin, tpu_present, Backend, CompileOptions, MemoryStats, Offline, Plugin, Topology,
     TpuSlice, TPU_V4_HBM_BYTES,
@@ -25,7 +25,7 @@ use crate::runtime::{
 use crate::train::mfu::flops_per_token;
 use crate::train::placement::{layout, DeviceSlot};
 use crate::train::program::{eval_step, train_step};
-use crate::train::sharding::StepMesh;
+use crate::train::sharding::{state_bytes_per_device, StepMesh};
 use crate::train::Config;
 
 #[derive(clap::Args, Debug)]
@@ -222,7 +222,8 @@ impl Compiler {
     }
 }
 
-/// The config for the slice: one replica per chip, the global batch kept.
+/// The config for the slice: one device of the mesh per chip (the
+/// config's mesh.fsdp, mesh.data the rest), the global batch kept.
 /// Returns it and notes on what was changed.
 fn config_for_slice(a: &CompileArgs, chips: i64) -> Result<(Config, Vec<String>)> {
     let mut overrides = a.overrides.clone();
@@ -256,6 +257,12 @@ fn config_for_slice(a: &CompileArgs, chips: i64) -> Result<(Config, Vec<String>)
         ));
         micro = fitted;
     }
+    // The mesh over the chips: the config's fsdp, data the rest.
+    let fsdp = base.mesh.fsdp;
+    if chips % fsdp != 0 {
+        bail!("mesh.fsdp = {fsdp} does not divide the {chips} chips of the slice");
+    }
+    overrides.push(format!("mesh.data={}", chips / fsdp));
     overrides.push(format!("train.replicas={chips}"));
     overrides.push(format!("train.micro_batch={micro}"));
     if base.data.shards > 1 && chips % base.data.shards != 0 {
@@ -430,10 +437,11 @@ fn print_setup(
     }
     let t = &cfg.train;
     let params = count_params(&cfg.model);
+    let (data, fsdp) = cfg.mesh_axes();
     println!(
-        "model: {params} parameters; parameters + Adam moments (f32) {} per chip; \
-         {:?} compute",
-        human(12 * params),
+        "model: {params} parameters; parameters + Adam moments (f32) {} per chip \
+         (mesh data = {data} x fsdp = {fsdp}); {:?} compute",
+        human(state_bytes_per_device(&param_specs(&cfg.model), fsdp)),
         cfg.compute_dtype()
     );
     println!(

@@ -35,7 +35,7 @@ use super::kv::CoordinatorKv;
 use super::proto::*;
 use super::shard_transfer::{self, ShardUpload};
 use super::transfer::{self, CheckpointFiles, Receiver};
-use crate::ckpt::shards::{self, Shard};
+use crate::ckpt::shards::Shard;
 use crate::ckpt::{self, Checkpoint, TrainingState};
 use crate::data::stream::Cursor;
 use crate::model::param_specs;
@@ -47,7 +47,7 @@ use crate::train::mfu::device_peak_flops;
 use crate::train::placement::Placement;
 use crate::train::run::{check_data_shards, check_tokenizer};
 use crate::train::step_loop::{
-    run_steps, snapshot, Diverged, LoopEnd, LoopOptions, MetricsRow, RunSink,
+    run_steps, snapshot_state, Diverged, LoopEnd, LoopOptions, MetricsRow, RunSink,
 };
 use crate::train::trainer::fresh_checkpoint;
 use crate::train::{Config, Trainer};
@@ -775,22 +775,20 @@ impl RunSink for WorkerSink<'_> {
             format!("cursors/{step}/{}", s.rank),
             serde_json::to_vec(&mine)?,
         )?;
-        // Every rank holds the whole state here; each sends its round-robin
-        // share so that the upload is spread over the ranks.
-        let mut c = snapshot(trainer, batches)?;
         let state = if s.rank == 0 {
+            let mut state = snapshot_state(trainer, batches);
             for r in 1..s.world {
                 let theirs: BTreeMap<u32, Cursor> =
                     serde_json::from_slice(&self.kv_get(format!("cursors/{step}/{r}"))?)
                         .with_context(|| format!("rank {r}'s data cursors"))?;
-                c.state.data_cursors.extend(theirs);
+                state.data_cursors.extend(theirs);
             }
-            Some(c.state.clone())
+            Some(state)
         } else {
             None
         };
-        let shards = shards::round_robin(&c, s.rank as usize, s.world as usize);
-        drop(c);
+        // Each rank reads and sends only its share of the state's blocks.
+        let shards = trainer.owned_shards(s.rank as usize, s.world as usize)?;
         let path = self.upload_shards(step, state, shards)?;
         // Only rank 0 reports where the checkpoint is, as before.
         Ok(if s.rank == 0 { path } else { String::new() })

@@ -86,6 +86,18 @@ pub fn fsdp_dim(spec: &ParamSpec, fsdp: usize) -> Option<usize> {
         .max_by_key(|&d| (spec.dims[d], std::cmp::Reverse(d)))
 }
 
+/// Bytes of the parameters and both Adam moments (f32) on each of `fsdp`
+/// devices under [`fsdp_dim`].
+pub fn state_bytes_per_device(specs: &[ParamSpec], fsdp: usize) -> i64 {
+    specs
+        .iter()
+        .map(|s| {
+            let split = fsdp_dim(s, fsdp).map_or(1, |_| fsdp as i64);
+            3 * 4 * s.num_elements() / split
+        })
+        .sum()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::{bail, Result};
 use serde::Serialize;
 
-use crate::ckpt::Checkpoint;
+use crate::ckpt::{Checkpoint, TrainingState};
 
 use super::batches::Batches;
 use super::config::{Config, NonFinitePolicy};
@@ -87,10 +87,18 @@ pub fn step_bar(steps: i64, visible: bool) -> indicatif::ProgressBar {
 pub fn snapshot(trainer: &Trainer, batches: &Batches) -> Result<Checkpoint> {
     let pos = batches.position();
     let mut c = trainer.checkpoint(pos.next_batch)?;
-    c.state.data_cursors = pos.streams;
-    c.state.data_shards = trainer.cfg.data.shards;
-    c.state.tokenizer_sha256 = batches.tokenizer_sha256.clone();
+    c.state = snapshot_state(trainer, batches);
     Ok(c)
+}
+
+/// The training state of a checkpoint taken now, without the tensors.
+pub fn snapshot_state(trainer: &Trainer, batches: &Batches) -> TrainingState {
+    let pos = batches.position();
+    let mut state = trainer.training_state(pos.next_batch);
+    state.data_cursors = pos.streams;
+    state.data_shards = trainer.cfg.data.shards;
+    state.tokenizer_sha256 = batches.tokenizer_sha256.clone();
+    state
 }
 
 /// Mean validation CE over the fixed validation micro-batches.

@@ -12,6 +12,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 
+use crate::ckpt::shards::{Group, Shard, ShardIndex};
 use crate::ckpt::{Checkpoint, Tensors, TrainingState};
 use crate::graph::{place_shard, shard_of, Compiled, HostTensor, Sharding};
 use crate::model::{init_params, ExpertCompute};
@@ -245,6 +246,30 @@ fn gather(
             Ok((name.clone(), dims.clone(), full))
         })
         .collect()
+}
+
+/// The block at `offsets` of a tensor of `dims` under `on`, as a
+/// checkpoint shard names it: its place along the one split dimension.
+fn shard_index(on: &Sharding, dims: &[i64], offsets: &[i64]) -> Result<ShardIndex> {
+    let block = on.shard_dims(dims)?;
+    let split: Vec<usize> = on
+        .tiles()
+        .iter()
+        .enumerate()
+        .filter(|&(_, &t)| t > 1)
+        .map(|(d, _)| d)
+        .collect();
+    match split[..] {
+        [] => Ok(ShardIndex::whole()),
+        [dim] => Ok(ShardIndex {
+            dim,
+            index: (offsets[dim] / block[dim]) as usize,
+            parts: on.tiles()[dim],
+        }),
+        _ => bail!(
+            "split along several dimensions ({split:?}): a checkpoint shard is split along one"
+        ),
+    }
 }
 
 impl Trainer {
@@ -644,19 +669,83 @@ impl Trainer {
                 |i, k| Ok(self.state[i][at + k].to_host::<f32>()?),
             )
         };
-        let tokens_per_step = self.cfg.train.global_batch * self.cfg.train.seq_len;
         Ok(Checkpoint {
             params: read(0)?,
             adam_m: read(1)?,
             adam_v: read(2)?,
-            state: TrainingState {
-                step: self.step,
-                tokens_seen: self.step * tokens_per_step,
-                next_batch,
-                nonfinite_steps: self.nonfinite_steps,
-                ..initial_state(&self.cfg, self.seed)
-            },
+            state: self.training_state(next_batch),
         })
+    }
+
+    /// What a checkpoint of the step reached records besides the tensors
+    /// (the data position and the tokenizer's digest are the caller's).
+    pub fn training_state(&self, next_batch: i64) -> TrainingState {
+        let tokens_per_step = self.cfg.train.global_batch * self.cfg.train.seq_len;
+        TrainingState {
+            step: self.step,
+            tokens_seen: self.step * tokens_per_step,
+            next_batch,
+            nonfinite_steps: self.nonfinite_steps,
+            ..initial_state(&self.cfg, self.seed)
+        }
+    }
+
+    /// The blocks of the state that this process, rank `rank` of `ranks`,
+    /// sends the coordinator for a checkpoint of the job; the ranks' shares
+    /// make up the whole state once. Only local devices are read.
+    /// - One program over the job's mesh (TPU, GPU): each block goes from
+    ///   the first device of the mesh that holds it, so a block copied
+    ///   over the data axis is sent once, by the process of that device.
+    /// - Processes joined by the host (CPU): each holds the whole state;
+    ///   tensor i (params, then m, then v) goes from rank i % ranks.
+    pub fn owned_shards(&self, rank: usize, ranks: usize) -> Result<Vec<Shard>> {
+        let n = self.layout.n();
+        let specs = self.param_dims();
+        let first = self.placement.local.start;
+        let mut out = vec![];
+        for (g, group) in Group::ALL.into_iter().enumerate() {
+            for (k, (name, dims)) in specs.iter().enumerate() {
+                let at = g * n + k;
+                let on = &self.state_shardings[at];
+                let read =
+                    |i: usize| -> Result<Vec<f32>> { Ok(self.state[i][at].to_host::<f32>()?) };
+                if matches!(self.programs, StepPrograms::Split { .. }) {
+                    if at % ranks == rank {
+                        let whole = gather(
+                            &specs[k..=k],
+                            std::slice::from_ref(on),
+                            first,
+                            self.state.len(),
+                            |i, _| read(i),
+                        )?;
+                        out.push(Shard {
+                            group,
+                            name: name.clone(),
+                            index: ShardIndex::whole(),
+                            values: whole.into_iter().next().expect("one tensor").2,
+                        });
+                    }
+                    continue;
+                }
+                for i in 0..self.state.len() {
+                    let p = first + i;
+                    let offsets = on.shard_offsets(dims, p)?;
+                    let owner = (0..self.mesh.devices())
+                        .map(|q| on.shard_offsets(dims, q))
+                        .position(|o| o.as_ref().is_ok_and(|o| *o == offsets));
+                    if owner == Some(p) {
+                        out.push(Shard {
+                            group,
+                            name: name.clone(),
+                            index: shard_index(on, dims, &offsets)
+                                .with_context(|| format!("`{name}`"))?,
+                            values: read(i)?,
+                        });
+                    }
+                }
+            }
+        }
+        Ok(out)
     }
 
     /// The parameters, whole, as host tensors (for tests and checks).
