@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 
-use crate::graph::{DType, Graph, TensorType};
+use crate::graph::{DType, DotDims, Graph, Mesh, Sharding, TensorType};
 use crate::runtime::{find_plugin, tpu_present, Arg, Backend, Client, NamedValue, Plugin};
 use crate::train::placement::Placement;
 
@@ -278,7 +278,7 @@ fn check_program(r: &mut Report, client: &Client) {
         Ok((n, compiled, ran)) => r.ok(
             "program",
             format!(
-                "bf16 matmul + all-reduce over {n} device(s): exact; compiled in {:.0} ms, ran in {:.1} ms",
+                "bf16 matmul + all-reduce over {n} device(s), one SPMD program: exact; compiled in {:.0} ms, ran in {:.1} ms",
                 compiled.as_secs_f64() * 1e3,
                 ran.as_secs_f64() * 1e3
             ),
@@ -293,34 +293,50 @@ fn check_program(r: &mut Report, client: &Client) {
 fn run_program(client: &Client) -> Result<(usize, Duration, Duration)> {
     let n = client.devices().len();
     let placement = Placement::local(client, n)?;
-    // Replica k multiplies its 8x8 input (all k+1) by itself in bf16: every
-    // entry is 8 (k+1)^2, exact in bf16 and f32; the all-reduce sums them.
+    // One SPMD program over the n devices, as training compiles: x [n, 8,
+    // 8] split along its first axis, device k's block all k+1, each block
+    // multiplied by itself in bf16 (every entry 8 (k+1)^2, exact in bf16
+    // and f32) and summed over the blocks, which the partitioner turns
+    // into an all-reduce across the devices.
     let g = Graph::new();
-    let x = g.param("x", TensorType::new(DType::F32, &[8, 8]))?;
+    let x = g.param("x", TensorType::new(DType::F32, &[n as i64, 8, 8]))?;
     let xb = x.convert(DType::BF16)?;
-    let mut y = xb.matmul(&xb)?.convert(DType::F32)?;
-    if n > 1 {
-        y = y.all_reduce_sum()?;
-    }
+    let batched = DotDims {
+        lhs_batch: vec![0],
+        rhs_batch: vec![0],
+        lhs_contract: vec![2],
+        rhs_contract: vec![1],
+    };
+    let y = xb
+        .dot_general(&xb, &batched)?
+        .convert(DType::F32)?
+        .reduce_sum(&[0])?;
+    let mesh = Mesh::line("devices", n)?;
     let began = Instant::now();
     let program = g
         .build(&[&y])?
-        .with_replicas(n)
+        .partitioned(
+            &mesh,
+            vec![Sharding::split(&mesh, 3, 0, &["devices"])?],
+            vec![Sharding::replicated(&mesh, 2)],
+        )?
         .compile_on(client, Some(&placement.assignment))?;
     let compiled = began.elapsed();
     let inputs = placement
         .devices
         .iter()
         .enumerate()
-        .map(|(k, d)| Ok(client.buffer_from_host(&[(k + 1) as f32; 64], &[8, 8], d)?))
+        .map(|(k, d)| Ok(client.buffer_from_host(&[(k + 1) as f32; 64], &[1, 8, 8], d)?))
         .collect::<Result<Vec<_>>>()?;
     let began = Instant::now();
     let out = program.execute(inputs.iter().map(|b| vec![Arg::Borrowed(b)]).collect())?;
-    let got = out[0][0].to_host::<f32>()?;
     let ran = began.elapsed();
     let want = (1..=n).map(|k| 8.0 * (k * k) as f32).sum::<f32>();
-    if got.iter().any(|&v| v != want) {
-        anyhow::bail!("wrong result: {} instead of {want}", got[0]);
+    for (k, o) in out.iter().enumerate() {
+        let got = o[0].to_host::<f32>()?;
+        if got.iter().any(|&v| v != want) {
+            anyhow::bail!("wrong result on device {k}: {} instead of {want}", got[0]);
+        }
     }
     Ok((n, compiled, ran))
 }

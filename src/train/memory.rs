@@ -29,7 +29,8 @@ pub struct Estimate {
     pub params: i64,
     /// Replicas whose training state lives in the memory checked.
     pub replicas: i64,
-    /// Training state of one replica (16 bytes per parameter).
+    /// Training state of one device: 16 bytes per parameter, split over
+    /// `mesh.fsdp` devices (a lower bound: small tensors stay whole).
     pub per_replica: u128,
     /// The host copy of the checkpoint (12 bytes per parameter).
     pub host_copy: u128,
@@ -38,10 +39,11 @@ pub struct Estimate {
 impl Estimate {
     pub fn new(cfg: &Config, replicas: i64) -> Estimate {
         let params = count_params(&cfg.model);
+        let (_, fsdp) = cfg.mesh_axes();
         Estimate {
             params,
             replicas,
-            per_replica: params as u128 * TRAINING_BYTES_PER_PARAM as u128,
+            per_replica: params as u128 * TRAINING_BYTES_PER_PARAM as u128 / fsdp as u128,
             host_copy: params as u128 * HOST_COPY_BYTES_PER_PARAM as u128,
         }
     }

@@ -1,14 +1,17 @@
-//! Which device runs which replica of the step program.
+//! Which device is which device of the step program's mesh.
 //!
-//! A compiled program with R replicas carries a device assignment: the
-//! global id of the device each replica runs on. On one host that is the
-//! first R devices. In a multi-host job (a TPU pod, GPUs on several nodes)
-//! the client sees every device of the job but can address only its own
-//! host's; one worker per host drives all of its chips, so the job's
-//! replicas are laid out host by host: process p runs the contiguous block
-//! of replicas p * R/P .. (p+1) * R/P on its devices, in hardware order,
-//! and reads the data of exactly those replicas. XLA's collectives
-//! (ICI/DCN on TPU, NCCL on GPU) then connect the replicas across hosts.
+//! A compiled SPMD program over N devices (1 replica x N partitions)
+//! carries a device assignment: the global id of the device each
+//! partition, i.e. each device of the mesh, runs on. On one host that is
+//! the first N devices. In a multi-host job (a TPU pod, GPUs on several
+//! nodes) the client sees every device of the job but can address only
+//! its own host's; one worker per host drives all of its chips, so the
+//! mesh is laid out host by host (data-major, so the data axis spans the
+//! hosts first): process p runs the contiguous block of mesh devices p *
+//! N/P .. (p+1) * N/P on its devices, in hardware order, and reads the
+//! data of exactly those. XLA's collectives (ICI/DCN on TPU, NCCL on GPU)
+//! then connect the devices across hosts. (The code and messages still
+//! say "replicas" for the mesh's devices, `train.replicas`' count.)
 
 use std::collections::BTreeMap;
 use std::ops::Range;
