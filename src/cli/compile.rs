@@ -228,9 +228,10 @@ impl Compiler {
 fn config_for_slice(a: &CompileArgs, chips: i64) -> Result<(Config, Vec<String>)> {
     let mut overrides = a.overrides.clone();
     overrides.push("run.backend=tpu".into());
-    // First read with one replica, to see the batch before spreading it.
+    // First read on one device, to see the batch before spreading it.
+    let fsdp = requested_fsdp(a)?;
     let mut first = overrides.clone();
-    first.push("train.replicas=1".into());
+    first.extend(["train.replicas=1", "mesh.data=1", "mesh.fsdp=1"].map(String::from));
     let base = Config::load(&a.config, &first)?;
     let t = &base.train;
     let mut notes = vec![];
@@ -258,8 +259,7 @@ fn config_for_slice(a: &CompileArgs, chips: i64) -> Result<(Config, Vec<String>)
         micro = fitted;
     }
     // The mesh over the chips: the config's fsdp, data the rest.
-    let fsdp = base.mesh.fsdp;
-    if chips % fsdp != 0 {
+    if fsdp < 1 || chips % fsdp != 0 {
         bail!("mesh.fsdp = {fsdp} does not divide the {chips} chips of the slice");
     }
     overrides.push(format!("mesh.data={}", chips / fsdp));
@@ -275,6 +275,29 @@ fn config_for_slice(a: &CompileArgs, chips: i64) -> Result<(Config, Vec<String>)
     }
     let cfg = Config::load(&a.config, &overrides)?;
     Ok((cfg, notes))
+}
+
+/// `mesh.fsdp` as the config file and the `--set`s give it (1 when
+/// unset), read before the config is validated for the slice.
+fn requested_fsdp(a: &CompileArgs) -> Result<i64> {
+    let text = std::fs::read_to_string(&a.config)
+        .with_context(|| format!("reading {}", a.config.display()))?;
+    let doc: toml::Value =
+        toml::from_str(&text).with_context(|| format!("parsing {}", a.config.display()))?;
+    let mut fsdp = doc
+        .get("mesh")
+        .and_then(|m| m.get("fsdp"))
+        .and_then(toml::Value::as_integer)
+        .unwrap_or(1);
+    for o in &a.overrides {
+        if let Some(v) = o.strip_prefix("mesh.fsdp=") {
+            fsdp = v
+                .trim()
+                .parse()
+                .with_context(|| format!("--set {o}: mesh.fsdp takes a whole number"))?;
+        }
+    }
+    Ok(fsdp)
 }
 
 fn with_micro_batch(cfg: &Config, micro: i64) -> Config {
@@ -500,6 +523,8 @@ pub fn run(a: &CompileArgs) -> Result<()> {
         "hbm_bytes": TPU_V4_HBM_BYTES,
         "parameters": params,
         "state_bytes": 12 * params,
+        "mesh": {"data": cfg.mesh_axes().0, "fsdp": cfg.mesh_axes().1},
+        "state_bytes_per_chip": state_bytes_per_device(&param_specs(&cfg.model), cfg.mesh_axes().1),
         "global_batch": t.global_batch,
         "seq_len": t.seq_len,
         "micro_batch": t.micro_batch,
