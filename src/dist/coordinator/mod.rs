@@ -114,6 +114,25 @@ impl Job {
 
     /// Waits until `f` returns a value (re-checked after every change), or
     /// the timeout passes (`Err(())`).
+    /// Waits (at most [`UPLOAD_WAIT`]) until rank 0's metrics rows of the
+    /// steps before `step` arrived: they travel on their own stream, and a
+    /// checkpoint upload may overtake them. The store checks whether they
+    /// did. Returns early when the uploader is no longer a member.
+    pub async fn wait_for_rows_before(
+        &self,
+        job_id: &str,
+        worker_id: u64,
+        attempt: u32,
+        step: i64,
+    ) {
+        let _ = self
+            .wait_for(Some(UPLOAD_WAIT), |st| {
+                let gone = st.member(job_id, &self.job_id, worker_id, attempt).is_err();
+                (gone || st.reached >= step).then_some(())
+            })
+            .await;
+    }
+
     pub async fn wait_for<T>(
         &self,
         timeout: Option<Duration>,

@@ -9,7 +9,7 @@ use tokio_stream::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::state::{Finished, Phase, State, Worker};
-use super::{Job, UPLOAD_WAIT};
+use super::Job;
 use crate::dist::proto::coordinator_server::Coordinator;
 use crate::dist::proto::*;
 use crate::dist::shard_transfer::{ShardReceiver, ShardUpload};
@@ -556,16 +556,7 @@ impl Coordinator for Service {
         }
         let files = rx.finish()?;
         let from = header.expect("a finished upload has a header");
-        // Rank 0's metrics rows of the steps before travel on their own
-        // stream: give the ones in flight time to arrive. The store checks
-        // whether they did.
-        let _ = job
-            .wait_for(Some(UPLOAD_WAIT), |st| {
-                let gone = st
-                    .member(&from.job_id, &job.job_id, from.worker_id, from.attempt)
-                    .is_err();
-                (gone || st.reached >= from.step).then_some(())
-            })
+        job.wait_for_rows_before(&from.job_id, from.worker_id, from.attempt, from.step)
             .await;
         let bytes = files.total_bytes();
         let job = job.clone();
@@ -593,15 +584,7 @@ impl Coordinator for Service {
         let (from, up) = self.receive_shards(req.into_inner()).await?;
         let job = &self.job;
         let values: u64 = up.shards.iter().map(|s| s.values.len() as u64).sum();
-        // As for UploadCheckpoint: rank 0's metrics rows of the steps
-        // before may still be in flight.
-        let _ = job
-            .wait_for(Some(UPLOAD_WAIT), |st| {
-                let gone = st
-                    .member(&from.job_id, &job.job_id, from.worker_id, from.attempt)
-                    .is_err();
-                (gone || st.reached >= from.step).then_some(())
-            })
+        job.wait_for_rows_before(&from.job_id, from.worker_id, from.attempt, from.step)
             .await;
         let path = self.gather_and_store(from.clone(), up).await?;
         if from.rank == 0 {
