@@ -273,8 +273,8 @@ fn shard_index(on: &Sharding, dims: &[i64], offsets: &[i64]) -> Result<ShardInde
 }
 
 impl Trainer {
-    /// Compiles the step and eval programs and places `start` on every
-    /// replica's device.
+    /// Compiles the step and eval programs over the job's mesh and places
+    /// each device's blocks of `start` on it.
     pub fn new(cfg: Config, client: Client, start: &Checkpoint) -> Result<Trainer> {
         let experts = ExpertCompute::Routed {
             block: cfg.model.moe_block_size,
@@ -293,8 +293,9 @@ impl Trainer {
     }
 
     /// A trainer for one of several processes whose devices XLA cannot
-    /// connect: this process drives `train.replicas / across.processes()`
-    /// replicas and sums gradients with the others through `across`.
+    /// connect: this process runs its share of the mesh (`mesh.data /
+    /// across.processes()` x `mesh.fsdp` devices) and averages gradients
+    /// with the others through `across`.
     pub fn across_processes(
         cfg: Config,
         client: Client,
