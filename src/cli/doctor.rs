@@ -278,7 +278,7 @@ fn check_program(r: &mut Report, client: &Client) {
         Ok((n, compiled, ran)) => r.ok(
             "program",
             format!(
-                "bf16 matmul + all-reduce over {n} device(s), one SPMD program: exact; compiled in {:.0} ms, ran in {:.1} ms",
+                "bf16 matmul + all-reduce (one SPMD program) over {n} device(s): exact; compiled in {:.0} ms, ran in {:.1} ms",
                 compiled.as_secs_f64() * 1e3,
                 ran.as_secs_f64() * 1e3
             ),
