@@ -329,6 +329,9 @@ impl Config {
             // train.replicas is the default, the shorthand for mesh.data,
             // or already data x fsdp (a config written back by to_toml).
             Some(d) if [1, d, d * m.fsdp].contains(&t.replicas) => d,
+            // Without fsdp both name the data axis; a config written back
+            // by to_toml and then given `--set train.replicas=N` means N.
+            Some(_) if m.fsdp == 1 => t.replicas,
             Some(d) => bail!(
                 "train.replicas = {} and mesh.data = {d} (mesh.fsdp = {}) disagree: train.replicas \
                  alone is a shorthand for mesh.data; give one of them",
