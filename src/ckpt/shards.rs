@@ -16,6 +16,7 @@ use std::fmt;
 use anyhow::{bail, ensure, Result};
 
 use super::{Checkpoint, Tensors, TrainingState};
+use crate::graph::{copy_block, place_block};
 
 /// Which part of a full tensor a shard holds: part `index` of `parts`
 /// equal slices along `dim` (parts == 1: the whole tensor, dim ignored = 0).
@@ -24,14 +25,6 @@ pub struct ShardIndex {
     pub dim: usize,
     pub index: usize,
     pub parts: usize,
-}
-
-/// A row-major tensor seen as `outer` blocks of `dim_len` x `inner`
-/// values around the sharded dimension.
-struct Layout {
-    outer: usize,
-    dim_len: usize,
-    inner: usize,
 }
 
 impl ShardIndex {
@@ -51,7 +44,7 @@ impl ShardIndex {
     /// The shard's dims for a tensor of `full` dims (errors if `dim` is out
     /// of range or not divisible by parts).
     pub fn shard_dims(&self, full: &[i64]) -> Result<Vec<i64>> {
-        self.layout(full)?;
+        self.check(full)?;
         let mut dims = full.to_vec();
         if let Some(d) = self.split_dim() {
             dims[d] /= self.parts as i64;
@@ -60,84 +53,77 @@ impl ShardIndex {
     }
 
     /// Checks the index against a tensor of `full` dims.
-    fn layout(&self, full: &[i64]) -> Result<Layout> {
+    fn check(&self, full: &[i64]) -> Result<()> {
         ensure!(self.parts >= 1, "{self}: a tensor has at least one part");
         ensure!(self.index < self.parts, "{self}: no such part");
         if let Some(&neg) = full.iter().find(|&&d| d < 0) {
             bail!("dims {full:?}: negative dimension {neg}");
         }
-        let dims: Vec<usize> = full.iter().map(|&d| d as usize).collect();
         let Some(d) = self.split_dim() else {
-            return Ok(Layout {
-                outer: 1,
-                dim_len: dims.iter().product(),
-                inner: 1,
-            });
+            return Ok(());
         };
-        if d >= dims.len() {
+        if d >= full.len() {
             bail!(
                 "{self}: dim {d} is out of range for a tensor of dims {full:?} ({} dims)",
-                dims.len()
+                full.len()
             );
         }
-        if dims[d] % self.parts != 0 {
+        if full[d] % self.parts as i64 != 0 {
             bail!(
                 "{self}: dim {d} of dims {full:?} ({}) is not divisible into {} parts",
-                dims[d],
+                full[d],
                 self.parts
             );
         }
-        Ok(Layout {
-            outer: dims[..d].iter().product(),
-            dim_len: dims[d],
-            inner: dims[d + 1..].iter().product(),
-        })
+        Ok(())
     }
 
-    /// For each of the outer blocks: where the shard's run of values
-    /// starts in the full tensor and in the shard, and its length. Checks
-    /// both lengths.
-    fn runs(
+    /// Where the shard starts in each dimension of a tensor of `full`
+    /// dims.
+    fn offsets(&self, full: &[i64]) -> Result<Vec<i64>> {
+        let block = self.shard_dims(full)?;
+        let mut at = vec![0; full.len()];
+        if let Some(d) = self.split_dim() {
+            at[d] = self.index as i64 * block[d];
+        }
+        Ok(at)
+    }
+
+    /// The shard's dims and offsets in a tensor of `full_dims`, with the
+    /// lengths of the full tensor and of the shard checked.
+    fn locate(
         &self,
         full_dims: &[i64],
         full_len: usize,
         part_len: usize,
-    ) -> Result<impl Iterator<Item = (usize, usize, usize)>> {
-        let l = self.layout(full_dims)?;
-        let want_full = l.outer * l.dim_len * l.inner;
+    ) -> Result<(Vec<i64>, Vec<i64>)> {
+        let block = self.shard_dims(full_dims)?;
+        let count = |d: &[i64]| d.iter().product::<i64>() as usize;
         ensure!(
-            full_len == want_full,
-            "dims {full_dims:?} hold {want_full} values, the full tensor has {full_len}"
+            full_len == count(full_dims),
+            "dims {full_dims:?} hold {} values, the full tensor has {full_len}",
+            count(full_dims)
         );
-        // Values of one block of the shard.
-        let run = l.dim_len / self.parts * l.inner;
         ensure!(
-            part_len == l.outer * run,
+            part_len == count(&block),
             "{self} of dims {full_dims:?} holds {} values, got {part_len}",
-            l.outer * run
+            count(&block)
         );
-        let block = l.dim_len * l.inner;
-        let start = self.index * run;
-        Ok((0..l.outer).map(move |o| (o * block + start, o * run, run)))
+        let at = self.offsets(full_dims)?;
+        Ok((block, at))
     }
 
     /// Copies this shard's values out of a full row-major tensor.
     pub fn slice(&self, full_dims: &[i64], full: &[f32]) -> Result<Vec<f32>> {
-        let dims = self.shard_dims(full_dims)?;
-        let len = dims.iter().product::<i64>() as usize;
-        let mut part = Vec::with_capacity(len);
-        for (at, _, n) in self.runs(full_dims, full.len(), len)? {
-            part.extend_from_slice(&full[at..at + n]);
-        }
-        Ok(part)
+        let len = self.shard_dims(full_dims)?.iter().product::<i64>() as usize;
+        let (block, at) = self.locate(full_dims, full.len(), len)?;
+        Ok(copy_block(full_dims, &block, &at, full)?)
     }
 
     /// Writes `part` (this shard's values) into `full` at this shard's place.
     pub fn place(&self, full_dims: &[i64], part: &[f32], full: &mut [f32]) -> Result<()> {
-        for (at, from, n) in self.runs(full_dims, full.len(), part.len())? {
-            full[at..at + n].copy_from_slice(&part[from..from + n]);
-        }
-        Ok(())
+        let (block, at) = self.locate(full_dims, full.len(), part.len())?;
+        Ok(place_block(full_dims, &block, &at, part, full)?)
     }
 
     /// The range of the split dimension this shard covers, of `len`.
@@ -237,7 +223,7 @@ fn check_tiling(dims: &[i64], parts: &[&Shard]) -> Result<()> {
         bail!("missing: no shard holds it");
     }
     for s in parts {
-        s.index.layout(dims)?;
+        s.index.check(dims)?;
     }
     for w in parts.windows(2) {
         if same_part(&w[0].index, &w[1].index) {

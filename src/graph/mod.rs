@@ -27,4 +27,4 @@ pub use self::error::{GraphError, Result};
 pub use self::ops::grouped::WeightLayout;
 pub use self::ops::linalg::DotDims;
 pub use self::ops::shape::concatenate;
-pub use self::sharding::{place_shard, shard_of, Mesh, Sharding};
+pub use self::sharding::{copy_block, place_block, place_shard, shard_of, Mesh, Sharding};

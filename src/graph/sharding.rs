@@ -240,13 +240,7 @@ pub fn shard_of<T: Copy>(
     p: usize,
 ) -> Result<Vec<T>> {
     let block = sharding.shard_dims(dims)?;
-    let at = sharding.shard_offsets(dims, p)?;
-    check_len(dims, full.len())?;
-    let mut out = Vec::with_capacity(block.iter().product::<i64>() as usize);
-    for_each_row(dims, &block, &at, |start, len| {
-        out.extend_from_slice(&full[start..start + len])
-    });
-    Ok(out)
+    copy_block(dims, &block, &sharding.shard_offsets(dims, p)?, full)
 }
 
 /// Writes device `p`'s block `part` into `full` (row-major, `dims`).
@@ -258,14 +252,51 @@ pub fn place_shard<T: Copy>(
     full: &mut [T],
 ) -> Result<()> {
     let block = sharding.shard_dims(dims)?;
-    let at = sharding.shard_offsets(dims, p)?;
+    place_block(dims, &block, &sharding.shard_offsets(dims, p)?, part, full)
+}
+
+/// Copies the box of `block` dims at offsets `at` out of `full`
+/// (row-major, `dims`), in the box's row-major order.
+pub fn copy_block<T: Copy>(dims: &[i64], block: &[i64], at: &[i64], full: &[T]) -> Result<Vec<T>> {
+    check_box(dims, block, at)?;
     check_len(dims, full.len())?;
-    check_len(&block, part.len())?;
+    let mut out = Vec::with_capacity(block.iter().product::<i64>() as usize);
+    for_each_row(dims, block, at, |start, len| {
+        out.extend_from_slice(&full[start..start + len])
+    });
+    Ok(out)
+}
+
+/// Writes `part` (the box of `block` dims, row-major) into `full` at
+/// offsets `at`.
+pub fn place_block<T: Copy>(
+    dims: &[i64],
+    block: &[i64],
+    at: &[i64],
+    part: &[T],
+    full: &mut [T],
+) -> Result<()> {
+    check_box(dims, block, at)?;
+    check_len(dims, full.len())?;
+    check_len(block, part.len())?;
     let mut next = 0;
-    for_each_row(dims, &block, &at, |start, len| {
+    for_each_row(dims, block, at, |start, len| {
         full[start..start + len].copy_from_slice(&part[next..next + len]);
         next += len;
     });
+    Ok(())
+}
+
+/// The box lies inside the tensor.
+fn check_box(dims: &[i64], block: &[i64], at: &[i64]) -> Result<()> {
+    let inside = dims.len() == block.len()
+        && dims.len() == at.len()
+        && (0..dims.len()).all(|d| at[d] >= 0 && block[d] >= 0 && at[d] + block[d] <= dims[d]);
+    if !inside {
+        return usage(format!(
+            "a block of dims {block:?} at {at:?} does not lie inside a tensor of dims {dims:?}"
+        ));
+    }
     Ok(())
 }
 
