@@ -184,15 +184,28 @@ impl Sharding {
             .collect())
     }
 
+    /// The mesh axes that split no dimension: devices along them hold
+    /// copies of the same block.
+    fn copy_axes(&self) -> Vec<usize> {
+        let used: Vec<usize> = self.spec.iter().flatten().copied().collect();
+        (0..self.mesh.axes.len())
+            .filter(|a| !used.contains(a))
+            .collect()
+    }
+
+    /// Which copy of its block device `p` holds: 0 for the first device
+    /// in mesh order that holds the block.
+    pub fn copy_index(&self, p: usize) -> usize {
+        self.mesh
+            .index_over(&self.mesh.coords(p), &self.copy_axes())
+    }
+
     /// The GSPMD `mhlo.sharding` string.
     pub fn to_hlo(&self) -> String {
         if self.is_replicated() {
             return "{replicated}".into();
         }
-        let used: Vec<usize> = self.spec.iter().flatten().copied().collect();
-        let rest: Vec<usize> = (0..self.mesh.axes.len())
-            .filter(|a| !used.contains(a))
-            .collect();
+        let rest = self.copy_axes();
         let copies: usize = rest.iter().map(|&a| self.mesh.axes[a].1).product();
         let mut shape = self.tiles();
         if copies > 1 {
@@ -388,6 +401,9 @@ mod tests {
             place_shard(&s, &dims, &part, p, &mut back).unwrap();
         }
         assert_eq!(back, full);
+        // Device 6 is the second copy (data 1) of block 2; device 2 the
+        // first.
+        assert_eq!((s.copy_index(6), s.copy_index(2)), (1, 0));
         assert!(Sharding::split(&m, 3, 0, &["fsdp"])
             .unwrap()
             .shard_dims(&dims)

@@ -14,7 +14,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::ckpt::shards::{Group, Shard, ShardIndex};
 use crate::ckpt::{Checkpoint, Tensors, TrainingState};
-use crate::graph::{place_shard, shard_of, Compiled, HostTensor, Sharding};
+use crate::graph::{place_shard, shard_of, Compiled, DType, HostTensor, Sharding, TensorType};
 use crate::model::{init_params, ExpertCompute};
 use crate::runtime::{Arg, Buffer, Client, Device, MemoryStats};
 
@@ -207,45 +207,38 @@ fn upload_state(
         .collect()
 }
 
-/// Assembles whole tensors from the local devices' blocks: tensor k of
-/// `specs` from `blocks(i)[k]` of local device i (the mesh's device `first
-/// + i`), each block read once, from the first device that holds it.
-/// Fails when the local devices do not hold every block (a process of a
-/// multi-host job holds only its share).
+/// Assembles one whole tensor (`name`, `dims`, lying as `on`) from the
+/// local devices' blocks: `block(i)` is local device i's (the mesh's
+/// device `first + i`), each block read once, from the first local device
+/// that holds it. Fails when the local devices do not hold every block (a
+/// process of a multi-host job holds only its share).
 fn gather(
-    specs: &[(String, Vec<i64>)],
-    shardings: &[Sharding],
+    (name, dims): (&str, &[i64]),
+    on: &Sharding,
     first: usize,
     devices: usize,
-    blocks: impl Fn(usize, usize) -> Result<Vec<f32>>,
-) -> Result<Tensors> {
-    specs
-        .iter()
-        .zip(shardings)
-        .enumerate()
-        .map(|(k, ((name, dims), on))| {
-            let len: i64 = dims.iter().product();
-            let mut full = vec![0f32; len as usize];
-            let block_len: i64 = on.shard_dims(dims)?.iter().product();
-            let mut seen = Vec::new();
-            for i in 0..devices {
-                let at = on.shard_offsets(dims, first + i)?;
-                if seen.contains(&at) {
-                    continue;
-                }
-                place_shard(on, dims, &blocks(i, k)?, first + i, &mut full)?;
-                seen.push(at);
-            }
-            if seen.len() as i64 * block_len != len {
-                bail!(
-                    "`{name}`: this process's {devices} devices hold {} of its {} blocks",
-                    seen.len(),
-                    len / block_len
-                );
-            }
-            Ok((name.clone(), dims.clone(), full))
-        })
-        .collect()
+    block: impl Fn(usize) -> Result<Vec<f32>>,
+) -> Result<Vec<f32>> {
+    let len: i64 = dims.iter().product();
+    let mut full = vec![0f32; len as usize];
+    let block_len: i64 = on.shard_dims(dims)?.iter().product();
+    let mut seen = Vec::new();
+    for i in 0..devices {
+        let at = on.shard_offsets(dims, first + i)?;
+        if seen.contains(&at) {
+            continue;
+        }
+        place_shard(on, dims, &block(i)?, first + i, &mut full)?;
+        seen.push(at);
+    }
+    if seen.len() as i64 * block_len != len {
+        bail!(
+            "`{name}`: this process's {devices} devices hold {} of its {} blocks",
+            seen.len(),
+            len / block_len
+        );
+    }
+    Ok(full)
 }
 
 /// The block at `offsets` of a tensor of `dims` under `on`, as a
@@ -545,18 +538,15 @@ impl Trainer {
         // device alike), as one flat vector summed with the other
         // processes' and divided by their count: the job's means.
         let first = self.placement.local.start;
-        let grads = gather(
-            &specs,
-            &self.state_shardings[..n],
-            first,
-            means.len(),
-            |i, k| Ok(means[i][k].to_host::<f32>()?),
-        )?;
+        let mut flat: Vec<f32> = Vec::new();
+        for (k, (name, dims)) in specs.iter().enumerate() {
+            let on = &self.state_shardings[k];
+            let whole = gather((name, dims), on, first, means.len(), |i| {
+                Ok(means[i][k].to_host::<f32>()?)
+            })?;
+            flat.extend(whole);
+        }
         let results = StepOutputs::gradient(&self.layout);
-        let mut flat: Vec<f32> = grads
-            .iter()
-            .flat_map(|(_, _, v)| v.iter().copied())
-            .collect();
         let grad_len = flat.len();
         for s in results.scalars {
             flat.push(means[0][results.index(*s)].to_host::<f32>()?[0]);
@@ -657,25 +647,43 @@ impl Trainer {
 
     /// The whole state, read from this process's devices (each block once).
     pub fn checkpoint(&self, next_batch: i64) -> Result<Checkpoint> {
-        let n = self.layout.n();
-        let specs = self.param_dims();
-        let first = self.placement.local.start;
-        let read = |group: usize| -> Result<Tensors> {
-            let at = group * n;
-            gather(
-                &specs,
-                &self.state_shardings[at..at + n],
-                first,
-                self.state.len(),
-                |i, k| Ok(self.state[i][at + k].to_host::<f32>()?),
-            )
-        };
         Ok(Checkpoint {
-            params: read(0)?,
-            adam_m: read(1)?,
-            adam_v: read(2)?,
+            params: self.read_group(Group::Params)?,
+            adam_m: self.read_group(Group::AdamM)?,
+            adam_v: self.read_group(Group::AdamV)?,
             state: self.training_state(next_batch),
         })
+    }
+
+    /// Where state tensor `k` of `group` is in each device's state list.
+    fn state_at(&self, group: Group, k: usize) -> usize {
+        let g = Group::ALL.iter().position(|&x| x == group).expect("in ALL");
+        g * self.layout.n() + k
+    }
+
+    /// State tensor `at` (see [`state_at`](Self::state_at)), whole, from
+    /// this process's devices.
+    fn read_whole(&self, at: usize, name: &str, dims: &[i64]) -> Result<Vec<f32>> {
+        let first = self.placement.local.start;
+        gather(
+            (name, dims),
+            &self.state_shardings[at],
+            first,
+            self.state.len(),
+            |i| Ok(self.state[i][at].to_host::<f32>()?),
+        )
+    }
+
+    /// One of the state's tensor sets, whole, from this process's devices.
+    fn read_group(&self, group: Group) -> Result<Tensors> {
+        self.param_dims()
+            .into_iter()
+            .enumerate()
+            .map(|(k, (name, dims))| {
+                let whole = self.read_whole(self.state_at(group, k), &name, &dims)?;
+                Ok((name, dims, whole))
+            })
+            .collect()
     }
 
     /// What a checkpoint of the step reached records besides the tensors
@@ -700,49 +708,33 @@ impl Trainer {
     /// - Processes joined by the host (CPU): each holds the whole state;
     ///   tensor i (params, then m, then v) goes from rank i % ranks.
     pub fn owned_shards(&self, rank: usize, ranks: usize) -> Result<Vec<Shard>> {
-        let n = self.layout.n();
-        let specs = self.param_dims();
+        let joined_by_host = matches!(self.programs, StepPrograms::Split { .. });
         let first = self.placement.local.start;
         let mut out = vec![];
-        for (g, group) in Group::ALL.into_iter().enumerate() {
-            for (k, (name, dims)) in specs.iter().enumerate() {
-                let at = g * n + k;
-                let on = &self.state_shardings[at];
-                let read =
-                    |i: usize| -> Result<Vec<f32>> { Ok(self.state[i][at].to_host::<f32>()?) };
-                if matches!(self.programs, StepPrograms::Split { .. }) {
+        for group in Group::ALL {
+            for (k, (name, dims)) in self.param_dims().into_iter().enumerate() {
+                let at = self.state_at(group, k);
+                let shard = |index, values| Shard {
+                    group,
+                    name: name.clone(),
+                    index,
+                    values,
+                };
+                if joined_by_host {
                     if at % ranks == rank {
-                        let whole = gather(
-                            &specs[k..=k],
-                            std::slice::from_ref(on),
-                            first,
-                            self.state.len(),
-                            |i, _| read(i),
-                        )?;
-                        out.push(Shard {
-                            group,
-                            name: name.clone(),
-                            index: ShardIndex::whole(),
-                            values: whole.into_iter().next().expect("one tensor").2,
-                        });
+                        out.push(shard(
+                            ShardIndex::whole(),
+                            self.read_whole(at, &name, &dims)?,
+                        ));
                     }
                     continue;
                 }
-                for i in 0..self.state.len() {
-                    let p = first + i;
-                    let offsets = on.shard_offsets(dims, p)?;
-                    let owner = (0..self.mesh.devices())
-                        .map(|q| on.shard_offsets(dims, q))
-                        .position(|o| o.as_ref().is_ok_and(|o| *o == offsets));
-                    if owner == Some(p) {
-                        out.push(Shard {
-                            group,
-                            name: name.clone(),
-                            index: shard_index(on, dims, &offsets)
-                                .with_context(|| format!("`{name}`"))?,
-                            values: read(i)?,
-                        });
-                    }
+                let on = &self.state_shardings[at];
+                for i in (0..self.state.len()).filter(|&i| on.copy_index(first + i) == 0) {
+                    let offsets = on.shard_offsets(&dims, first + i)?;
+                    let index =
+                        shard_index(on, &dims, &offsets).with_context(|| format!("`{name}`"))?;
+                    out.push(shard(index, self.state[i][at].to_host::<f32>()?));
                 }
             }
         }
@@ -751,18 +743,16 @@ impl Trainer {
 
     /// The parameters, whole, as host tensors (for tests and checks).
     pub fn params(&self) -> Result<Vec<HostTensor>> {
-        let ckpt = self.checkpoint(0)?;
-        Ok(ckpt
-            .params
-            .iter()
+        self.read_group(Group::Params)?
+            .into_iter()
             .map(|(_, dims, v)| {
                 let values: Vec<f64> = v.iter().map(|&x| x as f64).collect();
-                HostTensor::from_f64(
+                Ok(HostTensor::from_f64(
                     &values,
-                    crate::graph::TensorType::new(crate::graph::DType::F32, dims),
-                )
+                    TensorType::new(DType::F32, &dims),
+                )?)
             })
-            .collect::<std::result::Result<_, _>>()?)
+            .collect()
     }
 
     /// Bytes of each local device's blocks of the parameters and both
