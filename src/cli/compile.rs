@@ -282,22 +282,14 @@ fn config_for_slice(a: &CompileArgs, chips: i64) -> Result<(Config, Vec<String>)
 fn requested_fsdp(a: &CompileArgs) -> Result<i64> {
     let text = std::fs::read_to_string(&a.config)
         .with_context(|| format!("reading {}", a.config.display()))?;
-    let doc: toml::Value =
-        toml::from_str(&text).with_context(|| format!("parsing {}", a.config.display()))?;
-    let mut fsdp = doc
-        .get("mesh")
-        .and_then(|m| m.get("fsdp"))
-        .and_then(toml::Value::as_integer)
-        .unwrap_or(1);
-    for o in &a.overrides {
-        if let Some(v) = o.strip_prefix("mesh.fsdp=") {
-            fsdp = v
-                .trim()
-                .parse()
-                .with_context(|| format!("--set {o}: mesh.fsdp takes a whole number"))?;
-        }
+    let doc =
+        Config::document(&text, &a.overrides).with_context(|| a.config.display().to_string())?;
+    match doc.get("mesh").and_then(|m| m.get("fsdp")) {
+        None => Ok(1),
+        Some(v) => v
+            .as_integer()
+            .ok_or_else(|| anyhow::anyhow!("mesh.fsdp = {v}: expected a whole number")),
     }
-    Ok(fsdp)
 }
 
 fn with_micro_batch(cfg: &Config, micro: i64) -> Config {

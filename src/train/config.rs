@@ -303,10 +303,7 @@ impl Config {
     }
 
     pub fn parse(text: &str, overrides: &[String]) -> Result<Config> {
-        let mut doc: toml::Value = toml::from_str(text)?;
-        for o in overrides {
-            apply_override(&mut doc, o)?;
-        }
+        let mut doc = Config::document(text, overrides)?;
         expand_preset(&mut doc)?;
         let mut cfg: Config = doc
             .try_into()
@@ -314,6 +311,17 @@ impl Config {
         cfg.resolve_mesh()?;
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// The config's TOML with `overrides` applied, before presets and
+    /// validation (for a tool that must read a key before the config is
+    /// complete).
+    pub fn document(text: &str, overrides: &[String]) -> Result<toml::Value> {
+        let mut doc: toml::Value = toml::from_str(text)?;
+        for o in overrides {
+            apply_override(&mut doc, o)?;
+        }
+        Ok(doc)
     }
 
     /// Fills in `mesh.data` (from `train.replicas` when unset) and sets
