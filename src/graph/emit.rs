@@ -136,28 +136,18 @@ impl Function {
     /// The block of argument i one device holds (its full type when the
     /// program is not partitioned).
     pub fn param_shard_types(&self) -> Vec<TensorType> {
-        let full = self.param_types();
-        match &self.partitioning {
-            None => full,
-            Some(p) => full
-                .iter()
-                .zip(&p.params)
-                .map(|(ty, s)| shard_type(ty, s))
-                .collect(),
-        }
+        blocks(
+            self.param_types(),
+            self.partitioning.as_ref().map(|p| &p.params[..]),
+        )
     }
 
     /// The block of result j one device holds.
     pub fn output_shard_types(&self) -> Vec<TensorType> {
-        let full = self.output_types();
-        match &self.partitioning {
-            None => full,
-            Some(p) => full
-                .iter()
-                .zip(&p.results)
-                .map(|(ty, s)| shard_type(ty, s))
-                .collect(),
-        }
+        blocks(
+            self.output_types(),
+            self.partitioning.as_ref().map(|p| &p.results[..]),
+        )
     }
 
     /// Module name (shows up in XLA dumps and profiles).
@@ -296,13 +286,21 @@ fn braced(attrs: &[String]) -> String {
     }
 }
 
-/// The block of `ty` one device holds under `s` (checked when the
-/// shardings were set).
-fn shard_type(ty: &TensorType, s: &Sharding) -> TensorType {
-    let dims = s
-        .shard_dims(&ty.dims)
-        .expect("checked by Function::partitioned");
-    TensorType::new(ty.dtype, &dims)
+/// Each device's block of each of `full` under `shardings` (`full` when
+/// there are none; the shardings were checked by Function::partitioned).
+fn blocks(full: Vec<TensorType>, shardings: Option<&[Sharding]>) -> Vec<TensorType> {
+    let Some(shardings) = shardings else {
+        return full;
+    };
+    full.iter()
+        .zip(shardings)
+        .map(|(ty, s)| {
+            let dims = s
+                .shard_dims(&ty.dims)
+                .expect("checked by Function::partitioned");
+            TensorType::new(ty.dtype, &dims)
+        })
+        .collect()
 }
 
 /// State of one emission: SSA names and counters for fresh names and
