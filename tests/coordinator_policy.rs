@@ -15,7 +15,7 @@
 mod grpc;
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use sharedmoe::ckpt::{self, Checkpoint};
@@ -25,13 +25,9 @@ use sharedmoe::dist::proto::{
 };
 use sharedmoe::dist::transfer::CheckpointFiles;
 use sharedmoe::dist::worker::job_over;
-use sharedmoe::train::Config;
 use tonic::Code;
 
-use grpc::{
-    connect, free_port, register, report_steps, rt, send_rows, snapshot_dir, spawn, upload, Client,
-    BIN,
-};
+use grpc::{connect, register, report_steps, rt, send_rows, snapshot_dir, upload, Client, BIN};
 
 const CONFIG: &str = "configs/tiny-sharedmoe.toml";
 /// The tiny config's train.steps.
@@ -44,53 +40,13 @@ fn scratch(name: &str) -> PathBuf {
     d
 }
 
-/// A coordinator of the tiny config whose run directory starts with a
-/// step-0 checkpoint (the good checkpoint nothing may destroy).
-struct Job {
-    dir: PathBuf,
-    run: PathBuf,
-    cfg: Config,
-    addr: String,
-    coord: Child,
-}
+use grpc::CoordinatorJob as Job;
 
 impl Job {
-    fn start(name: &str, workers: u32) -> Job {
-        let dir = scratch(name);
-        let run = dir.join("run");
-        // replicas divisible by 1 and 2 workers.
-        let set = "train.replicas=2";
-        let cfg = Config::load(Path::new(CONFIG), &[set.to_string()]).unwrap();
-        sharedmoe::train::write_init(&cfg, &ckpt::step_dir(&run, 0), 7).unwrap();
-        let addr = format!("127.0.0.1:{}", free_port());
-        let workers = workers.to_string();
-        let coord = spawn(
-            &[
-                "coordinator",
-                "--config",
-                CONFIG,
-                "--set",
-                set,
-                "--workers",
-                &workers,
-                "--listen",
-                &addr,
-                "--run-dir",
-                run.to_str().unwrap(),
-                // Longer than an upload's wait for metrics rows: the raw
-                // clients send no heartbeats.
-                "--heartbeat-timeout-s=120",
-            ],
-            &dir.join("coordinator.log"),
-            &[],
-        );
-        Job {
-            dir,
-            run,
-            cfg,
-            addr,
-            coord,
-        }
+    /// Longer than an upload's wait for metrics rows: the raw clients
+    /// send no heartbeats.
+    fn new(name: &str, workers: u32) -> Job {
+        Job::start(scratch(name), workers, 120)
     }
 
     /// The step-0 checkpoint renumbered to `step`, then `edit`ed.
@@ -121,20 +77,6 @@ impl Job {
             })
             .collect()
     }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("coordinator.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for Job {
-    fn drop(&mut self) {
-        let _ = self.coord.kill();
-        let _ = self.coord.wait();
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
-    }
 }
 
 /// Asserts that `e` has `code` and a message naming every one of `words`.
@@ -147,7 +89,7 @@ fn refused(e: tonic::Status, code: Code, words: &[&str]) {
 
 #[test]
 fn only_rank_0_uploads_checkpoints_and_reports_metrics() {
-    let job = Job::start("rank", 2);
+    let job = Job::new("rank", 2);
     rt().block_on(async {
         let client = connect(&job.addr).await;
         // Registration returns once both workers are in.
@@ -174,7 +116,7 @@ fn only_rank_0_uploads_checkpoints_and_reports_metrics() {
 
 #[test]
 fn only_the_step_the_job_reached_may_be_uploaded() {
-    let job = Job::start("steps", 1);
+    let job = Job::new("steps", 1);
     rt().block_on(async {
         let client = connect(&job.addr).await;
         let reg = register(&client).await;
@@ -285,7 +227,7 @@ fn poisoned(mut files: CheckpointFiles, file: &str, count: usize, value: f32) ->
 
 #[test]
 fn non_finite_checkpoints_are_refused() {
-    let job = Job::start("nan", 1);
+    let job = Job::new("nan", 1);
     rt().block_on(async {
         let client = connect(&job.addr).await;
         let reg = register(&client).await;
@@ -314,7 +256,7 @@ fn metrics_lines(run: &Path) -> Vec<String> {
 
 #[test]
 fn metrics_rows_are_single_line_json_objects_in_step_order() {
-    let job = Job::start("rows", 1);
+    let job = Job::new("rows", 1);
     rt().block_on(async {
         let client = connect(&job.addr).await;
         let reg = register(&client).await;
@@ -368,7 +310,7 @@ async fn kv_put(
 
 #[test]
 fn the_key_value_store_is_capped_and_the_coordinator_keeps_serving() {
-    let job = Job::start("kv", 1);
+    let job = Job::new("kv", 1);
     rt().block_on(async {
         let client = connect(&job.addr).await;
         let reg = register(&client).await;
@@ -412,7 +354,7 @@ fn the_key_value_store_is_capped_and_the_coordinator_keeps_serving() {
 /// workers act on these fields, never on the messages.
 #[test]
 fn after_the_end_workers_are_told_how_the_job_ended_in_typed_fields() {
-    let job = Job::start("over", 1);
+    let job = Job::new("over", 1);
     rt().block_on(async {
         let client = connect(&job.addr).await;
         let reg = register(&client).await;
@@ -489,7 +431,7 @@ fn zero_workers_is_refused_with_a_message_not_a_panic() {
 /// coordinator nor a `train` may write there while it serves.
 #[test]
 fn the_coordinators_run_directory_is_locked() {
-    let job = Job::start("lock", 1);
+    let job = Job::new("lock", 1);
     rt().block_on(async {
         // Serving: the lock is taken before the coordinator listens.
         connect(&job.addr)

@@ -14,70 +14,25 @@
 
 mod grpc;
 
-use std::path::{Path, PathBuf};
-use std::process::Child;
 use std::time::{Duration, Instant};
 
 use sharedmoe::ckpt::shards::{round_robin, Group, Shard, ShardIndex};
 use sharedmoe::ckpt::{self, Checkpoint};
 use sharedmoe::dist::proto::{RegisterReply, UploadCheckpointReply};
 use sharedmoe::dist::shard_transfer::ShardUpload;
-use sharedmoe::train::Config;
 use tonic::{Code, Status};
 
-use grpc::{
-    connect, free_port, register, report_steps, rt, snapshot_dir, spawn, upload_shards, Client,
-};
-
-const CONFIG: &str = "configs/tiny-sharedmoe.toml";
+use grpc::{connect, register, report_steps, rt, snapshot_dir, upload_shards, Client};
 
 /// A two-worker coordinator of the tiny config whose run directory starts
 /// with a step-0 checkpoint.
-struct Job {
-    dir: PathBuf,
-    run: PathBuf,
-    cfg: Config,
-    addr: String,
-    coord: Child,
-}
+use grpc::CoordinatorJob as Job;
 
 impl Job {
-    fn start(name: &str, heartbeat_timeout_s: u32) -> Job {
+    fn new(name: &str, heartbeat_timeout_s: u32) -> Job {
         let dir =
             std::env::temp_dir().join(format!("sharedmoe-shards-{}-{name}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        let run = dir.join("run");
-        let set = "train.replicas=2";
-        let cfg = Config::load(Path::new(CONFIG), &[set.to_string()]).unwrap();
-        sharedmoe::train::write_init(&cfg, &ckpt::step_dir(&run, 0), 7).unwrap();
-        let addr = format!("127.0.0.1:{}", free_port());
-        let timeout = format!("--heartbeat-timeout-s={heartbeat_timeout_s}");
-        let coord = spawn(
-            &[
-                "coordinator",
-                "--config",
-                CONFIG,
-                "--set",
-                set,
-                "--workers",
-                "2",
-                "--listen",
-                &addr,
-                "--run-dir",
-                run.to_str().unwrap(),
-                &timeout,
-            ],
-            &dir.join("coordinator.log"),
-            &[],
-        );
-        Job {
-            dir,
-            run,
-            cfg,
-            addr,
-            coord,
-        }
+        Job::start(dir, 2, heartbeat_timeout_s)
     }
 
     fn specs(&self) -> Vec<sharedmoe::model::ParamSpec> {
@@ -103,25 +58,8 @@ impl Job {
         }
         c
     }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("coordinator.log")).unwrap_or_default()
-    }
 }
 
-impl Drop for Job {
-    fn drop(&mut self) {
-        let _ = self.coord.kill();
-        let _ = self.coord.wait();
-        if !std::thread::panicking() {
-            let _ = std::fs::remove_dir_all(&self.dir);
-        } else {
-            eprintln!("coordinator log:\n{}", self.log());
-        }
-    }
-}
-
-/// Both workers, rank 0 first.
 async fn register_both(client: &Client) -> (RegisterReply, RegisterReply) {
     let (a, b) = tokio::join!(register(client), register(client));
     if a.rank == 0 {
@@ -203,7 +141,7 @@ fn refused(e: Result<UploadCheckpointReply, Status>, code: Code, words: &[&str])
 #[test]
 fn two_ranks_shards_make_one_verified_checkpoint_and_a_missing_or_duplicated_one_is_refused_by_name(
 ) {
-    let job = Job::start("assemble", 120);
+    let job = Job::new("assemble", 120);
     rt().block_on(async {
         let client = connect(&job.addr).await;
         let (r0, r1) = register_both(&client).await;
@@ -327,7 +265,7 @@ fn two_ranks_shards_make_one_verified_checkpoint_and_a_missing_or_duplicated_one
 #[test]
 fn a_rank_whose_shards_never_come_aborts_the_attempt_instead_of_hanging() {
     // The raw clients send no heartbeats: both are lost after 3 s.
-    let job = Job::start("lost", 3);
+    let job = Job::new("lost", 3);
     rt().block_on(async {
         let client = connect(&job.addr).await;
         let (r0, r1) = register_both(&client).await;

@@ -1,6 +1,6 @@
-//! Test helper: `sharedmoe` processes with their output in a log file, and
-//! raw gRPC clients of the coordinator (tests/dist.rs,
-//! tests/coordinator_policy.rs).
+//! Test helper: `sharedmoe` processes with their output in a log file, a
+//! coordinator of the tiny config to talk to, and raw gRPC clients of it
+//! (tests/dist.rs, tests/coordinator_policy.rs, tests/shard_assembly.rs).
 #![allow(dead_code)]
 
 use std::fs::File;
@@ -178,4 +178,76 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
         }
     }
     out
+}
+
+/// A coordinator of the tiny shared-MoE config (train.replicas = 2) for
+/// `workers` workers, whose run directory starts with a step-0
+/// checkpoint (the good checkpoint nothing may destroy). Killed, and its
+/// directory removed, on drop; its log is printed when a test panics.
+pub struct CoordinatorJob {
+    pub dir: PathBuf,
+    pub run: PathBuf,
+    pub cfg: sharedmoe::train::Config,
+    pub addr: String,
+    pub coord: Child,
+}
+
+impl CoordinatorJob {
+    pub const CONFIG: &'static str = "configs/tiny-sharedmoe.toml";
+
+    /// In a fresh `dir`, with `--heartbeat-timeout-s` as given.
+    pub fn start(dir: PathBuf, workers: u32, heartbeat_timeout_s: u32) -> CoordinatorJob {
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let run = dir.join("run");
+        // replicas divisible by 1 and 2 workers.
+        let set = "train.replicas=2";
+        let cfg =
+            sharedmoe::train::Config::load(Path::new(Self::CONFIG), &[set.to_string()]).unwrap();
+        sharedmoe::train::write_init(&cfg, &sharedmoe::ckpt::step_dir(&run, 0), 7).unwrap();
+        let addr = format!("127.0.0.1:{}", free_port());
+        let workers = workers.to_string();
+        let timeout = format!("--heartbeat-timeout-s={heartbeat_timeout_s}");
+        let coord = spawn(
+            &[
+                "coordinator",
+                "--config",
+                Self::CONFIG,
+                "--set",
+                set,
+                "--workers",
+                &workers,
+                "--listen",
+                &addr,
+                "--run-dir",
+                run.to_str().unwrap(),
+                &timeout,
+            ],
+            &dir.join("coordinator.log"),
+            &[],
+        );
+        CoordinatorJob {
+            dir,
+            run,
+            cfg,
+            addr,
+            coord,
+        }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("coordinator.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for CoordinatorJob {
+    fn drop(&mut self) {
+        let _ = self.coord.kill();
+        let _ = self.coord.wait();
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        } else {
+            eprintln!("coordinator log:\n{}", self.log());
+        }
+    }
 }
