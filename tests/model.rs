@@ -231,8 +231,7 @@ fn balance_loss_is_exactly_one_for_a_zero_router() {
         },
     };
     let (_, aux) =
-        sharedmoe::model::moe::shared_moe(&xs, &w, 2, ExpertCompute::Routed { block: 4 }, 1)
-            .unwrap();
+        sharedmoe::model::moe::shared_moe(&xs, &w, 2, ExpertCompute::Routed { block: 4 }).unwrap();
     let f = g.build(&[&aux]).unwrap().compile(client()).unwrap();
     let ins = vec![
         HostTensor::from_f64(
@@ -314,8 +313,7 @@ fn routed_moe_temporaries(n: i64, d: i64, f: i64, e: i64) -> i64 {
         },
     };
     let (y, aux) =
-        sharedmoe::model::moe::shared_moe(&x, &w, 2, ExpertCompute::Routed { block: 8 }, 1)
-            .unwrap();
+        sharedmoe::model::moe::shared_moe(&x, &w, 2, ExpertCompute::Routed { block: 8 }).unwrap();
     let loss = y.sin().unwrap().sum_all().unwrap().add(&aux).unwrap();
     let grads = grad(&loss, &[&x, &router, &gate, &up, &down]).unwrap();
     let outs: Vec<&Tensor> = std::iter::once(&loss).chain(grads.iter()).collect();

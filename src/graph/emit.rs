@@ -11,7 +11,8 @@ use std::fmt::Write;
 use super::core::{value_names, BlockId, Graph, GraphState, NodeId, Tensor, ValueId};
 use super::dtype::TensorType;
 use super::error::{usage, Result};
-use super::primitive::Operand;
+use super::ops::constant::dense_literal;
+use super::primitive::{ManualEdge, Operand};
 use super::sharding::{Mesh, Sharding};
 
 /// A traced function ready to be emitted and compiled: parameters are the
@@ -311,6 +312,12 @@ pub(crate) struct EmitCx<'a> {
     fresh: usize,
     channel: usize,
     pub num_replicas: usize,
+    /// Values computed inside a manually partitioned region: each
+    /// device's own block, which the partitioner leaves alone.
+    manual: HashSet<ValueId>,
+    /// Set while an op of a manual region is emitted: the constants its
+    /// lowering creates enter the region (see [`EmitCx::constant`]).
+    in_manual: bool,
 }
 
 impl<'a> EmitCx<'a> {
@@ -321,7 +328,34 @@ impl<'a> EmitCx<'a> {
             fresh: 0,
             channel: 0,
             num_replicas,
+            manual: HashSet::new(),
+            in_manual: false,
         }
+    }
+
+    /// A scalar or splat constant of `ty` for an op's lowering: its lines
+    /// and the value. Inside a manual region the constant enters the region
+    /// whole ([`enter_whole`]): the MLIR import merges equal constants
+    /// across the function, and one constant used both by per-device and
+    /// by partitioned ops would get two shardings (XLA's sharding
+    /// propagation then aborts).
+    pub fn constant(&mut self, ty: &TensorType, value: f64) -> (String, Operand) {
+        let c = Operand {
+            name: self.fresh(),
+            ty: ty.clone(),
+        };
+        let lit = dense_literal(ty, &ty.dtype.encode(value));
+        let line = generic(
+            "stablehlo.constant",
+            &[],
+            std::slice::from_ref(&c),
+            &format!("value = {lit} : {}", ty.mlir()),
+        );
+        if !self.in_manual {
+            return (line, c);
+        }
+        let (enter, inside) = enter_whole(self, &c);
+        (format!("{line}\n{enter}"), inside)
     }
 
     pub fn name(&self, v: ValueId) -> String {
@@ -388,16 +422,67 @@ impl<'a> EmitCx<'a> {
     fn node_lines(&mut self, block: BlockId, results: &[ValueId], indent: usize) -> Result<String> {
         let pad = " ".repeat(indent);
         let mut out = String::new();
+        // Values that entered the region whole, per block (a block's lines
+        // cannot use a definition from a sibling block).
+        let mut entered: HashMap<ValueId, Operand> = HashMap::new();
         for n in self.live_nodes(block, results) {
             let node = &self.st.nodes[n];
+            let manual_ins = node
+                .inputs
+                .iter()
+                .filter(|v| self.manual.contains(v))
+                .count();
+            let edge = node.prim.manual_edge();
+            let inside = match edge {
+                Some(ManualEdge::Enters) if manual_ins > 0 => {
+                    return usage(format!(
+                        "{}: the value already is in a manual region",
+                        node.prim.name()
+                    ))
+                }
+                Some(ManualEdge::Leaves) if manual_ins < node.inputs.len() => {
+                    return usage(format!(
+                        "{}: the value is not in a manual region",
+                        node.prim.name()
+                    ))
+                }
+                Some(ManualEdge::Enters) => true,
+                Some(ManualEdge::Leaves) => false,
+                None => manual_ins > 0,
+            };
+            if inside {
+                self.manual.extend(node.outputs.iter().copied());
+            }
             if let Some(i) = node.prim.alias_of() {
                 let src = self.name(node.inputs[i]);
                 self.names.insert(node.outputs[0], src);
                 continue;
             }
-            let ins: Vec<Operand> = node.inputs.iter().map(|&v| self.operand(v)).collect();
+            let mut text = String::new();
+            let mut ins: Vec<Operand> = Vec::with_capacity(node.inputs.len());
+            for &v in &node.inputs {
+                // An op of the region reads a value from outside it (a
+                // constant, or one computed from constants): the value
+                // enters whole, as shard_map's unmapped inputs do.
+                if edge.is_none() && inside && !self.manual.contains(&v) {
+                    if let Some(op) = entered.get(&v) {
+                        ins.push(op.clone());
+                        continue;
+                    }
+                    let (lines, op) = enter_whole(self, &self.operand(v));
+                    text.push_str(&lines);
+                    text.push('\n');
+                    entered.insert(v, op.clone());
+                    ins.push(op);
+                } else {
+                    ins.push(self.operand(v));
+                }
+            }
             let outs: Vec<Operand> = node.outputs.iter().map(|&v| self.operand(v)).collect();
-            let text = node.prim.clone().emit(self, &ins, &outs)?;
+            self.in_manual = inside && edge.is_none();
+            let emitted = node.prim.clone().emit(self, &ins, &outs);
+            self.in_manual = false;
+            text.push_str(&emitted?);
             for line in text.lines() {
                 out.push_str(&pad);
                 out.push_str(line);
@@ -420,6 +505,11 @@ impl<'a> EmitCx<'a> {
         pass_captures_through: bool,
     ) -> Result<String> {
         let b = self.st.blocks[block].clone();
+        for &(outer, inner) in &b.captures {
+            if self.manual.contains(&outer) {
+                self.manual.insert(inner);
+            }
+        }
         let mut capture_args = Vec::with_capacity(captures.len());
         for &outer in captures {
             let op = match b.captures.iter().find(|(o, _)| *o == outer) {
@@ -539,4 +629,47 @@ pub(crate) fn scalar_region(cx: &mut EmitCx, op: &str, dtype: super::dtype::DTyp
     format!(
         "({{\n^bb0({a}: {t}, {b}: {t}):\n  {r} = \"{op}\"({a}, {b}) : ({t}, {t}) -> {t}\n  \"stablehlo.return\"({r}) : ({t}) -> ()\n}})"
     )
+}
+
+/// The two custom calls of a manual region's boundary (JAX's shard_map
+/// lowering): `@Sharding` with `first`, then `target` with `second`.
+pub(crate) fn manual_pair(
+    cx: &mut EmitCx,
+    ins: &[Operand],
+    outs: &[Operand],
+    (first, target, second): (&str, &str, &str),
+) -> String {
+    let mid = Operand {
+        name: cx.fresh(),
+        ty: ins[0].ty.clone(),
+    };
+    let a = generic(
+        "stablehlo.custom_call",
+        ins,
+        std::slice::from_ref(&mid),
+        &format!("call_target_name = \"Sharding\", mhlo.sharding = \"{first}\""),
+    );
+    let b = generic(
+        "stablehlo.custom_call",
+        &[mid],
+        outs,
+        &format!("call_target_name = \"{target}\", mhlo.sharding = \"{second}\""),
+    );
+    format!("{a}\n{b}")
+}
+
+/// `v`, whole on every device, as a value of a manual region: its lines
+/// and the region's copy.
+fn enter_whole(cx: &mut EmitCx, v: &Operand) -> (String, Operand) {
+    let inside = Operand {
+        name: cx.fresh(),
+        ty: v.ty.clone(),
+    };
+    let lines = manual_pair(
+        cx,
+        std::slice::from_ref(v),
+        std::slice::from_ref(&inside),
+        ("{replicated}", "SPMDFullToShardShape", "{manual}"),
+    );
+    (lines, inside)
 }

@@ -51,6 +51,22 @@ pub(crate) trait Primitive: fmt::Debug + 'static {
     fn alias_of(&self) -> Option<usize> {
         None
     }
+
+    /// Some when the op is a boundary of a manually partitioned region
+    /// (JAX's shard_map): the emitter treats everything computed from an
+    /// entered value, up to where it leaves, as per-device code.
+    fn manual_edge(&self) -> Option<ManualEdge> {
+        None
+    }
+}
+
+/// Which boundary of a manually partitioned region an op is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum ManualEdge {
+    /// From a value on the mesh to each device's block.
+    Enters,
+    /// From each device's block back to a value on the mesh.
+    Leaves,
 }
 
 /// The first cotangent, for single-output primitives.

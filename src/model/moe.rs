@@ -67,47 +67,29 @@ pub fn route(x: &Tensor, router: &Tensor, k: i64) -> Result<Routing> {
 /// Switch balance loss for one application: E * sum_e f_e * P_e, with f_e
 /// the share of the N*k assignments that went to e and P_e the mean router
 /// probability of e. Equals 1 for uniform routing.
-///
-/// Over `groups` equal contiguous groups of the N tokens, the loss is each
-/// group's, averaged: a data-parallel job balances each device's batch, as
-/// one replica per device did before the step became one SPMD program, so
-/// the loss does not change with how the devices are arranged in the mesh.
-fn balance_loss(r: &Routing, num_experts: i64, groups: i64) -> Result<Tensor> {
+fn balance_loss(r: &Routing, num_experts: i64) -> Result<Tensor> {
     let (n, k) = (r.experts.dim(0)?, r.experts.dim(1)?);
-    if groups < 1 || n % groups != 0 {
-        return Err(crate::graph::GraphError::Usage(format!(
-            "{n} tokens do not split into {groups} balance-loss groups"
-        )));
-    }
-    let per = n / groups;
     let acc = r.probs.dtype();
     let g = r.probs.graph();
     let ids = g.iota(TensorType::new(DType::I32, &[n, k, num_experts]), 2)?;
-    let chosen = ids
-        .eq(&r.experts.reshape(&[n, k, 1])?)?
-        .convert(acc)?
-        .reshape(&[groups, per * k, num_experts])?;
+    let chosen = ids.eq(&r.experts.reshape(&[n, k, 1])?)?.convert(acc)?;
     let f = chosen
-        .reduce_sum(&[1])?
-        .mul_scalar(1.0 / (per * k) as f64)?;
-    let p = r.probs.reshape(&[groups, per, num_experts])?.mean(&[1])?;
-    f.mul(&p)?
-        .sum_all()?
-        .mul_scalar(num_experts as f64 / groups as f64)
+        .reduce_sum(&[0, 1])?
+        .mul_scalar(1.0 / (n * k) as f64)?;
+    let p = r.probs.mean(&[0])?;
+    f.mul(&p)?.sum_all()?.mul_scalar(num_experts as f64)
 }
 
-/// The shared MoE on x [N, D]: returns (output [N, D], balance loss over
-/// `balance_groups` groups of tokens, see [`balance_loss`]).
+/// The shared MoE on x [N, D]: returns (output [N, D], balance loss).
 pub fn shared_moe(
     x: &Tensor,
     w: &Moe<Tensor>,
     k: i64,
     compute: ExpertCompute,
-    balance_groups: i64,
 ) -> Result<(Tensor, Tensor)> {
     let e = w.router.dim(0)?;
     let r = route(x, &w.router, k)?;
-    let aux = balance_loss(&r, e, balance_groups)?;
+    let aux = balance_loss(&r, e)?;
     let weights = r.weights.convert(x.dtype())?;
     let y = match compute {
         ExpertCompute::Dense => dense_experts(x, w, &r.experts, &weights, e)?,

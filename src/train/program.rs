@@ -240,7 +240,7 @@ fn trace_gradients(
             .reshape(&[m, s + 1])?;
         let model = Transformer::new(&cfg.model, &tree, compute)?
             .with_expert_compute(experts)
-            .with_balance_groups(mesh.devices() as i64);
+            .with_moe_per_device(&mesh.mesh)?;
         let loss = model.loss(&batch)?;
         let refs: Vec<&Tensor> = params.iter().collect();
         let grads = grad(&loss.total, &refs)?;
@@ -469,7 +469,7 @@ pub fn eval_step(cfg: &Config, experts: ExpertCompute, mesh: &StepMesh) -> Resul
     )?;
     let model = Transformer::new(&cfg.model, &params, cfg.compute_dtype())?
         .with_expert_compute(experts)
-        .with_balance_groups(mesh.devices() as i64);
+        .with_moe_per_device(&mesh.mesh)?;
     let loss = model.loss(&windows)?;
     let ce = loss.ce.convert(DType::F32)?;
     let aux = loss.aux.convert(DType::F32)?;

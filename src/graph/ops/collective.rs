@@ -3,9 +3,9 @@
 
 use crate::graph::core::{Graph, Tensor};
 use crate::graph::dtype::{DType, TensorType};
-use crate::graph::emit::{generic, scalar_region, EmitCx};
+use crate::graph::emit::{generic, manual_pair, scalar_region, EmitCx};
 use crate::graph::error::{op_err, Result};
-use crate::graph::primitive::{ct0, Operand, Primitive};
+use crate::graph::primitive::{ct0, ManualEdge, Operand, Primitive};
 use crate::graph::sharding::Sharding;
 
 /// Sum across all replicas of the module.
@@ -135,5 +135,148 @@ impl Tensor {
             );
         }
         self.g.apply1(ShardingConstraint(sharding.clone()), &[self])
+    }
+}
+
+/// Where a manual region's value comes from or goes to: one block per
+/// device (split over every mesh axis) or the same whole value on each.
+fn check_manual(op: &'static str, s: &Sharding) -> Result<()> {
+    let all = s.mesh().devices();
+    let blocks: usize = s.tiles().iter().product();
+    if blocks != all && blocks != 1 {
+        return op_err(
+            op,
+            format!(
+                "{}: a manual region takes a value split over every device or none",
+                s.to_hlo()
+            ),
+        );
+    }
+    Ok(())
+}
+
+/// Enters a manually partitioned region: from a value on the mesh (`full`)
+/// to each device's block, on which the region's ops run as written, with
+/// no partitioner between them (JAX's `shard_map`).
+#[derive(Debug)]
+struct ToManual(Sharding);
+
+impl Primitive for ToManual {
+    fn name(&self) -> &'static str {
+        "to_manual"
+    }
+
+    fn manual_edge(&self) -> Option<ManualEdge> {
+        Some(ManualEdge::Enters)
+    }
+
+    fn out_types(&self, ins: &[&TensorType]) -> Result<Vec<TensorType>> {
+        match self.0.shard_dims(&ins[0].dims) {
+            Ok(local) => Ok(vec![TensorType::new(ins[0].dtype, &local)]),
+            Err(e) => op_err("to_manual", format!("{}: {e}", ins[0])),
+        }
+    }
+
+    /// A split value's cotangent leaves the region as it came in. A whole
+    /// value used on every device collects every device's cotangent: they
+    /// leave stacked along a new leading axis, one block per device, and
+    /// are summed outside, where the partitioner all-reduces (shard_map's
+    /// transpose of an unmapped input).
+    fn vjp(
+        &self,
+        _: &[Tensor],
+        _: &[Tensor],
+        cts: &[Option<Tensor>],
+    ) -> Result<Vec<Option<Tensor>>> {
+        let ct = ct0(cts)?;
+        if !self.0.is_replicated() {
+            return Ok(vec![Some(ct.from_manual(&self.0)?)]);
+        }
+        let mesh = self.0.mesh();
+        let axes: Vec<&str> = mesh.axis_names().collect();
+        let stacked = Sharding::split(mesh, ct.rank() + 1, 0, &axes)?;
+        let mut one = vec![1];
+        one.extend(ct.dims());
+        let per_device = ct.reshape(&one)?.from_manual(&stacked)?;
+        Ok(vec![Some(per_device.reduce_sum(&[0])?)])
+    }
+
+    fn emit(&self, cx: &mut EmitCx, ins: &[Operand], outs: &[Operand]) -> Result<String> {
+        let full = self.0.to_hlo();
+        Ok(manual_pair(
+            cx,
+            ins,
+            outs,
+            (&full, "SPMDFullToShardShape", "{manual}"),
+        ))
+    }
+}
+
+/// Leaves a manual region: each device's block becomes its part of a
+/// value on the mesh laid out as `full`.
+#[derive(Debug)]
+struct FromManual(Sharding);
+
+impl Primitive for FromManual {
+    fn name(&self) -> &'static str {
+        "from_manual"
+    }
+
+    fn manual_edge(&self) -> Option<ManualEdge> {
+        Some(ManualEdge::Leaves)
+    }
+
+    fn out_types(&self, ins: &[&TensorType]) -> Result<Vec<TensorType>> {
+        let t = ins[0];
+        if t.dims.len() != self.0.rank() {
+            return op_err(
+                "from_manual",
+                format!("a rank-{} sharding for {t}", self.0.rank()),
+            );
+        }
+        let full: Vec<i64> = t
+            .dims
+            .iter()
+            .zip(self.0.tiles())
+            .map(|(&d, n)| d * n as i64)
+            .collect();
+        Ok(vec![TensorType::new(t.dtype, &full)])
+    }
+
+    fn vjp(
+        &self,
+        _: &[Tensor],
+        _: &[Tensor],
+        cts: &[Option<Tensor>],
+    ) -> Result<Vec<Option<Tensor>>> {
+        Ok(vec![Some(ct0(cts)?.to_manual(&self.0)?)])
+    }
+
+    fn emit(&self, cx: &mut EmitCx, ins: &[Operand], outs: &[Operand]) -> Result<String> {
+        let full = self.0.to_hlo();
+        Ok(manual_pair(
+            cx,
+            ins,
+            outs,
+            ("{manual}", "SPMDShardToFullShape", &full),
+        ))
+    }
+}
+
+impl Tensor {
+    /// Each device's block of this value under `full` (split over every
+    /// mesh axis, or whole on each device), inside a manually partitioned
+    /// region: what follows runs per device on the block's shape until
+    /// [`from_manual`](Self::from_manual).
+    pub fn to_manual(&self, full: &Sharding) -> Result<Tensor> {
+        check_manual("to_manual", full)?;
+        self.g.apply1(ToManual(full.clone()), &[self])
+    }
+
+    /// Leaves a manual region: this per-device block is device d's block of
+    /// the result, laid out as `full` (split over every mesh axis).
+    pub fn from_manual(&self, full: &Sharding) -> Result<Tensor> {
+        check_manual("from_manual", full)?;
+        self.g.apply1(FromManual(full.clone()), &[self])
     }
 }

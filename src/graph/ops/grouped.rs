@@ -22,8 +22,6 @@ use crate::graph::emit::{generic, i64_array, i64_list, names, types, EmitCx};
 use crate::graph::error::{op_err, Result};
 use crate::graph::primitive::{ct0, Operand, Primitive};
 
-use super::constant::dense_literal;
-
 /// How a group's weight matrix is laid out.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum WeightLayout {
@@ -273,9 +271,9 @@ impl Lines<'_, '_> {
     }
 
     fn constant(&mut self, ty: TensorType, value: f64) -> Operand {
-        let lit = dense_literal(&ty, &ty.dtype.encode(value));
-        let attrs = format!("value = {lit} : {}", ty.mlir());
-        self.op("stablehlo.constant", &[], ty, &attrs)
+        let (lines, c) = self.cx.constant(&ty, value);
+        self.text.extend(lines.lines().map(str::to_owned));
+        c
     }
 
     fn fresh_like(&mut self, o: &Operand) -> Operand {

@@ -126,24 +126,15 @@ impl Primitive for PermuteRows {
         let r = x.ty.rank();
         let mut ext_dims = x.ty.dims.clone();
         ext_dims[0] += 1;
-        let zero = Operand {
-            name: cx.fresh(),
-            ty: TensorType::scalar(x.ty.dtype),
-        };
+        let (zero_line, zero) = cx.constant(&TensorType::scalar(x.ty.dtype), 0.0);
         let ext = Operand {
             name: cx.fresh(),
             ty: TensorType::new(x.ty.dtype, &ext_dims),
         };
-        let lit = super::constant::dense_literal(&zero.ty, &x.ty.dtype.encode(0.0));
         let mut high = vec![0; r];
         high[0] = 1;
         let lines = [
-            generic(
-                "stablehlo.constant",
-                &[],
-                std::slice::from_ref(&zero),
-                &format!("value = {lit} : {}", zero.ty.mlir()),
-            ),
+            zero_line,
             generic(
                 "stablehlo.pad",
                 &[x.clone(), zero.clone()],

@@ -8,8 +8,6 @@ use crate::graph::emit::{generic, i64_array, scalar_region, EmitCx};
 use crate::graph::error::{op_err, Result};
 use crate::graph::primitive::{ct0, Operand, Primitive};
 
-use super::constant::dense_literal;
-
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum ReduceKind {
     Sum,
@@ -102,18 +100,7 @@ impl Primitive for Reduce {
 
     fn emit(&self, cx: &mut EmitCx, ins: &[Operand], outs: &[Operand]) -> Result<String> {
         let dtype = ins[0].ty.dtype;
-        let init_ty = TensorType::scalar(dtype);
-        let init = Operand {
-            name: cx.fresh(),
-            ty: init_ty.clone(),
-        };
-        let lit = dense_literal(&init_ty, &dtype.encode(self.kind.init()));
-        let init_line = generic(
-            "stablehlo.constant",
-            &[],
-            std::slice::from_ref(&init),
-            &format!("value = {lit} : {}", init_ty.mlir()),
-        );
+        let (init_line, init) = cx.constant(&TensorType::scalar(dtype), self.kind.init());
         let region = scalar_region(cx, self.kind.combiner(), dtype);
         let all = [ins[0].clone(), init];
         let head = generic("stablehlo.reduce", &all, outs, "");
