@@ -332,25 +332,40 @@ pub fn tpu_present() -> bool {
     tpu_chips_in(Path::new("/sys")) > 0
 }
 
-/// The flag JAX's `cloud_tpu_init.py` adds to `LIBTPU_INIT_ARGS`: multi-host
-/// programs check at launch that every host runs the same program (by the
-/// executions' launch ids, see `Executable`).
-const LIBTPU_DEFAULT_FLAG: &str = "--xla_tpu_use_enhanced_launch_barrier";
+/// This project's defaults for `LIBTPU_INIT_ARGS`, as (flag, value).
+const LIBTPU_DEFAULT_FLAGS: [(&str, &str); 2] = [
+    // What JAX's `cloud_tpu_init.py` adds: multi-host programs check at
+    // launch that every host runs the same program (by the executions'
+    // launch ids, see `Executable`).
+    ("--xla_tpu_use_enhanced_launch_barrier", "true"),
+    // Windowed einsum (collective matmul) for all-gathered operands. In
+    // libtpu 0.0.52 its code motion (MoveUsersIntoWindowedDotGeneralLoop-
+    // OnNonContractingDimensions, in the SPMD partitioner) does not finish:
+    // the fsdp = 16 steps of both full-size models and of tiny-sharedmoe on
+    // a v4-32 grew past 20 GB of host memory in minutes without finishing;
+    // without it each compiles in about a minute (issue 17). FSDP's weight
+    // all-gathers are still overlapped by the latency-hiding scheduler.
+    ("--xla_tpu_enable_windowed_einsum_for_all_gather", "false"),
+];
 
 /// `LIBTPU_INIT_ARGS` with this project's defaults appended to what the
-/// user set, as `cloud_tpu_init.py` does: the enhanced launch barrier,
-/// unless the user's value already sets it (either way).
+/// user set, as `cloud_tpu_init.py` does: each default unless the user's
+/// value already sets that flag (either way).
 pub fn libtpu_init_args(current: Option<&str>) -> String {
-    let current = current.unwrap_or("");
-    if current.contains(LIBTPU_DEFAULT_FLAG) {
-        return current.to_string();
+    let mut args: Vec<String> = current
+        .unwrap_or("")
+        .split_whitespace()
+        .map(str::to_owned)
+        .collect();
+    for (flag, value) in LIBTPU_DEFAULT_FLAGS {
+        let set = args
+            .iter()
+            .any(|a| a == flag || a.starts_with(&format!("{flag}=")));
+        if !set {
+            args.push(format!("{flag}={value}"));
+        }
     }
-    let flag = format!("{LIBTPU_DEFAULT_FLAG}=true");
-    if current.trim().is_empty() {
-        flag
-    } else {
-        format!("{current} {flag}")
-    }
+    args.join(" ")
 }
 
 /// Sets `LIBTPU_INIT_ARGS` to [`libtpu_init_args`] once per process, before
@@ -795,20 +810,37 @@ mod tests {
     }
 
     #[test]
-    fn libtpu_init_args_append_the_launch_barrier_to_the_users() {
-        let flag = "--xla_tpu_use_enhanced_launch_barrier=true";
-        assert_eq!(libtpu_init_args(None), flag);
-        assert_eq!(libtpu_init_args(Some("  ")), flag);
+    fn libtpu_init_args_append_the_defaults_to_the_users() {
+        let barrier = "--xla_tpu_use_enhanced_launch_barrier=true";
+        let einsum = "--xla_tpu_enable_windowed_einsum_for_all_gather=false";
+        let both = format!("{barrier} {einsum}");
+        assert_eq!(libtpu_init_args(None), both);
+        assert_eq!(libtpu_init_args(Some("  ")), both);
         assert_eq!(
             libtpu_init_args(Some("--xla_tpu_scoped_vmem_limit_kib=81920")),
-            format!("--xla_tpu_scoped_vmem_limit_kib=81920 {flag}")
+            format!("--xla_tpu_scoped_vmem_limit_kib=81920 {both}")
         );
-        // The user's own setting, either way, wins.
-        for mine in [
-            "--xla_tpu_use_enhanced_launch_barrier=false",
-            "--a=1 --xla_tpu_use_enhanced_launch_barrier=true",
+        // The user's own setting, either way, wins; a flag whose name only
+        // starts like a default's is not that default.
+        for (mine, want) in [
+            (
+                "--xla_tpu_use_enhanced_launch_barrier=false",
+                format!("--xla_tpu_use_enhanced_launch_barrier=false {einsum}"),
+            ),
+            (
+                "--a=1 --xla_tpu_use_enhanced_launch_barrier=true",
+                format!("--a=1 {barrier} {einsum}"),
+            ),
+            (
+                "--xla_tpu_enable_windowed_einsum_for_all_gather=true",
+                format!("--xla_tpu_enable_windowed_einsum_for_all_gather=true {barrier}"),
+            ),
+            (
+                "--xla_tpu_use_enhanced_launch_barrier_x=1",
+                format!("--xla_tpu_use_enhanced_launch_barrier_x=1 {both}"),
+            ),
         ] {
-            assert_eq!(libtpu_init_args(Some(mine)), mine);
+            assert_eq!(libtpu_init_args(Some(mine)), want);
         }
     }
 
