@@ -155,9 +155,14 @@ pub fn sha256_hex(text: &str) -> String {
 /// HF-style `config.json` of model `m` trained on sequences of
 /// `max_positions` tokens (LLaMA keys; the shared-MoE fields alongside).
 pub fn hf_config(m: &ModelConfig, max_positions: i64) -> serde_json::Value {
+    let (architecture, model_type) = match m.ffn {
+        FfnKind::Dense => ("LlamaForCausalLM", "llama"),
+        FfnKind::SharedMoe => ("SharedMoeForCausalLM", "sharedmoe"),
+        FfnKind::Moe => ("Qwen3MoeForCausalLM", "qwen3_moe"),
+    };
     let mut v = serde_json::json!({
-        "architectures": [if m.ffn == FfnKind::Dense { "LlamaForCausalLM" } else { "SharedMoeForCausalLM" }],
-        "model_type": if m.ffn == FfnKind::Dense { "llama" } else { "sharedmoe" },
+        "architectures": [architecture],
+        "model_type": model_type,
         "vocab_size": m.vocab_size,
         "hidden_size": m.hidden_size,
         "intermediate_size": m.intermediate_size,
@@ -169,7 +174,7 @@ pub fn hf_config(m: &ModelConfig, max_positions: i64) -> serde_json::Value {
         "max_position_embeddings": max_positions,
         "rms_norm_eps": m.rms_norm_eps,
         "rope_theta": m.rope_theta,
-        "tie_word_embeddings": true,
+        "tie_word_embeddings": m.tie_word_embeddings,
         "attention_bias": false,
         "mlp_bias": false,
         "torch_dtype": "float32",
@@ -183,6 +188,19 @@ pub fn hf_config(m: &ModelConfig, max_positions: i64) -> serde_json::Value {
             "moe_intermediate_size".into(),
             m.expert_intermediate_size.into(),
         );
+        o.insert("router_aux_loss_coef".into(), m.aux_loss_coef.into());
+    }
+    if m.ffn == FfnKind::Moe {
+        let o = v.as_object_mut().expect("object");
+        o.insert("num_experts".into(), m.num_experts.into());
+        o.insert("num_experts_per_tok".into(), m.experts_per_token.into());
+        o.insert(
+            "moe_intermediate_size".into(),
+            m.expert_intermediate_size.into(),
+        );
+        o.insert("norm_topk_prob".into(), m.norm_topk_prob.into());
+        o.insert("decoder_sparse_step".into(), m.decoder_sparse_step.into());
+        o.insert("mlp_only_layers".into(), m.mlp_only_layers.clone().into());
         o.insert("router_aux_loss_coef".into(), m.aux_loss_coef.into());
     }
     v

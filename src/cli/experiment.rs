@@ -12,7 +12,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 
 use crate::dist::launch::{launch_local, LaunchOptions};
-use crate::model::{active_params_per_token, count_params};
+use crate::model::{active_params_per_token, count_params, FfnKind};
 use crate::train::{self, Config, StartFrom};
 
 use super::eval::CheckpointRows;
@@ -181,7 +181,7 @@ pub fn run(a: &ExperimentArgs) -> Result<()> {
             );
             let started = Instant::now();
             let last = train_run(&cfg, a)?;
-            let experts = if cfg.model.is_moe() {
+            let experts = if cfg.model.ffn == FfnKind::SharedMoe {
                 let dir = cfg.run.dir.join("experts");
                 let rows = CheckpointRows {
                     ckpt: last,

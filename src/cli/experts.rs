@@ -29,8 +29,8 @@ use plotters::style::FontTransform;
 
 use crate::ckpt;
 use crate::graph::HostTensor;
-use crate::model::param_specs;
 use crate::model::routing::{choices_from_outputs, routing_program, uniform_overlap, RoutingStats};
+use crate::model::{param_specs, FfnKind};
 use crate::runtime::Arg;
 use crate::train::client::open_client_with;
 use crate::train::Config;
@@ -71,11 +71,12 @@ pub struct Analysis {
 /// CSVs and plots into `out`.
 pub fn analyse(rows: &CheckpointRows, out: &Path) -> Result<Analysis> {
     let mut cfg = rows.config()?;
-    if !cfg.model.is_moe() {
+    if cfg.model.ffn != FfnKind::SharedMoe {
         bail!(
-            "{}: a dense model (model.ffn = \"dense\") has no experts; `experts` analyses \
-             shared-MoE checkpoints",
-            rows.ckpt.display()
+            "{}: model.ffn = {:?}; `experts` analyses shared-MoE checkpoints (a dense model \
+             has no experts; per-layer MoE statistics are not built yet)",
+            rows.ckpt.display(),
+            cfg.model.ffn
         );
     }
     let (checkpoint, batches) = rows.load(&mut cfg)?;

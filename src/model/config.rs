@@ -11,6 +11,11 @@ pub enum FfnKind {
     Dense,
     /// ONE mixture-of-experts block shared by every layer.
     SharedMoe,
+    /// Per-layer mixture-of-experts blocks, each with its own router and
+    /// experts (the Qwen3-MoE architecture); layers listed in
+    /// `mlp_only_layers`, or off the `decoder_sparse_step`, have a dense
+    /// SwiGLU MLP of `intermediate_size` instead.
+    Moe,
 }
 
 /// Shape of a LLaMA-style model (dense) or of the shared-MoE proposal.
@@ -48,6 +53,36 @@ pub struct ModelConfig {
     pub rope_theta: f64,
     #[serde(default = "default_eps")]
     pub rms_norm_eps: f64,
+    /// Width of one attention head; 0 = hidden_size / num_heads. Qwen3
+    /// sets it independently (128 for 30B-A3B, where hidden / heads = 64):
+    /// q_proj is then [heads * head_dim, hidden].
+    #[serde(default)]
+    pub head_dim: i64,
+    /// An RMSNorm over head_dim on each query and key head, before RoPE
+    /// (Qwen3's `q_norm` / `k_norm`).
+    #[serde(default)]
+    pub qk_norm: bool,
+    /// The output logits reuse the token embedding (true), or have their
+    /// own `lm_head.weight` [V, D] (Qwen3-MoE).
+    #[serde(default = "default_true")]
+    pub tie_word_embeddings: bool,
+    /// Divide the chosen experts' router probabilities by their sum
+    /// (Qwen3's `norm_topk_prob`). The shared MoE always does.
+    #[serde(default = "default_true")]
+    pub norm_topk_prob: bool,
+    /// Per-layer MoE: layer l has experts iff it is not in
+    /// `mlp_only_layers` and (l + 1) % decoder_sparse_step == 0.
+    #[serde(default = "default_one")]
+    pub decoder_sparse_step: i64,
+    #[serde(default)]
+    pub mlp_only_layers: Vec<i64>,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_one() -> i64 {
+    1
 }
 
 fn default_theta() -> f64 {
@@ -65,6 +100,8 @@ pub const PRESET_NAMES: &[&str] = &[
     "small-sharedmoe",
     "tiny-dense",
     "tiny-sharedmoe",
+    "tiny-moe",
+    "qwen3-30b-a3b",
 ];
 
 impl ModelConfig {
@@ -86,6 +123,41 @@ impl ModelConfig {
             moe_block_size: 0,
             rope_theta: default_theta(),
             rms_norm_eps: default_eps(),
+            head_dim: 0,
+            qk_norm: false,
+            tie_word_embeddings: true,
+            norm_topk_prob: true,
+            decoder_sparse_step: 1,
+            mlp_only_layers: vec![],
+        }
+    }
+
+    /// Qwen3-30B-A3B's architecture (its config.json): 48 layers of 128
+    /// experts, top-8, with qk-norm, head_dim 128 and an untied head.
+    /// For the ahead-of-time compile and counts, not for CPU training.
+    pub fn qwen3_30b_a3b() -> ModelConfig {
+        ModelConfig {
+            ffn: FfnKind::Moe,
+            vocab_size: 151_936,
+            hidden_size: 2048,
+            num_layers: 48,
+            num_heads: 32,
+            num_kv_heads: 4,
+            intermediate_size: 6144,
+            embedding_dim: 0,
+            num_experts: 128,
+            experts_per_token: 8,
+            expert_intermediate_size: 768,
+            aux_loss_coef: 0.001,
+            moe_block_size: 0,
+            rope_theta: 1_000_000.0,
+            rms_norm_eps: 1e-6,
+            head_dim: 128,
+            qk_norm: true,
+            tie_word_embeddings: false,
+            norm_topk_prob: true,
+            decoder_sparse_step: 1,
+            mlp_only_layers: vec![],
         }
     }
 
@@ -159,20 +231,85 @@ impl ModelConfig {
                 moe_block_size: 8,
                 ..ModelConfig::sharedmoe50m()
             },
+            // Qwen3-MoE in miniature, every feature on: layer 1 dense
+            // (mlp_only_layers), head_dim 32 against hidden / heads = 16,
+            // qk-norm, an untied head.
+            "tiny-moe" => ModelConfig {
+                vocab_size: 256,
+                hidden_size: 64,
+                num_layers: 3,
+                num_heads: 4,
+                num_kv_heads: 2,
+                intermediate_size: 128,
+                num_experts: 8,
+                experts_per_token: 2,
+                expert_intermediate_size: 32,
+                moe_block_size: 8,
+                rope_theta: 10_000.0,
+                head_dim: 32,
+                mlp_only_layers: vec![1],
+                ..ModelConfig::qwen3_30b_a3b()
+            },
+            "qwen3-30b-a3b" => ModelConfig::qwen3_30b_a3b(),
             _ => return None,
         })
     }
 
+    /// Width of one attention head.
     pub fn head_dim(&self) -> i64 {
-        self.hidden_size / self.num_heads.max(1)
+        if self.head_dim > 0 {
+            self.head_dim
+        } else {
+            self.hidden_size / self.num_heads.max(1)
+        }
+    }
+
+    /// Width of all query heads (q_proj's rows, o_proj's columns).
+    pub fn q_dim(&self) -> i64 {
+        self.num_heads * self.head_dim()
     }
 
     pub fn kv_dim(&self) -> i64 {
         self.num_kv_heads * self.head_dim()
     }
 
+    /// Whether the model routes tokens to experts (shared or per layer):
+    /// it then has a balance loss.
     pub fn is_moe(&self) -> bool {
-        self.ffn == FfnKind::SharedMoe
+        matches!(self.ffn, FfnKind::SharedMoe | FfnKind::Moe)
+    }
+
+    /// Whether layer `l` of a per-layer MoE has experts (Qwen3-MoE's rule);
+    /// false for the other families.
+    pub fn layer_has_experts(&self, l: i64) -> bool {
+        self.ffn == FfnKind::Moe
+            && !self.mlp_only_layers.contains(&l)
+            && (l + 1) % self.decoder_sparse_step.max(1) == 0
+    }
+
+    /// The layers of a per-layer MoE that have experts.
+    pub fn expert_layers(&self) -> Vec<i64> {
+        (0..self.num_layers)
+            .filter(|&l| self.layer_has_experts(l))
+            .collect()
+    }
+
+    /// The expert fields of an MoE family (`what`), naming the field.
+    fn validate_experts(&self, what: &str) -> anyhow::Result<()> {
+        if self.num_experts <= 0 || self.expert_intermediate_size <= 0 || self.moe_block_size < 0 {
+            anyhow::bail!(
+                "model.num_experts = {} and model.expert_intermediate_size = {} must be positive, model.moe_block_size = {} >= 0, for {what}",
+                self.num_experts, self.expert_intermediate_size, self.moe_block_size
+            );
+        }
+        if self.experts_per_token <= 0 || self.experts_per_token > self.num_experts {
+            anyhow::bail!(
+                "model.experts_per_token = {} must be in 1..={} (model.num_experts)",
+                self.experts_per_token,
+                self.num_experts
+            );
+        }
+        Ok(())
     }
 
     /// Refuses impossible shapes, naming the field (`model.<name>`).
@@ -189,7 +326,13 @@ impl ModelConfig {
                 anyhow::bail!("model.{name} = {v}: must be positive");
             }
         }
-        if self.hidden_size % self.num_heads != 0 {
+        if self.head_dim < 0 {
+            anyhow::bail!(
+                "model.head_dim = {}: must be >= 0 (0 = hidden_size / num_heads)",
+                self.head_dim
+            );
+        }
+        if self.head_dim == 0 && self.hidden_size % self.num_heads != 0 {
             anyhow::bail!(
                 "model.num_heads = {} does not divide model.hidden_size = {}",
                 self.num_heads,
@@ -198,7 +341,7 @@ impl ModelConfig {
         }
         if self.head_dim() % 2 != 0 {
             anyhow::bail!(
-                "model.hidden_size / model.num_heads = {} must be even for RoPE",
+                "the head dimension (model.head_dim, or hidden_size / num_heads) = {} must be even for RoPE",
                 self.head_dim()
             );
         }
@@ -222,25 +365,34 @@ impl ModelConfig {
                     self.intermediate_size
                 )
             }
-            FfnKind::SharedMoe => {
-                if self.num_experts <= 0
-                    || self.expert_intermediate_size <= 0
-                    || self.moe_block_size < 0
-                {
+            FfnKind::Moe => {
+                self.validate_experts("a per-layer MoE")?;
+                if self.decoder_sparse_step < 1 {
                     anyhow::bail!(
-                        "model.num_experts = {} and model.expert_intermediate_size = {} must be positive, model.moe_block_size = {} >= 0, for a shared MoE",
-                        self.num_experts, self.expert_intermediate_size, self.moe_block_size
+                        "model.decoder_sparse_step = {}: must be >= 1",
+                        self.decoder_sparse_step
                     );
                 }
-                if self.experts_per_token <= 0 || self.experts_per_token > self.num_experts {
+                if let Some(l) = self
+                    .mlp_only_layers
+                    .iter()
+                    .find(|&&l| l < 0 || l >= self.num_layers)
+                {
                     anyhow::bail!(
-                        "model.experts_per_token = {} must be in 1..={} (model.num_experts)",
-                        self.experts_per_token,
-                        self.num_experts
+                        "model.mlp_only_layers contains {l}: layers are 0..{}",
+                        self.num_layers
+                    );
+                }
+                let dense_layers = self.num_layers - self.expert_layers().len() as i64;
+                if dense_layers > 0 && self.intermediate_size <= 0 {
+                    anyhow::bail!(
+                        "model.intermediate_size = {}: must be positive, {dense_layers} layer(s) have a dense MLP",
+                        self.intermediate_size
                     );
                 }
             }
-            _ => {}
+            FfnKind::SharedMoe => self.validate_experts("a shared MoE")?,
+            FfnKind::Dense => {}
         }
         for (name, v) in [
             ("rms_norm_eps", self.rms_norm_eps),

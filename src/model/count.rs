@@ -69,8 +69,11 @@ pub fn checked_counts(c: &ModelConfig) -> anyhow::Result<Counts> {
     const XF: &str = "model.expert_intermediate_size";
     const K: &str = "model.experts_per_token";
     const KV: &str = "model.num_kv_heads * head_dim";
+    const Q: &str = "model.num_heads * head_dim";
+    const HD: &str = "head_dim";
     let (v, d, l) = (c.vocab_size, c.hidden_size, c.num_layers);
     let kv = c.num_kv_heads.checked_mul(c.head_dim()).unwrap_or(i64::MAX);
+    let q = c.num_heads.checked_mul(c.head_dim()).unwrap_or(i64::MAX);
     let embedding = if c.embedding_dim > 0 {
         let e = c.embedding_dim;
         sum(
@@ -83,13 +86,19 @@ pub fn checked_counts(c: &ModelConfig) -> anyhow::Result<Counts> {
     } else {
         product("embedding table", &[(V, v), (D, d)])?
     };
+    let head = if c.tie_word_embeddings {
+        0
+    } else {
+        product("output head", &[(V, v), (D, d)])?
+    };
+    let embedding = sum("embedding parameter count", &[embedding, head])?;
     let attention_layer = sum(
         "attention parameter count of a layer",
         &[
-            product("q_proj weight", &[(D, d), (D, d)])?,
+            product("q_proj weight", &[(D, d), (Q, q)])?,
             product("k_proj weight", &[(KV, kv), (D, d)])?,
             product("v_proj weight", &[(KV, kv), (D, d)])?,
-            product("o_proj weight", &[(D, d), (D, d)])?,
+            product("o_proj weight", &[(D, d), (Q, q)])?,
         ],
     )?;
     let attention = product(
@@ -103,6 +112,14 @@ pub fn checked_counts(c: &ModelConfig) -> anyhow::Result<Counts> {
                 "layer norm gains",
                 &[(L, l), (D, d), ("norms per layer", 2)],
             )?,
+            if c.qk_norm {
+                product(
+                    "q/k norm gains",
+                    &[(L, l), (HD, c.head_dim()), ("norms per layer", 2)],
+                )?
+            } else {
+                0
+            },
             d,
         ],
     )?;
@@ -135,14 +152,50 @@ pub fn checked_counts(c: &ModelConfig) -> anyhow::Result<Counts> {
             let routing = product("router weights used per token", &[(X, x), (D, d), (L, l)])?;
             active_moe = sum("parameters used per token", &[routed, routing])?;
         }
+        FfnKind::Moe => {
+            let (x, f, k) = (
+                c.num_experts,
+                c.expert_intermediate_size,
+                c.experts_per_token,
+            );
+            const LM: &str = "MoE layers";
+            let moe_layers = c.expert_layers().len() as i64;
+            let dense_layers = l - moe_layers;
+            mlp = product(
+                "MLP parameter count",
+                &[
+                    ("dense layers", dense_layers),
+                    (F, c.intermediate_size),
+                    (D, d),
+                    ("weights per layer", 3),
+                ],
+            )?;
+            router = product("router weights", &[(LM, moe_layers), (X, x), (D, d)])?;
+            experts = product(
+                "expert parameter count",
+                &[(LM, moe_layers), (X, x), (XF, f), (D, d), ("weights", 3)],
+            )?;
+            // Used per token: each MoE layer's router, and k of its experts.
+            let routed = product(
+                "routed expert weights used per token",
+                &[(LM, moe_layers), (XF, f), (D, d), (K, k), ("weights", 3)],
+            )?;
+            active_moe = sum("parameters used per token", &[routed, router])?;
+        }
     }
+    // An untied model's input table is a lookup, not a matmul: not in N.
+    let table_lookup = if c.tie_word_embeddings {
+        0
+    } else {
+        embedding - head
+    };
     let total = sum(
         "parameter count",
         &[embedding, attention, norms, mlp, router, experts],
     )?;
     let active_per_token = sum(
         "parameters used per token",
-        &[embedding, attention, norms, mlp, active_moe],
+        &[embedding - table_lookup, attention, norms, mlp, active_moe],
     )?;
     if total.checked_mul(TRAINING_BYTES_PER_PARAM).is_none() {
         anyhow::bail!(
@@ -189,8 +242,9 @@ pub fn count_params(c: &ModelConfig) -> i64 {
 
 /// Parameters a token actually uses in a forward pass (the routed experts
 /// only, for the MoE): the N of the usual 6N FLOPs-per-token estimate,
-/// excluding the embedding lookup but including the tied output
-/// projection.
+/// excluding the embedding lookup but including the output projection
+/// (the tied table, or the untied head; an untied model's input table is
+/// left out).
 pub fn active_params_per_token(c: &ModelConfig) -> i64 {
     counts(c).active_per_token
 }
@@ -247,11 +301,40 @@ mod tests {
                 ],
                 "{name}"
             );
-            let active = listed - of(Role::Experts) - of(Role::Router)
-                + of(Role::Experts) / c.num_experts.max(1) * c.experts_per_token * c.num_layers
-                + of(Role::Router) * c.num_layers;
+            // Each layer applies the shared block; a per-layer MoE's
+            // experts and routers are each applied once.
+            let applied = if c.ffn == FfnKind::SharedMoe {
+                c.num_layers
+            } else {
+                1
+            };
+            let lookup = if c.tie_word_embeddings {
+                0
+            } else {
+                specs
+                    .iter()
+                    .find(|s| s.name == "model.embed_tokens.weight")
+                    .unwrap()
+                    .num_elements()
+            };
+            let active = listed - lookup - of(Role::Experts) - of(Role::Router)
+                + of(Role::Experts) / c.num_experts.max(1) * c.experts_per_token * applied
+                + of(Role::Router) * applied;
             assert_eq!(n.active_per_token, active, "{name}");
         }
+    }
+
+    /// Qwen3-30B-A3B against its published 30.5B total and 3.3B active:
+    /// our N leaves out the 0.31B input-table lookup, which the published
+    /// active figure counts.
+    #[test]
+    fn qwen3_30b_a3b_counts() {
+        let c = ModelConfig::qwen3_30b_a3b();
+        let n = checked_counts(&c).unwrap();
+        assert_eq!(n.total, 30_532_122_624);
+        let table = 151_936 * 2048;
+        assert_eq!(n.active_per_token + table, 3_353_032_704);
+        assert_eq!(n.experts, 48 * 128 * 3 * 768 * 2048);
     }
 
     #[test]

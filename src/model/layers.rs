@@ -72,28 +72,36 @@ pub fn apply_rope(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     x.mul(&table(cos)?)?.add(&rotated.mul(&table(sin)?)?)
 }
 
-/// Queries [B, K, G, S, Hd], keys and values [B, K, S, Hd] of x [B, S, D],
-/// RoPE applied to queries and keys.
+/// The head layout of attention: H query heads sharing K key/value heads,
+/// and the epsilon of the per-head q/k RMSNorm where the weights have one.
+#[derive(Clone, Copy, Debug)]
+pub struct Heads {
+    pub heads: i64,
+    pub kv_heads: i64,
+    pub norm_eps: f64,
+}
+
+/// Queries [B, K, G, S, Hd], keys and values [B, K, S, Hd] of x [B, S, D]:
+/// the per-head RMSNorm on queries and keys where `w` has one (Qwen3),
+/// then RoPE. Hd is q's rows / H, which need not be D / H.
 fn project_qkv(
     x: &Tensor,
     w: &Attention<Tensor>,
-    heads: i64,
-    kv_heads: i64,
+    shape: Heads,
     rope: &(Tensor, Tensor),
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    let (b, s, d) = (x.dim(0)?, x.dim(1)?, x.dim(2)?);
-    let hd = d / heads;
+    let (heads, kv_heads) = (shape.heads, shape.kv_heads);
+    let (b, s) = (x.dim(0)?, x.dim(1)?);
+    let hd = w.q.dim(0)? / heads;
     let groups = heads / kv_heads;
-    let q = apply_rope(
-        &x.linear(&w.q)?.reshape(&[b, s, heads, hd])?,
-        &rope.0,
-        &rope.1,
-    )?;
-    let k = apply_rope(
-        &x.linear(&w.k)?.reshape(&[b, s, kv_heads, hd])?,
-        &rope.0,
-        &rope.1,
-    )?;
+    let mut q = x.linear(&w.q)?.reshape(&[b, s, heads, hd])?;
+    let mut k = x.linear(&w.k)?.reshape(&[b, s, kv_heads, hd])?;
+    if let Some(n) = &w.qk_norm {
+        q = rms_norm(&q, &n.q, shape.norm_eps)?;
+        k = rms_norm(&k, &n.k, shape.norm_eps)?;
+    }
+    let q = apply_rope(&q, &rope.0, &rope.1)?;
+    let k = apply_rope(&k, &rope.0, &rope.1)?;
     let v = x.linear(&w.v)?.reshape(&[b, s, kv_heads, hd])?;
     let q = q
         .reshape(&[b, s, kv_heads, groups, hd])?
@@ -108,7 +116,7 @@ fn project_qkv(
 /// -> [B, Sq, D].
 fn attend(q: &Tensor, k: &Tensor, v: &Tensor, allowed: &Tensor, o: &Tensor) -> Result<Tensor> {
     let (b, sq, hd) = (q.dim(0)?, q.dim(3)?, q.dim(4)?);
-    let d = q.dim(1)? * q.dim(2)? * hd;
+    let width = q.dim(1)? * q.dim(2)? * hd; // H * Hd
     let acc = accumulation_dtype(q.dtype());
     let qk = DotDims {
         lhs_contract: vec![4],
@@ -132,7 +140,7 @@ fn attend(q: &Tensor, k: &Tensor, v: &Tensor, allowed: &Tensor, o: &Tensor) -> R
     };
     let out = probs.dot_general(v, &pv)?; // [B, K, G, Sq, Hd]
     out.transpose(&[0, 3, 1, 2, 4])?
-        .reshape(&[b, sq, d])?
+        .reshape(&[b, sq, width])?
         .linear(o)
 }
 
@@ -142,12 +150,11 @@ fn attend(q: &Tensor, k: &Tensor, v: &Tensor, allowed: &Tensor, o: &Tensor) -> R
 pub fn attention(
     x: &Tensor,
     w: &Attention<Tensor>,
-    heads: i64,
-    kv_heads: i64,
+    shape: Heads,
     rope: &(Tensor, Tensor),
 ) -> Result<Tensor> {
     let s = x.dim(1)?;
-    let (q, k, v) = project_qkv(x, w, heads, kv_heads, rope)?;
+    let (q, k, v) = project_qkv(x, w, shape, rope)?;
     let g = x.graph();
     let row = g.iota(TensorType::new(DType::I32, &[s, s]), 0)?;
     let col = g.iota(TensorType::new(DType::I32, &[s, s]), 1)?;
@@ -158,18 +165,15 @@ pub fn attention(
 /// x [B, 1, D] at run-time position `pos` (i32 scalar; `rope` its tables
 /// [1, Hd]); caches [B, K, Smax, Hd] holding positions 0..pos-1. Returns
 /// the output [B, 1, D] and the caches with this position written.
-#[allow(clippy::too_many_arguments)] // attention()'s arguments plus the position and caches
 pub fn attention_cached(
     x: &Tensor,
     w: &Attention<Tensor>,
-    heads: i64,
-    kv_heads: i64,
+    shape: Heads,
     rope: &(Tensor, Tensor),
     pos: &Tensor,
-    cache_k: &Tensor,
-    cache_v: &Tensor,
+    (cache_k, cache_v): (&Tensor, &Tensor),
 ) -> Result<(Tensor, Tensor, Tensor)> {
-    let (q, k, v) = project_qkv(x, w, heads, kv_heads, rope)?;
+    let (q, k, v) = project_qkv(x, w, shape, rope)?;
     let zero = pos.scalar_like(0.0)?;
     let starts = [&zero, &zero, pos, &zero];
     let cache_k = cache_k.dynamic_update_slice(&k.convert(cache_k.dtype())?, &starts)?;

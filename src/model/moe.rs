@@ -52,11 +52,22 @@ pub struct Routing {
 /// The router on x [N, D] with weights [E, D]: p = softmax(W_r x) in the
 /// accumulation dtype, the top-k experts and their renormalised weights.
 pub fn route(x: &Tensor, router: &Tensor, k: i64) -> Result<Routing> {
+    route_as(x, router, k, true)
+}
+
+/// [`route`], with the chosen experts' probabilities divided by their sum
+/// only when `normalize` (Qwen3-MoE's `norm_topk_prob`); otherwise they
+/// are the plain softmax probabilities.
+pub fn route_as(x: &Tensor, router: &Tensor, k: i64, normalize: bool) -> Result<Routing> {
     let n = x.dim(0)?;
     let acc = accumulation_dtype(x.dtype());
     let probs = x.convert(acc)?.linear(&router.convert(acc)?)?.softmax(-1)?;
     let (top, experts) = probs.top_k(k)?;
-    let weights = top.div(&top.reduce_sum(&[1])?.reshape(&[n, 1])?)?;
+    let weights = if normalize {
+        top.div(&top.reduce_sum(&[1])?.reshape(&[n, 1])?)?
+    } else {
+        top
+    };
     Ok(Routing {
         probs,
         experts,
@@ -80,6 +91,71 @@ fn balance_loss(r: &Routing, num_experts: i64) -> Result<Tensor> {
     f.mul(&p)?.sum_all()?.mul_scalar(num_experts as f64)
 }
 
+/// Per-expert routing totals of one MoE application over N tokens, what
+/// Qwen3-MoE's balance loss pools over every layer: the assignments
+/// [E] (over the N*k choices) and the router probabilities summed over
+/// the tokens [E], in the accumulation dtype.
+pub struct RouterTotals {
+    pub assignments: Tensor,
+    pub probs: Tensor,
+}
+
+impl RouterTotals {
+    fn of(r: &Routing, num_experts: i64) -> Result<RouterTotals> {
+        let (n, k) = (r.experts.dim(0)?, r.experts.dim(1)?);
+        let g = r.probs.graph();
+        let ids = g.iota(TensorType::new(DType::I32, &[n, k, num_experts]), 2)?;
+        let chosen = ids.eq(&r.experts.reshape(&[n, k, 1])?)?;
+        Ok(RouterTotals {
+            assignments: chosen.convert(r.probs.dtype())?.reduce_sum(&[0, 1])?,
+            probs: r.probs.reduce_sum(&[0])?,
+        })
+    }
+}
+
+/// transformers' `load_balancing_loss_func` (no attention mask) from the
+/// totals of every MoE layer stacked along a leading axis [.., E], over
+/// `tokens` = layers x tokens per layer: with f_e = assignments_e /
+/// tokens and P_e = probs_e / tokens, E * sum_e f_e P_e. Equals k for
+/// uniform routing.
+pub fn pooled_balance_loss(totals: &RouterTotals, tokens: i64) -> Result<Tensor> {
+    let e = totals.probs.dim(-1)?;
+    let scale = 1.0 / tokens as f64;
+    let f = totals.assignments.mul_scalar(scale)?;
+    let p = totals.probs.mul_scalar(scale)?;
+    f.mul(&p)?.reduce_sum(&[-1])?.mul_scalar(e as f64)
+}
+
+/// One layer's MoE block of a per-layer MoE on x [N, D]: the output
+/// [N, D] and its routing totals.
+pub fn layer_moe(
+    x: &Tensor,
+    w: &Moe<Tensor>,
+    k: i64,
+    norm_topk_prob: bool,
+    compute: ExpertCompute,
+) -> Result<(Tensor, RouterTotals)> {
+    let e = w.router.dim(0)?;
+    let r = route_as(x, &w.router, k, norm_topk_prob)?;
+    let totals = RouterTotals::of(&r, e)?;
+    Ok((expert_outputs(x, w, &r, e, compute)?, totals))
+}
+
+/// The chosen experts' outputs on x [N, D], weighted as routed.
+fn expert_outputs(
+    x: &Tensor,
+    w: &Moe<Tensor>,
+    r: &Routing,
+    e: i64,
+    compute: ExpertCompute,
+) -> Result<Tensor> {
+    let weights = r.weights.convert(x.dtype())?;
+    match compute {
+        ExpertCompute::Dense => dense_experts(x, w, &r.experts, &weights, e),
+        ExpertCompute::Routed { block } => routed_experts(x, w, &r.experts, &weights, e, block),
+    }
+}
+
 /// The shared MoE on x [N, D]: returns (output [N, D], balance loss).
 pub fn shared_moe(
     x: &Tensor,
@@ -90,12 +166,7 @@ pub fn shared_moe(
     let e = w.router.dim(0)?;
     let r = route(x, &w.router, k)?;
     let aux = balance_loss(&r, e)?;
-    let weights = r.weights.convert(x.dtype())?;
-    let y = match compute {
-        ExpertCompute::Dense => dense_experts(x, w, &r.experts, &weights, e)?,
-        ExpertCompute::Routed { block } => routed_experts(x, w, &r.experts, &weights, e, block)?,
-    };
-    Ok((y, aux))
+    Ok((expert_outputs(x, w, &r, e, compute)?, aux))
 }
 
 /// Every expert on every token; non-chosen experts get weight 0.

@@ -95,6 +95,9 @@ pub struct Params<T> {
     pub shared_moe: Option<Moe<T>>,
     /// The final RMSNorm's gain.
     pub norm: T,
+    /// The output projection [V, D] of a model with untied embeddings
+    /// (None: the logits reuse the token embedding).
+    pub lm_head: Option<T>,
 }
 
 /// The tied token embedding: a [V, D] table, or a factorised [V, e] table
@@ -114,13 +117,22 @@ pub struct Layer<T> {
     pub ffn: LayerFfn<T>,
 }
 
-/// Attention projections, [out, in]: q [D, D], k and v [K*Hd, D], o [D, D].
+/// Attention projections, [out, in]: q [H*Hd, D], k and v [K*Hd, D],
+/// o [D, H*Hd]; with qk-norm, the query and key heads' RMSNorm gains [Hd].
 #[derive(Clone, Debug, PartialEq)]
 pub struct Attention<T> {
     pub q: T,
     pub k: T,
     pub v: T,
     pub o: T,
+    pub qk_norm: Option<QkNorm<T>>,
+}
+
+/// Qwen3's per-head RMSNorm gains on queries and keys [Hd].
+#[derive(Clone, Debug, PartialEq)]
+pub struct QkNorm<T> {
+    pub q: T,
+    pub k: T,
 }
 
 /// A layer's feed-forward half.
@@ -130,6 +142,8 @@ pub enum LayerFfn<T> {
     Mlp(Mlp<T>),
     /// The model's shared MoE block ([`Params::shared_moe`]).
     Shared,
+    /// Its own router and experts (per-layer MoE).
+    Moe(Moe<T>),
 }
 
 /// SwiGLU weights: gate and up [F, D], down [D, F]; stacked over experts
@@ -148,11 +162,31 @@ pub struct Moe<T> {
     pub experts: Mlp<T>,
 }
 
+impl Moe<ParamSpec> {
+    /// A MoE block of `c`'s expert shape: the router [E, D] named
+    /// `router`, the experts stacked along E as `{prefix}.experts.{proj}`
+    /// (gate and up [E, F, D], down [E, D, F]).
+    fn spec(c: &ModelConfig, prefix: &str, router: &str) -> Moe<ParamSpec> {
+        let (d, e, f) = (c.hidden_size, c.num_experts, c.expert_intermediate_size);
+        let expert = |n: &str, dims: &[i64]| {
+            ParamSpec::matrix(Role::Experts, format!("{prefix}.experts.{n}"), dims)
+        };
+        Moe {
+            router: ParamSpec::matrix(Role::Router, router.into(), &[e, d]),
+            experts: Mlp {
+                gate: expert("gate_proj", &[e, f, d]),
+                up: expert("up_proj", &[e, f, d]),
+                down: expert("down_proj", &[e, d, f]),
+            },
+        }
+    }
+}
+
 impl Params<ParamSpec> {
     /// The parameters of `c`, named as in SPEC.md: the one place tensor
     /// names are written.
     pub fn spec(c: &ModelConfig) -> Params<ParamSpec> {
-        let (d, kv) = (c.hidden_size, c.kv_dim());
+        let (d, q, kv, hd) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.head_dim());
         let matrix = ParamSpec::matrix;
         // The table is [V, e] when factorised (with its [D, e] projection),
         // else [V, D].
@@ -188,14 +222,22 @@ impl Params<ParamSpec> {
             Layer {
                 attn_norm: ParamSpec::gain(name("input_layernorm.weight"), d),
                 attn: Attention {
-                    q: attn("q_proj", &[d, d]),
+                    q: attn("q_proj", &[q, d]),
                     k: attn("k_proj", &[kv, d]),
                     v: attn("v_proj", &[kv, d]),
-                    o: attn("o_proj", &[d, d]),
+                    o: attn("o_proj", &[d, q]),
+                    qk_norm: c.qk_norm.then(|| QkNorm {
+                        q: ParamSpec::gain(name("self_attn.q_norm.weight"), hd),
+                        k: ParamSpec::gain(name("self_attn.k_norm.weight"), hd),
+                    }),
                 },
                 ffn_norm: ParamSpec::gain(name("post_attention_layernorm.weight"), d),
                 ffn: match c.ffn {
-                    FfnKind::Dense => {
+                    FfnKind::Moe if c.layer_has_experts(i) => {
+                        let prefix = name("mlp");
+                        LayerFfn::Moe(Moe::spec(c, &prefix, &format!("{prefix}.gate.weight")))
+                    }
+                    FfnKind::Dense | FfnKind::Moe => {
                         let f = c.intermediate_size;
                         let mlp = |n: &str, dims: &[i64]| {
                             matrix(Role::Mlp, name(&format!("mlp.{n}.weight")), dims)
@@ -210,29 +252,15 @@ impl Params<ParamSpec> {
                 },
             }
         };
-        let shared_moe = (c.ffn == FfnKind::SharedMoe).then(|| {
-            let (e, f) = (c.num_experts, c.expert_intermediate_size);
-            let expert = |n: &str, dims: &[i64]| {
-                matrix(Role::Experts, format!("model.shared_moe.experts.{n}"), dims)
-            };
-            Moe {
-                router: matrix(
-                    Role::Router,
-                    "model.shared_moe.router.weight".into(),
-                    &[e, d],
-                ),
-                experts: Mlp {
-                    gate: expert("gate_proj", &[e, f, d]),
-                    up: expert("up_proj", &[e, f, d]),
-                    down: expert("down_proj", &[e, d, f]),
-                },
-            }
-        });
+        let shared_moe = (c.ffn == FfnKind::SharedMoe)
+            .then(|| Moe::spec(c, "model.shared_moe", "model.shared_moe.router.weight"));
         Params {
             embed,
             layers: (0..c.num_layers).map(layer).collect(),
             shared_moe,
             norm: ParamSpec::gain("model.norm.weight".into(), d),
+            lm_head: (!c.tie_word_embeddings)
+                .then(|| matrix(Role::Embedding, "lm_head.weight".into(), &[c.vocab_size, d])),
         }
     }
 
@@ -246,8 +274,9 @@ impl<T> Params<T> {
     /// The same tree with every leaf replaced by `f(leaf)`, visiting leaves
     /// in checkpoint order (the order of [`leaves`](Self::leaves)): the
     /// embedding table and projection; per layer its input norm, q, k, v,
-    /// o, post-attention norm and MLP (gate, up, down); the shared MoE's
-    /// router and experts (gate, up, down); the final norm.
+    /// o, the q and k norms, post-attention norm and MLP (gate, up, down)
+    /// or MoE (router, experts' gate, up, down); the shared MoE's router
+    /// and experts; the final norm; the untied head.
     pub fn try_map<'a, U, E>(
         &'a self,
         mut f: impl FnMut(&'a T) -> Result<U, E>,
@@ -265,19 +294,24 @@ impl<T> Params<T> {
                     k: f(&l.attn.k)?,
                     v: f(&l.attn.v)?,
                     o: f(&l.attn.o)?,
+                    qk_norm: match &l.attn.qk_norm {
+                        Some(n) => Some(QkNorm {
+                            q: f(&n.q)?,
+                            k: f(&n.k)?,
+                        }),
+                        None => None,
+                    },
                 },
                 ffn_norm: f(&l.ffn_norm)?,
                 ffn: match &l.ffn {
                     LayerFfn::Mlp(m) => LayerFfn::Mlp(m.try_map(&mut f)?),
                     LayerFfn::Shared => LayerFfn::Shared,
+                    LayerFfn::Moe(m) => LayerFfn::Moe(m.try_map(&mut f)?),
                 },
             });
         }
         let shared_moe = match &self.shared_moe {
-            Some(m) => Some(Moe {
-                router: f(&m.router)?,
-                experts: m.experts.try_map(&mut f)?,
-            }),
+            Some(m) => Some(m.try_map(&mut f)?),
             None => None,
         };
         Ok(Params {
@@ -285,6 +319,7 @@ impl<T> Params<T> {
             layers,
             shared_moe,
             norm: f(&self.norm)?,
+            lm_head: self.lm_head.as_ref().map(&mut f).transpose()?,
         })
     }
 
@@ -320,6 +355,15 @@ impl<T> Params<T> {
         }
         let mut values = values.into_iter();
         Ok(self.map(|_| values.next().expect("as many values as leaves")))
+    }
+}
+
+impl<T> Moe<T> {
+    fn try_map<'a, U, E>(&'a self, f: &mut impl FnMut(&'a T) -> Result<U, E>) -> Result<Moe<U>, E> {
+        Ok(Moe {
+            router: f(&self.router)?,
+            experts: self.experts.try_map(f)?,
+        })
     }
 }
 

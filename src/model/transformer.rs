@@ -5,10 +5,10 @@ use crate::graph::{DType, GraphError, Mesh, Result, Sharding, Tensor};
 
 use super::config::ModelConfig;
 use super::layers::{
-    accumulation_dtype, attention, attention_cached, rms_norm, rope_at, rope_tables, swiglu,
+    accumulation_dtype, attention, attention_cached, rms_norm, rope_at, rope_tables, swiglu, Heads,
 };
-use super::moe::{shared_moe, ExpertCompute};
-use super::params::{Attention, Layer, LayerFfn, Mlp, Moe, Params};
+use super::moe::{layer_moe, pooled_balance_loss, shared_moe, ExpertCompute, RouterTotals};
+use super::params::{Attention, Layer, LayerFfn, Mlp, Moe, Params, QkNorm};
 
 /// The model traced over its parameter tree.
 pub struct Transformer<'a> {
@@ -20,32 +20,73 @@ pub struct Transformer<'a> {
     /// Dtype of matmul operands (parameters are converted at use).
     compute: DType,
     experts: ExpertCompute,
-    /// Set when the program is partitioned over a mesh: the shared MoE
-    /// then runs on each device's own tokens.
+    /// Set when the program is partitioned over a mesh: the MoE blocks
+    /// then run on each device's own tokens.
     per_device: Option<PerDeviceMoe>,
 }
 
-/// The shared MoE in a manually partitioned region (JAX's shard_map):
+/// The MoE blocks in a manually partitioned region (JAX's shard_map):
 /// each device routes, sorts and computes the experts of its own tokens,
 /// with the whole weights, and balances its own load, as one replica per
 /// device did. Left to the SPMD partitioner, the routing's sort and the
 /// expert blocks' loop over all the batch's tokens would be computed
 /// whole on every device (measured: the 2-device step 1.35x slower).
 struct PerDeviceMoe {
+    mesh: Mesh,
     /// Tokens [N, D]: split along N over every device.
     tokens: Sharding,
-    /// One balance loss per device, [G].
-    losses: Sharding,
-    /// The weights in the compute dtype, whole on each device, inside
-    /// the region.
-    weights: Moe<Tensor>,
+    /// One row per device, [G, ..] split along G: what leaves the region
+    /// per device (balance losses, routing totals).
+    rows: Sharding,
+    /// The shared block's weights in the compute dtype, whole on each
+    /// device, inside the region (entered once for every layer).
+    shared: Option<Moe<Tensor>>,
+}
+
+impl PerDeviceMoe {
+    /// MoE weights, whole on each device, inside the region.
+    fn enter(&self, w: &Moe<Tensor>) -> Result<Moe<Tensor>> {
+        let whole = |t: &Tensor| t.to_manual(&Sharding::replicated(&self.mesh, t.rank()));
+        Ok(Moe {
+            router: whole(&w.router)?,
+            experts: Mlp {
+                gate: whole(&w.experts.gate)?,
+                up: whole(&w.experts.up)?,
+                down: whole(&w.experts.down)?,
+            },
+        })
+    }
+
+    /// A per-device value [..] leaving the region as its row of [G, ..].
+    fn leave_as_row(&self, t: &Tensor) -> Result<Tensor> {
+        let mut dims = vec![1];
+        dims.extend(t.dims());
+        let rows = Sharding::split(&self.mesh, dims.len(), 0, &self.axes())?;
+        t.reshape(&dims)?.from_manual(&rows)
+    }
+
+    fn axes(&self) -> Vec<&str> {
+        self.mesh.axis_names().collect()
+    }
+}
+
+/// What a layer's MoE block contributes to the balance loss.
+enum Balance {
+    /// The shared MoE: this application's Switch loss.
+    Loss(Tensor),
+    /// A per-layer MoE: its routing totals [G, E] (one row per device
+    /// group; G = 1 unpartitioned), pooled over layers by
+    /// [`pooled_balance_loss`].
+    Totals(RouterTotals),
 }
 
 /// The loss of one batch, kept in parts.
 pub struct Loss {
     /// Mean next-token cross-entropy over every position.
     pub ce: Tensor,
-    /// Mean over layers of the balance loss (0 for dense models).
+    /// The balance loss (0 for dense models): the shared MoE's mean over
+    /// layers of its Switch loss; a per-layer MoE's transformers loss
+    /// pooled over its MoE layers. Per device, averaged, under a mesh.
     pub aux: Tensor,
     /// ce + aux_loss_coef * aux: what is differentiated.
     pub total: Tensor,
@@ -97,26 +138,20 @@ impl<'a> Transformer<'a> {
     /// balance loss is then the mean of the devices'. Nothing changes on
     /// one device.
     pub fn with_moe_per_device(mut self, mesh: &Mesh) -> Result<Self> {
-        let Some(moe) = &self.shared_moe else {
-            return Ok(self);
-        };
-        if mesh.devices() == 1 {
+        if !self.cfg.is_moe() || mesh.devices() == 1 {
             return Ok(self);
         }
         let axes: Vec<&str> = mesh.axis_names().collect();
-        let whole = |t: &Tensor| t.to_manual(&Sharding::replicated(mesh, t.rank()));
-        self.per_device = Some(PerDeviceMoe {
+        let mut region = PerDeviceMoe {
+            mesh: mesh.clone(),
             tokens: Sharding::split(mesh, 2, 0, &axes)?,
-            losses: Sharding::split(mesh, 1, 0, &axes)?,
-            weights: Moe {
-                router: whole(&moe.router)?,
-                experts: Mlp {
-                    gate: whole(&moe.experts.gate)?,
-                    up: whole(&moe.experts.up)?,
-                    down: whole(&moe.experts.down)?,
-                },
-            },
-        });
+            rows: Sharding::split(mesh, 1, 0, &axes)?,
+            shared: None,
+        };
+        if let Some(moe) = &self.shared_moe {
+            region.shared = Some(region.enter(moe)?);
+        }
+        self.per_device = Some(region);
         Ok(self)
     }
 
@@ -177,7 +212,23 @@ impl<'a> Transformer<'a> {
             k: self.p(&a.k)?,
             v: self.p(&a.v)?,
             o: self.p(&a.o)?,
+            qk_norm: match &a.qk_norm {
+                Some(n) => Some(QkNorm {
+                    q: self.p(&n.q)?,
+                    k: self.p(&n.k)?,
+                }),
+                None => None,
+            },
         })
+    }
+
+    /// The head layout attention runs with.
+    fn heads(&self) -> Heads {
+        Heads {
+            heads: self.cfg.num_heads,
+            kv_heads: self.cfg.num_kv_heads,
+            norm_eps: self.cfg.rms_norm_eps,
+        }
     }
 
     /// Layer `i`'s pre-attention RMSNorm of h [B, S, D].
@@ -194,33 +245,66 @@ impl<'a> Transformer<'a> {
     }
 
     /// Layer `i`'s feed-forward half, residual included: h + FFN(RMSNorm(h))
-    /// for h [B, S, D], and the balance loss of the shared MoE (None for a
-    /// dense model).
-    pub fn ffn_block(&self, i: i64, h: &Tensor) -> Result<(Tensor, Option<Tensor>)> {
+    /// for h [B, S, D], and what its MoE block adds to the balance loss
+    /// (None for an MLP).
+    fn ffn_block(&self, i: i64, h: &Tensor) -> Result<(Tensor, Option<Balance>)> {
         let c = self.cfg;
         let x = self.ffn_norm(i, h)?;
-        let (y, aux) = match &self.layer_params(i)?.ffn {
+        let (b, s, d) = (x.dim(0)?, x.dim(1)?, c.hidden_size);
+        let tokens = x.reshape(&[b * s, d])?;
+        let k = c.experts_per_token;
+        let (y, balance) = match &self.layer_params(i)?.ffn {
             LayerFfn::Mlp(m) => (
                 swiglu(&x, &self.p(&m.gate)?, &self.p(&m.up)?, &self.p(&m.down)?)?,
                 None,
             ),
             LayerFfn::Shared => {
-                let (b, s, d) = (x.dim(0)?, x.dim(1)?, c.hidden_size);
-                let tokens = x.reshape(&[b * s, d])?;
-                let k = c.experts_per_token;
                 let (y, aux) = match &self.per_device {
                     None => shared_moe(&tokens, self.shared_moe()?, k, self.experts)?,
                     Some(p) => {
                         let local = tokens.to_manual(&p.tokens)?;
-                        let (y, aux) = shared_moe(&local, &p.weights, k, self.experts)?;
-                        let losses = aux.reshape(&[1])?.from_manual(&p.losses)?;
+                        let weights = p.shared.as_ref().expect("entered with the shared block");
+                        let (y, aux) = shared_moe(&local, weights, k, self.experts)?;
+                        let losses = aux.reshape(&[1])?.from_manual(&p.rows)?;
                         (y.from_manual(&p.tokens)?, losses.mean(&[0])?)
                     }
                 };
-                (y.reshape(&[b, s, d])?, Some(aux))
+                (y.reshape(&[b, s, d])?, Some(Balance::Loss(aux)))
+            }
+            LayerFfn::Moe(m) => {
+                let w = Moe {
+                    router: self.p(&m.router)?,
+                    experts: Mlp {
+                        gate: self.p(&m.experts.gate)?,
+                        up: self.p(&m.experts.up)?,
+                        down: self.p(&m.experts.down)?,
+                    },
+                };
+                let norm = c.norm_topk_prob;
+                let (y, totals) = match &self.per_device {
+                    None => {
+                        let (y, t) = layer_moe(&tokens, &w, k, norm, self.experts)?;
+                        let row = |v: &Tensor| v.reshape(&[1, c.num_experts]);
+                        let totals = RouterTotals {
+                            assignments: row(&t.assignments)?,
+                            probs: row(&t.probs)?,
+                        };
+                        (y, totals)
+                    }
+                    Some(p) => {
+                        let local = tokens.to_manual(&p.tokens)?;
+                        let (y, t) = layer_moe(&local, &p.enter(&w)?, k, norm, self.experts)?;
+                        let totals = RouterTotals {
+                            assignments: p.leave_as_row(&t.assignments)?,
+                            probs: p.leave_as_row(&t.probs)?,
+                        };
+                        (y.from_manual(&p.tokens)?, totals)
+                    }
+                };
+                (y.reshape(&[b, s, d])?, Some(Balance::Totals(totals)))
             }
         };
-        Ok((h.add(&y)?, aux))
+        Ok((h.add(&y)?, balance))
     }
 
     /// The final RMSNorm.
@@ -244,25 +328,47 @@ impl<'a> Transformer<'a> {
         observe: &mut dyn FnMut(i64, &Tensor) -> Result<()>,
     ) -> Result<(Tensor, Tensor)> {
         let c = self.cfg;
-        let s = inputs.dim(1)?;
+        let (b, s) = (inputs.dim(0)?, inputs.dim(1)?);
         let mut h = self.embed(inputs)?;
         let rope = rope_tables(&h, s, c.head_dim(), c.rope_theta)?;
         let acc = accumulation_dtype(self.compute);
         let mut aux_sum = inputs.graph().scalar(0.0, acc)?;
+        let mut pooled: Option<RouterTotals> = None;
+        let mut pooled_layers = 0;
         for i in 0..c.num_layers {
-            let (next, aux, ()) = self.layer(
+            let (next, balance, ()) = self.layer(
                 i,
                 &h,
-                |x, w| Ok((attention(x, w, c.num_heads, c.num_kv_heads, &rope)?, ())),
+                |x, w| Ok((attention(x, w, self.heads(), &rope)?, ())),
                 observe,
             )?;
             h = next;
-            if let Some(aux) = aux {
-                aux_sum = aux_sum.add(&aux)?;
+            match balance {
+                Some(Balance::Loss(aux)) => aux_sum = aux_sum.add(&aux)?,
+                Some(Balance::Totals(t)) => {
+                    pooled_layers += 1;
+                    pooled = Some(match pooled {
+                        None => t,
+                        Some(sum) => RouterTotals {
+                            assignments: sum.assignments.add(&t.assignments)?,
+                            probs: sum.probs.add(&t.probs)?,
+                        },
+                    });
+                }
+                None => {}
             }
         }
         let h = self.final_norm(&h)?;
-        Ok((h, aux_sum.mul_scalar(1.0 / c.num_layers as f64)?))
+        let aux = match pooled {
+            // Per device group (rows), over its tokens in every MoE layer.
+            Some(t) => {
+                let groups = t.probs.dim(0)?;
+                let tokens = pooled_layers * (b * s / groups);
+                pooled_balance_loss(&t, tokens)?.mean(&[0])?
+            }
+            None => aux_sum.mul_scalar(1.0 / c.num_layers as f64)?,
+        };
+        Ok((h, aux))
     }
 
     /// Layer `i` on the residual stream h [B, S, D]: h + attend(RMSNorm(h),
@@ -276,7 +382,7 @@ impl<'a> Transformer<'a> {
         h: &Tensor,
         attend: impl FnOnce(&Tensor, &Attention<Tensor>) -> Result<(Tensor, T)>,
         observe: &mut dyn FnMut(i64, &Tensor) -> Result<()>,
-    ) -> Result<(Tensor, Option<Tensor>, T)> {
+    ) -> Result<(Tensor, Option<Balance>, T)> {
         let weights = self.attention_params(i)?;
         let x = self.attention_norm(i, h)?;
         let (a, extra) = attend(&x, &weights)?;
@@ -302,8 +408,7 @@ impl<'a> Transformer<'a> {
         let mut out = Vec::with_capacity(caches.len());
         for (i, (ck, cv)) in (0..c.num_layers).zip(caches) {
             let attend = |x: &Tensor, w: &Attention<Tensor>| {
-                let (a, ck, cv) =
-                    attention_cached(x, w, c.num_heads, c.num_kv_heads, &rope, pos, ck, cv)?;
+                let (a, ck, cv) = attention_cached(x, w, self.heads(), &rope, pos, (ck, cv))?;
                 Ok((a, (ck, cv)))
             };
             let (next, _, cache) = self.layer(i, &h, attend, &mut |_, _| Ok(()))?;
@@ -313,15 +418,16 @@ impl<'a> Transformer<'a> {
         Ok((self.final_norm(&h)?, out))
     }
 
-    /// Logits [B, S, V] in f32 (f64 for f64 models) through the tied
-    /// (possibly factorised) embedding.
+    /// Logits [B, S, V] in f32 (f64 for f64 models) through the untied
+    /// head where the model has one, else the tied (possibly factorised)
+    /// embedding.
     pub fn logits(&self, h: &Tensor) -> Result<Tensor> {
         let acc = accumulation_dtype(self.compute);
         let e = &self.params.embed;
-        let table = self.p(&e.table)?;
-        let h = match &e.proj {
-            Some(proj) => h.matmul(&self.p(proj)?)?,
-            None => h.clone(),
+        let (table, h) = match (&self.params.lm_head, &e.proj) {
+            (Some(head), _) => (self.p(head)?, h.clone()),
+            (None, Some(proj)) => (self.p(&e.table)?, h.matmul(&self.p(proj)?)?),
+            (None, None) => (self.p(&e.table)?, h.clone()),
         };
         let dims = crate::graph::DotDims {
             lhs_contract: vec![2],
