@@ -11,10 +11,13 @@
 //! checkpoints of a run directory; [`lock`] keeps it to one writer.
 
 pub mod atomic;
+pub mod hf;
+pub mod hf_import;
 pub mod integrity;
 pub mod lock;
 pub mod rundir;
 pub mod shards;
+pub mod streamed;
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;

@@ -16,12 +16,16 @@ pub enum CheckpointCommand {
     },
     /// A dense checkpoint as a Hugging Face LlamaForCausalLM directory.
     ExportHf(crate::cli::export_hf::ExportHfArgs),
+    /// A Hugging Face llama or qwen3_moe directory as our checkpoint
+    /// (step 0, tensor by tensor).
+    ImportHf(crate::cli::import_hf::ImportHfArgs),
 }
 
 pub fn run(c: &CheckpointCommand) -> Result<()> {
     match c {
         CheckpointCommand::Inspect { dir } => print!("{}", inspect(dir)?),
         CheckpointCommand::ExportHf(a) => crate::cli::export_hf::run(a)?,
+        CheckpointCommand::ImportHf(a) => crate::cli::import_hf::run(a)?,
     }
     Ok(())
 }

@@ -16,6 +16,7 @@ pub mod experiment;
 pub mod experts;
 pub mod export_hf;
 pub mod generate;
+pub mod import_hf;
 mod measured;
 pub mod plot;
 pub mod tokenizer;

@@ -1,0 +1,253 @@
+//! `checkpoint import-hf` against Hugging Face transformers itself: a
+//! random tiny `Qwen3MoeForCausalLM` (3 layers, layer 1 dense through
+//! `mlp_only_layers`, 8 experts, top-2, head_dim 16 against hidden /
+//! heads = 8, qk-norm, untied head) is built and saved with
+//! `save_pretrained` on CPU torch (`tests/python/hf_qwen3_moe.py`, in its
+//! own venv `target/torch-venv`, installed on first use), imported, and
+//! our f32 logits and cross-entropy on fixed rows must equal transformers'
+//! to 1e-5 relative, our balance loss the formula computed from
+//! transformers' router logits. With `norm_topk_prob` true (f32 weights)
+//! and false (bf16 weights). Bad inputs are refused by name.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{sharedmoe, sharedmoe_ok};
+use sharedmoe::graph::{DType, Graph, HostTensor, Tensor, TensorType};
+use sharedmoe::model::{declare_params, param_specs, Transformer};
+use sharedmoe::train::Config;
+
+/// CPU torch and transformers 5 (Qwen3-MoE exists in torch only), every
+/// package pinned: the set pip resolved for torch 2.15.0 and transformers
+/// 5.24.0 on Python 3.11. PyPI's Linux torch needs the CUDA libraries to
+/// import, even on the CPU: about 5.6 GB, installed once per checkout.
+const PACKAGES: &[&str] = &[
+    "annotated-doc==0.0.7",
+    "annotated-types==0.8.0",
+    "anyio==4.16.0",
+    "click==8.5.1",
+    "cuda-bindings==13.5.0",
+    "cuda-pathfinder==1.9.1",
+    "cuda-toolkit==13.2.2",
+    "filelock==4.3.1",
+    "fsspec==2026.9.0",
+    "h11==0.16.0",
+    "hf-xet==1.8.0",
+    "httpcore2==2.16.2",
+    "httpx2==2.16.2",
+    "huggingface_hub==2.4.0",
+    "idna==3.20",
+    "Jinja2==3.1.6",
+    "markdown-it-py==4.3.0",
+    "MarkupSafe==3.0.4",
+    "mdurl==0.1.2",
+    "mpmath==1.3.0",
+    "networkx==3.6.1",
+    "numpy==2.4.6",
+    "nvidia-cublas==13.4.1.3",
+    "nvidia-cuda-cccl==13.3.5.0.6",
+    "nvidia-cuda-cupti==13.2.86",
+    "nvidia-cuda-nvrtc==13.2.86",
+    "nvidia-cuda-runtime==13.2.86",
+    "nvidia-cudnn-cu13==9.26.0.51",
+    "nvidia-cufft==12.2.0.57",
+    "nvidia-cufile==1.17.1.22",
+    "nvidia-cusolver==12.2.0.11",
+    "nvidia-cusparse==12.7.10.12",
+    "nvidia-cusparselt-cu13==0.8.1",
+    "nvidia-nccl-cu13==2.30.7",
+    "nvidia-nvjitlink==13.5.37",
+    "nvidia-nvshmem-cu13==3.7.2",
+    "nvidia-nvtx==13.2.86",
+    "packaging==26.4",
+    "pydantic==2.14.4",
+    "pydantic_core==2.50.5",
+    "Pygments==2.21.0",
+    "PyYAML==6.0.4",
+    "regex==2026.11.19",
+    "rich==15.0.0",
+    "safetensors==0.8.0",
+    "shellingham==1.5.4",
+    "sympy==1.14.0",
+    "tokenizers==0.23.3",
+    "torch==2.15.0",
+    "tqdm==4.70.1",
+    "transformers==5.24.0",
+    "triton==3.9.0",
+    "truststore==0.10.5",
+    "typer==0.29.2",
+    "typing-inspection==0.4.5",
+    "typing_extensions==4.16.0",
+];
+
+fn temp_dir(name: &str) -> PathBuf {
+    let dir =
+        std::env::temp_dir().join(format!("sharedmoe-hfimport-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+/// Builds the reference model into `dir` (transformers' files plus
+/// `reference.json`).
+fn reference(dir: &Path, norm_topk_prob: bool, dtype: &str) -> serde_json::Value {
+    let python = common::python_venv("torch-venv", PACKAGES);
+    let out = std::process::Command::new(&python)
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/hf_qwen3_moe.py"))
+        .arg(dir)
+        .arg(if norm_topk_prob { "1" } else { "0" })
+        .arg(dtype)
+        .output()
+        .expect("running the torch venv's python");
+    assert!(
+        out.status.success(),
+        "hf_qwen3_moe.py: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&std::fs::read(dir.join("reference.json")).unwrap()).unwrap()
+}
+
+/// Our logits [B*S*V] of rows[:, :-1] and (ce, aux) of the rows, f32 on
+/// the CPU plugin, from the checkpoint `ckpt`.
+fn ours(ckpt: &Path, rows: &[Vec<i32>]) -> (Vec<f64>, f64, f64) {
+    let state: sharedmoe::ckpt::TrainingState =
+        serde_json::from_slice(&std::fs::read(ckpt.join("state.json")).unwrap()).unwrap();
+    let cfg = Config::parse(&state.config_toml, &[]).unwrap();
+    let specs = param_specs(&cfg.model);
+    let c = sharedmoe::ckpt::load(ckpt, &specs, sharedmoe::ckpt::Purpose::Weights).unwrap();
+    let (b, s1) = (rows.len() as i64, rows[0].len() as i64);
+    let g = Graph::new();
+    let params = declare_params(&g, &cfg.model).unwrap();
+    let win = g
+        .param("windows", TensorType::new(DType::I32, &[b, s1]))
+        .unwrap();
+    let model = Transformer::new(&cfg.model, &params, DType::F32).unwrap();
+    let inputs = win.slice_axis(1, 0, s1 - 1).unwrap();
+    let (h, _) = model.hidden(&inputs).unwrap();
+    let logits = model.logits(&h).unwrap();
+    let loss = model.loss(&win).unwrap();
+    let outs: Vec<&Tensor> = vec![&logits, &loss.ce, &loss.aux];
+    let compiled = g.build(&outs).unwrap().compile(common::client()).unwrap();
+    let mut host: Vec<HostTensor> = c
+        .params
+        .iter()
+        .map(|(_, dims, v)| HostTensor {
+            ty: TensorType::new(DType::F32, dims),
+            bytes: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        })
+        .collect();
+    host.push(HostTensor {
+        ty: TensorType::new(DType::I32, &[b, s1]),
+        bytes: rows
+            .iter()
+            .flatten()
+            .flat_map(|x| x.to_le_bytes())
+            .collect(),
+    });
+    let got = compiled.run(common::client(), &host).unwrap();
+    (got[0].to_f64(), got[1].to_f64()[0], got[2].to_f64()[0])
+}
+
+fn rel(a: f64, b: f64) -> f64 {
+    (a - b).abs() / b.abs().max(1e-30)
+}
+
+fn check(norm_topk_prob: bool, dtype: &str) -> PathBuf {
+    let hf = temp_dir(&format!("hf-{norm_topk_prob}-{dtype}"));
+    let want = reference(&hf, norm_topk_prob, dtype);
+    let ckpt = temp_dir(&format!("ours-{norm_topk_prob}-{dtype}"));
+    sharedmoe_ok(&[
+        "checkpoint",
+        "import-hf",
+        hf.to_str().unwrap(),
+        ckpt.to_str().unwrap(),
+    ]);
+    let rows: Vec<Vec<i32>> = serde_json::from_value(want["rows"].clone()).unwrap();
+    let (logits, ce, aux) = ours(&ckpt, &rows);
+    let ref_logits: Vec<f64> = serde_json::from_value(want["logits"].clone()).unwrap();
+    assert_eq!(logits.len(), ref_logits.len());
+    // Relative to the logits' scale: a logit near zero has no relative
+    // error of its own to speak of.
+    let scale = ref_logits.iter().fold(0f64, |m, v| m.max(v.abs()));
+    let worst = logits
+        .iter()
+        .zip(&ref_logits)
+        .map(|(a, b)| (a - b).abs() / scale)
+        .fold(0f64, f64::max);
+    let (want_ce, want_aux) = (want["ce"].as_f64().unwrap(), want["aux"].as_f64().unwrap());
+    println!(
+        "norm_topk_prob {norm_topk_prob}, {dtype}: logits max |diff| / max |logit| {worst:.2e}, \
+         ce {ce} vs {want_ce} (rel {:.2e}), aux {aux} vs {want_aux} (rel {:.2e})",
+        rel(ce, want_ce),
+        rel(aux, want_aux)
+    );
+    assert!(
+        worst < 1e-5,
+        "logits differ by {worst:.3e} of their scale {scale}"
+    );
+    assert!(
+        rel(ce, want_ce) < 1e-5,
+        "ce {ce} vs transformers' {want_ce}"
+    );
+    assert!(
+        rel(aux, want_aux) < 1e-5,
+        "aux {aux} vs the formula's {want_aux}"
+    );
+    hf
+}
+
+#[test]
+fn import_hf_matches_transformers_qwen3_moe() {
+    let hf = check(true, "float32");
+    check(false, "float32");
+    check(false, "bfloat16");
+    refusals(&hf);
+}
+
+/// Bad inputs name the tensor or key, and write nothing.
+fn refusals(hf: &Path) {
+    let edited = |name: &str, edit: &dyn Fn(&mut serde_json::Value)| -> PathBuf {
+        let dir = temp_dir(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in ["model.safetensors", "config.json"] {
+            std::fs::copy(hf.join(f), dir.join(f)).unwrap();
+        }
+        let mut cfg: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+        edit(&mut cfg);
+        std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+        dir
+    };
+    let cases: Vec<(PathBuf, &str)> = vec![
+        (
+            edited("arch", &|c| c["model_type"] = "mixtral".into()),
+            "model_type \"mixtral\"",
+        ),
+        (
+            edited("layers", &|c| c["num_hidden_layers"] = 4.into()),
+            "no tensor `model.layers.3.",
+        ),
+        (
+            edited("shape", &|c| c["head_dim"] = 8.into()),
+            "`model.layers.0.self_attn.q_proj.weight`",
+        ),
+        (
+            edited("fewer", &|c| c["num_hidden_layers"] = 2.into()),
+            "tensor(s) the model would not use, first `model.layers.2.",
+        ),
+    ];
+    for (dir, want) in cases {
+        let out = temp_dir("refused");
+        let res = sharedmoe(&[
+            "checkpoint",
+            "import-hf",
+            dir.to_str().unwrap(),
+            out.to_str().unwrap(),
+        ]);
+        let err = String::from_utf8_lossy(&res.stderr);
+        assert!(!res.status.success(), "{}: imported", dir.display());
+        assert!(err.contains(want), "{}: {err}", dir.display());
+        assert!(!out.exists(), "{}: wrote {}", dir.display(), out.display());
+    }
+}
