@@ -137,29 +137,42 @@ impl HfCheckpoint {
                 t.shape
             );
         }
-        let mut bytes = vec![0u8; t.len as usize];
         let mut f = File::open(&t.file).with_context(|| format!("opening {}", t.file.display()))?;
         f.seek(SeekFrom::Start(t.start))?;
-        f.read_exact(&mut bytes)
-            .with_context(|| format!("reading `{name}` from {}", t.file.display()))?;
-        Ok(to_f32(t.dtype, &bytes))
+        // Converted in 4 MiB pieces: memory holds the f32 result, not
+        // also the file's bytes.
+        let mut out = Vec::with_capacity((t.len / t.dtype.size()) as usize);
+        let mut chunk = vec![0u8; 1 << 22];
+        let mut left = t.len as usize;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            f.read_exact(&mut chunk[..n])
+                .with_context(|| format!("reading `{name}` from {}", t.file.display()))?;
+            append_f32(t.dtype, &chunk[..n], &mut out);
+            left -= n;
+        }
+        Ok(out)
     }
 }
 
-fn to_f32(dtype: HfDtype, bytes: &[u8]) -> Vec<f32> {
+/// Appends `bytes` (whole elements of `dtype`, little-endian) as f32.
+fn append_f32(dtype: HfDtype, bytes: &[u8], out: &mut Vec<f32>) {
     match dtype {
-        HfDtype::F32 => bytes
-            .chunks_exact(4)
-            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-            .collect(),
-        HfDtype::BF16 => bytes
-            .chunks_exact(2)
-            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
-        HfDtype::F16 => bytes
-            .chunks_exact(2)
-            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect(),
+        HfDtype::F32 => out.extend(
+            bytes
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+        ),
+        HfDtype::BF16 => out.extend(
+            bytes
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32()),
+        ),
+        HfDtype::F16 => out.extend(
+            bytes
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32()),
+        ),
     }
 }
 

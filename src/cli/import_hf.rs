@@ -77,11 +77,23 @@ pub fn run(a: &ImportHfArgs) -> Result<()> {
     )?;
     bar.finish_and_clear();
     println!(
-        "wrote {}: {} tensors, {} values (largest {}), step 0, no optimizer state",
+        "wrote {}: {} tensors, {} values (largest {}), step 0, no optimizer state; \
+         peak RSS {} bytes",
         a.out.display(),
         imported.tensors,
         imported.values,
-        imported.largest
+        imported.largest,
+        peak_rss_bytes()
     );
     Ok(())
+}
+
+/// This process's peak resident memory so far (getrusage; Linux reports
+/// kilobytes): what an import of a checkpoint larger than memory must
+/// keep near one tensor.
+fn peak_rss_bytes() -> u64 {
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage fills the struct it is given.
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
+    usage.ru_maxrss as u64 * 1024
 }
