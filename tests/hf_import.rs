@@ -153,7 +153,40 @@ fn rel(a: f64, b: f64) -> f64 {
     (a - b).abs() / b.abs().max(1e-30)
 }
 
-fn check(norm_topk_prob: bool, dtype: &str) -> PathBuf {
+/// transformers' f32 logits of rows[:, :-1] through the HF directory
+/// `dir`.
+fn transformers_logits(dir: &Path, rows: &[Vec<i32>]) -> Vec<f64> {
+    let python = common::python_venv("torch-venv", PACKAGES);
+    let out = std::process::Command::new(&python)
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/hf_qwen3_moe.py"))
+        .arg("--logits")
+        .arg(dir)
+        .arg(serde_json::to_string(rows).unwrap())
+        .output()
+        .expect("running the torch venv's python");
+    assert!(
+        out.status.success(),
+        "hf_qwen3_moe.py --logits: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    serde_json::from_value(v["logits"].clone()).unwrap()
+}
+
+/// max |a - b| / max |b|.
+fn logit_error(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let scale = b.iter().fold(0f64, |m, v| m.max(v.abs()));
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs() / scale)
+        .fold(0f64, f64::max)
+}
+
+/// Imports the reference model, compares, and returns (HF dir, our
+/// checkpoint, the rows).
+fn check(norm_topk_prob: bool, dtype: &str) -> (PathBuf, PathBuf, Vec<Vec<i32>>) {
     let hf = temp_dir(&format!("hf-{norm_topk_prob}-{dtype}"));
     let want = reference(&hf, norm_topk_prob, dtype);
     let ckpt = temp_dir(&format!("ours-{norm_topk_prob}-{dtype}"));
@@ -194,15 +227,66 @@ fn check(norm_topk_prob: bool, dtype: &str) -> PathBuf {
         rel(aux, want_aux) < 1e-5,
         "aux {aux} vs the formula's {want_aux}"
     );
-    hf
+    (hf, ckpt, rows)
 }
 
 #[test]
 fn import_hf_matches_transformers_qwen3_moe() {
-    let hf = check(true, "float32");
+    let (hf, ckpt, rows) = check(true, "float32");
     check(false, "float32");
     check(false, "bfloat16");
     refusals(&hf);
+    // Out again: transformers loads our export with the same logits.
+    let exported = temp_dir("exported");
+    sharedmoe_ok(&[
+        "checkpoint",
+        "export-hf",
+        ckpt.to_str().unwrap(),
+        exported.to_str().unwrap(),
+        "--no-tokenizer",
+    ]);
+    let (ours_logits, _, _) = ours(&ckpt, &rows);
+    let err = logit_error(&transformers_logits(&exported, &rows), &ours_logits);
+    println!("export-hf of the import, loaded by transformers: logits within {err:.2e}");
+    assert!(err < 1e-5, "exported logits differ by {err:.3e}");
+}
+
+/// A tiny-moe trained a few steps on the shipped sample, exported with
+/// its tokenizer: transformers computes our logits.
+#[test]
+fn a_trained_tiny_moe_exports_to_transformers() {
+    let run = temp_dir("trained-run");
+    sharedmoe_ok(&[
+        "train",
+        "--config",
+        "configs/tiny-moe.toml",
+        "--set",
+        "train.steps=4",
+        "--set",
+        "train.warmup_steps=1",
+        "--set",
+        &format!("run.dir={}", run.display()),
+    ]);
+    let ckpt = sharedmoe::ckpt::latest(&run).expect("a checkpoint");
+    let exported = temp_dir("trained-hf");
+    let said = sharedmoe_ok(&[
+        "checkpoint",
+        "export-hf",
+        ckpt.to_str().unwrap(),
+        exported.to_str().unwrap(),
+    ]);
+    assert!(said.contains("Qwen3MoeForCausalLM"), "{said}");
+    let rows: Vec<Vec<i32>> = (0..2)
+        .map(|r| {
+            (0..9)
+                .map(|i| (7919 * i + 104_729 * r + 11) % 32_000)
+                .collect()
+        })
+        .collect();
+    let (ours_logits, _, _) = ours(&ckpt, &rows);
+    let err = logit_error(&transformers_logits(&exported, &rows), &ours_logits);
+    println!("trained tiny-moe, exported, loaded by transformers: logits within {err:.2e}");
+    assert!(err < 1e-5, "exported logits differ by {err:.3e}");
 }
 
 /// Bad inputs name the tensor or key, and write nothing.

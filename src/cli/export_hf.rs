@@ -34,7 +34,7 @@ use serde_json::json;
 use crate::ckpt::{self, TrainingState};
 use crate::data::tokenizer::{self, EOT};
 use crate::digest::sha256_file;
-use crate::model::{param_specs, FfnKind};
+use crate::model::{param_specs, FfnKind, Role};
 use crate::train::Config;
 
 #[derive(clap::Args, Debug)]
@@ -48,6 +48,11 @@ pub struct ExportHfArgs {
     /// must still be the file the run trained with).
     #[arg(long)]
     pub tokenizer: Option<PathBuf>,
+    /// Write the model only (config.json, generation_config.json,
+    /// model.safetensors), no tokenizer: for a model with none, such as
+    /// one brought in by import-hf.
+    #[arg(long, conflicts_with = "tokenizer")]
+    pub no_tokenizer: bool,
 }
 
 /// Every file an export writes, in the order it writes them.
@@ -60,44 +65,72 @@ pub const FILES: [&str; 6] = [
     "special_tokens_map.json",
 ];
 
+/// Which tokenizer an export ships.
+#[derive(Clone, Copy, Debug)]
+pub enum ShippedTokenizer<'a> {
+    /// The run's own data.tokenizer.
+    Run,
+    /// This tokenizer.json.
+    File(&'a Path),
+    /// None: the model's files only.
+    Without,
+}
+
 pub fn run(a: &ExportHfArgs) -> Result<()> {
-    let n = export(&a.dir, &a.out, a.tokenizer.as_deref())?;
+    let tokenizer = match (&a.tokenizer, a.no_tokenizer) {
+        (_, true) => ShippedTokenizer::Without,
+        (Some(p), false) => ShippedTokenizer::File(p),
+        (None, false) => ShippedTokenizer::Run,
+    };
+    let (architecture, n) = export(&a.dir, &a.out, tokenizer)?;
     println!(
-        "{}: LlamaForCausalLM, {n} tensors, written to {}",
+        "{}: {architecture}, {n} tensors, written to {}",
         a.dir.display(),
         a.out.display()
     );
     Ok(())
 }
 
-/// The HF name of one of our tensors (ours are HF LLaMA's already).
-pub fn hf_name(ours: &str) -> String {
-    ours.to_string()
-}
-
-/// Writes the HF directory `out` for the dense checkpoint `dir`; returns
-/// how many tensors `model.safetensors` holds.
-pub fn export(dir: &Path, out: &Path, tokenizer_path: Option<&Path>) -> Result<usize> {
-    let (state, cfg) = read_dense_checkpoint(dir)?;
+/// Writes the HF directory `out` for the dense or per-layer MoE
+/// checkpoint `dir`; returns its architecture and how many tensors
+/// `model.safetensors` holds.
+pub fn export(
+    dir: &Path,
+    out: &Path,
+    tokenizer: ShippedTokenizer,
+) -> Result<(&'static str, usize)> {
+    let (state, cfg) = read_exportable_checkpoint(dir)?;
     let (weights, tensors) = hf_weights(dir, &cfg)?;
-    let (tokenizer_json, eot) = shipped_tokenizer(dir, &state, &cfg, tokenizer_path)?;
+    let shipped = match tokenizer {
+        ShippedTokenizer::Without => None,
+        ShippedTokenizer::Run => Some(shipped_tokenizer(dir, &state, &cfg, None)?),
+        ShippedTokenizer::File(p) => Some(shipped_tokenizer(dir, &state, &cfg, Some(p))?),
+    };
+    let eot = shipped.as_ref().map(|(_, eot)| *eot);
     let [config, generation, tokenizer_config, special] = hf_json_files(&cfg, eot)?;
-    let files: Vec<(&str, Vec<u8>)> = vec![
+    let mut files: Vec<(&str, Vec<u8>)> = vec![
         (FILES[0], config),
         (FILES[1], generation),
         (FILES[2], weights),
-        (FILES[3], tokenizer_json),
-        (FILES[4], tokenizer_config),
-        (FILES[5], special),
     ];
+    if let Some((tokenizer_json, _)) = shipped {
+        files.push((FILES[3], tokenizer_json));
+        files.push((FILES[4], tokenizer_config));
+        files.push((FILES[5], special));
+    }
     install(out, &files)?;
-    Ok(tensors)
+    let architecture = match cfg.model.ffn {
+        FfnKind::Moe => "Qwen3MoeForCausalLM",
+        _ => "LlamaForCausalLM",
+    };
+    Ok((architecture, tensors))
 }
 
 /// The checkpoint's state and run config, refused (before anything is
-/// read or written) unless LlamaForCausalLM can hold the model: dense, with
-/// plain tied embeddings.
-fn read_dense_checkpoint(dir: &Path) -> Result<(TrainingState, Config)> {
+/// read or written) unless a transformers class holds the model: dense
+/// (LlamaForCausalLM) without factorised embeddings, or per-layer MoE
+/// (Qwen3MoeForCausalLM).
+fn read_exportable_checkpoint(dir: &Path) -> Result<(TrainingState, Config)> {
     let state_path = dir.join("state.json");
     let state: TrainingState = serde_json::from_slice(
         &fs::read(&state_path)
@@ -107,11 +140,20 @@ fn read_dense_checkpoint(dir: &Path) -> Result<(TrainingState, Config)> {
     let cfg = Config::parse(&state.config_toml, &[])
         .map_err(|e| anyhow!("{}: the checkpoint's config: {e}", state_path.display()))?;
     let m = &cfg.model;
-    if m.ffn != FfnKind::Dense {
+    if m.ffn == FfnKind::SharedMoe {
         bail!(
             "{}: a shared-MoE checkpoint (model.ffn = \"sharedmoe\"): it has no Hugging Face \
              architecture (one MoE block shared by every layer, factorised embeddings), so \
-             export-hf writes dense LlamaForCausalLM checkpoints only",
+             export-hf writes dense (LlamaForCausalLM) and per-layer MoE \
+             (Qwen3MoeForCausalLM) checkpoints only",
+            dir.display()
+        );
+    }
+    if m.ffn == FfnKind::Dense
+        && (m.qk_norm || m.head_dim > 0 && m.head_dim * m.num_heads != m.hidden_size)
+    {
+        bail!(
+            "{}: a dense model with qk-norm or its own head_dim has no LlamaForCausalLM equivalent",
             dir.display()
         );
     }
@@ -127,8 +169,10 @@ fn read_dense_checkpoint(dir: &Path) -> Result<(TrainingState, Config)> {
 }
 
 /// `model.safetensors` for HF, and how many tensors it holds: every
-/// tensor of the config checked for its shape and f32 dtype, renamed, and
-/// `lm_head` left out (tied).
+/// tensor of the config checked for its shape and f32 dtype, under its HF
+/// name (ours are HF's, SPEC.md), stacked experts [E, ..] split into
+/// transformers' per-expert `mlp.experts.{i}.{proj}.weight`; a tied model
+/// has no `lm_head` (transformers ties it on load).
 fn hf_weights(dir: &Path, cfg: &Config) -> Result<(Vec<u8>, usize)> {
     let specs = param_specs(&cfg.model);
     let model_path = dir.join("model.safetensors");
@@ -151,16 +195,31 @@ fn hf_weights(dir: &Path, cfg: &Config) -> Result<(Vec<u8>, usize)> {
                 s.dims
             );
         }
-        views.push((
-            hf_name(&s.name),
-            TensorView::new(Dtype::F32, v.shape().to_vec(), v.data())?,
-        ));
+        if s.role == Role::Experts {
+            let (prefix, proj) = s
+                .name
+                .rsplit_once(".experts.")
+                .expect("stacked expert names are {prefix}.experts.{proj}");
+            let per = v.data().len() / s.dims[0] as usize;
+            for (i, bytes) in v.data().chunks_exact(per).enumerate() {
+                views.push((
+                    format!("{prefix}.experts.{i}.{proj}.weight"),
+                    TensorView::new(Dtype::F32, v.shape()[1..].to_vec(), bytes)?,
+                ));
+            }
+        } else {
+            views.push((
+                s.name.clone(),
+                TensorView::new(Dtype::F32, v.shape().to_vec(), v.data())?,
+            ));
+        }
     }
+    let tensors = views.len();
     let metadata = Some(std::collections::HashMap::from([(
         "format".to_string(),
         "pt".to_string(),
     )]));
-    Ok((safetensors::serialize(views, &metadata)?, specs.len()))
+    Ok((safetensors::serialize(views, &metadata)?, tensors))
 }
 
 /// The bytes of the tokenizer.json to ship and its end-of-text id: the
@@ -207,8 +266,8 @@ fn shipped_tokenizer(
 /// `config.json`, `generation_config.json`, `tokenizer_config.json` and
 /// `special_tokens_map.json`, pretty-printed: `<|endoftext|>` (`eot`) is
 /// both bos and eos, and the tokenizer adds no special tokens, as
-/// training did.
-fn hf_json_files(cfg: &Config, eot: u32) -> Result<[Vec<u8>; 4]> {
+/// training did. Without a tokenizer (`eot` None) bos and eos are null.
+fn hf_json_files(cfg: &Config, eot: Option<u32>) -> Result<[Vec<u8>; 4]> {
     let mut config = ckpt::hf_config(&cfg.model, cfg.train.seq_len);
     let o = config.as_object_mut().expect("an object");
     for (k, v) in [
@@ -235,7 +294,8 @@ fn hf_json_files(cfg: &Config, eot: u32) -> Result<[Vec<u8>; 4]> {
         "clean_up_tokenization_spaces": false,
         "model_max_length": cfg.train.seq_len,
         "added_tokens_decoder": {
-            eot.to_string(): {
+            // (Shipped only with a tokenizer, so with its eot.)
+            eot.unwrap_or_default().to_string(): {
                 "content": EOT,
                 "lstrip": false,
                 "normalized": false,

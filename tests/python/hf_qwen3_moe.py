@@ -3,6 +3,7 @@ f32 logits, cross-entropy and balance loss on fixed token rows: the
 reference tests/hf_import.rs compares `checkpoint import-hf` against.
 
 usage: hf_qwen3_moe.py OUT_DIR NORM_TOPK_PROB(0|1) DTYPE(float32|bfloat16)
+       hf_qwen3_moe.py --logits MODEL_DIR ROWS_JSON
 
 The balance loss is computed here from the router logits transformers
 returns, by the formula of transformers' load_balancing_loss_func (no
@@ -14,6 +15,16 @@ import sys
 
 import torch
 from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+if sys.argv[1] == "--logits":
+    # hf_qwen3_moe.py --logits MODEL_DIR ROWS_JSON: the f32 logits of
+    # rows[:, :-1] through the saved model, as JSON on stdout.
+    model = Qwen3MoeForCausalLM.from_pretrained(sys.argv[2], dtype=torch.float32).eval()
+    rows = torch.tensor(json.loads(sys.argv[3]))
+    with torch.no_grad():
+        logits = model(input_ids=rows[:, :-1]).logits
+    print(json.dumps({"logits": logits.flatten().tolist()}))
+    sys.exit(0)
 
 out, norm_topk, dtype = sys.argv[1], sys.argv[2] == "1", getattr(torch, sys.argv[3])
 torch.manual_seed(0)
