@@ -135,7 +135,7 @@ fn assert_same_run(a: &Run, b: &Run, tol: f64, params_tol: f64, what: &str) {
 
 #[test]
 fn every_mesh_of_four_devices_trains_the_same_model() {
-    for preset in ["tiny-dense", "tiny-sharedmoe"] {
+    for preset in ["tiny-dense", "tiny-sharedmoe", "tiny-moe"] {
         let dir = scratch(&format!("four-{preset}"));
         let data4 = config(&dir, preset, &["mesh.data=4"]);
         // 16 = 4 devices x 2 sequences x 2 micro-batches.
@@ -162,7 +162,7 @@ fn data_four_is_the_mean_of_four_device_steps() {
     // sequences (and the shared MoE's balance over them), averaged over
     // the devices. One device accumulating the 4 devices' micro-batches
     // one after another computes exactly that, without a partitioner.
-    for preset in ["tiny-dense", "tiny-sharedmoe"] {
+    for preset in ["tiny-dense", "tiny-sharedmoe", "tiny-moe"] {
         let dir = scratch(&format!("replicas-{preset}"));
         let data4 = config(&dir, preset, &["mesh.data=4", "train.global_batch=8"]);
         let serial = config(&dir, preset, &["train.global_batch=8"]);
@@ -173,11 +173,17 @@ fn data_four_is_the_mean_of_four_device_steps() {
         let start = fresh_checkpoint(&data4, 0);
         let a = train(&data4, &start, 0..10);
         let b = train(&serial, &start, 0..10);
+        // Adam divides by the running RMS, so an element whose gradient is
+        // near zero turns last-bit summation differences into full-size
+        // update differences; the per-layer MoE has the most such elements
+        // (rarely chosen experts): seen 2.2e-5 on a weight of 0.016 while
+        // every loss agreed to 1e-6.
+        let params_tol = if preset == "tiny-moe" { 5e-5 } else { 1e-5 };
         assert_same_run(
             &a,
             &b,
             1e-6,
-            1e-5,
+            params_tol,
             &format!("{preset}: data = 4 vs one device"),
         );
         std::fs::remove_dir_all(&dir).unwrap();

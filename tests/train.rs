@@ -343,6 +343,41 @@ fn loss_falls_on_real_text_within_200_steps() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// The per-layer MoE family (`tiny-moe`: qk-norm, its own head_dim, an
+/// untied head, a dense layer among MoE layers) resumes bit-identically.
+#[test]
+fn resume_of_a_per_layer_moe_run_is_bit_identical() {
+    check_resume("resume-moe", &["model.preset=\"tiny-moe\""]);
+}
+
+/// ... and learns on the shipped sample's text.
+#[test]
+fn a_per_layer_moe_learns_on_real_text() {
+    let dir = scratch("learn-moe");
+    let cfg = tiny_config(
+        &dir,
+        &[
+            "model.preset=\"tiny-moe\"",
+            "train.steps=120",
+            "train.warmup_steps=12",
+            "train.checkpoint_every=0",
+        ],
+    );
+    sharedmoe::train::train(&cfg, &StartFrom::default(), None).unwrap();
+    let losses: Vec<f64> = read_losses(&cfg.run.dir)
+        .into_iter()
+        .map(|(_, l)| l)
+        .collect();
+    let first = losses[0];
+    let last: f64 = losses[losses.len() - 20..].iter().sum::<f64>() / 20.0;
+    println!("tiny-moe loss: first {first:.3}, mean of last 20 {last:.3}");
+    assert!(
+        last < first - 1.5,
+        "loss fell only from {first:.3} to {last:.3}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn malformed_inputs_are_refused_with_names() {
     let dir = scratch("malformed");
