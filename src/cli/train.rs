@@ -114,5 +114,14 @@ pub fn run_params(a: &ParamsArgs) -> Result<()> {
         "used/token",
         crate::model::active_params_per_token(&model)
     );
+    if !model.tie_word_embeddings {
+        // Published "active" figures (Qwen3-30B-A3B's 3.3B) also count the
+        // input table, which a token only indexes.
+        println!(
+            "{:>10}  {:>13}  (+ the input embedding a token indexes, as published active counts)",
+            "active",
+            crate::model::active_params_per_token(&model) + model.vocab_size * model.hidden_size
+        );
+    }
     Ok(())
 }
