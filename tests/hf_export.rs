@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use safetensors::SafeTensors;
-use sharedmoe::graph::{DType, Graph, HostTensor, Tensor, TensorType};
+use sharedmoe::graph::{DType, Graph, Tensor, TensorType};
 use sharedmoe::model::{declare_params, param_specs, Transformer};
 use sharedmoe::train::Config;
 
@@ -113,22 +113,7 @@ fn our_ce(ckpt: &Path, rows: &[Vec<i32>]) -> (f64, Vec<f64>) {
     }
     let refs: Vec<&Tensor> = outs.iter().collect();
     let compiled = g.build(&refs).unwrap().compile(common::client()).unwrap();
-    let mut host: Vec<HostTensor> = c
-        .params
-        .iter()
-        .map(|(_, dims, v)| HostTensor {
-            ty: TensorType::new(DType::F32, dims),
-            bytes: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        })
-        .collect();
-    host.push(HostTensor {
-        ty: TensorType::new(DType::I32, &[b, s1]),
-        bytes: rows
-            .iter()
-            .flatten()
-            .flat_map(|x| x.to_le_bytes())
-            .collect(),
-    });
+    let host = common::params_and_rows(&c, rows);
     let got: Vec<f64> = compiled
         .run(common::client(), &host)
         .unwrap()

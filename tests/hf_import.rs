@@ -14,7 +14,7 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::{sharedmoe, sharedmoe_ok};
-use sharedmoe::graph::{DType, Graph, HostTensor, Tensor, TensorType};
+use sharedmoe::graph::{DType, Graph, Tensor, TensorType};
 use sharedmoe::model::{declare_params, param_specs, Transformer};
 use sharedmoe::train::Config;
 
@@ -129,22 +129,7 @@ fn ours(ckpt: &Path, rows: &[Vec<i32>]) -> (Vec<f64>, f64, f64) {
     let loss = model.loss(&win).unwrap();
     let outs: Vec<&Tensor> = vec![&logits, &loss.ce, &loss.aux];
     let compiled = g.build(&outs).unwrap().compile(common::client()).unwrap();
-    let mut host: Vec<HostTensor> = c
-        .params
-        .iter()
-        .map(|(_, dims, v)| HostTensor {
-            ty: TensorType::new(DType::F32, dims),
-            bytes: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        })
-        .collect();
-    host.push(HostTensor {
-        ty: TensorType::new(DType::I32, &[b, s1]),
-        bytes: rows
-            .iter()
-            .flatten()
-            .flat_map(|x| x.to_le_bytes())
-            .collect(),
-    });
+    let host = common::params_and_rows(&c, rows);
     let got = compiled.run(common::client(), &host).unwrap();
     (got[0].to_f64(), got[1].to_f64()[0], got[2].to_f64()[0])
 }
@@ -425,6 +410,7 @@ fn import_streams_a_large_checkpoint_tensor_by_tensor() {
         tensor >> 20,
         bound >> 20
     );
+    assert!(peak > 0, "{report}");
     assert!(
         peak < bound,
         "peak RSS {peak} >= {bound} (largest tensor {tensor} bytes)"

@@ -312,6 +312,17 @@ fn four_replicas_equal_one_device_accumulating_four_micro_batches() {
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+/// Trains `cfg` from scratch: its first loss and the mean of its last 20.
+fn first_and_last_losses(cfg: &Config) -> (f64, f64) {
+    sharedmoe::train::train(cfg, &StartFrom::default(), None).unwrap();
+    let losses: Vec<f64> = read_losses(&cfg.run.dir)
+        .into_iter()
+        .map(|(_, l)| l)
+        .collect();
+    let last = losses[losses.len() - 20..].iter().sum::<f64>() / 20.0;
+    (losses[0], last)
+}
+
 #[test]
 fn loss_falls_on_real_text_within_200_steps() {
     let dir = scratch("learn");
@@ -324,13 +335,7 @@ fn loss_falls_on_real_text_within_200_steps() {
             "train.checkpoint_every=0",
         ],
     );
-    sharedmoe::train::train(&cfg, &StartFrom::default(), None).unwrap();
-    let losses: Vec<f64> = read_losses(&cfg.run.dir)
-        .into_iter()
-        .map(|(_, l)| l)
-        .collect();
-    let first = losses[0];
-    let last: f64 = losses[losses.len() - 20..].iter().sum::<f64>() / 20.0;
+    let (first, last) = first_and_last_losses(&cfg);
     println!("loss: first {first:.3}, mean of last 20 {last:.3}");
     assert!(
         (first - 256f64.ln()).abs() < 0.2,
@@ -363,13 +368,7 @@ fn a_per_layer_moe_learns_on_real_text() {
             "train.checkpoint_every=0",
         ],
     );
-    sharedmoe::train::train(&cfg, &StartFrom::default(), None).unwrap();
-    let losses: Vec<f64> = read_losses(&cfg.run.dir)
-        .into_iter()
-        .map(|(_, l)| l)
-        .collect();
-    let first = losses[0];
-    let last: f64 = losses[losses.len() - 20..].iter().sum::<f64>() / 20.0;
+    let (first, last) = first_and_last_losses(&cfg);
     println!("tiny-moe loss: first {first:.3}, mean of last 20 {last:.3}");
     assert!(
         last < first - 1.5,

@@ -31,6 +31,13 @@ pub fn sync_dir(dir: &Path) -> Result<()> {
 /// copy, so that it does not take up the space the next attempt needs, and
 /// leaves `dir` as it was.
 pub fn install_dir<N: AsRef<str>>(dir: &Path, files: &[(N, Vec<u8>)]) -> Result<()> {
+    install_dir_with(dir, |tmp| write_dir(tmp, files))
+}
+
+/// [`install_dir`] for files written by `write` into the (existing, empty)
+/// temporary directory it is given, which must fsync them: for contents
+/// streamed to disk rather than held in memory.
+pub fn install_dir_with<T>(dir: &Path, write: impl FnOnce(&Path) -> Result<T>) -> Result<T> {
     let parent = dir
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
@@ -45,10 +52,17 @@ pub fn install_dir<N: AsRef<str>>(dir: &Path, files: &[(N, Vec<u8>)]) -> Result<
     if tmp.exists() {
         fs::remove_dir_all(&tmp)?;
     }
-    if let Err(e) = write_dir(&tmp, files) {
-        let _ = fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
+    let written = fs::create_dir_all(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))
+        .and_then(|()| write(&tmp))
+        .and_then(|t| sync_dir(&tmp).map(|()| t));
+    let value = match written {
+        Ok(v) => v,
+        Err(e) => {
+            let _ = fs::remove_dir_all(&tmp);
+            return Err(e);
+        }
+    };
     let old = parent.join(format!(".{name}.old-{}", std::process::id()));
     if dir.exists() {
         fs::rename(dir, &old).with_context(|| format!("moving the old {} aside", dir.display()))?;
@@ -59,13 +73,12 @@ pub fn install_dir<N: AsRef<str>>(dir: &Path, files: &[(N, Vec<u8>)]) -> Result<
     if old.exists() {
         fs::remove_dir_all(&old)?;
     }
-    Ok(())
+    Ok(value)
 }
 
 fn write_dir<N: AsRef<str>>(tmp: &Path, files: &[(N, Vec<u8>)]) -> Result<()> {
-    fs::create_dir_all(tmp).with_context(|| format!("creating {}", tmp.display()))?;
     for (file, bytes) in files {
         write_synced(&tmp.join(file.as_ref()), bytes)?;
     }
-    sync_dir(tmp)
+    Ok(())
 }

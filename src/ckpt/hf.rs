@@ -122,11 +122,12 @@ impl HfCheckpoint {
         })
     }
 
-    /// The tensor `name`, checked to have `shape`, as f32 (row-major).
-    pub fn read_f32(&self, name: &str, shape: &[i64]) -> Result<Vec<f32>> {
+    /// The tensor `name`, refused by name when it is absent or its shape
+    /// is not `shape` (what the config implies).
+    pub fn tensor(&self, name: &str, shape: &[i64]) -> Result<&HfTensor> {
         let t = self.tensors.get(name).ok_or_else(|| {
             anyhow!(
-                "{}: the checkpoint has no tensor `{name}`",
+                "{}: no tensor `{name}`, which the config's model needs",
                 self.dir.display()
             )
         })?;
@@ -137,6 +138,13 @@ impl HfCheckpoint {
                 t.shape
             );
         }
+        Ok(t)
+    }
+
+    /// The tensor `name`, checked as [`tensor`](Self::tensor) does, as f32
+    /// (row-major).
+    pub fn read_f32(&self, name: &str, shape: &[i64]) -> Result<Vec<f32>> {
+        let t = self.tensor(name, shape)?;
         let mut f = File::open(&t.file).with_context(|| format!("opening {}", t.file.display()))?;
         f.seek(SeekFrom::Start(t.start))?;
         // Converted in 4 MiB pieces: memory holds the f32 result, not
@@ -257,30 +265,10 @@ pub fn model_config(config: &Value, path: &Path) -> Result<ModelConfig> {
             .as_i64()
             .ok_or_else(|| anyhow!("{at}: `{key}` missing or not an integer"))
     };
-    let int_or = |key: &str, default: i64| -> Result<i64> {
-        match &config[key] {
-            Value::Null => Ok(default),
-            v => v
-                .as_i64()
-                .ok_or_else(|| anyhow!("{at}: `{key}` = {v} is not an integer")),
-        }
-    };
-    let float_or = |key: &str, default: f64| -> Result<f64> {
-        match &config[key] {
-            Value::Null => Ok(default),
-            v => v
-                .as_f64()
-                .ok_or_else(|| anyhow!("{at}: `{key}` = {v} is not a number")),
-        }
-    };
-    let bool_or = |key: &str, default: bool| -> Result<bool> {
-        match &config[key] {
-            Value::Null => Ok(default),
-            v => v
-                .as_bool()
-                .ok_or_else(|| anyhow!("{at}: `{key}` = {v} is not true or false")),
-        }
-    };
+    let at_s = at.to_string();
+    let int_or = |key, d| optional(config, &at_s, key, d, Value::as_i64, "an integer");
+    let float_or = |key, d| optional(config, &at_s, key, d, Value::as_f64, "a number");
+    let bool_or = |key, d| optional(config, &at_s, key, d, Value::as_bool, "true or false");
     // What we do not compute: refuse rather than import a different model.
     if let Some(act) = config["hidden_act"].as_str() {
         if act != "silu" {
@@ -367,4 +355,20 @@ pub fn model_config(config: &Value, path: &Path) -> Result<ModelConfig> {
         .validate()
         .with_context(|| format!("{at}: the model it describes"))?;
     Ok(model)
+}
+
+/// `config[key]` as `read` takes it (`what` it expects, for the error), or
+/// `default` when the key is absent or null.
+fn optional<T>(
+    config: &Value,
+    at: &str,
+    key: &str,
+    default: T,
+    read: fn(&Value) -> Option<T>,
+    what: &str,
+) -> Result<T> {
+    match &config[key] {
+        Value::Null => Ok(default),
+        v => read(v).ok_or_else(|| anyhow!("{at}: `{key}` = {v} is not {what}")),
+    }
 }

@@ -11,9 +11,9 @@
 
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 
-use super::atomic::{sync_dir, write_synced};
+use super::atomic::write_synced;
 use super::hf::HfCheckpoint;
 use super::integrity::FileDigest;
 use super::streamed::TensorFileWriter;
@@ -81,30 +81,14 @@ pub fn import(
     // Check every source before writing anything.
     let mut used = std::collections::BTreeSet::new();
     for spec in &specs {
-        let check = |name: &str, dims: &[i64]| -> Result<()> {
-            let t = hf.tensors.get(name).with_context(|| {
-                format!(
-                    "{}: no tensor `{name}`, which the config's model needs",
-                    hf.dir.display()
-                )
-            })?;
-            if t.shape != dims {
-                bail!(
-                    "`{name}` in {}: shape {:?}, the config implies {dims:?}",
-                    t.file.display(),
-                    t.shape
-                );
-            }
-            Ok(())
-        };
         match source(spec) {
             Source::Same => {
-                check(&spec.name, &spec.dims)?;
+                hf.tensor(&spec.name, &spec.dims)?;
                 used.insert(spec.name.clone());
             }
             Source::Stacked(names) => {
                 for n in names {
-                    check(&n, &spec.dims[1..])?;
+                    hf.tensor(&n, &spec.dims[1..])?;
                     used.insert(n);
                 }
             }
@@ -124,39 +108,9 @@ pub fn import(
         );
     }
 
-    let parent = out
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).with_context(|| format!("creating {}", parent.display()))?;
-    let name = out
-        .file_name()
-        .with_context(|| format!("{}: the path has no name", out.display()))?
-        .to_string_lossy()
-        .to_string();
-    let tmp = parent.join(format!(".{name}.tmp-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    let written = write_into(
-        hf,
-        model,
-        max_positions,
-        config_toml,
-        &specs,
-        &tmp,
-        progress,
-    );
-    let imported = match written {
-        Ok(i) => i,
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&tmp);
-            return Err(e);
-        }
-    };
-    std::fs::rename(&tmp, out)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), out.display()))?;
-    sync_dir(parent)?;
-    Ok(imported)
+    super::atomic::install_dir_with(out, |tmp| {
+        write_into(hf, model, max_positions, config_toml, &specs, tmp, progress)
+    })
 }
 
 fn write_into(
@@ -213,7 +167,6 @@ fn write_into(
         &dir.join("state.json"),
         &serde_json::to_string_pretty(&state)?.into_bytes(),
     )?;
-    sync_dir(dir)?;
     Ok(Imported {
         tensors: specs.len(),
         values,

@@ -182,18 +182,7 @@ pub fn hf_config(m: &ModelConfig, max_positions: i64) -> serde_json::Value {
         "mlp_bias": false,
         "torch_dtype": "float32",
     });
-    if m.ffn == FfnKind::SharedMoe {
-        let o = v.as_object_mut().expect("object");
-        o.insert("embedding_dim".into(), m.embedding_dim.into());
-        o.insert("num_experts".into(), m.num_experts.into());
-        o.insert("num_experts_per_tok".into(), m.experts_per_token.into());
-        o.insert(
-            "moe_intermediate_size".into(),
-            m.expert_intermediate_size.into(),
-        );
-        o.insert("router_aux_loss_coef".into(), m.aux_loss_coef.into());
-    }
-    if m.ffn == FfnKind::Moe {
+    if m.is_moe() {
         let o = v.as_object_mut().expect("object");
         o.insert("num_experts".into(), m.num_experts.into());
         o.insert("num_experts_per_tok".into(), m.experts_per_token.into());
@@ -201,10 +190,14 @@ pub fn hf_config(m: &ModelConfig, max_positions: i64) -> serde_json::Value {
             "moe_intermediate_size".into(),
             m.expert_intermediate_size.into(),
         );
-        o.insert("norm_topk_prob".into(), m.norm_topk_prob.into());
-        o.insert("decoder_sparse_step".into(), m.decoder_sparse_step.into());
-        o.insert("mlp_only_layers".into(), m.mlp_only_layers.clone().into());
         o.insert("router_aux_loss_coef".into(), m.aux_loss_coef.into());
+        if m.ffn == FfnKind::SharedMoe {
+            o.insert("embedding_dim".into(), m.embedding_dim.into());
+        } else {
+            o.insert("norm_topk_prob".into(), m.norm_topk_prob.into());
+            o.insert("decoder_sparse_step".into(), m.decoder_sparse_step.into());
+            o.insert("mlp_only_layers".into(), m.mlp_only_layers.clone().into());
+        }
     }
     v
 }

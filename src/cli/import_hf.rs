@@ -88,12 +88,18 @@ pub fn run(a: &ImportHfArgs) -> Result<()> {
     Ok(())
 }
 
-/// This process's peak resident memory so far (getrusage; Linux reports
-/// kilobytes): what an import of a checkpoint larger than memory must
-/// keep near one tensor.
+/// This process's peak resident memory so far: `VmHWM` of
+/// /proc/self/status, the high-water mark of this program's own address
+/// space. (getrusage's ru_maxrss is no good here: Linux carries the
+/// spawning process's high-water mark across the vfork + exec that
+/// started us, so a large parent would be reported as ours.)
 fn peak_rss_bytes() -> u64 {
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: getrusage fills the struct it is given.
-    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut usage) };
-    usage.ru_maxrss as u64 * 1024
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .map_or(0, |kb| kb * 1024)
 }

@@ -312,3 +312,26 @@ pub fn word_level_tokenizer(dir: &std::path::Path, words: &[String]) -> std::pat
     std::fs::write(&path, serde_json::to_string(&json).unwrap()).unwrap();
     path
 }
+
+/// The inputs of a program over a checkpoint's parameters and token rows:
+/// every parameter of `c` as an f32 host tensor, in checkpoint order,
+/// then `rows` [B][S+1] as one i32 tensor.
+pub fn params_and_rows(c: &sharedmoe::ckpt::Checkpoint, rows: &[Vec<i32>]) -> Vec<HostTensor> {
+    let mut host: Vec<HostTensor> = c
+        .params
+        .iter()
+        .map(|(_, dims, v)| HostTensor {
+            ty: TensorType::new(DType::F32, dims),
+            bytes: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        })
+        .collect();
+    host.push(HostTensor {
+        ty: TensorType::new(DType::I32, &[rows.len() as i64, rows[0].len() as i64]),
+        bytes: rows
+            .iter()
+            .flatten()
+            .flat_map(|x| x.to_le_bytes())
+            .collect(),
+    });
+    host
+}
