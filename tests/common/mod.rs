@@ -168,9 +168,14 @@ where
 
 /// `target/<name>/bin/python` of a venv holding exactly `packages`,
 /// created and installed unless a previous run left the marker listing
-/// them. A failed install fails the test with pip's output.
+/// them. A failed install fails the test with pip's output. One install
+/// at a time: two tests of one binary installing into the same venv at
+/// once break each other's pip (seen: a resolver TypeError on a
+/// half-written package).
 pub fn python_venv(name: &str, packages: &[&str]) -> std::path::PathBuf {
     use std::process::Command;
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     let venv = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("target")
         .join(name);
