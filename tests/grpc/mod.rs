@@ -205,7 +205,11 @@ impl CoordinatorJob {
         let cfg =
             sharedmoe::train::Config::load(Path::new(Self::CONFIG), &[set.to_string()]).unwrap();
         sharedmoe::train::write_init(&cfg, &sharedmoe::ckpt::step_dir(&run, 0), 7).unwrap();
-        let addr = format!("127.0.0.1:{}", free_port());
+        // Port 0 and --addr-file: the coordinator binds a port no other
+        // process can have taken in between (a port probed free and
+        // released could be another test's coordinator by the time this
+        // one binds it).
+        let addr_file = dir.join("coordinator.addr");
         let workers = workers.to_string();
         let timeout = format!("--heartbeat-timeout-s={heartbeat_timeout_s}");
         let coord = spawn(
@@ -218,7 +222,9 @@ impl CoordinatorJob {
                 "--workers",
                 &workers,
                 "--listen",
-                &addr,
+                "127.0.0.1:0",
+                "--addr-file",
+                addr_file.to_str().unwrap(),
                 "--run-dir",
                 run.to_str().unwrap(),
                 &timeout,
@@ -226,6 +232,19 @@ impl CoordinatorJob {
             &dir.join("coordinator.log"),
             &[],
         );
+        let began = Instant::now();
+        let addr = loop {
+            // Written atomically (temporary file, then rename).
+            if let Ok(a) = std::fs::read_to_string(&addr_file) {
+                break a.trim().to_string();
+            }
+            assert!(
+                began.elapsed() < Duration::from_secs(60),
+                "the coordinator wrote no address in 60 s:\n{}",
+                std::fs::read_to_string(dir.join("coordinator.log")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        };
         CoordinatorJob {
             dir,
             run,
