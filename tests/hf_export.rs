@@ -16,8 +16,6 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use safetensors::SafeTensors;
-use sharedmoe::graph::{DType, Graph, Tensor, TensorType};
-use sharedmoe::model::{declare_params, param_specs, Transformer};
 use sharedmoe::train::Config;
 
 /// transformers 4.46.3 (the 4.x line still has the Flax models; 5.x
@@ -96,30 +94,17 @@ fn checkpoint_config(ckpt: &Path) -> Config {
 /// Our cross-entropy of `rows` ([B][S+1]): the mean over the batch, and
 /// each row's, through the model traced in f32 and compiled on the CPU.
 fn our_ce(ckpt: &Path, rows: &[Vec<i32>]) -> (f64, Vec<f64>) {
-    let cfg = checkpoint_config(ckpt);
-    let specs = param_specs(&cfg.model);
-    let c = sharedmoe::ckpt::load(ckpt, &specs, sharedmoe::ckpt::Purpose::Weights).unwrap();
-    let (b, s1) = (rows.len() as i64, rows[0].len() as i64);
-    let g = Graph::new();
-    let params = declare_params(&g, &cfg.model).unwrap();
-    let win = g
-        .param("windows", TensorType::new(DType::I32, &[b, s1]))
-        .unwrap();
-    let model = Transformer::new(&cfg.model, &params, DType::F32).unwrap();
-    let mut outs = vec![model.loss(&win).unwrap().ce];
-    for i in 0..b {
-        let row = win.slice_axis(0, i, i + 1).unwrap();
-        outs.push(model.loss(&row).unwrap().ce);
-    }
-    let refs: Vec<&Tensor> = outs.iter().collect();
-    let compiled = g.build(&refs).unwrap().compile(common::client()).unwrap();
-    let host = common::params_and_rows(&c, rows);
-    let got: Vec<f64> = compiled
-        .run(common::client(), &host)
-        .unwrap()
-        .iter()
-        .map(|h| h.to_f64()[0])
-        .collect();
+    let got: Vec<f64> = common::run_checkpoint_model(ckpt, rows, |model, win| {
+        let mut outs = vec![model.loss(win).unwrap().ce];
+        for i in 0..rows.len() as i64 {
+            let row = win.slice_axis(0, i, i + 1).unwrap();
+            outs.push(model.loss(&row).unwrap().ce);
+        }
+        outs
+    })
+    .iter()
+    .map(|h| h.to_f64()[0])
+    .collect();
     (got[0], got[1..].to_vec())
 }
 

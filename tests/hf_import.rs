@@ -14,9 +14,6 @@ mod common;
 use std::path::{Path, PathBuf};
 
 use common::{sharedmoe, sharedmoe_ok};
-use sharedmoe::graph::{DType, Graph, Tensor, TensorType};
-use sharedmoe::model::{declare_params, param_specs, Transformer};
-use sharedmoe::train::Config;
 
 /// CPU torch and transformers 5 (Qwen3-MoE exists in torch only), every
 /// package pinned: the set pip resolved for torch 2.15.0 and transformers
@@ -111,26 +108,12 @@ fn reference(dir: &Path, norm_topk_prob: bool, dtype: &str) -> serde_json::Value
 /// Our logits [B*S*V] of rows[:, :-1] and (ce, aux) of the rows, f32 on
 /// the CPU plugin, from the checkpoint `ckpt`.
 fn ours(ckpt: &Path, rows: &[Vec<i32>]) -> (Vec<f64>, f64, f64) {
-    let state: sharedmoe::ckpt::TrainingState =
-        serde_json::from_slice(&std::fs::read(ckpt.join("state.json")).unwrap()).unwrap();
-    let cfg = Config::parse(&state.config_toml, &[]).unwrap();
-    let specs = param_specs(&cfg.model);
-    let c = sharedmoe::ckpt::load(ckpt, &specs, sharedmoe::ckpt::Purpose::Weights).unwrap();
-    let (b, s1) = (rows.len() as i64, rows[0].len() as i64);
-    let g = Graph::new();
-    let params = declare_params(&g, &cfg.model).unwrap();
-    let win = g
-        .param("windows", TensorType::new(DType::I32, &[b, s1]))
-        .unwrap();
-    let model = Transformer::new(&cfg.model, &params, DType::F32).unwrap();
-    let inputs = win.slice_axis(1, 0, s1 - 1).unwrap();
-    let (h, _) = model.hidden(&inputs).unwrap();
-    let logits = model.logits(&h).unwrap();
-    let loss = model.loss(&win).unwrap();
-    let outs: Vec<&Tensor> = vec![&logits, &loss.ce, &loss.aux];
-    let compiled = g.build(&outs).unwrap().compile(common::client()).unwrap();
-    let host = common::params_and_rows(&c, rows);
-    let got = compiled.run(common::client(), &host).unwrap();
+    let got = common::run_checkpoint_model(ckpt, rows, |model, win| {
+        let inputs = win.slice_axis(1, 0, win.dim(1).unwrap() - 1).unwrap();
+        let (h, _) = model.hidden(&inputs).unwrap();
+        let loss = model.loss(win).unwrap();
+        vec![model.logits(&h).unwrap(), loss.ce, loss.aux]
+    });
     (got[0].to_f64(), got[1].to_f64()[0], got[2].to_f64()[0])
 }
 

@@ -318,10 +318,30 @@ pub fn word_level_tokenizer(dir: &std::path::Path, words: &[String]) -> std::pat
     path
 }
 
-/// The inputs of a program over a checkpoint's parameters and token rows:
-/// every parameter of `c` as an f32 host tensor, in checkpoint order,
-/// then `rows` [B][S+1] as one i32 tensor.
-pub fn params_and_rows(c: &sharedmoe::ckpt::Checkpoint, rows: &[Vec<i32>]) -> Vec<HostTensor> {
+/// Runs, on the CPU plugin in f32, what `outputs(model, windows)` traces
+/// of the checkpoint `ckpt`'s model (its config from its state.json) over
+/// token `rows` [B][S+1] (the i32 `windows` argument); the results in
+/// order.
+pub fn run_checkpoint_model(
+    ckpt: &std::path::Path,
+    rows: &[Vec<i32>],
+    outputs: impl FnOnce(&sharedmoe::model::Transformer, &Tensor) -> Vec<Tensor>,
+) -> Vec<HostTensor> {
+    let state: sharedmoe::ckpt::TrainingState =
+        serde_json::from_slice(&std::fs::read(ckpt.join("state.json")).unwrap()).unwrap();
+    let cfg = sharedmoe::train::Config::parse(&state.config_toml, &[]).unwrap();
+    let specs = sharedmoe::model::param_specs(&cfg.model);
+    let c = sharedmoe::ckpt::load(ckpt, &specs, sharedmoe::ckpt::Purpose::Weights).unwrap();
+    let (b, s1) = (rows.len() as i64, rows[0].len() as i64);
+    let g = Graph::new();
+    let params = sharedmoe::model::declare_params(&g, &cfg.model).unwrap();
+    let win = g
+        .param("windows", TensorType::new(DType::I32, &[b, s1]))
+        .unwrap();
+    let model = sharedmoe::model::Transformer::new(&cfg.model, &params, DType::F32).unwrap();
+    let outs = outputs(&model, &win);
+    let refs: Vec<&Tensor> = outs.iter().collect();
+    let compiled = g.build(&refs).unwrap().compile(client()).unwrap();
     let mut host: Vec<HostTensor> = c
         .params
         .iter()
@@ -331,12 +351,12 @@ pub fn params_and_rows(c: &sharedmoe::ckpt::Checkpoint, rows: &[Vec<i32>]) -> Ve
         })
         .collect();
     host.push(HostTensor {
-        ty: TensorType::new(DType::I32, &[rows.len() as i64, rows[0].len() as i64]),
+        ty: TensorType::new(DType::I32, &[b, s1]),
         bytes: rows
             .iter()
             .flatten()
             .flat_map(|x| x.to_le_bytes())
             .collect(),
     });
-    host
+    compiled.run(client(), &host).unwrap()
 }
