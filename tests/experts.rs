@@ -12,7 +12,8 @@ use common::{client, normal, rng, sharedmoe, sharedmoe_ok};
 use sharedmoe::cli::experts::{summary, write_outputs, HEIGHT, WIDTH};
 use sharedmoe::graph::{DType, Graph, HostTensor, TensorType};
 use sharedmoe::model::routing::{
-    choices_from_outputs, outputs_per_layer, routing_program, LayerChoices, RoutingStats,
+    choices_from_outputs, outputs_per_layer, routed_layers, routing_program, ExpertPool,
+    LayerChoices, RoutingStats,
 };
 use sharedmoe::model::{declare_params, init_params, param_specs, ModelConfig, Transformer};
 
@@ -86,6 +87,8 @@ fn counts_on_hand_written_choices_equal_hand_counted_values() {
     }
     assert!(close(s.overall_mass(0), (1.5 + 1.1) / 12.0));
     assert!(close((0..4).map(|e| s.overall_mass(e)).sum::<f64>(), 1.0));
+    assert_eq!(s.pool, ExpertPool::Shared);
+    let o = s.layer_overlap().expect("a shared pool counts overlap");
     // Overlap of the same token's sets:
     //   (0, 1): {0,1}/{1,0} yes J 1; {1,2}/{3,0} no; {0,3}/{0,1} yes J 1/3; {2,3}/{2,1} yes J 1/3
     //   (0, 2): no; yes J 1/3; yes J 1/3; yes J 1
@@ -97,18 +100,18 @@ fn counts_on_hand_written_choices_equal_hand_counted_values() {
     ];
     for (a, b, overlap, jaccard) in want {
         for (x, y) in [(a, b), (b, a)] {
-            assert!(close(s.overlap(x, y), overlap), "overlap({x}, {y})");
-            assert!(close(s.jaccard(x, y), jaccard), "jaccard({x}, {y})");
+            assert!(close(o.overlap(x, y), overlap), "overlap({x}, {y})");
+            assert!(close(o.jaccard(x, y), jaccard), "jaccard({x}, {y})");
         }
     }
     for l in 0..3 {
-        assert!(close(s.overlap(l, l), 1.0) && close(s.jaccard(l, l), 1.0));
+        assert!(close(o.overlap(l, l), 1.0) && close(o.jaccard(l, l), 1.0));
     }
     // Against another token (partner (t + 2) mod 4): layer 0's token t
     // vs layer 2's token t+2: {0,1}/{3,2} no, {1,2}/{3,2} yes, {0,3}/{2,3}
     // yes, {2,3}/{2,3} yes.
-    assert!(close(s.overlap_other_token(0, 2), 0.75));
-    assert!(close(s.overlap_other_token(0, 1), 1.0));
+    assert!(close(o.overlap_other_token(0, 2), 0.75));
+    assert!(close(o.overlap_other_token(0, 1), 1.0));
     assert_eq!(s.ranked(1), vec![0, 1, 2, 3]);
     assert_eq!(s.ranked(2), vec![2, 3, 0, 1]);
 
@@ -116,7 +119,9 @@ fn counts_on_hand_written_choices_equal_hand_counted_values() {
     let mut twice = s.clone();
     twice.add(&hand_written()).unwrap();
     assert_eq!(twice.counts[1], vec![6, 6, 2, 2]);
-    assert!(close(twice.overlap(1, 2), 0.5) && close(twice.mass(0, 0), 0.375));
+    assert!(
+        close(twice.layer_overlap().unwrap().overlap(1, 2), 0.5) && close(twice.mass(0, 0), 0.375)
+    );
 
     // Malformed choices are refused, naming the problem.
     let mut bad = hand_written();
@@ -135,13 +140,23 @@ fn counts_on_hand_written_choices_equal_hand_counted_values() {
     // The files: exact rows, and PNGs that decode at the documented size.
     let dir = scratch("hand");
     let files = write_outputs(&s, &dir).unwrap();
+    let names: Vec<_> = files.iter().map(|f| f.file_name().unwrap()).collect();
+    assert_eq!(
+        names,
+        [
+            "expert_counts.csv",
+            "expert_heatmap.png",
+            "layer_overlap.csv",
+            "layer_overlap.png"
+        ]
+    );
     let counts = std::fs::read_to_string(&files[0]).unwrap();
     let lines: Vec<&str> = counts.lines().collect();
     assert_eq!(lines[0], "layer,expert,count,fraction,mass");
     assert_eq!(lines.len(), 1 + 3 * 4);
     assert_eq!(lines[1 + 4], "1,0,3,0.750000,0.275000");
     assert_eq!(lines[1 + 8 + 2], "2,2,4,1.000000,0.525000");
-    let overlap = std::fs::read_to_string(&files[1]).unwrap();
+    let overlap = std::fs::read_to_string(&files[2]).unwrap();
     let lines: Vec<&str> = overlap.lines().collect();
     assert_eq!(
         lines[0],
@@ -149,7 +164,7 @@ fn counts_on_hand_written_choices_equal_hand_counted_values() {
     );
     assert_eq!(lines.len(), 1 + 3 * 3);
     assert_eq!(lines[1 + 5], "1,2,0.500000,0.166667,0.500000");
-    for png in &files[2..] {
+    for png in [&files[1], &files[3]] {
         assert_eq!(png_size(png), (WIDTH, HEIGHT));
     }
     let text = summary(&s, 1);
@@ -158,6 +173,49 @@ fn counts_on_hand_written_choices_equal_hand_counted_values() {
         "{text}"
     );
     assert!(text.contains("this model has only 3 layers"), "{text}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The same choices as the MoE layers 0, 2 and 5 of a per-layer model:
+/// the same counts and masses, labelled with those layers, and no overlap
+/// (expert e of one layer is not expert e of another).
+#[test]
+fn per_layer_counts_are_labelled_by_model_layer_and_count_no_overlap() {
+    let mut s = RoutingStats::per_layer(vec![0, 2, 5], 4, 2);
+    s.add(&hand_written()).unwrap();
+    let mut shared = RoutingStats::new(3, 4, 2);
+    shared.add(&hand_written()).unwrap();
+    assert_eq!(s.pool, ExpertPool::PerLayer);
+    assert_eq!(s.counts, shared.counts);
+    assert!(close(s.mass(2, 3), 1.9 / 4.0));
+    assert!(s.layer_overlap().is_none());
+    let e = s.add(&hand_written()[..1]).unwrap_err();
+    assert!(e.contains("choices for 1 layers, expected 3"), "{e}");
+
+    let dir = scratch("per-layer");
+    let files = write_outputs(&s, &dir).unwrap();
+    let names: Vec<_> = files.iter().map(|f| f.file_name().unwrap()).collect();
+    assert_eq!(names, ["expert_counts.csv", "expert_heatmap.png"]);
+    assert!(!dir.join("layer_overlap.csv").exists());
+    let counts = std::fs::read_to_string(&files[0]).unwrap();
+    let lines: Vec<&str> = counts.lines().collect();
+    assert_eq!(lines.len(), 1 + 3 * 4);
+    assert_eq!(lines[1 + 4], "2,0,3,0.750000,0.275000");
+    assert_eq!(lines[1 + 8 + 2], "5,2,4,1.000000,0.525000");
+    assert_eq!(png_size(&files[1]), (WIDTH, HEIGHT));
+    let text = summary(&s, 1);
+    assert!(
+        text.contains("4 tokens (1 batches) through 3 MoE layers with 4 experts each"),
+        "{text}"
+    );
+    assert!(
+        text.contains("layer  5: e2 100.0%, e3 100.0%, e0 0.0%") && text.contains("effective 2.0"),
+        "{text}"
+    );
+    assert!(
+        !text.contains("layers 3 and 10") && !text.contains("routing mass over all"),
+        "{text}"
+    );
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
@@ -197,7 +255,8 @@ fn params(cfg: &ModelConfig) -> Vec<HostTensor> {
     init_params(cfg, 3)
         .into_iter()
         .map(|(spec, v)| {
-            let values: Vec<f64> = if spec.name.contains("router") {
+            let router = spec.name.contains("router") || spec.name.ends_with("mlp.gate.weight");
+            let values: Vec<f64> = if router {
                 normal(&mut r, v.len())
             } else {
                 v.iter().map(|&x| x as f64).collect()
@@ -214,28 +273,40 @@ fn windows(cfg: &ModelConfig) -> HostTensor {
     HostTensor::from_f64(&values, TensorType::new(DType::I32, &[ROWS, SEQ + 1])).unwrap()
 }
 
-#[test]
-fn compiled_router_top_k_matches_a_host_recomputation_in_f64() {
-    let cfg = small_moe();
-    let (big_l, e, k, d) = (4, 6, 2, 16);
+/// Runs the routing program on `cfg` and checks every traced layer's
+/// probabilities, top-k and weights against softmax(W_r x) in f64 from the
+/// program's own router input, W_r being `router(layer)`; the weights are
+/// renormalised only when `normalize`. Returns the program's results, the
+/// inputs it ran on and the host probabilities [layer][token][expert].
+fn check_router_against_host(
+    cfg: &ModelConfig,
+    router: &dyn Fn(i64) -> String,
+    normalize: bool,
+) -> (Vec<HostTensor>, Vec<HostTensor>, Vec<Vec<Vec<f64>>>) {
+    let layers = routed_layers(cfg);
+    let (e, k, d) = (
+        cfg.num_experts as usize,
+        cfg.experts_per_token as usize,
+        cfg.hidden_size as usize,
+    );
     let n = (ROWS * SEQ) as usize;
-    let params = params(&cfg);
+    let params = params(cfg);
     let mut inputs = params.clone();
-    inputs.push(windows(&cfg));
-    let program = routing_program(&cfg, DType::F32, ROWS, SEQ, true)
+    inputs.push(windows(cfg));
+    let program = routing_program(cfg, DType::F32, ROWS, SEQ, true)
         .unwrap()
         .compile(client())
         .unwrap();
     let outs = program.run(client(), &inputs).unwrap();
-    assert_eq!(outs.len(), big_l * outputs_per_layer(true));
-    let router_index = param_specs(&cfg)
-        .iter()
-        .position(|s| s.name == "model.shared_moe.router.weight")
-        .unwrap();
-    let w = params[router_index].to_f64(); // [E, D]
+    assert_eq!(outs.len(), layers.len() * outputs_per_layer(true));
     let mut decided = 0;
     let mut host_probs = vec![];
-    for (l, out) in outs.chunks(4).enumerate() {
+    for (&l, out) in layers.iter().zip(outs.chunks(4)) {
+        let router_index = param_specs(cfg)
+            .iter()
+            .position(|s| s.name == router(l))
+            .unwrap_or_else(|| panic!("no tensor {}", router(l)));
+        let w = params[router_index].to_f64(); // [E, D]
         let (probs, experts, weights, x) = (
             out[0].to_f64(),
             out[1].to_f64(),
@@ -275,12 +346,17 @@ fn compiled_router_top_k_matches_a_host_recomputation_in_f64() {
                     .map(|&v| v as usize)
                     .collect();
                 assert_eq!(got, order[..k].to_vec(), "layer {l} token {t}");
-                let sum: f64 = order[..k].iter().map(|&j| p[j]).sum();
+                let sum: f64 = if normalize {
+                    order[..k].iter().map(|&j| p[j]).sum()
+                } else {
+                    1.0
+                };
                 for i in 0..k {
                     let want = p[order[i]] / sum;
                     assert!(
                         (weights[t * k + i] - want).abs() < 1e-5,
-                        "layer {l} token {t}"
+                        "layer {l} token {t}: weight {} vs {want}",
+                        weights[t * k + i]
                     );
                 }
             }
@@ -289,9 +365,20 @@ fn compiled_router_top_k_matches_a_host_recomputation_in_f64() {
         host_probs.push(layer_probs);
     }
     assert!(
-        decided >= big_l * n * 9 / 10,
+        decided >= layers.len() * n * 9 / 10,
         "only {decided} clear choices"
     );
+    (outs, inputs, host_probs)
+}
+
+#[test]
+fn compiled_router_top_k_matches_a_host_recomputation_in_f64() {
+    let cfg = small_moe();
+    let (big_l, e, k) = (4, 6, 2);
+    let n = (ROWS * SEQ) as usize;
+    assert_eq!(routed_layers(&cfg), vec![0, 1, 2, 3]);
+    let (outs, inputs, host_probs) =
+        check_router_against_host(&cfg, &|_| "model.shared_moe.router.weight".into(), true);
 
     // Those choices are the training forward's: its balance loss,
     // recomputed on the host from them, equals the model's own.
@@ -328,6 +415,50 @@ fn compiled_router_top_k_matches_a_host_recomputation_in_f64() {
     );
     // Routing is not trivially uniform here: the check has teeth.
     assert!((host_aux - 1.0).abs() > 1e-3, "aux {host_aux}");
+}
+
+/// Three layers of per-layer experts, the middle one dense
+/// (`mlp_only_layers`): each MoE layer is traced with its OWN router,
+/// renormalised or not as `norm_topk_prob` says, and the dense layer not
+/// at all.
+#[test]
+fn per_layer_routers_match_a_host_recomputation_with_and_without_renormalising() {
+    for normalize in [true, false] {
+        let cfg = ModelConfig {
+            vocab_size: 40,
+            hidden_size: 16,
+            intermediate_size: 24,
+            num_layers: 3,
+            num_heads: 4,
+            num_kv_heads: 2,
+            head_dim: 8,
+            num_experts: 6,
+            experts_per_token: 2,
+            expert_intermediate_size: 8,
+            moe_block_size: 4,
+            mlp_only_layers: vec![1],
+            norm_topk_prob: normalize,
+            ..ModelConfig::qwen3_30b_a3b()
+        };
+        assert_eq!(routed_layers(&cfg), vec![0, 2]);
+        let (outs, _, _) = check_router_against_host(
+            &cfg,
+            &|l| format!("model.layers.{l}.mlp.gate.weight"),
+            normalize,
+        );
+        // Without renormalising, a token's k weights are plain
+        // probabilities and sum to less than 1.
+        let sums: Vec<f64> = outs[2].to_f64().chunks(2).map(|w| w.iter().sum()).collect();
+        let min_sum = sums.iter().cloned().fold(f64::MAX, f64::min);
+        if normalize {
+            assert!(sums.iter().all(|s| (s - 1.0).abs() < 1e-5), "{sums:?}");
+        } else {
+            assert!(
+                sums.iter().all(|&s| s <= 1.0 + 1e-6) && min_sum < 0.99,
+                "{sums:?}"
+            );
+        }
+    }
 }
 
 /// Rows of a CSV (header dropped), split at commas.

@@ -451,9 +451,43 @@ fn eval_ce(ckpt: &Path, batches: usize) -> f64 {
         .unwrap_or_else(|| panic!("no cross-entropy in: {out}"))
 }
 
+/// `sharedmoe experts` on `ckpt` over `batches` batches of the shipped
+/// sample: (layer, expert, count, mass) per row of `expert_counts.csv`,
+/// and the printed report. Per-layer experts write no overlap files.
+fn expert_usage(ckpt: &Path, batches: usize) -> (Vec<(u64, u64, u64, f64)>, String) {
+    let out = ckpt.join("experts-test");
+    let text = sharedmoe_ok(&[
+        "experts",
+        "--ckpt",
+        ckpt.to_str().unwrap(),
+        "--data",
+        "data/fineweb-sample",
+        "--tokenizer",
+        "data/tokenizer.json",
+        "--batches",
+        &batches.to_string(),
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!out.join("layer_overlap.csv").exists());
+    assert!(out.join("expert_heatmap.png").exists());
+    let rows = std::fs::read_to_string(out.join("expert_counts.csv"))
+        .unwrap()
+        .lines()
+        .skip(1)
+        .map(|l| {
+            let f: Vec<&str> = l.split(',').collect();
+            let n = |i: usize| f[i].parse::<u64>().unwrap();
+            (n(0), n(1), n(2), f[4].parse::<f64>().unwrap())
+        })
+        .collect();
+    (rows, text)
+}
+
 /// Our own tiny-moe out through export-hf and back through import-hf:
 /// `eval` gives the same cross-entropy on the same rows, `generate`
-/// decodes, and `train --init` continues from the imported weights. No
+/// decodes, `experts` counts the same routing, and `train --init`
+/// continues from the imported weights. No
 /// Python involved.
 #[test]
 fn a_tiny_moe_round_trips_through_hugging_face_files() {
@@ -502,6 +536,42 @@ fn a_tiny_moe_round_trips_through_hugging_face_files() {
         "data/tokenizer.json",
     ]);
     assert!(text.starts_with("The history of"), "{text}");
+    // `experts`: each MoE layer's own router (layers 0 and 2; layer 1 is
+    // dense), the same routing before and after the round trip.
+    let (trained_usage, text) = expert_usage(&trained, 2);
+    assert!(
+        text.contains("512 tokens (2 batches) through 2 MoE layers with 8 experts each, top-2"),
+        "{text}"
+    );
+    let (back_usage, _) = expert_usage(&back, 8);
+    assert_eq!(
+        trained_usage.iter().map(|r| (r.0, r.1)).collect::<Vec<_>>(),
+        [0, 2]
+            .iter()
+            .flat_map(|&l| (0..8).map(move |e| (l, e)))
+            .collect::<Vec<_>>()
+    );
+    for layer in [0, 2] {
+        let rows = trained_usage.iter().filter(|r| r.0 == layer);
+        let chosen: u64 = rows.clone().map(|r| r.2).sum();
+        let mass: f64 = rows.map(|r| r.3).sum();
+        assert_eq!(
+            chosen,
+            512 * 2,
+            "layer {layer}: every token counted k times"
+        );
+        assert!(
+            (mass - 1.0).abs() < 1e-4,
+            "layer {layer}: mass {mass} (norm_topk_prob)"
+        );
+    }
+    for (a, b) in trained_usage.iter().zip(&back_usage) {
+        // Two batch shapes may round a near-tie either way, nothing more.
+        assert!(
+            a.0 == b.0 && a.1 == b.1 && a.2.abs_diff(b.2) <= 3,
+            "{a:?} vs {b:?}"
+        );
+    }
     let run2 = temp_dir("roundtrip-continue");
     sharedmoe_ok(&[
         "train",

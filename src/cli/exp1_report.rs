@@ -464,13 +464,16 @@ fn experts_section(s: &mut String, runs: &[Run], out: &Path) -> Result<()> {
     writeln!(s)?;
     let chance = uniform_overlap(e, k);
     for (r, stats, _) in &analysed {
-        let Some(mean) = stats.between_layers() else {
+        let Some((o, mean)) = stats
+            .layer_overlap()
+            .and_then(|o| Some((o, o.between_layers()?)))
+        else {
             continue;
         };
         let pair = if stats.layers > 10 {
             format!(
                 "; layers 3 and 10 (from 0): {:.1}%",
-                100.0 * stats.overlap(3, 10)
+                100.0 * o.overlap(3, 10)
             )
         } else {
             String::new()

@@ -1,23 +1,29 @@
 //! `sharedmoe experts --ckpt D [--data P... --tokenizer T] [--batches N]
-//! [--out DIR]`: which of the shared experts the ONE router picks at each
-//! layer of a shared-MoE checkpoint, on the rows `eval` scores (the run's
-//! validation batches, or every document of `--data`).
+//! [--out DIR]`: which experts the routers pick at each layer of an MoE
+//! checkpoint, on the rows `eval` scores (the run's validation batches, or
+//! every document of `--data`). For a shared-MoE model that is the ONE
+//! router over the shared experts at every layer; for a per-layer MoE
+//! (`ffn = "moe"`, Qwen3-MoE) each MoE layer's own router over its own
+//! experts.
 //!
-//! The router runs inside a compiled program over the training forward
+//! The routers run inside a compiled program over the training forward
 //! (`model::routing`); counting happens on the host. Writes into `--out`
 //! (default: the run directory's `experts/`):
-//! - `expert_counts.csv`: layer, expert, count (tokens that chose the
-//!   expert there), fraction (count / tokens; a layer's fractions sum to
-//!   k), mass (mean renormalised weight; a layer's masses sum to 1);
-//! - `layer_overlap.csv`: layer_a, layer_b, overlap (share of tokens whose
+//! - `expert_counts.csv`: layer (the model layer, from 0), expert, count
+//!   (tokens that chose the expert there), fraction (count / tokens; a
+//!   layer's fractions sum to k), mass (mean routing weight; a layer's
+//!   masses sum to 1 where the top-k weights are renormalised);
+//! - `expert_heatmap.png` (layers x E, fraction of tokens);
+//! - shared pool only (expert e of two layers is one expert there):
+//!   `layer_overlap.csv`: layer_a, layer_b, overlap (share of tokens whose
 //!   top-k sets at a and b intersect), jaccard (mean Jaccard index of the
 //!   sets), overlap_other_token (the same between a token at a and another
-//!   token at b: what the layers' expert usage alone gives);
-//! - `expert_heatmap.png` (L x E, fraction of tokens) and
+//!   token at b: what the layers' expert usage alone gives); and
 //!   `layer_overlap.png` (L x L, overlap);
 //!
-//! and prints the most-used experts per layer and the overlap of layers 3
-//! and 10 (the thesis claims they choose the same experts).
+//! and prints the most-used experts per layer, how many experts each layer
+//! uses, and for a shared pool the overlap of layers 3 and 10 (the thesis
+//! claims they choose the same experts).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -29,7 +35,9 @@ use plotters::style::FontTransform;
 
 use crate::ckpt;
 use crate::graph::HostTensor;
-use crate::model::routing::{choices_from_outputs, routing_program, uniform_overlap, RoutingStats};
+use crate::model::routing::{
+    choices_from_outputs, routed_layers, routing_program, uniform_overlap, ExpertPool, RoutingStats,
+};
 use crate::model::{param_specs, FfnKind};
 use crate::runtime::Arg;
 use crate::train::client::open_client_with;
@@ -40,7 +48,7 @@ use super::plot::register_fonts;
 
 #[derive(clap::Args, Debug)]
 pub struct ExpertsArgs {
-    /// The checkpoint (of a shared-MoE model) and the rows to route.
+    /// The checkpoint (of an MoE model) and the rows to route.
     #[command(flatten)]
     pub rows: CheckpointRows,
     /// Output directory (default: the run directory's `experts/`).
@@ -67,16 +75,15 @@ pub struct Analysis {
     pub files: Vec<PathBuf>,
 }
 
-/// Routes `rows` through the checkpoint's shared block and writes the
-/// CSVs and plots into `out`.
+/// Routes `rows` through the checkpoint's routers and writes the CSVs
+/// and plots into `out`.
 pub fn analyse(rows: &CheckpointRows, out: &Path) -> Result<Analysis> {
     let mut cfg = rows.config()?;
-    if cfg.model.ffn != FfnKind::SharedMoe {
+    if cfg.model.ffn == FfnKind::Dense {
         bail!(
-            "{}: model.ffn = {:?}; `experts` analyses shared-MoE checkpoints (a dense model \
-             has no experts; per-layer MoE statistics are not built yet)",
-            rows.ckpt.display(),
-            cfg.model.ffn
+            "{}: model.ffn = \"dense\"; `experts` analyses MoE checkpoints (shared-MoE or \
+             per-layer MoE), and a dense model has no experts",
+            rows.ckpt.display()
         );
     }
     let (checkpoint, batches) = rows.load(&mut cfg)?;
@@ -123,11 +130,15 @@ fn route(
             Ok(client.buffer_from_host(v, dims, dev)?)
         })
         .collect::<Result<Vec<_>>>()?;
-    let mut stats = RoutingStats::new(
-        m.num_layers as usize,
-        m.num_experts as usize,
-        m.experts_per_token as usize,
-    );
+    let (e, k) = (m.num_experts as usize, m.experts_per_token as usize);
+    let mut stats = match m.ffn {
+        FfnKind::SharedMoe => RoutingStats::new(m.num_layers as usize, e, k),
+        _ => RoutingStats::per_layer(
+            routed_layers(m).into_iter().map(|l| l as usize).collect(),
+            e,
+            k,
+        ),
+    };
     for rows in batches.iter().flatten() {
         let windows = client.buffer_from_host(rows, &[t.micro_batch, t.seq_len + 1], dev)?;
         let args = params
@@ -147,17 +158,18 @@ fn route(
     Ok(stats)
 }
 
-/// Writes both CSVs and both PNGs into `out` (created if needed); returns
-/// their paths.
+/// Writes the CSVs and PNGs into `out` (created if needed): the counts
+/// and their heatmap, then for a shared pool the overlap CSV and plot;
+/// returns their paths in that order.
 pub fn write_outputs(s: &RoutingStats, out: &Path) -> Result<Vec<PathBuf>> {
     std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
     let (big_l, e) = (s.layers, s.experts);
     let counts = out.join("expert_counts.csv");
     let mut text = String::from("layer,expert,count,fraction,mass\n");
-    for l in 0..big_l {
+    for (l, layer) in s.layer_ids.iter().enumerate() {
         for x in 0..e {
             text += &format!(
-                "{l},{x},{},{:.6},{:.6}\n",
+                "{layer},{x},{},{:.6},{:.6}\n",
                 s.counts[l][x],
                 s.fraction(l, x),
                 s.mass(l, x)
@@ -165,41 +177,52 @@ pub fn write_outputs(s: &RoutingStats, out: &Path) -> Result<Vec<PathBuf>> {
         }
     }
     write(&counts, &text)?;
-    let overlap = out.join("layer_overlap.csv");
-    let mut text = String::from("layer_a,layer_b,overlap,jaccard,overlap_other_token\n");
-    for a in 0..big_l {
-        for b in 0..big_l {
-            text += &format!(
-                "{a},{b},{:.6},{:.6},{:.6}\n",
-                s.overlap(a, b),
-                s.jaccard(a, b),
-                s.overlap_other_token(a, b)
-            );
-        }
-    }
-    write(&overlap, &text)?;
     register_fonts()?;
     let fractions: Vec<Vec<f64>> = (0..big_l)
         .map(|l| (0..e).map(|x| s.fraction(l, x)).collect())
         .collect();
     let top = fractions.iter().flatten().fold(0.0f64, |m, &v| m.max(v));
     let heatmap = out.join("expert_heatmap.png");
+    let whose = match s.pool {
+        ExpertPool::Shared => "",
+        ExpertPool::PerLayer => " (each layer its own)",
+    };
     draw_heatmap(
         &heatmap,
         &Heatmap {
             title: format!(
-                "Share of tokens routed to each expert, per layer (top-{} of {e}, {} tokens)",
+                "Share of tokens routed to each expert{whose}, per layer (top-{} of {e}, {} tokens)",
                 s.k, s.tokens
             ),
             x_desc: "expert",
             y_desc: "layer",
             bar_desc: "fraction of tokens",
             values: &fractions,
+            row_names: &s.layer_ids,
             range: (0.0, if top > 0.0 { top } else { 1.0 }),
         },
     )?;
+    let mut files = vec![counts, heatmap];
+    let Some(o) = s.layer_overlap() else {
+        return Ok(files);
+    };
+    let overlap = out.join("layer_overlap.csv");
+    let mut text = String::from("layer_a,layer_b,overlap,jaccard,overlap_other_token\n");
+    for a in 0..big_l {
+        for b in 0..big_l {
+            text += &format!(
+                "{},{},{:.6},{:.6},{:.6}\n",
+                s.layer_ids[a],
+                s.layer_ids[b],
+                o.overlap(a, b),
+                o.jaccard(a, b),
+                o.overlap_other_token(a, b)
+            );
+        }
+    }
+    write(&overlap, &text)?;
     let overlaps: Vec<Vec<f64>> = (0..big_l)
-        .map(|a| (0..big_l).map(|b| s.overlap(a, b)).collect())
+        .map(|a| (0..big_l).map(|b| o.overlap(a, b)).collect())
         .collect();
     let overlap_png = out.join("layer_overlap.png");
     draw_heatmap(
@@ -214,10 +237,12 @@ pub fn write_outputs(s: &RoutingStats, out: &Path) -> Result<Vec<PathBuf>> {
             y_desc: "layer",
             bar_desc: "fraction of tokens",
             values: &overlaps,
+            row_names: &s.layer_ids,
             range: (0.0, 1.0),
         },
     )?;
-    Ok(vec![counts, overlap, heatmap, overlap_png])
+    files.extend([overlap, overlap_png]);
+    Ok(files)
 }
 
 fn write(path: &Path, text: &str) -> Result<()> {
@@ -226,16 +251,25 @@ fn write(path: &Path, text: &str) -> Result<()> {
         .with_context(|| format!("writing {}", path.display()))
 }
 
-/// The printed report: most-used experts per layer, routing mass, the
-/// mean overlap between layers and that of layers 3 and 10.
+/// The printed report: most-used experts per layer and how many experts
+/// each layer uses; for a shared pool also the routing mass over all
+/// layers, the mean overlap between layers and that of layers 3 and 10.
 pub fn summary(s: &RoutingStats, batches: usize) -> String {
-    let (big_l, e, k) = (s.layers, s.experts, s.k);
+    let (e, k) = (s.experts, s.k);
+    let pool = match s.pool {
+        ExpertPool::Shared => format!("{} layers sharing {e} experts", s.layers),
+        ExpertPool::PerLayer => format!(
+            "{} MoE layers with {e} experts each (each layer its own router)",
+            s.layers
+        ),
+    };
     let mut o = format!(
-        "{} tokens ({batches} batches) through {big_l} layers sharing {e} experts, top-{k}\n\
-         most used experts per layer (share of tokens; a layer's shares sum to {k}):\n",
+        "{} tokens ({batches} batches) through {pool}, top-{k}\n\
+         most used experts per layer (share of tokens; a layer's shares sum to {k}); \
+         effective experts = exp(entropy of the layer's choice shares), {e} if uniform:\n",
         s.tokens
     );
-    for l in 0..big_l {
+    for (l, layer) in s.layer_ids.iter().enumerate() {
         let ranked = s.ranked(l);
         let top: Vec<String> = ranked
             .iter()
@@ -244,11 +278,15 @@ pub fn summary(s: &RoutingStats, batches: usize) -> String {
             .collect();
         let least = ranked[e - 1];
         o += &format!(
-            "  layer {l:>2}: {}   (least: e{least} {:.1}%)\n",
+            "  layer {layer:>2}: {}   (least: e{least} {:.1}%; effective {:.1})\n",
             top.join(", "),
-            100.0 * s.fraction(l, least)
+            100.0 * s.fraction(l, least),
+            s.effective_experts(l)
         );
     }
+    let Some(overlap) = s.layer_overlap() else {
+        return o;
+    };
     let mut by_mass: Vec<usize> = (0..e).collect();
     by_mass.sort_by(|&a, &b| s.overall_mass(b).total_cmp(&s.overall_mass(a)));
     let mass: Vec<String> = by_mass
@@ -260,7 +298,7 @@ pub fn summary(s: &RoutingStats, batches: usize) -> String {
         mass.join(", ")
     );
     let chance = uniform_overlap(e, k);
-    if let Some(mean) = s.between_layers() {
+    if let Some(mean) = overlap.between_layers() {
         o += &format!(
             "two different layers share an expert for {:.1}% of tokens on average (mean Jaccard \
              {:.3}); a token against another token: {:.1}%; uniform random routing: {:.1}%\n",
@@ -274,12 +312,13 @@ pub fn summary(s: &RoutingStats, batches: usize) -> String {
         format!(
             "layers {a} and {b} ({name}): {:.1}% of tokens share an expert (mean Jaccard {:.3}; \
              a token against another token: {:.1}%; uniform random routing: {:.1}%)\n",
-            100.0 * s.overlap(a, b),
-            s.jaccard(a, b),
-            100.0 * s.overlap_other_token(a, b),
+            100.0 * overlap.overlap(a, b),
+            overlap.jaccard(a, b),
+            100.0 * overlap.overlap_other_token(a, b),
             100.0 * chance
         )
     };
+    let big_l = s.layers;
     if big_l > 10 {
         o += &pair(3, 10, "counted from 0, as in the CSVs and plots");
         o += &pair(2, 9, "the thesis's layers 3 and 10 if it counts from 1");
@@ -299,6 +338,8 @@ struct Heatmap<'a> {
     y_desc: &'a str,
     bar_desc: &'a str,
     values: &'a [Vec<f64>],
+    /// The label of each row (the model layer it shows).
+    row_names: &'a [usize],
     /// Values mapped to the ends of the colour scale.
     range: (f64, f64),
 }
@@ -396,7 +437,8 @@ fn draw_heatmap(path: &Path, h: &Heatmap) -> Result<()> {
             .into_font()
             .color(&BLACK)
             .pos(Pos::new(HPos::Right, VPos::Center));
-        root.draw_text(&r.to_string(), &style, (left - 10, y))
+        let name = h.row_names.get(r).map_or(r, |&n| n);
+        root.draw_text(&name.to_string(), &style, (left - 10, y))
             .map_err(e)?;
     }
     root.draw_text(h.x_desc, &centred(24.0), ((left + right) / 2, bottom + 55))

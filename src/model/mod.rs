@@ -27,4 +27,4 @@ pub use config::{FfnKind, ModelConfig};
 pub use count::{active_params_per_token, count_breakdown, count_params};
 pub use moe::ExpertCompute;
 pub use params::{declare_params, init_params, param_specs, ParamSpec, Params, Role};
-pub use transformer::{Loss, Transformer};
+pub use transformer::{LayerRouter, Loss, Transformer};

@@ -1,54 +1,75 @@
-//! Which experts the ONE shared router picks at each layer: a compiled
-//! analysis program over the same forward as training
+//! Which experts the routers pick at each layer (the ONE shared router of
+//! a shared-MoE model, or each MoE layer's own): a compiled analysis
+//! program over the same forward as training
 //! ([`Transformer::hidden_observed`]), and host-side statistics over its
-//! choices (use per layer and expert, routing mass, and how much the
-//! expert sets of two layers overlap for the same token).
+//! choices (use per layer and expert, routing mass, and, for a shared
+//! pool, how much the expert sets of two layers overlap for the same
+//! token).
 //!
 //! The program only reads the model; it never changes the training forward
-//! or the router ([`route`] is the very function the MoE block uses).
+//! or the routers ([`route_as`] is the very function the MoE blocks use,
+//! with [`Transformer::layer_router`]'s weights).
 //!
 //! Shapes: L layers, E experts, k experts per token, M rows of S tokens,
 //! N = M * S tokens, D hidden.
 
 use crate::graph::{DType, Function, Graph, GraphError, HostTensor, Result, Tensor, TensorType};
 
-use super::config::ModelConfig;
-use super::moe::route;
+use super::config::{FfnKind, ModelConfig};
+use super::moe::route_as;
 use super::params::{declare_params, Params};
 use super::transformer::Transformer;
 
 /// One layer's routing of N tokens, traced.
 pub struct LayerRouting {
+    /// The model layer (0-based).
+    pub layer: i64,
     /// The router's input x [N, D] (the layer's pre-FFN RMSNorm output).
     pub input: Tensor,
     /// p = softmax(W_r x) [N, E] (accumulation dtype).
     pub probs: Tensor,
     /// The top-k experts [N, k] (i32), most probable first.
     pub experts: Tensor,
-    /// Their probabilities renormalised to sum to 1 [N, k].
+    /// Their weights [N, k]: the probabilities, renormalised to sum to 1
+    /// where the layer's block does so.
     pub weights: Tensor,
 }
 
-/// Traces the model on tokens [M, S] and returns, per layer, what the
-/// shared router saw and chose. Refuses a dense model.
+/// The layers [`trace_routing`] traces: every layer of a shared-MoE
+/// model, the MoE layers of a per-layer one, none of a dense one.
+pub fn routed_layers(cfg: &ModelConfig) -> Vec<i64> {
+    match cfg.ffn {
+        FfnKind::Dense => vec![],
+        FfnKind::SharedMoe => (0..cfg.num_layers).collect(),
+        FfnKind::Moe => cfg.expert_layers(),
+    }
+}
+
+/// Traces the model on tokens [M, S] and returns, for every layer with a
+/// router ([`routed_layers`]), what it saw and chose. Refuses a model
+/// without routers.
 pub fn trace_routing(
     cfg: &ModelConfig,
     params: &Params<Tensor>,
     compute: DType,
     inputs: &Tensor,
 ) -> Result<Vec<LayerRouting>> {
-    let model = Transformer::new(cfg, params, compute)?;
-    let Some(router) = model.shared_router() else {
+    if routed_layers(cfg).is_empty() {
         return Err(GraphError::Usage(
-            "routing analysis needs a shared-MoE model; this one is dense".into(),
+            "routing analysis needs an MoE model; this one has no routers".into(),
         ));
-    };
+    }
+    let model = Transformer::new(cfg, params, compute)?;
     let (b, s, d) = (inputs.dim(0)?, inputs.dim(1)?, cfg.hidden_size);
     let mut layers = Vec::with_capacity(cfg.num_layers as usize);
     model.hidden_observed(inputs, &mut |i, h| {
+        let Some(router) = model.layer_router(i)? else {
+            return Ok(());
+        };
         let x = model.ffn_norm(i, h)?.reshape(&[b * s, d])?;
-        let r = route(&x, router, cfg.experts_per_token)?;
+        let r = route_as(&x, &router.weight, cfg.experts_per_token, router.normalize)?;
         layers.push(LayerRouting {
+            layer: i,
             input: x,
             probs: r.probs,
             experts: r.experts,
@@ -61,7 +82,7 @@ pub fn trace_routing(
 
 /// The routing program: parameters (f32, in [`param_specs`](super::params::param_specs) order, named
 /// as there) and `windows` [M, S+1] (i32; the tokens are window[:, :S], as
-/// in the loss) -> per layer, in order: probs [N, E] (f32), experts [N, k]
+/// in the loss) -> per [`routed_layers`] layer, in order: probs [N, E] (f32), experts [N, k]
 /// (i32), weights [N, k] (f32), and with `with_inputs` also the router's
 /// input [N, D] (f32). See [`outputs_per_layer`].
 pub fn routing_program(
@@ -116,9 +137,26 @@ pub fn choices_from_outputs(outs: &[HostTensor], with_inputs: bool) -> Vec<Layer
         .collect()
 }
 
-/// Routing statistics accumulated over batches of tokens.
+/// Whose experts a routing analysis counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ExpertPool {
+    /// One block shared by every layer (Experiment 1): expert e is the
+    /// same weights at every layer, so the layers' choices can overlap.
+    Shared,
+    /// Each MoE layer has its own experts (Qwen3-MoE): expert e of one
+    /// layer and e of another are unrelated; no overlap is counted.
+    PerLayer,
+}
+
+/// Routing statistics accumulated over batches of tokens, for the traced
+/// layers `layer_ids` (every layer of a shared-MoE model, the MoE layers
+/// of a per-layer one); rows `l` below index that list.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RoutingStats {
+    pub pool: ExpertPool,
+    /// The model layer of each traced row (0-based, increasing).
+    pub layer_ids: Vec<usize>,
+    /// Rows: `layer_ids.len()`.
     pub layers: usize,
     pub experts: usize,
     pub k: usize,
@@ -126,8 +164,18 @@ pub struct RoutingStats {
     pub tokens: u64,
     /// [l][e]: tokens whose top-k at layer l holds e.
     pub counts: Vec<Vec<u64>>,
-    /// [l][e]: sum over tokens of e's renormalised weight (0 if not chosen).
+    /// [l][e]: sum over tokens of e's routing weight (0 if not chosen).
     mass: Vec<Vec<f64>>,
+    /// Shared pools only.
+    overlap: Option<LayerOverlap>,
+}
+
+/// How much the top-k sets of two layers overlap for the same token, and
+/// for two different tokens (a shared pool's layers only).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LayerOverlap {
+    /// Tokens counted.
+    tokens: u64,
     /// [a][b]: tokens whose top-k sets at layers a and b intersect.
     shared: Vec<Vec<u64>>,
     /// [a][b]: sum over tokens of |A ∩ B| / |A ∪ B|.
@@ -139,28 +187,42 @@ pub struct RoutingStats {
 }
 
 impl RoutingStats {
+    /// Statistics of a shared pool used by `layers` layers.
     pub fn new(layers: usize, experts: usize, k: usize) -> RoutingStats {
         let m = |n| vec![vec![0; n]; layers];
-        let f = |n| vec![vec![0.0; n]; layers];
+        let mut s = RoutingStats::per_layer((0..layers).collect(), experts, k);
+        s.pool = ExpertPool::Shared;
+        s.overlap = Some(LayerOverlap {
+            tokens: 0,
+            shared: m(layers),
+            jaccard: vec![vec![0.0; layers]; layers],
+            shared_other: m(layers),
+            pairs: 0,
+        });
+        s
+    }
+
+    /// Statistics of per-layer experts at the model layers `layer_ids`.
+    pub fn per_layer(layer_ids: Vec<usize>, experts: usize, k: usize) -> RoutingStats {
+        let layers = layer_ids.len();
         RoutingStats {
+            pool: ExpertPool::PerLayer,
+            layer_ids,
             layers,
             experts,
             k,
             tokens: 0,
-            counts: m(experts),
-            mass: f(experts),
-            shared: m(layers),
-            jaccard: f(layers),
-            shared_other: m(layers),
-            pairs: 0,
+            counts: vec![vec![0; experts]; layers],
+            mass: vec![vec![0.0; experts]; layers],
+            overlap: None,
         }
     }
 
-    /// Adds one batch: `layers[l]` holds every token's choices at layer l,
-    /// the same tokens in the same order at every layer. Refuses a wrong
-    /// number of layers or choices, an expert out of range or chosen twice
-    /// by one token. The partner of token t (for the different-token
-    /// baseline) is token (t + N/2) mod N of the same batch.
+    /// Adds one batch: `layers[l]` holds every token's choices at traced
+    /// layer l, the same tokens in the same order at every layer. Refuses
+    /// a wrong number of layers or choices, an expert out of range or
+    /// chosen twice by one token. The partner of token t (for the
+    /// different-token baseline) is token (t + N/2) mod N of the same batch.
     pub fn add(&mut self, layers: &[LayerChoices]) -> std::result::Result<(), String> {
         let (big_l, e, k) = (self.layers, self.experts, self.k);
         if layers.len() != big_l {
@@ -169,7 +231,7 @@ impl RoutingStats {
                 layers.len()
             ));
         }
-        let n = layers[0].experts.len() / k.max(1);
+        let n = layers.first().map_or(0, |c| c.experts.len() / k.max(1));
         for (l, c) in layers.iter().enumerate() {
             if c.experts.len() != n * k || c.weights.len() != n * k {
                 return Err(format!(
@@ -190,39 +252,16 @@ impl RoutingStats {
                 }
             }
         }
-        let set = |l: usize, t: usize| &layers[l].experts[t * k..(t + 1) * k];
         for (l, c) in layers.iter().enumerate() {
             for (&x, &w) in c.experts.iter().zip(&c.weights) {
                 self.counts[l][x] += 1;
                 self.mass[l][x] += w;
             }
         }
-        for t in 0..n {
-            let partner = (t + n / 2) % n;
-            for a in 0..big_l {
-                for b in 0..big_l {
-                    if b >= a {
-                        let common = intersection(set(a, t), set(b, t));
-                        self.shared[a][b] += u64::from(common > 0);
-                        self.jaccard[a][b] += common as f64 / (2 * k - common) as f64;
-                    }
-                    if n > 1 {
-                        let common = intersection(set(a, t), set(b, partner));
-                        self.shared_other[a][b] += u64::from(common > 0);
-                    }
-                }
-            }
-        }
-        for a in 0..big_l {
-            for b in 0..a {
-                self.shared[a][b] = self.shared[b][a];
-                self.jaccard[a][b] = self.jaccard[b][a];
-            }
+        if let Some(o) = &mut self.overlap {
+            o.add(layers, n, k);
         }
         self.tokens += n as u64;
-        if n > 1 {
-            self.pairs += n as u64;
-        }
         Ok(())
     }
 
@@ -240,35 +279,22 @@ impl RoutingStats {
         self.per_token(self.counts[l][e] as f64)
     }
 
-    /// Mean over tokens of e's renormalised weight at layer l (a layer's
-    /// masses sum to 1).
+    /// Mean over tokens of e's routing weight at layer l (a layer's masses
+    /// sum to 1 when the router renormalises its top-k, as the shared
+    /// block and `norm_topk_prob` do; else to the mean top-k probability).
     pub fn mass(&self, l: usize, e: usize) -> f64 {
         self.per_token(self.mass[l][e])
     }
 
-    /// [`mass`](Self::mass) averaged over layers.
+    /// [`mass`](Self::mass) averaged over layers: meaningful for a shared
+    /// pool, where e is the same expert at every layer.
     pub fn overall_mass(&self, e: usize) -> f64 {
         (0..self.layers).map(|l| self.mass(l, e)).sum::<f64>() / self.layers.max(1) as f64
     }
 
-    /// Share of tokens whose top-k sets at layers a and b share an expert.
-    pub fn overlap(&self, a: usize, b: usize) -> f64 {
-        self.per_token(self.shared[a][b] as f64)
-    }
-
-    /// Mean over tokens of the Jaccard index of the top-k sets at a and b.
-    pub fn jaccard(&self, a: usize, b: usize) -> f64 {
-        self.per_token(self.jaccard[a][b])
-    }
-
-    /// [`overlap`](Self::overlap) between a token at layer a and ANOTHER
-    /// token at layer b: what the layers' expert usage alone gives.
-    pub fn overlap_other_token(&self, a: usize, b: usize) -> f64 {
-        if self.pairs == 0 {
-            0.0
-        } else {
-            self.shared_other[a][b] as f64 / self.pairs as f64
-        }
+    /// The overlap statistics between layers (None for per-layer experts).
+    pub fn layer_overlap(&self) -> Option<&LayerOverlap> {
+        self.overlap.as_ref()
     }
 
     /// Share of layer l's routing choices (N tokens x k) that went to e;
@@ -297,11 +323,85 @@ impl RoutingStats {
         entropy.exp()
     }
 
+    /// Experts of layer l by decreasing count (ties: lower index first).
+    pub fn ranked(&self, l: usize) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.experts).collect();
+        order.sort_by_key(|&e| std::cmp::Reverse(self.counts[l][e]));
+        order
+    }
+}
+
+impl LayerOverlap {
+    /// Adds n tokens' top-k sets at every layer (already validated).
+    fn add(&mut self, layers: &[LayerChoices], n: usize, k: usize) {
+        let big_l = layers.len();
+        let set = |l: usize, t: usize| &layers[l].experts[t * k..(t + 1) * k];
+        for t in 0..n {
+            let partner = (t + n / 2) % n;
+            for a in 0..big_l {
+                for b in 0..big_l {
+                    if b >= a {
+                        let common = intersection(set(a, t), set(b, t));
+                        self.shared[a][b] += u64::from(common > 0);
+                        self.jaccard[a][b] += common as f64 / (2 * k - common) as f64;
+                    }
+                    if n > 1 {
+                        let common = intersection(set(a, t), set(b, partner));
+                        self.shared_other[a][b] += u64::from(common > 0);
+                    }
+                }
+            }
+        }
+        for a in 0..big_l {
+            for b in 0..a {
+                self.shared[a][b] = self.shared[b][a];
+                self.jaccard[a][b] = self.jaccard[b][a];
+            }
+        }
+        self.tokens += n as u64;
+        if n > 1 {
+            self.pairs += n as u64;
+        }
+    }
+
+    fn per_token(&self, sum: f64) -> f64 {
+        if self.tokens == 0 {
+            0.0
+        } else {
+            sum / self.tokens as f64
+        }
+    }
+
+    /// Layers compared.
+    pub fn layers(&self) -> usize {
+        self.shared.len()
+    }
+
+    /// Share of tokens whose top-k sets at layers a and b share an expert.
+    pub fn overlap(&self, a: usize, b: usize) -> f64 {
+        self.per_token(self.shared[a][b] as f64)
+    }
+
+    /// Mean over tokens of the Jaccard index of the top-k sets at a and b.
+    pub fn jaccard(&self, a: usize, b: usize) -> f64 {
+        self.per_token(self.jaccard[a][b])
+    }
+
+    /// [`overlap`](Self::overlap) between a token at layer a and ANOTHER
+    /// token at layer b: what the layers' expert usage alone gives.
+    pub fn overlap_other_token(&self, a: usize, b: usize) -> f64 {
+        if self.pairs == 0 {
+            0.0
+        } else {
+            self.shared_other[a][b] as f64 / self.pairs as f64
+        }
+    }
+
     /// [`overlap`](Self::overlap), [`jaccard`](Self::jaccard) and
     /// [`overlap_other_token`](Self::overlap_other_token) averaged over
     /// every ordered pair of two different layers; None with one layer.
     pub fn between_layers(&self) -> Option<LayerAgreement> {
-        let big_l = self.layers;
+        let big_l = self.layers();
         if big_l < 2 {
             return None;
         }
@@ -318,13 +418,6 @@ impl RoutingStats {
         mean.jaccard /= n;
         mean.other_token /= n;
         Some(mean)
-    }
-
-    /// Experts of layer l by decreasing count (ties: lower index first).
-    pub fn ranked(&self, l: usize) -> Vec<usize> {
-        let mut order: Vec<usize> = (0..self.experts).collect();
-        order.sort_by_key(|&e| std::cmp::Reverse(self.counts[l][e]));
-        order
     }
 }
 

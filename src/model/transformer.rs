@@ -10,6 +10,15 @@ use super::layers::{
 use super::moe::{layer_moe, pooled_balance_loss, shared_moe, ExpertCompute, RouterTotals};
 use super::params::{Attention, Layer, LayerFfn, Mlp, Moe, Params, QkNorm};
 
+/// A router as a layer's MoE block applies it ([`route_as`](super::moe::route_as)).
+pub struct LayerRouter {
+    /// [E, D], in the compute dtype.
+    pub weight: Tensor,
+    /// Whether the chosen experts' probabilities are renormalised to sum
+    /// to 1 (always for the shared block; `norm_topk_prob` per layer).
+    pub normalize: bool,
+}
+
 /// The model traced over its parameter tree.
 pub struct Transformer<'a> {
     cfg: &'a ModelConfig,
@@ -187,10 +196,21 @@ impl<'a> Transformer<'a> {
         })
     }
 
-    /// The shared router [E, D] in the compute dtype, as the MoE block uses
-    /// it (None for a dense model).
-    pub fn shared_router(&self) -> Option<&Tensor> {
-        self.shared_moe.as_ref().map(|m| &m.router)
+    /// The router layer `i`'s FFN routes with [E, D], in the compute dtype,
+    /// as its MoE block uses it: the shared one, the layer's own, or None
+    /// for an MLP layer.
+    pub fn layer_router(&self, i: i64) -> Result<Option<LayerRouter>> {
+        Ok(match &self.layer_params(i)?.ffn {
+            LayerFfn::Mlp(_) => None,
+            LayerFfn::Shared => Some(LayerRouter {
+                weight: self.shared_moe()?.router.clone(),
+                normalize: true,
+            }),
+            LayerFfn::Moe(m) => Some(LayerRouter {
+                weight: self.p(&m.router)?,
+                normalize: self.cfg.norm_topk_prob,
+            }),
+        })
     }
 
     /// Input embeddings [B, S, D] of tokens [B, S] (through the factorised
