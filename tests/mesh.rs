@@ -283,7 +283,8 @@ fn the_owned_shards_of_a_mesh_make_its_checkpoint_once() {
         shards.len()
     );
     let assembled =
-        sharedmoe::ckpt::shards::assemble_checkpoint(&specs, whole.state.clone(), shards).unwrap();
+        sharedmoe::ckpt::shards::assemble_checkpoint(&specs, &specs, whole.state.clone(), shards)
+            .unwrap();
     assert_eq!(assembled.params, whole.params);
     assert_eq!(assembled.adam_m, whole.adam_m);
     assert_eq!(assembled.adam_v, whole.adam_v);

@@ -351,9 +351,39 @@ fn check_tensors<'a>(
     Ok(views)
 }
 
-fn to_tensors(specs: &[ParamSpec], views: &[TensorView]) -> Tensors {
+/// The moments of an optimizer file: those of the parameters its run
+/// trained (`train.trainable`), in parameter order. Each must name a
+/// parameter, with its shape; all-frozen parameters have none.
+fn check_moments<'a>(
+    file: &str,
+    bytes: &'a [u8],
+    specs: &[ParamSpec],
+    prefix: &str,
+) -> Result<Moments<'a>> {
+    let st = SafeTensors::deserialize(bytes)
+        .with_context(|| format!("{file}: not a valid safetensors file"))?;
+    for name in st.names() {
+        if let Some(p) = name.strip_prefix(prefix) {
+            if !specs.iter().any(|s| s.name == p) {
+                bail!("{file}: tensor `{name}` is the moment of no parameter of this model");
+            }
+        }
+    }
+    let present: Vec<usize> = (0..specs.len())
+        .filter(|&k| st.tensor(&format!("{prefix}{}", specs[k].name)).is_ok())
+        .collect();
+    let owned: Vec<ParamSpec> = present.iter().map(|&k| specs[k].clone()).collect();
+    let views = check_tensors(file, bytes, &owned, prefix)?;
+    Ok(present.into_iter().zip(views).collect())
+}
+
+fn moment_tensors(specs: &[ParamSpec], moments: &Moments) -> Tensors {
+    let views: Vec<TensorView> = moments.iter().map(|(_, v)| v.clone()).collect();
+    to_tensors(moments.iter().map(|&(k, _)| &specs[k]), &views)
+}
+
+fn to_tensors<'s>(specs: impl Iterator<Item = &'s ParamSpec>, views: &[TensorView]) -> Tensors {
     specs
-        .iter()
         .zip(views)
         .map(|(s, v)| {
             let data = v
@@ -399,12 +429,17 @@ pub fn verify_files(
     Ok(verify_in(Path::new(""), files, specs, purpose)?.state)
 }
 
+/// Moments in an optimizer file, with their parameters' positions in the
+/// specs.
+type Moments<'a> = Vec<(usize, TensorView<'a>)>;
+
 /// A checkpoint's files, verified, with views of its tensors.
 struct Verified<'a> {
     state: TrainingState,
     params: Vec<TensorView<'a>>,
-    /// adam_m and adam_v, when the optimizer file is there.
-    moments: Option<(Vec<TensorView<'a>>, Vec<TensorView<'a>>)>,
+    /// adam_m and adam_v of the trained parameters, when the optimizer
+    /// file is there.
+    moments: Option<(Moments<'a>, Moments<'a>)>,
 }
 
 /// [`verify_files`], naming the files under `dir` in errors.
@@ -454,8 +489,8 @@ fn verify_in<'a>(
         Some(opt) => {
             let opt_at = at("optimizer.safetensors");
             Some((
-                check_tensors(&opt_at, opt, specs, "adam_m.")?,
-                check_tensors(&opt_at, opt, specs, "adam_v.")?,
+                check_moments(&opt_at, opt, specs, "adam_m.")?,
+                check_moments(&opt_at, opt, specs, "adam_v.")?,
             ))
         }
         None => None,
@@ -482,17 +517,11 @@ fn parse(
             v.state.format
         );
     }
-    let params = to_tensors(specs, &v.params);
+    let params = to_tensors(specs.iter(), &v.params);
+    // Weights only: no moments (a run starts them at zero).
     let (adam_m, adam_v) = match &v.moments {
-        Some((m, v)) => (to_tensors(specs, m), to_tensors(specs, v)),
-        None => {
-            // Weights only: moments start at 0.
-            let zeros: Tensors = params
-                .iter()
-                .map(|(n, d, v)| (n.clone(), d.clone(), vec![0.0; v.len()]))
-                .collect();
-            (zeros.clone(), zeros)
-        }
+        Some((m, v)) => (moment_tensors(specs, m), moment_tensors(specs, v)),
+        None => (vec![], vec![]),
     };
     Ok(Checkpoint {
         params,

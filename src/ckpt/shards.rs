@@ -288,16 +288,18 @@ fn missing(dim: usize, from: usize, to: usize, len: usize, parts: &[&Shard]) -> 
     }
 }
 
-/// All three groups into a Checkpoint with the given TrainingState.
+/// All three groups into a Checkpoint with the given TrainingState: every
+/// parameter of `params`, the moments of the `trained` ones.
 pub fn assemble_checkpoint(
-    specs: &[(String, Vec<i64>)],
+    params: &[(String, Vec<i64>)],
+    trained: &[(String, Vec<i64>)],
     state: TrainingState,
     shards: Vec<Shard>,
 ) -> Result<Checkpoint> {
     Ok(Checkpoint {
-        params: assemble(Group::Params, specs, &shards)?,
-        adam_m: assemble(Group::AdamM, specs, &shards)?,
-        adam_v: assemble(Group::AdamV, specs, &shards)?,
+        params: assemble(Group::Params, params, &shards)?,
+        adam_m: assemble(Group::AdamM, trained, &shards)?,
+        adam_v: assemble(Group::AdamV, trained, &shards)?,
         state,
     })
 }
@@ -479,14 +481,14 @@ mod tests {
             .enumerate()
             .partition(|(i, _)| i % 3 == 0);
         let shuffled: Vec<Shard> = front.into_iter().chain(back).map(|(_, s)| s).collect();
-        let got = assemble_checkpoint(&specs(), c.state.clone(), shuffled).unwrap();
+        let got = assemble_checkpoint(&specs(), &specs(), c.state.clone(), shuffled).unwrap();
         assert!(same(&got, &c));
         // Round robin over 3 ranks: every tensor once, from one rank.
         let all: Vec<Shard> = (0..3).flat_map(|r| round_robin(&c, r, 3)).collect();
         assert_eq!(all.len(), 9);
         assert_eq!(round_robin(&c, 0, 3).len(), 3);
         assert!(round_robin(&c, 3, 3).is_empty() && round_robin(&c, 0, 0).is_empty());
-        let got = assemble_checkpoint(&specs(), c.state.clone(), all).unwrap();
+        let got = assemble_checkpoint(&specs(), &specs(), c.state.clone(), all).unwrap();
         assert!(same(&got, &c));
     }
 
@@ -495,7 +497,7 @@ mod tests {
         let c = original();
         let mut shards = cut(&c);
         edit(&mut shards);
-        match assemble_checkpoint(&specs(), c.state.clone(), shards) {
+        match assemble_checkpoint(&specs(), &specs(), c.state.clone(), shards) {
             Ok(_) => panic!("assembled"),
             Err(e) => format!("{e:#}"),
         }

@@ -17,14 +17,14 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use serde_json::json;
 
-use crate::model::{count_params, param_specs, ExpertCompute};
+use crate::model::{count_params, ExpertCompute};
 use crate::runtime::{
     find_plugin, tpu_present, Backend, CompileOptions, MemoryStats, Offline, Plugin, Topology,
     TpuSlice, TPU_V4_HBM_BYTES,
 };
 use crate::train::mfu::flops_per_token;
 use crate::train::placement::{layout, DeviceSlot};
-use crate::train::program::{eval_step, train_step};
+use crate::train::program::{eval_step, train_step, StepLayout};
 use crate::train::sharding::{state_bytes_per_device, StepMesh};
 use crate::train::Config;
 
@@ -456,7 +456,7 @@ fn print_setup(
     println!(
         "model: {params} parameters; parameters + Adam moments (f32) {} per chip \
          (mesh data = {data} x fsdp = {fsdp}); {:?} compute",
-        human(state_bytes_per_device(&param_specs(&cfg.model), fsdp)),
+        human(state_bytes(cfg, fsdp)),
         cfg.compute_dtype()
     );
     println!(
@@ -514,9 +514,9 @@ pub fn run(a: &CompileArgs) -> Result<()> {
         "device_kind": s.kind,
         "hbm_bytes": TPU_V4_HBM_BYTES,
         "parameters": params,
-        "state_bytes": 12 * params,
+        "state_bytes": state_bytes(&cfg, 1),
         "mesh": {"data": cfg.mesh_axes().0, "fsdp": cfg.mesh_axes().1},
-        "state_bytes_per_chip": state_bytes_per_device(&param_specs(&cfg.model), cfg.mesh_axes().1),
+        "state_bytes_per_chip": state_bytes(&cfg, cfg.mesh_axes().1),
         "global_batch": t.global_batch,
         "seq_len": t.seq_len,
         "micro_batch": t.micro_batch,
@@ -678,4 +678,11 @@ mod tests {
              (30.75G)"
         );
     }
+}
+
+/// Bytes of the run's state (parameters, the trained ones' moments) per
+/// device at `fsdp`.
+fn state_bytes(cfg: &Config, fsdp: usize) -> i64 {
+    let layout = StepLayout::new(cfg);
+    state_bytes_per_device(&layout.specs, &layout.trainable, fsdp)
 }

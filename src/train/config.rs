@@ -77,6 +77,10 @@ pub struct TrainConfig {
         skip_serializing_if = "is_default_max_nonfinite"
     )]
     pub max_nonfinite_steps: i64,
+    /// The parameters this run trains, as globs over tensor names (`*`,
+    /// `?`); empty = all. The rest are frozen (`train::trainable`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub trainable: Vec<String>,
 }
 
 /// `train.compute_dtype`: the spellings are the serde names, `auto`,
@@ -446,6 +450,7 @@ impl Config {
                 t.min_lr
             );
         }
+        super::trainable::trainable_indices(&crate::model::param_specs(&self.model), &t.trainable)?;
         if t.max_nonfinite_steps < 0 {
             bail!(
                 "train.max_nonfinite_steps = {}: must be >= 0",

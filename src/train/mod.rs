@@ -17,6 +17,7 @@ pub mod schedule;
 pub mod sharding;
 pub mod step_loop;
 pub mod tensorboard;
+pub mod trainable;
 pub mod trainer;
 
 pub use config::Config;

@@ -11,12 +11,15 @@
 //! went).
 //!
 //! Step program (N devices, A accumulation steps, M sequences per device
-//! per micro-batch, S sequence length, n parameter tensors):
-//!   inputs:  params[n], adam_m[n], adam_v[n] (f32), step (i32 scalar),
+//! per micro-batch, S sequence length, n parameter tensors of which t are
+//! trained, `train.trainable`):
+//!   inputs:  params[n], adam_m[t], adam_v[t] (f32), step (i32 scalar),
 //!            windows [A, N*M, S+1] (i32, split over the devices), stop
 //!            [N] (f32: each device's process votes to stop after the
-//!            step) -- the state is donated
-//!   outputs: params'[n], adam_m'[n], adam_v'[n], step + 1, then the f32
+//!            step) -- all but the frozen params are donated
+//!   outputs: the trained params'[t], adam_m'[t], adam_v'[t], step + 1
+//!            (frozen parameters are read only: no gradient, no moments,
+//!            not returned), then the f32
 //!            scalars of [`StepOutputs::fused`]: ce, aux, grad_norm, lr
 //!            (ce/aux of this step's batch before the update, averaged over
 //!            the global batch), applied (1 or 0, see below), stop votes
@@ -33,6 +36,7 @@
 //! reaches the state, and so never a checkpoint; the host decides whether
 //! to stop or go on (`train.on_nonfinite`).
 
+use crate::ckpt::shards::Group;
 use crate::graph::{grad, DType, Function, Graph, Result, Sharding, Tensor, TensorType};
 use crate::model::{ExpertCompute, ParamSpec, Params, Transformer};
 
@@ -40,19 +44,31 @@ use super::config::Config;
 use super::optimizer::{clip_by_global_norm, AdamW};
 use super::schedule::Schedule;
 use super::sharding::StepMesh;
+use super::trainable::trainable_indices;
 
-/// The parameters a step program takes, as a tree and in argument order.
+/// The parameters a step program takes, as a tree and in argument order,
+/// and which of them it trains (`train.trainable`).
 #[derive(Clone, Debug)]
 pub struct StepLayout {
     pub tree: Params<ParamSpec>,
     pub specs: Vec<ParamSpec>,
+    /// Positions in `specs` of the trained parameters, increasing; the
+    /// others are frozen (no gradient, no moments, never written).
+    pub trainable: Vec<usize>,
 }
 
 impl StepLayout {
+    /// The layout of `cfg`, whose `train.trainable` was validated.
     pub fn new(cfg: &Config) -> StepLayout {
         let tree = Params::spec(&cfg.model);
-        let specs = tree.leaves().into_iter().cloned().collect();
-        StepLayout { tree, specs }
+        let specs: Vec<ParamSpec> = tree.leaves().into_iter().cloned().collect();
+        let trainable = trainable_indices(&specs, &cfg.train.trainable)
+            .expect("train.trainable is checked by Config::validate");
+        StepLayout {
+            tree,
+            specs,
+            trainable,
+        }
     }
 
     /// Parameter tensors.
@@ -60,9 +76,68 @@ impl StepLayout {
         self.specs.len()
     }
 
-    /// The state arguments and results: params, m, v (n each), step.
+    /// Trained parameter tensors (each with two moments).
+    pub fn t(&self) -> usize {
+        self.trainable.len()
+    }
+
+    /// The trained parameters' specs (also the moments' shapes).
+    pub fn trainable_specs(&self) -> Vec<ParamSpec> {
+        self.trainable
+            .iter()
+            .map(|&k| self.specs[k].clone())
+            .collect()
+    }
+
+    /// The state arguments: params (n), m and v (t each), step.
     pub fn state_len(&self) -> usize {
-        3 * self.n() + 1
+        self.n() + 2 * self.t() + 1
+    }
+
+    /// The state a step writes, in result order: the trained params, m,
+    /// v, step (3t + 1 results).
+    pub fn updated_len(&self) -> usize {
+        3 * self.t() + 1
+    }
+
+    /// Where each updated result goes in the state arguments (also the
+    /// arguments a step donates): the trained params' positions, then
+    /// every moment, then the step.
+    pub fn updated_positions(&self) -> Vec<usize> {
+        let mut at = self.trainable.clone();
+        at.extend(self.n()..self.state_len());
+        at
+    }
+
+    /// What state position `pos` is to a step: a frozen parameter (the
+    /// j-th), or the j-th of the updated state.
+    pub fn slot(&self, pos: usize) -> Slot {
+        if pos < self.n() {
+            match self.trainable.binary_search(&pos) {
+                Ok(j) => Slot::Updated(j),
+                Err(j) => Slot::Frozen(pos - j),
+            }
+        } else {
+            Slot::Updated(self.t() + pos - self.n())
+        }
+    }
+
+    /// The state tensors of `group` as (state position, spec): every
+    /// parameter, or the trained parameters' moments.
+    pub fn group(&self, group: Group) -> Vec<(usize, &ParamSpec)> {
+        let (n, t) = (self.n(), self.t());
+        let moments = |base: usize| {
+            self.trainable
+                .iter()
+                .enumerate()
+                .map(|(j, &k)| (base + j, &self.specs[k]))
+                .collect()
+        };
+        match group {
+            Group::Params => self.specs.iter().enumerate().collect(),
+            Group::AdamM => moments(n),
+            Group::AdamV => moments(n + t),
+        }
     }
 
     /// Where each parameter lies on `mesh`, in argument order.
@@ -70,16 +145,43 @@ impl StepLayout {
         self.specs.iter().map(|s| mesh.param(s)).collect()
     }
 
-    /// Where the state lies: params, m, v like the parameters, the step
+    /// Where the trained parameters (and their gradients and moments) lie.
+    pub fn trainable_shardings(&self, mesh: &StepMesh) -> Result<Vec<Sharding>> {
+        self.trainable
+            .iter()
+            .map(|&k| mesh.param(&self.specs[k]))
+            .collect()
+    }
+
+    /// Where the state lies: params, m, v like their parameters, the step
     /// counter on every device.
     pub fn state_shardings(&self, mesh: &StepMesh) -> Result<Vec<Sharding>> {
-        let params = self.param_shardings(mesh)?;
-        let mut all = params.clone();
-        all.extend(params.iter().cloned());
-        all.extend(params);
+        let mut all = self.param_shardings(mesh)?;
+        let moments = self.trainable_shardings(mesh)?;
+        all.extend(moments.iter().cloned());
+        all.extend(moments);
         all.push(mesh.replicated(0));
         Ok(all)
     }
+
+    /// Where the updated state lies (see [`updated_positions`](Self::updated_positions)).
+    pub fn updated_shardings(&self, mesh: &StepMesh) -> Result<Vec<Sharding>> {
+        let state = self.state_shardings(mesh)?;
+        Ok(self
+            .updated_positions()
+            .into_iter()
+            .map(|k| state[k].clone())
+            .collect())
+    }
+}
+
+/// Where a state position lives between steps (see [`StepLayout::slot`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Slot {
+    /// The j-th frozen parameter: lent to every step, never donated.
+    Frozen(usize),
+    /// The j-th tensor of the updated state: donated and returned.
+    Updated(usize),
 }
 
 /// A scalar result of a step program.
@@ -100,40 +202,55 @@ pub enum StepScalar {
     StopVotes,
 }
 
-/// Where a program's results are: `tensors` results first (the state, or
-/// the gradients), then one f32 scalar per entry of `scalars`. Declared
-/// once here, used by the tracer to order the results and by the trainer
-/// to read them.
+/// What a program returns before its scalars.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TensorResults {
+    None,
+    /// The trained parameters' gradients (t).
+    Gradients,
+    /// The updated state (3t + 1, [`StepLayout::updated_positions`]).
+    UpdatedState,
+}
+
+/// Where a program's results are: `tensors` results first (the updated
+/// state, or the gradients), then one f32 scalar per entry of `scalars`.
+/// Declared once here, used by the tracer to order the results and by the
+/// trainer to read them.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct StepOutputs {
+    pub what: TensorResults,
     pub tensors: usize,
     pub scalars: &'static [StepScalar],
 }
 
 impl StepOutputs {
-    /// [`train_step`]: the state, then ce, aux, grad_norm, lr, applied,
-    /// stop votes.
+    /// [`train_step`]: the updated state, then ce, aux, grad_norm, lr,
+    /// applied, stop votes.
     pub fn fused(layout: &StepLayout) -> StepOutputs {
         use StepScalar::*;
         StepOutputs {
-            tensors: layout.state_len(),
+            what: TensorResults::UpdatedState,
+            tensors: layout.updated_len(),
             scalars: &[Ce, Aux, GradNorm, Lr, Applied, StopVotes],
         }
     }
 
-    /// [`gradient_step`]: the gradients, then ce and aux.
+    /// [`gradient_step`]: the trained parameters' gradients, then ce and
+    /// aux.
     pub fn gradient(layout: &StepLayout) -> StepOutputs {
         StepOutputs {
-            tensors: layout.n(),
+            what: TensorResults::Gradients,
+            tensors: layout.t(),
             scalars: &[StepScalar::Ce, StepScalar::Aux],
         }
     }
 
-    /// [`update_step`]: the state, then grad_norm, lr, applied.
+    /// [`update_step`]: the updated state, then grad_norm, lr, applied.
     pub fn update(layout: &StepLayout) -> StepOutputs {
         use StepScalar::*;
         StepOutputs {
-            tensors: layout.state_len(),
+            what: TensorResults::UpdatedState,
+            tensors: layout.updated_len(),
             scalars: &[GradNorm, Lr, Applied],
         }
     }
@@ -141,6 +258,7 @@ impl StepOutputs {
     /// [`eval_step`]: ce and aux.
     pub fn eval() -> StepOutputs {
         StepOutputs {
+            what: TensorResults::None,
             tensors: 0,
             scalars: &[StepScalar::Ce, StepScalar::Aux],
         }
@@ -154,12 +272,12 @@ impl StepOutputs {
     }
 
     /// Where the results lie: the tensors as the state (or, for the
-    /// gradient program, as the parameters), the scalars on every device.
+    /// gradients, as their parameters), the scalars on every device.
     fn shardings(&self, layout: &StepLayout, mesh: &StepMesh) -> Result<Vec<Sharding>> {
-        let mut all = match self.tensors {
-            0 => vec![],
-            n if n == layout.n() => layout.param_shardings(mesh)?,
-            _ => layout.state_shardings(mesh)?,
+        let mut all = match self.what {
+            TensorResults::None => vec![],
+            TensorResults::Gradients => layout.trainable_shardings(mesh)?,
+            TensorResults::UpdatedState => layout.updated_shardings(mesh)?,
         };
         all.extend(self.scalars.iter().map(|_| mesh.replicated(0)));
         Ok(all)
@@ -191,23 +309,40 @@ fn declare_params(g: &Graph, tree: &Params<ParamSpec>, prefix: &str) -> Result<V
 
 /// The step's arguments (see the module docs).
 struct StepInputs {
+    /// Every parameter (n).
     params: Vec<Tensor>,
+    /// The trained parameters' moments (t each).
     adam_m: Vec<Tensor>,
     adam_v: Vec<Tensor>,
     step: Tensor,
 }
 
-fn declare_state(g: &Graph, tree: &Params<ParamSpec>) -> Result<StepInputs> {
+/// The trained parameters' tensors declared as `prefix` + their names,
+/// in order.
+fn declare_trainable(g: &Graph, layout: &StepLayout, prefix: &str) -> Result<Vec<Tensor>> {
+    layout
+        .trainable_specs()
+        .iter()
+        .map(|s| {
+            g.param(
+                &format!("{prefix}{}", s.name),
+                TensorType::new(DType::F32, &s.dims),
+            )
+        })
+        .collect()
+}
+
+fn declare_state(g: &Graph, layout: &StepLayout) -> Result<StepInputs> {
     Ok(StepInputs {
-        params: declare_params(g, tree, "")?,
-        adam_m: declare_params(g, tree, "adam_m.")?,
-        adam_v: declare_params(g, tree, "adam_v.")?,
+        params: declare_params(g, &layout.tree, "")?,
+        adam_m: declare_trainable(g, layout, "adam_m.")?,
+        adam_v: declare_trainable(g, layout, "adam_v.")?,
         step: g.param("step", TensorType::scalar(DType::I32))?,
     })
 }
 
-/// (ce, aux, gradients), each the mean over the A micro-batches of
-/// `windows` [A, N*M, S+1] (N: the mesh's devices). Each gradient sum is
+/// (ce, aux, gradients of the trained parameters), each the mean over the
+/// A micro-batches of `windows` [A, N*M, S+1] (N: the mesh's devices). Each gradient sum is
 /// kept where its parameter lies (`grad_shardings`), so that under fsdp
 /// the partitioner reduce-scatters it rather than holding it whole.
 fn trace_gradients(
@@ -222,14 +357,15 @@ fn trace_gradients(
     let (a, s) = (cfg.accumulation_steps(), t.seq_len);
     let m = t.micro_batch * mesh.devices() as i64;
     let layout = StepLayout::new(cfg);
-    let grad_shardings = layout.param_shardings(mesh)?;
+    let grad_shardings = layout.trainable_shardings(mesh)?;
+    let trained: Vec<&Tensor> = layout.trainable.iter().map(|&k| &params[k]).collect();
     let tree = layout.tree.with_leaves(params.to_vec())?;
     let compute = cfg.compute_dtype();
 
     // Accumulate gradient sums over the A micro-batches.
     let zero = g.scalar(0.0, DType::F32)?;
     let mut init: Vec<Tensor> = vec![g.scalar(0.0, DType::I32)?, zero.clone(), zero.clone()];
-    for p in params {
+    for p in &trained {
         init.push(p.zeros_like()?);
     }
     // One micro-batch: (ce, aux, gradients), accumulated into `acc`.
@@ -242,8 +378,9 @@ fn trace_gradients(
             .with_expert_compute(experts)
             .with_moe_per_device(&mesh.mesh)?;
         let loss = model.loss(&batch)?;
-        let refs: Vec<&Tensor> = params.iter().collect();
-        let grads = grad(&loss.total, &refs)?;
+        // Frozen parameters get no gradient: the backward pass traces
+        // only what reaches the trained ones.
+        let grads = grad(&loss.total, &trained)?;
         let mut next = vec![
             i.add_scalar(1.0)?,
             acc[0].add(&loss.ce.convert(DType::F32)?)?,
@@ -276,8 +413,9 @@ fn trace_gradients(
     Ok((ce, aux, grads))
 }
 
-/// What the update traces: the new state (params', m', v', step + 1) and
-/// the step's scalars.
+/// What the update traces: the updated state (the trained params', m',
+/// v', step + 1; [`StepLayout::updated_positions`]) and the step's
+/// scalars.
 struct Update {
     state: Vec<Tensor>,
     grad_norm: Tensor,
@@ -296,7 +434,7 @@ fn trace_update(
     ce: &Tensor,
     aux: &Tensor,
 ) -> Result<Update> {
-    let specs = StepLayout::new(cfg).specs;
+    let layout = StepLayout::new(cfg);
     let t = &cfg.train;
     let (grads, grad_norm) = clip_by_global_norm(grads, t.grad_clip)?;
     let schedule = Schedule {
@@ -314,16 +452,18 @@ fn trace_update(
         weight_decay: t.weight_decay,
     };
     let (mut new_p, mut new_m, mut new_v) = (vec![], vec![], vec![]);
-    for (k, spec) in specs.iter().enumerate() {
+    let mut old_p = vec![];
+    for (j, &k) in layout.trainable.iter().enumerate() {
         let u = adamw.update(
             &state.params[k],
-            &grads[k],
-            &state.adam_m[k],
-            &state.adam_v[k],
+            &grads[j],
+            &state.adam_m[j],
+            &state.adam_v[j],
             &lr,
             &count,
-            spec.decays(),
+            layout.specs[k].decays(),
         )?;
+        old_p.push(state.params[k].clone());
         new_p.push(u.param);
         new_m.push(u.m);
         new_v.push(u.v);
@@ -345,7 +485,7 @@ fn trace_update(
             .map(|(n, o)| sound.select(n, o))
             .collect()
     };
-    let mut next = keep(new_p, &state.params)?;
+    let mut next = keep(new_p, &old_p)?;
     next.extend(keep(new_m, &state.adam_m)?);
     next.extend(keep(new_v, &state.adam_v)?);
     next.push(state.step.add_scalar(1.0)?);
@@ -373,7 +513,7 @@ pub fn train_step(cfg: &Config, experts: ExpertCompute, mesh: &StepMesh) -> Resu
     let layout = StepLayout::new(cfg);
     let devices = mesh.devices() as i64;
     let g = Graph::new();
-    let state = declare_state(&g, &layout.tree)?;
+    let state = declare_state(&g, &layout)?;
     let windows = declare_windows(&g, cfg, mesh)?;
     let stop = g.param("stop", TensorType::new(DType::F32, &[devices]))?;
     let (ce, aux, grads) = trace_gradients(&g, cfg, experts, mesh, &state.params, &windows)?;
@@ -391,7 +531,7 @@ pub fn train_step(cfg: &Config, experts: ExpertCompute, mesh: &StepMesh) -> Resu
     let mut inputs = layout.state_shardings(mesh)?;
     inputs.push(mesh.batch(3, 1)?);
     inputs.push(mesh.batch(1, 0)?);
-    let donated: Vec<usize> = (0..layout.state_len()).collect();
+    let donated = layout.updated_positions();
     g.build(&outs)?
         .with_name("train_step")
         .donate(&donated)?
@@ -400,7 +540,7 @@ pub fn train_step(cfg: &Config, experts: ExpertCompute, mesh: &StepMesh) -> Resu
 
 /// The first half of a step whose devices span several processes that
 /// XLA cannot connect (the CPU plugin), over this process's `mesh`:
-/// params[n], windows -> grads[n], ce, aux ([`StepOutputs::gradient`]),
+/// params[n], windows -> grads[t] (trained parameters), ce, aux ([`StepOutputs::gradient`]),
 /// each the mean over this process's batch. The caller averages them
 /// across processes before [`update_step`].
 pub fn gradient_step(cfg: &Config, experts: ExpertCompute, mesh: &StepMesh) -> Result<Function> {
@@ -424,16 +564,16 @@ pub fn gradient_step(cfg: &Config, experts: ExpertCompute, mesh: &StepMesh) -> R
     )
 }
 
-/// The second half: params[n], m[n], v[n], step, grads[n] (the job's mean
-/// gradients), losses [ce, aux] (the job's means, for the divergence
-/// guard) -> params', m', v', step + 1, then grad_norm, lr, applied
-/// ([`StepOutputs::update`]). Everything but the gradients and losses is
-/// donated, as in [`train_step`].
+/// The second half: params[n], m[t], v[t], step, grads[t] (the job's mean
+/// gradients of the trained parameters), losses [ce, aux] (the job's
+/// means, for the divergence guard) -> trained params'[t], m', v', step +
+/// 1, then grad_norm, lr, applied ([`StepOutputs::update`]). The state
+/// but the frozen params is donated, as in [`train_step`].
 pub fn update_step(cfg: &Config, mesh: &StepMesh) -> Result<Function> {
     let layout = StepLayout::new(cfg);
     let g = Graph::new();
-    let state = declare_state(&g, &layout.tree)?;
-    let grads = declare_params(&g, &layout.tree, "grad.")?;
+    let state = declare_state(&g, &layout)?;
+    let grads = declare_trainable(&g, &layout, "grad.")?;
     let losses = g.param("losses", TensorType::new(DType::F32, &[2]))?;
     let ce = losses.slice(&[0], &[1], &[1])?.reshape(&[])?;
     let aux = losses.slice(&[1], &[2], &[1])?.reshape(&[])?;
@@ -446,9 +586,9 @@ pub fn update_step(cfg: &Config, mesh: &StepMesh) -> Result<Function> {
         other => unreachable!("{other:?} is not declared for this program"),
     });
     let mut inputs = layout.state_shardings(mesh)?;
-    inputs.extend(layout.param_shardings(mesh)?);
+    inputs.extend(layout.trainable_shardings(mesh)?);
     inputs.push(mesh.replicated(1));
-    let donated: Vec<usize> = (0..layout.state_len()).collect();
+    let donated = layout.updated_positions();
     g.build(&outs)?
         .with_name("update_step")
         .donate(&donated)?

@@ -86,14 +86,21 @@ pub fn fsdp_dim(spec: &ParamSpec, fsdp: usize) -> Option<usize> {
         .max_by_key(|&d| (spec.dims[d], std::cmp::Reverse(d)))
 }
 
-/// Bytes of the parameters and both Adam moments (f32) on each of `fsdp`
-/// devices under [`fsdp_dim`].
-pub fn state_bytes_per_device(specs: &[ParamSpec], fsdp: usize) -> i64 {
+/// Bytes of the parameters (f32) and the trained ones' two Adam moments
+/// on each of `fsdp` devices under [`fsdp_dim`]; `trainable` are the
+/// positions in `specs` of the trained parameters (`StepLayout`).
+pub fn state_bytes_per_device(specs: &[ParamSpec], trainable: &[usize], fsdp: usize) -> i64 {
     specs
         .iter()
-        .map(|s| {
+        .enumerate()
+        .map(|(k, s)| {
             let split = fsdp_dim(s, fsdp).map_or(1, |_| fsdp as i64);
-            3 * 4 * s.num_elements() / split
+            let copies = if trainable.binary_search(&k).is_ok() {
+                3
+            } else {
+                1
+            };
+            copies * 4 * s.num_elements() / split
         })
         .sum()
 }

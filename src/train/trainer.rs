@@ -22,7 +22,7 @@ use super::config::Config;
 use super::exchange::CrossProcessSum;
 use super::placement::Placement;
 use super::program::{
-    eval_step, gradient_step, train_step, update_step, StepLayout, StepOutputs, StepScalar,
+    eval_step, gradient_step, train_step, update_step, Slot, StepLayout, StepOutputs, StepScalar,
 };
 use super::sharding::StepMesh;
 
@@ -76,14 +76,69 @@ pub struct Trainer {
     state_shardings: Vec<Sharding>,
     programs: StepPrograms,
     eval_program: Compiled,
-    /// Per local device: its blocks of params[n], m[n], v[n], and the step.
-    state: Vec<Vec<Buffer>>,
+    /// Per local device: its blocks of the state.
+    state: Vec<DeviceState>,
     step: i64,
     seed: u64,
     /// Steps of the run whose update the divergence guard skipped.
     nonfinite_steps: i64,
     /// This process's stop vote, summed over the job inside the fused step.
     stop_vote: Option<Arc<AtomicBool>>,
+}
+
+/// One device's blocks of the state (params[n], m[t], v[t], step), split
+/// by what a step does with them.
+struct DeviceState {
+    /// The frozen parameters, in order: lent to every step.
+    frozen: Vec<Buffer>,
+    /// The trained parameters, m, v and the step, in the step's result
+    /// order ([`StepLayout::updated_positions`]): donated and replaced.
+    updated: Vec<Buffer>,
+}
+
+impl DeviceState {
+    /// Splits the device's blocks in state order.
+    fn new(layout: &StepLayout, state: Vec<Buffer>) -> DeviceState {
+        let (mut frozen, mut updated) = (vec![], vec![]);
+        for (pos, b) in state.into_iter().enumerate() {
+            match layout.slot(pos) {
+                Slot::Frozen(_) => frozen.push(b),
+                Slot::Updated(_) => updated.push(b),
+            }
+        }
+        DeviceState { frozen, updated }
+    }
+
+    /// The block at state position `pos`.
+    fn at(&self, layout: &StepLayout, pos: usize) -> &Buffer {
+        match layout.slot(pos) {
+            Slot::Frozen(j) => &self.frozen[j],
+            Slot::Updated(j) => &self.updated[j],
+        }
+    }
+
+    /// Every parameter, lent (eval, the gradient program).
+    fn params<'a>(&'a self, layout: &StepLayout) -> Vec<Arg<'a>> {
+        (0..layout.n())
+            .map(|pos| Arg::Borrowed(self.at(layout, pos)))
+            .collect()
+    }
+
+    /// The whole state as a step's arguments: the frozen parameters lent,
+    /// the rest donated; `updated` are this device's updated buffers.
+    fn step_args<'a>(
+        frozen: &'a [Buffer],
+        updated: Vec<Buffer>,
+        layout: &StepLayout,
+    ) -> Vec<Arg<'a>> {
+        let (mut f, mut u) = (frozen.iter(), updated.into_iter());
+        (0..layout.state_len())
+            .map(|pos| match layout.slot(pos) {
+                Slot::Frozen(_) => Arg::Borrowed(f.next().expect("one per frozen slot")),
+                Slot::Updated(_) => Arg::Donated(u.next().expect("one per updated slot")),
+            })
+            .collect()
+    }
 }
 
 /// Per device, what XLA's buffer assignment gives the step: the fused
@@ -115,22 +170,59 @@ fn scalar(b: &Buffer) -> Result<f64> {
     Ok(b.to_host::<f32>()?[0] as f64)
 }
 
-/// A fresh state: initial parameters from `seed`, zero moments, step 0.
+/// A fresh state: initial parameters from `seed`, zero moments for the
+/// trained ones, step 0.
 pub fn fresh_checkpoint(cfg: &Config, seed: u64) -> Checkpoint {
     let params: Tensors = init_params(&cfg.model, seed)
         .into_iter()
         .map(|(s, v)| (s.name, s.dims, v))
         .collect();
-    let zeros: Tensors = params
-        .iter()
-        .map(|(n, d, v)| (n.clone(), d.clone(), vec![0.0; v.len()]))
-        .collect();
+    let zeros = zero_moments(&StepLayout::new(cfg));
     Checkpoint {
         params,
         adam_m: zeros.clone(),
         adam_v: zeros,
         state: initial_state(cfg, seed),
     }
+}
+
+/// Moments of zero for the trained parameters of `layout`.
+fn zero_moments(layout: &StepLayout) -> Tensors {
+    layout
+        .trainable_specs()
+        .into_iter()
+        .map(|s| {
+            let len = s.dims.iter().product::<i64>() as usize;
+            (s.name, s.dims, vec![0.0; len])
+        })
+        .collect()
+}
+
+/// The moments of `start` that `layout` trains with, in its order. A
+/// checkpoint of weights only (no optimizer file) starts them at zero;
+/// one with moments must hold exactly the trained parameters' (a
+/// checkpoint whose run trained other tensors cannot continue this one).
+fn moments_for(layout: &StepLayout, start: &Checkpoint) -> Result<(Tensors, Tensors)> {
+    if start.adam_m.is_empty() && start.adam_v.is_empty() {
+        let zeros = zero_moments(layout);
+        return Ok((zeros.clone(), zeros));
+    }
+    let want: Vec<&str> = layout
+        .group(Group::AdamM)
+        .iter()
+        .map(|(_, s)| s.name.as_str())
+        .collect();
+    for (what, set) in [("adam_m", &start.adam_m), ("adam_v", &start.adam_v)] {
+        let have: Vec<&str> = set.iter().map(|(n, _, _)| n.as_str()).collect();
+        if have != want {
+            let extra: Vec<&&str> = have.iter().filter(|n| !want.contains(n)).collect();
+            let missing: Vec<&&str> = want.iter().filter(|n| !have.contains(n)).collect();
+            bail!(
+                "the checkpoint's {what} moments are for other tensors than train.trainable                  selects (in the checkpoint only: {extra:?}; trained but without moments:                  {missing:?}); start a new run from its weights with --init"
+            );
+        }
+    }
+    Ok((start.adam_m.clone(), start.adam_v.clone()))
 }
 
 /// The training state of step 0 of a run of `cfg` from `seed`: what a
@@ -172,21 +264,19 @@ fn adopt_devices(placement: &mut Placement, program: &Compiled) -> Result<()> {
     Ok(())
 }
 
-/// Each local device's blocks of the state of `start` (params, m, v,
-/// then the step counter), device i being the mesh's device `first + i`.
+/// Each local device's blocks of the state of `start` (params, the
+/// trained ones' m and v, then the step counter), device i being the
+/// mesh's device `first + i`.
 fn upload_state(
     client: &Client,
     devices: &[Device],
     first: usize,
+    layout: &StepLayout,
     shardings: &[Sharding],
     start: &Checkpoint,
-) -> Result<Vec<Vec<Buffer>>> {
-    let tensors: Vec<_> = start
-        .params
-        .iter()
-        .chain(&start.adam_m)
-        .chain(&start.adam_v)
-        .collect();
+) -> Result<Vec<DeviceState>> {
+    let (adam_m, adam_v) = moments_for(layout, start)?;
+    let tensors: Vec<_> = start.params.iter().chain(&adam_m).chain(&adam_v).collect();
     devices
         .iter()
         .enumerate()
@@ -202,7 +292,7 @@ fn upload_state(
                 })
                 .collect::<Result<Vec<Buffer>>>()?;
             bufs.push(client.buffer_from_host(&[start.state.step as i32], &[], dev)?);
-            Ok(bufs)
+            Ok(DeviceState::new(layout, bufs))
         })
         .collect()
 }
@@ -379,7 +469,14 @@ impl Trainer {
             .context("compiling the eval step")?;
         let state_shardings = layout.state_shardings(&mesh)?;
         let first = placement.local.start;
-        let state = upload_state(&client, &placement.devices, first, &state_shardings, start)?;
+        let state = upload_state(
+            &client,
+            &placement.devices,
+            first,
+            &layout,
+            &state_shardings,
+            start,
+        )?;
         Ok(Trainer {
             cfg,
             client,
@@ -454,11 +551,18 @@ impl Trainer {
             .stop_vote
             .as_ref()
             .is_some_and(|f| f.load(Ordering::Relaxed));
-        let args = std::mem::take(&mut self.state)
-            .into_iter()
+        let updated: Vec<Vec<Buffer>> = self
+            .state
+            .iter_mut()
+            .map(|d| std::mem::take(&mut d.updated))
+            .collect();
+        let args = self
+            .state
+            .iter()
+            .zip(updated)
             .zip(windows.into_iter().zip(&votes[vote as usize]))
-            .map(|(state, (w, v))| {
-                let mut list: Vec<Arg> = state.into_iter().map(Arg::Donated).collect();
+            .map(|((d, updated), (w, v))| {
+                let mut list = DeviceState::step_args(&d.frozen, updated, &self.layout);
                 list.push(Arg::Donated(w));
                 list.push(Arg::Borrowed(v));
                 list
@@ -484,43 +588,41 @@ impl Trainer {
         self.nonfinite_steps
     }
 
-    /// The step's outputs minus the scalars become the state; one step
-    /// done.
+    /// The step's outputs minus the scalars become the updated state; one
+    /// step done.
     fn keep_state(&mut self, outputs: Vec<Vec<Buffer>>, applied: bool) {
-        let state = self.layout.state_len();
-        self.state = outputs
-            .into_iter()
-            .map(|mut o| {
-                o.truncate(state);
-                o
-            })
-            .collect();
+        let updated = self.layout.updated_len();
+        for (d, mut o) in self.state.iter_mut().zip(outputs) {
+            o.truncate(updated);
+            d.updated = o;
+        }
         self.step += 1;
         if !applied {
             self.nonfinite_steps += 1;
         }
     }
 
-    /// The parameters' names and whole dims, in argument order.
-    fn param_dims(&self) -> Vec<(String, Vec<i64>)> {
+    /// The trained parameters' names and whole dims, in order (the
+    /// gradients').
+    fn trained_dims(&self) -> Vec<(String, Vec<i64>)> {
         self.layout
-            .specs
-            .iter()
-            .map(|s| (s.name.clone(), s.dims.clone()))
+            .trainable_specs()
+            .into_iter()
+            .map(|s| (s.name, s.dims))
             .collect()
     }
 
     /// The step as gradient program, host-side mean across processes,
     /// update program.
     fn split_step(&mut self, windows: Vec<Buffer>) -> Result<StepMetrics> {
-        let n = self.layout.n();
-        let specs = self.param_dims();
+        let specs = self.trained_dims();
+        let grad_shardings = self.layout.trainable_shardings(&self.mesh)?;
         let args = self
             .state
             .iter()
             .zip(windows)
             .map(|(state, w)| {
-                let mut list: Vec<Arg> = state[..n].iter().map(Arg::Borrowed).collect();
+                let mut list = state.params(&self.layout);
                 list.push(Arg::Donated(w));
                 list
             })
@@ -540,7 +642,7 @@ impl Trainer {
         let first = self.placement.local.start;
         let mut flat: Vec<f32> = Vec::new();
         for (k, (name, dims)) in specs.iter().enumerate() {
-            let on = &self.state_shardings[k];
+            let on = &grad_shardings[k];
             let whole = gather((name, dims), on, first, means.len(), |i| {
                 Ok(means[i][k].to_host::<f32>()?)
             })?;
@@ -563,14 +665,21 @@ impl Trainer {
         // The update step's `losses` argument: [ce, aux].
         let losses = [ce as f32, aux as f32];
         let mut args = Vec::with_capacity(self.state.len());
-        for (i, (state, dev)) in std::mem::take(&mut self.state)
-            .into_iter()
+        let updated: Vec<Vec<Buffer>> = self
+            .state
+            .iter_mut()
+            .map(|d| std::mem::take(&mut d.updated))
+            .collect();
+        for (i, ((state, updated), dev)) in self
+            .state
+            .iter()
+            .zip(updated)
             .zip(&self.placement.devices)
             .enumerate()
         {
-            let mut list: Vec<Arg> = state.into_iter().map(Arg::Donated).collect();
+            let mut list = DeviceState::step_args(&state.frozen, updated, &self.layout);
             let mut offset = 0;
-            for ((_, dims), on) in specs.iter().zip(&self.state_shardings) {
+            for ((_, dims), on) in specs.iter().zip(&grad_shardings) {
                 let len = dims.iter().product::<i64>() as usize;
                 let block = on.shard_dims(dims)?;
                 let part = shard_of(on, dims, &flat[offset..offset + len], first + i)?;
@@ -605,7 +714,6 @@ impl Trainer {
     /// each): (ce, aux) averaged over the job's devices.
     pub fn eval(&mut self, rows: &[Vec<i32>]) -> Result<(f64, f64)> {
         let t = &self.cfg.train;
-        let n = self.layout.n();
         let mut owned = vec![];
         if rows.len() != self.placement.devices.len() {
             bail!(
@@ -625,11 +733,9 @@ impl Trainer {
             .iter()
             .zip(&owned)
             .map(|(s, w)| {
-                s[..n]
-                    .iter()
-                    .chain(std::iter::once(w))
-                    .map(Arg::Borrowed)
-                    .collect()
+                let mut list = s.params(&self.layout);
+                list.push(Arg::Borrowed(w));
+                list
             })
             .collect();
         let out = self.eval_program.execute(args)?;
@@ -655,14 +761,8 @@ impl Trainer {
         })
     }
 
-    /// Where state tensor `k` of `group` is in each device's state list.
-    fn state_at(&self, group: Group, k: usize) -> usize {
-        let g = Group::ALL.iter().position(|&x| x == group).expect("in ALL");
-        g * self.layout.n() + k
-    }
-
-    /// State tensor `at` (see [`state_at`](Self::state_at)), whole, from
-    /// this process's devices.
+    /// State tensor `at` (a state position), whole, from this process's
+    /// devices.
     fn read_whole(&self, at: usize, name: &str, dims: &[i64]) -> Result<Vec<f32>> {
         let first = self.placement.local.start;
         gather(
@@ -670,18 +770,18 @@ impl Trainer {
             &self.state_shardings[at],
             first,
             self.state.len(),
-            |i| Ok(self.state[i][at].to_host::<f32>()?),
+            |i| Ok(self.state[i].at(&self.layout, at).to_host::<f32>()?),
         )
     }
 
     /// One of the state's tensor sets, whole, from this process's devices.
     fn read_group(&self, group: Group) -> Result<Tensors> {
-        self.param_dims()
+        self.layout
+            .group(group)
             .into_iter()
-            .enumerate()
-            .map(|(k, (name, dims))| {
-                let whole = self.read_whole(self.state_at(group, k), &name, &dims)?;
-                Ok((name, dims, whole))
+            .map(|(at, s)| {
+                let whole = self.read_whole(at, &s.name, &s.dims)?;
+                Ok((s.name.clone(), s.dims.clone(), whole))
             })
             .collect()
     }
@@ -712,8 +812,8 @@ impl Trainer {
         let first = self.placement.local.start;
         let mut out = vec![];
         for group in Group::ALL {
-            for (k, (name, dims)) in self.param_dims().into_iter().enumerate() {
-                let at = self.state_at(group, k);
+            for (at, spec) in self.layout.group(group) {
+                let (name, dims) = (spec.name.clone(), spec.dims.clone());
                 let shard = |index, values| Shard {
                     group,
                     name: name.clone(),
@@ -734,7 +834,10 @@ impl Trainer {
                     let offsets = on.shard_offsets(&dims, first + i)?;
                     let index =
                         shard_index(on, &dims, &offsets).with_context(|| format!("`{name}`"))?;
-                    out.push(shard(index, self.state[i][at].to_host::<f32>()?));
+                    out.push(shard(
+                        index,
+                        self.state[i].at(&self.layout, at).to_host::<f32>()?,
+                    ));
                 }
             }
         }
@@ -758,13 +861,12 @@ impl Trainer {
     /// Bytes of each local device's blocks of the parameters and both
     /// Adam moments, as the devices report them.
     pub fn state_bytes_per_device(&self) -> Result<Vec<usize>> {
-        let tensors = 3 * self.layout.n();
+        let tensors = self.layout.state_len() - 1;
         self.state
             .iter()
-            .map(|bufs| {
-                bufs[..tensors]
-                    .iter()
-                    .map(|b| Ok(b.on_device_size()?))
+            .map(|d| {
+                (0..tensors)
+                    .map(|at| Ok(d.at(&self.layout, at).on_device_size()?))
                     .sum::<Result<usize>>()
             })
             .collect()

@@ -22,6 +22,7 @@ use crate::ckpt::{self, shards};
 use crate::model::{count_params, param_specs, ModelConfig, ParamSpec};
 use crate::runtime::Backend;
 use crate::train::history;
+use crate::train::program::StepLayout;
 use crate::train::tensorboard::EventWriter;
 use crate::train::Config;
 
@@ -86,6 +87,8 @@ pub struct Job {
     pub config_toml: String,
     pub opts: CoordinatorOptions,
     specs: Vec<ParamSpec>,
+    /// The trained parameters' specs (the moments' shapes).
+    trained: Vec<ParamSpec>,
     /// What shards are assembled into, and the config.json of the files.
     model: ModelConfig,
     max_positions: i64,
@@ -217,9 +220,10 @@ impl Job {
         st.check_upload(rank, h.step, self.total_steps)
     }
 
-    /// The model's tensors (each in params, adam_m and adam_v).
+    /// The state's tensors: params, and adam_m and adam_v of the trained
+    /// ones.
     fn tensor_count(&self) -> usize {
-        self.specs.len()
+        self.specs.len() + 2 * self.trained.len()
     }
 
     /// Refuses shards (by their header) from a worker that is not of the
@@ -301,15 +305,18 @@ impl Job {
                 ))
             })?;
         let shards = parts.into_values().flat_map(|p| p.shards).collect();
-        let specs: Vec<(String, Vec<i64>)> = self
-            .specs
-            .iter()
-            .map(|s| (s.name.clone(), s.dims.clone()))
-            .collect();
+        let dims = |specs: &[ParamSpec]| -> Vec<(String, Vec<i64>)> {
+            specs
+                .iter()
+                .map(|s| (s.name.clone(), s.dims.clone()))
+                .collect()
+        };
         let refuse = |e: anyhow::Error| {
             Status::invalid_argument(format!("checkpoint for step {step}: {e:#}"))
         };
-        let c = shards::assemble_checkpoint(&specs, state, shards).map_err(refuse)?;
+        let c =
+            shards::assemble_checkpoint(&dims(&self.specs), &dims(&self.trained), state, shards)
+                .map_err(refuse)?;
         let files = ckpt::to_files(&self.model, self.max_positions, &c).map_err(refuse)?;
         drop(c);
         self.install_verified(CheckpointFiles { step, files })
@@ -482,6 +489,7 @@ pub async fn serve(
         backend: cfg.run.backend,
         config_toml: cfg.to_toml(),
         specs,
+        trained: StepLayout::new(&cfg).trainable_specs(),
         model: cfg.model.clone(),
         max_positions: cfg.train.seq_len,
         // params, two moments, headers and JSON.
