@@ -355,6 +355,67 @@ fn resume_of_a_per_layer_moe_run_is_bit_identical() {
     check_resume("resume-moe", &["model.preset=\"tiny-moe\""]);
 }
 
+/// `train.trainable`: only the routers and the final norm of a tiny-moe
+/// train. Every other tensor is byte-identical to its initial value after
+/// the run, the optimizer file holds moments of the trained tensors only,
+/// the trained ones moved, and the run resumes bit-identically.
+#[test]
+fn frozen_tensors_stay_byte_identical_and_only_trained_ones_have_moments() {
+    let trainable = [
+        "model.preset=\"tiny-moe\"",
+        "train.trainable=[\"model.layers.*.mlp.gate.weight\", \"model.norm.weight\"]",
+    ];
+    let dir = scratch("frozen");
+    let cfg = tiny_config(&dir, &trainable);
+    let last = sharedmoe::train::train(&cfg, &StartFrom::default(), None).unwrap();
+    let specs = sharedmoe::model::param_specs(&cfg.model);
+    let trained = |name: &str| {
+        name == "model.norm.weight"
+            || (name.starts_with("model.layers.") && name.ends_with(".mlp.gate.weight"))
+    };
+    let got = sharedmoe::ckpt::load(&last, &specs, sharedmoe::ckpt::Purpose::Resume).unwrap();
+    let start = sharedmoe::train::trainer::fresh_checkpoint(&cfg, cfg.train.seed);
+    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+    let mut frozen = 0;
+    for ((name, _, after), (_, _, before)) in got.params.iter().zip(&start.params) {
+        if trained(name) {
+            assert!(
+                bits(after) != bits(before),
+                "{name} was trained but did not move"
+            );
+        } else {
+            assert!(bits(after) == bits(before), "{name} is frozen but changed");
+            frozen += 1;
+        }
+    }
+    assert!(frozen > 10, "{frozen} frozen tensors");
+    // Routers of layers 0 and 2 (layer 1 is dense) and the final norm.
+    let want = [
+        "model.layers.0.mlp.gate.weight",
+        "model.layers.2.mlp.gate.weight",
+        "model.norm.weight",
+    ];
+    for moments in [&got.adam_m, &got.adam_v] {
+        let names: Vec<&str> = moments.iter().map(|(n, _, _)| n.as_str()).collect();
+        assert_eq!(names, want);
+    }
+    let file = std::fs::read(last.join("optimizer.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&file).unwrap();
+    assert_eq!(st.names().len(), 2 * want.len());
+    std::fs::remove_dir_all(&dir).unwrap();
+    check_resume("resume-frozen", &trainable);
+}
+
+/// A glob that matches no tensor is refused, naming it.
+#[test]
+fn a_trainable_glob_matching_nothing_is_refused() {
+    let text = "[model]\npreset = \"tiny-moe\"\n[train]\nseq_len = 8\nglobal_batch = 2\nmicro_batch = 2\nsteps = 2\nwarmup_steps = 0\nlr = 1e-3\nmin_lr = 1e-4\ncheckpoint_every = 0\n[data]\ntrain_bin = \"x.bin\"\n[run]\ndir = \"r\"\n";
+    let err = Config::parse(text, &["train.trainable=[\"model.pool.*\"]".to_string()])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("`model.pool.*` matches no parameter"), "{err}");
+}
+
 /// ... and learns on the shipped sample's text.
 #[test]
 fn a_per_layer_moe_learns_on_real_text() {
