@@ -350,6 +350,7 @@ pub fn model_config(config: &Value, path: &Path) -> Result<ModelConfig> {
         norm_topk_prob: bool_or("norm_topk_prob", false)?,
         decoder_sparse_step: int_or("decoder_sparse_step", 1)?,
         mlp_only_layers: if moe { mlp_only_layers } else { vec![] },
+        ..ModelConfig::dense125m()
     };
     model
         .validate()

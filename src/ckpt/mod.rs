@@ -162,6 +162,7 @@ pub fn hf_config(m: &ModelConfig, max_positions: i64) -> serde_json::Value {
         FfnKind::Dense => ("LlamaForCausalLM", "llama"),
         FfnKind::SharedMoe => ("SharedMoeForCausalLM", "sharedmoe"),
         FfnKind::Moe => ("Qwen3MoeForCausalLM", "qwen3_moe"),
+        FfnKind::PooledMoe => ("PooledMoeForCausalLM", "sharedmoe_pooled"),
     };
     let mut v = serde_json::json!({
         "architectures": [architecture],

@@ -131,13 +131,10 @@ fn route(
         })
         .collect::<Result<Vec<_>>>()?;
     let (e, k) = (m.num_experts as usize, m.experts_per_token as usize);
+    let layers: Vec<usize> = routed_layers(m).into_iter().map(|l| l as usize).collect();
     let mut stats = match m.ffn {
-        FfnKind::SharedMoe => RoutingStats::new(m.num_layers as usize, e, k),
-        _ => RoutingStats::per_layer(
-            routed_layers(m).into_iter().map(|l| l as usize).collect(),
-            e,
-            k,
-        ),
+        FfnKind::SharedMoe | FfnKind::PooledMoe => RoutingStats::shared_at(layers, e, k),
+        FfnKind::Moe | FfnKind::Dense => RoutingStats::per_layer(layers, e, k),
     };
     for rows in batches.iter().flatten() {
         let windows = client.buffer_from_host(rows, &[t.micro_batch, t.seq_len + 1], dev)?;

@@ -16,6 +16,38 @@ pub enum FfnKind {
     /// `mlp_only_layers`, or off the `decoder_sparse_step`, have a dense
     /// SwiGLU MLP of `intermediate_size` instead.
     Moe,
+    /// Experiment 2: a per-layer MoE whose experts were merged into ONE
+    /// pool of `num_experts` (`model.pool.*`) with one global router used
+    /// at every MoE layer (those of `mlp_only_layers` /
+    /// `decoder_sparse_step` as in `Moe`; the others keep their MLP).
+    /// Each MoE layer also keeps its original router as the distillation
+    /// teacher (`model.layers.{l}.mlp.gate.weight`, [pool_source_experts,
+    /// D]), which the forward does not use.
+    #[serde(rename = "pooled_moe")]
+    PooledMoe,
+}
+
+/// How a router turns logits into scores before its top-k.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RouterScore {
+    /// softmax over the experts (LLaMA-MoE, Qwen3, the shared block).
+    #[default]
+    Softmax,
+    /// sigmoid per expert (DeepSeek-V3): a_e = sigmoid(logit_e).
+    Sigmoid,
+}
+
+/// Which experts of the pool a pooled-MoE layer may choose.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolScope {
+    /// Any expert of the pool, at every layer (the experiment).
+    #[default]
+    Global,
+    /// Only the experts that came from this layer (`pool_origin`): the
+    /// original model's routing, for checking the conversion.
+    Layer,
 }
 
 /// Shape of a LLaMA-style model (dense) or of the shared-MoE proposal.
@@ -76,6 +108,24 @@ pub struct ModelConfig {
     pub decoder_sparse_step: i64,
     #[serde(default)]
     pub mlp_only_layers: Vec<i64>,
+    /// Router scores (pooled MoE; the other families use softmax).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub router_score: RouterScore,
+    /// Pooled MoE: which pool experts a layer may choose.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub pool_scope: PoolScope,
+    /// Pooled MoE: where each pool expert came from, [layer, expert] of
+    /// the per-layer model (kept through pruning).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub pool_origin: Vec<[i64; 2]>,
+    /// Pooled MoE: experts per layer of the per-layer model (the teacher
+    /// routers' rows).
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub pool_source_experts: i64,
+}
+
+fn is_default<T: Default + PartialEq>(v: &T) -> bool {
+    *v == T::default()
 }
 
 fn default_true() -> bool {
@@ -129,6 +179,10 @@ impl ModelConfig {
             norm_topk_prob: true,
             decoder_sparse_step: 1,
             mlp_only_layers: vec![],
+            router_score: RouterScore::Softmax,
+            pool_scope: PoolScope::Global,
+            pool_origin: vec![],
+            pool_source_experts: 0,
         }
     }
 
@@ -158,6 +212,10 @@ impl ModelConfig {
             norm_topk_prob: true,
             decoder_sparse_step: 1,
             mlp_only_layers: vec![],
+            router_score: RouterScore::Softmax,
+            pool_scope: PoolScope::Global,
+            pool_origin: vec![],
+            pool_source_experts: 0,
         }
     }
 
@@ -282,7 +340,7 @@ impl ModelConfig {
     /// Whether layer `l` of a per-layer MoE has experts (Qwen3-MoE's rule);
     /// false for the other families.
     pub fn layer_has_experts(&self, l: i64) -> bool {
-        self.ffn == FfnKind::Moe
+        matches!(self.ffn, FfnKind::Moe | FfnKind::PooledMoe)
             && !self.mlp_only_layers.contains(&l)
             && (l + 1) % self.decoder_sparse_step.max(1) == 0
     }
@@ -292,6 +350,35 @@ impl ModelConfig {
         (0..self.num_layers)
             .filter(|&l| self.layer_has_experts(l))
             .collect()
+    }
+
+    /// The pool's provenance: one origin per pool expert, each a MoE layer
+    /// and an expert of the per-layer model.
+    fn validate_pool(&self) -> anyhow::Result<()> {
+        if self.pool_origin.len() as i64 != self.num_experts {
+            anyhow::bail!(
+                "model.pool_origin has {} entries for model.num_experts = {} pool experts",
+                self.pool_origin.len(),
+                self.num_experts
+            );
+        }
+        if self.pool_source_experts <= 0 {
+            anyhow::bail!(
+                "model.pool_source_experts = {}: must be the per-layer model's experts per layer",
+                self.pool_source_experts
+            );
+        }
+        let layers = self.expert_layers();
+        for (j, &[l, e]) in self.pool_origin.iter().enumerate() {
+            if !layers.contains(&l) || !(0..self.pool_source_experts).contains(&e) {
+                anyhow::bail!(
+                    "model.pool_origin[{j}] = [{l}, {e}]: expected a MoE layer of {layers:?} and an \
+                     expert in 0..{}",
+                    self.pool_source_experts
+                );
+            }
+        }
+        Ok(())
     }
 
     /// The expert fields of an MoE family (`what`), naming the field.
@@ -365,7 +452,10 @@ impl ModelConfig {
                     self.intermediate_size
                 )
             }
-            FfnKind::Moe => {
+            FfnKind::Moe | FfnKind::PooledMoe => {
+                if self.ffn == FfnKind::PooledMoe {
+                    self.validate_pool()?;
+                }
                 self.validate_experts("a per-layer MoE")?;
                 if self.decoder_sparse_step < 1 {
                     anyhow::bail!(

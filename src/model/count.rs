@@ -182,6 +182,45 @@ pub fn checked_counts(c: &ModelConfig) -> anyhow::Result<Counts> {
             )?;
             active_moe = sum("parameters used per token", &[routed, router])?;
         }
+        FfnKind::PooledMoe => {
+            let (x, f, k) = (
+                c.num_experts,
+                c.expert_intermediate_size,
+                c.experts_per_token,
+            );
+            const LM: &str = "MoE layers";
+            let moe_layers = c.expert_layers().len() as i64;
+            mlp = product(
+                "MLP parameter count",
+                &[
+                    ("dense layers", l - moe_layers),
+                    (F, c.intermediate_size),
+                    (D, d),
+                    ("weights per layer", 3),
+                ],
+            )?;
+            // The global router, and each MoE layer's original router (the
+            // distillation teacher, which the forward does not use).
+            let global = product("router weight", &[(X, x), (D, d)])?;
+            let teachers = product(
+                "teacher router weights",
+                &[(LM, moe_layers), ("source experts", c.pool_source_experts), (D, d)],
+            )?;
+            router = sum("router weights", &[global, teachers])?;
+            experts = product(
+                "expert parameter count",
+                &[(X, x), (XF, f), (D, d), ("weights", 3)],
+            )?;
+            let routed = product(
+                "routed expert weights used per token",
+                &[(LM, moe_layers), (XF, f), (D, d), (K, k), ("weights", 3)],
+            )?;
+            let routing = product(
+                "router weights used per token",
+                &[(X, x), (D, d), (LM, moe_layers)],
+            )?;
+            active_moe = sum("parameters used per token", &[routed, routing])?;
+        }
     }
     // An untied model's input table is a lookup, not a matmul: not in N.
     let table_lookup = if c.tie_word_embeddings {

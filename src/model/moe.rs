@@ -27,6 +27,7 @@
 
 use crate::graph::{DType, DotDims, Result, Tensor, TensorType, WeightLayout::OutIn};
 
+use super::config::RouterScore;
 use super::layers::{accumulation_dtype, silu};
 use super::params::Moe;
 
@@ -59,12 +60,61 @@ pub fn route(x: &Tensor, router: &Tensor, k: i64) -> Result<Routing> {
 /// only when `normalize` (Qwen3-MoE's `norm_topk_prob`); otherwise they
 /// are the plain softmax probabilities.
 pub fn route_as(x: &Tensor, router: &Tensor, k: i64, normalize: bool) -> Result<Routing> {
+    let rule = RouterRule {
+        score: RouterScore::Softmax,
+        normalize,
+    };
+    route_with(x, router, k, rule, None)
+}
+
+/// How a router turns its logits into the chosen experts' weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RouterRule {
+    pub score: RouterScore,
+    /// Divide the chosen experts' scores by their sum.
+    pub normalize: bool,
+}
+
+/// Added to the logits of experts a layer may not choose (a pooled MoE
+/// restricted to a layer's own experts): far below any real logit, finite
+/// so that no inf - inf appears.
+pub const EXCLUDED_LOGIT: f64 = -1e30;
+
+/// The router on x [N, D] with weights [E, D] under `rule`, the logits
+/// plus `mask` [E] (0 or [`EXCLUDED_LOGIT`]) where given: scores are
+/// softmax(logits) or sigmoid(logits) in the accumulation dtype, the top-k
+/// of them are chosen, and their weights are the scores, renormalised if
+/// `rule.normalize`. `probs` is softmax(logits) for softmax scoring and
+/// the sigmoid scores over their sum for sigmoid scoring (a distribution
+/// over the experts either way, for the balance loss).
+pub fn route_with(
+    x: &Tensor,
+    router: &Tensor,
+    k: i64,
+    rule: RouterRule,
+    mask: Option<&Tensor>,
+) -> Result<Routing> {
     let n = x.dim(0)?;
     let acc = accumulation_dtype(x.dtype());
-    let probs = x.convert(acc)?.linear(&router.convert(acc)?)?.softmax(-1)?;
-    let (top, experts) = probs.top_k(k)?;
-    let weights = if normalize {
-        top.div(&top.reduce_sum(&[1])?.reshape(&[n, 1])?)?
+    let mut logits = x.convert(acc)?.linear(&router.convert(acc)?)?;
+    if let Some(m) = mask {
+        let e = m.dim(0)?;
+        logits = logits.add(&m.convert(acc)?.reshape(&[1, e])?)?;
+    }
+    let sum_rows = |t: &Tensor| -> Result<Tensor> { t.reduce_sum(&[1])?.reshape(&[n, 1]) };
+    let (probs, scores) = match rule.score {
+        RouterScore::Softmax => {
+            let p = logits.softmax(-1)?;
+            (p.clone(), p)
+        }
+        RouterScore::Sigmoid => {
+            let a = logits.logistic()?;
+            (a.div(&sum_rows(&a)?)?, a)
+        }
+    };
+    let (top, experts) = scores.top_k(k)?;
+    let weights = if rule.normalize {
+        top.div(&sum_rows(&top)?)?
     } else {
         top
     };
@@ -156,15 +206,19 @@ fn expert_outputs(
     }
 }
 
-/// The shared MoE on x [N, D]: returns (output [N, D], balance loss).
+/// The shared MoE (or a pooled MoE's pool) on x [N, D], routed by `rule`
+/// over the experts `mask` leaves (all when None): returns (output [N,
+/// D], balance loss).
 pub fn shared_moe(
     x: &Tensor,
     w: &Moe<Tensor>,
     k: i64,
+    rule: RouterRule,
+    mask: Option<&Tensor>,
     compute: ExpertCompute,
 ) -> Result<(Tensor, Tensor)> {
     let e = w.router.dim(0)?;
-    let r = route(x, &w.router, k)?;
+    let r = route_with(x, &w.router, k, rule, mask)?;
     let aux = balance_loss(&r, e)?;
     Ok((expert_outputs(x, w, &r, e, compute)?, aux))
 }

@@ -144,6 +144,10 @@ pub enum LayerFfn<T> {
     Shared,
     /// Its own router and experts (per-layer MoE).
     Moe(Moe<T>),
+    /// The pooled MoE's pool and global router ([`Params::shared_moe`],
+    /// `model.pool.*`), and the layer's original router [E_src, D], kept
+    /// as the distillation teacher (`model.layers.{l}.mlp.gate.weight`).
+    Pooled { teacher: T },
 }
 
 /// SwiGLU weights: gate and up [F, D], down [D, F]; stacked over experts
@@ -219,6 +223,16 @@ impl Params<ParamSpec> {
                     dims,
                 )
             };
+            let dense_mlp = || {
+                let f = c.intermediate_size;
+                let mlp =
+                    |n: &str, dims: &[i64]| matrix(Role::Mlp, name(&format!("mlp.{n}.weight")), dims);
+                Mlp {
+                    gate: mlp("gate_proj", &[f, d]),
+                    up: mlp("up_proj", &[f, d]),
+                    down: mlp("down_proj", &[d, f]),
+                }
+            };
             Layer {
                 attn_norm: ParamSpec::gain(name("input_layernorm.weight"), d),
                 attn: Attention {
@@ -237,23 +251,28 @@ impl Params<ParamSpec> {
                         let prefix = name("mlp");
                         LayerFfn::Moe(Moe::spec(c, &prefix, &format!("{prefix}.gate.weight")))
                     }
-                    FfnKind::Dense | FfnKind::Moe => {
-                        let f = c.intermediate_size;
-                        let mlp = |n: &str, dims: &[i64]| {
-                            matrix(Role::Mlp, name(&format!("mlp.{n}.weight")), dims)
-                        };
-                        LayerFfn::Mlp(Mlp {
-                            gate: mlp("gate_proj", &[f, d]),
-                            up: mlp("up_proj", &[f, d]),
-                            down: mlp("down_proj", &[d, f]),
-                        })
-                    }
+                    FfnKind::Dense | FfnKind::Moe => LayerFfn::Mlp(dense_mlp()),
                     FfnKind::SharedMoe => LayerFfn::Shared,
+                    FfnKind::PooledMoe if c.layer_has_experts(i) => LayerFfn::Pooled {
+                        teacher: matrix(
+                            Role::Router,
+                            name("mlp.gate.weight"),
+                            &[c.pool_source_experts, d],
+                        ),
+                    },
+                    FfnKind::PooledMoe => LayerFfn::Mlp(dense_mlp()),
                 },
             }
         };
-        let shared_moe = (c.ffn == FfnKind::SharedMoe)
-            .then(|| Moe::spec(c, "model.shared_moe", "model.shared_moe.router.weight"));
+        let shared_moe = match c.ffn {
+            FfnKind::SharedMoe => Some(Moe::spec(
+                c,
+                "model.shared_moe",
+                "model.shared_moe.router.weight",
+            )),
+            FfnKind::PooledMoe => Some(Moe::spec(c, "model.pool", "model.pool.router.weight")),
+            FfnKind::Dense | FfnKind::Moe => None,
+        };
         Params {
             embed,
             layers: (0..c.num_layers).map(layer).collect(),
@@ -307,6 +326,9 @@ impl<T> Params<T> {
                     LayerFfn::Mlp(m) => LayerFfn::Mlp(m.try_map(&mut f)?),
                     LayerFfn::Shared => LayerFfn::Shared,
                     LayerFfn::Moe(m) => LayerFfn::Moe(m.try_map(&mut f)?),
+                    LayerFfn::Pooled { teacher } => LayerFfn::Pooled {
+                        teacher: f(teacher)?,
+                    },
                 },
             });
         }

@@ -7,8 +7,8 @@
 //! token).
 //!
 //! The program only reads the model; it never changes the training forward
-//! or the routers ([`route_as`] is the very function the MoE blocks use,
-//! with [`Transformer::layer_router`]'s weights).
+//! or the routers ([`route_with`] is the very function the MoE blocks use,
+//! with [`Transformer::layer_router`]'s weights, rule and mask).
 //!
 //! Shapes: L layers, E experts, k experts per token, M rows of S tokens,
 //! N = M * S tokens, D hidden.
@@ -16,7 +16,7 @@
 use crate::graph::{DType, Function, Graph, GraphError, HostTensor, Result, Tensor, TensorType};
 
 use super::config::{FfnKind, ModelConfig};
-use super::moe::route_as;
+use super::moe::route_with;
 use super::params::{declare_params, Params};
 use super::transformer::Transformer;
 
@@ -36,12 +36,13 @@ pub struct LayerRouting {
 }
 
 /// The layers [`trace_routing`] traces: every layer of a shared-MoE
-/// model, the MoE layers of a per-layer one, none of a dense one.
+/// model, the MoE layers of a per-layer or pooled one, none of a dense
+/// one.
 pub fn routed_layers(cfg: &ModelConfig) -> Vec<i64> {
     match cfg.ffn {
         FfnKind::Dense => vec![],
         FfnKind::SharedMoe => (0..cfg.num_layers).collect(),
-        FfnKind::Moe => cfg.expert_layers(),
+        FfnKind::Moe | FfnKind::PooledMoe => cfg.expert_layers(),
     }
 }
 
@@ -67,7 +68,8 @@ pub fn trace_routing(
             return Ok(());
         };
         let x = model.ffn_norm(i, h)?.reshape(&[b * s, d])?;
-        let r = route_as(&x, &router.weight, cfg.experts_per_token, router.normalize)?;
+        let k = cfg.experts_per_token;
+        let r = route_with(&x, &router.weight, k, router.rule, router.mask.as_ref())?;
         layers.push(LayerRouting {
             layer: i,
             input: x,
@@ -189,8 +191,15 @@ pub struct LayerOverlap {
 impl RoutingStats {
     /// Statistics of a shared pool used by `layers` layers.
     pub fn new(layers: usize, experts: usize, k: usize) -> RoutingStats {
+        RoutingStats::shared_at((0..layers).collect(), experts, k)
+    }
+
+    /// Statistics of a shared pool used by the model layers `layer_ids`
+    /// (a pooled MoE's MoE layers).
+    pub fn shared_at(layer_ids: Vec<usize>, experts: usize, k: usize) -> RoutingStats {
+        let layers = layer_ids.len();
         let m = |n| vec![vec![0; n]; layers];
-        let mut s = RoutingStats::per_layer((0..layers).collect(), experts, k);
+        let mut s = RoutingStats::per_layer(layer_ids, experts, k);
         s.pool = ExpertPool::Shared;
         s.overlap = Some(LayerOverlap {
             tokens: 0,

@@ -1,22 +1,31 @@
 //! The whole model: embeddings, the pre-norm blocks, the final norm, tied
 //! output logits, and the next-token loss.
 
-use crate::graph::{DType, GraphError, Mesh, Result, Sharding, Tensor};
+use crate::graph::{DType, GraphError, Mesh, Result, Sharding, Tensor, TensorType};
 
-use super::config::ModelConfig;
+use super::config::{FfnKind, ModelConfig, RouterScore};
 use super::layers::{
     accumulation_dtype, attention, attention_cached, rms_norm, rope_at, rope_tables, swiglu, Heads,
 };
-use super::moe::{layer_moe, pooled_balance_loss, shared_moe, ExpertCompute, RouterTotals};
+use super::config::PoolScope;
+use super::moe::{
+    layer_moe, pooled_balance_loss, shared_moe, ExpertCompute, RouterRule, RouterTotals,
+    EXCLUDED_LOGIT,
+};
 use super::params::{Attention, Layer, LayerFfn, Mlp, Moe, Params, QkNorm};
 
-/// A router as a layer's MoE block applies it ([`route_as`](super::moe::route_as)).
+/// A router as a layer's MoE block applies it
+/// ([`route_with`](super::moe::route_with)).
 pub struct LayerRouter {
     /// [E, D], in the compute dtype.
     pub weight: Tensor,
-    /// Whether the chosen experts' probabilities are renormalised to sum
-    /// to 1 (always for the shared block; `norm_topk_prob` per layer).
-    pub normalize: bool,
+    /// Scores and renormalisation (softmax, always renormalised, for the
+    /// shared block; softmax and `norm_topk_prob` per layer; the pool's
+    /// `router_score` and `norm_topk_prob` for a pooled MoE).
+    pub rule: RouterRule,
+    /// [E]: 0 for experts the layer may choose, [`EXCLUDED_LOGIT`] for
+    /// the others (a pooled MoE restricted to each layer's own experts).
+    pub mask: Option<Tensor>,
 }
 
 /// The model traced over its parameter tree.
@@ -202,15 +211,55 @@ impl<'a> Transformer<'a> {
     pub fn layer_router(&self, i: i64) -> Result<Option<LayerRouter>> {
         Ok(match &self.layer_params(i)?.ffn {
             LayerFfn::Mlp(_) => None,
-            LayerFfn::Shared => Some(LayerRouter {
-                weight: self.shared_moe()?.router.clone(),
-                normalize: true,
-            }),
+            LayerFfn::Shared | LayerFfn::Pooled { .. } => {
+                let (rule, mask) = self.pool_routing(i)?;
+                Some(LayerRouter {
+                    weight: self.shared_moe()?.router.clone(),
+                    rule,
+                    mask,
+                })
+            }
             LayerFfn::Moe(m) => Some(LayerRouter {
                 weight: self.p(&m.router)?,
-                normalize: self.cfg.norm_topk_prob,
+                rule: RouterRule {
+                    score: RouterScore::Softmax,
+                    normalize: self.cfg.norm_topk_prob,
+                },
+                mask: None,
             }),
         })
+    }
+
+    /// How layer `i` routes over the shared block or the pool: the shared
+    /// block with softmax and renormalised weights, the pool with its
+    /// `router_score` and `norm_topk_prob`, restricted to the experts
+    /// from layer `i` under `pool_scope = "layer"`.
+    fn pool_routing(&self, i: i64) -> Result<(RouterRule, Option<Tensor>)> {
+        let c = self.cfg;
+        if c.ffn != FfnKind::PooledMoe {
+            let rule = RouterRule {
+                score: RouterScore::Softmax,
+                normalize: true,
+            };
+            return Ok((rule, None));
+        }
+        let rule = RouterRule {
+            score: c.router_score,
+            normalize: c.norm_topk_prob,
+        };
+        let mask = match c.pool_scope {
+            PoolScope::Global => None,
+            PoolScope::Layer => {
+                let values: Vec<f64> = c
+                    .pool_origin
+                    .iter()
+                    .map(|&[l, _]| if l == i { 0.0 } else { EXCLUDED_LOGIT })
+                    .collect();
+                let g = self.params.norm.graph();
+                Some(g.constant(&values, TensorType::new(DType::F32, &[c.num_experts]))?)
+            }
+        };
+        Ok((rule, mask))
     }
 
     /// Input embeddings [B, S, D] of tokens [B, S] (through the factorised
@@ -278,13 +327,15 @@ impl<'a> Transformer<'a> {
                 swiglu(&x, &self.p(&m.gate)?, &self.p(&m.up)?, &self.p(&m.down)?)?,
                 None,
             ),
-            LayerFfn::Shared => {
+            LayerFfn::Shared | LayerFfn::Pooled { .. } => {
+                let (rule, mask) = self.pool_routing(i)?;
+                let mask = mask.as_ref();
                 let (y, aux) = match &self.per_device {
-                    None => shared_moe(&tokens, self.shared_moe()?, k, self.experts)?,
+                    None => shared_moe(&tokens, self.shared_moe()?, k, rule, mask, self.experts)?,
                     Some(p) => {
                         let local = tokens.to_manual(&p.tokens)?;
                         let weights = p.shared.as_ref().expect("entered with the shared block");
-                        let (y, aux) = shared_moe(&local, weights, k, self.experts)?;
+                        let (y, aux) = shared_moe(&local, weights, k, rule, mask, self.experts)?;
                         let losses = aux.reshape(&[1])?.from_manual(&p.rows)?;
                         (y.from_manual(&p.tokens)?, losses.mean(&[0])?)
                     }
