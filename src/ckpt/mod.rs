@@ -15,6 +15,7 @@ pub mod hf;
 pub mod hf_import;
 pub mod integrity;
 pub mod lock;
+pub mod pool;
 pub mod rundir;
 pub mod shards;
 pub mod streamed;
@@ -271,8 +272,12 @@ pub fn to_files(model: &ModelConfig, max_positions: i64, ckpt: &Checkpoint) -> R
             "model.safetensors".into(),
             safetensors_bytes(&ckpt.params, "")?,
         ),
-        ("optimizer.safetensors".into(), optimizer_bytes(ckpt)?),
     ];
+    // Weights only (an import, a conversion): no optimizer file, which
+    // `Purpose::Weights` accepts and a run starts with zero moments.
+    if !(ckpt.adam_m.is_empty() && ckpt.adam_v.is_empty()) {
+        files.push(("optimizer.safetensors".into(), optimizer_bytes(ckpt)?));
+    }
     let mut state = ckpt.state.clone();
     state.format = FORMAT;
     state.files = files

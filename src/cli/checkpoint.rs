@@ -19,6 +19,9 @@ pub enum CheckpointCommand {
     /// A Hugging Face llama or qwen3_moe directory as our checkpoint
     /// (step 0, tensor by tensor).
     ImportHf(crate::cli::import_hf::ImportHfArgs),
+    /// A per-layer MoE's experts merged into one pool with a new global
+    /// router (Experiment 2).
+    ConvertPool(crate::cli::convert_pool::ConvertPoolArgs),
 }
 
 pub fn run(c: &CheckpointCommand) -> Result<()> {
@@ -26,6 +29,7 @@ pub fn run(c: &CheckpointCommand) -> Result<()> {
         CheckpointCommand::Inspect { dir } => print!("{}", inspect(dir)?),
         CheckpointCommand::ExportHf(a) => crate::cli::export_hf::run(a)?,
         CheckpointCommand::ImportHf(a) => crate::cli::import_hf::run(a)?,
+        CheckpointCommand::ConvertPool(a) => crate::cli::convert_pool::run(a)?,
     }
     Ok(())
 }

@@ -7,6 +7,7 @@ mod bench_parity;
 mod bench_step;
 pub mod checkpoint;
 pub mod compile;
+pub mod convert_pool;
 pub mod data;
 pub mod dist;
 pub mod doctor;

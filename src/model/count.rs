@@ -204,7 +204,11 @@ pub fn checked_counts(c: &ModelConfig) -> anyhow::Result<Counts> {
             let global = product("router weight", &[(X, x), (D, d)])?;
             let teachers = product(
                 "teacher router weights",
-                &[(LM, moe_layers), ("source experts", c.pool_source_experts), (D, d)],
+                &[
+                    (LM, moe_layers),
+                    ("source experts", c.pool_source_experts),
+                    (D, d),
+                ],
             )?;
             router = sum("router weights", &[global, teachers])?;
             experts = product(

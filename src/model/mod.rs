@@ -23,8 +23,8 @@ pub mod params;
 pub mod routing;
 pub mod transformer;
 
-pub use config::{FfnKind, ModelConfig};
+pub use config::{FfnKind, ModelConfig, PoolScope, RouterScore};
 pub use count::{active_params_per_token, count_breakdown, count_params};
 pub use moe::ExpertCompute;
-pub use params::{declare_params, init_params, param_specs, ParamSpec, Params, Role};
+pub use params::{declare_params, init_params, init_values, param_specs, ParamSpec, Params, Role};
 pub use transformer::{LayerRouter, Loss, Transformer};

@@ -225,8 +225,9 @@ impl Params<ParamSpec> {
             };
             let dense_mlp = || {
                 let f = c.intermediate_size;
-                let mlp =
-                    |n: &str, dims: &[i64]| matrix(Role::Mlp, name(&format!("mlp.{n}.weight")), dims);
+                let mlp = |n: &str, dims: &[i64]| {
+                    matrix(Role::Mlp, name(&format!("mlp.{n}.weight")), dims)
+                };
                 Mlp {
                     gate: mlp("gate_proj", &[f, d]),
                     up: mlp("up_proj", &[f, d]),
@@ -417,18 +418,24 @@ pub fn init_params(c: &ModelConfig, seed: u64) -> Vec<(ParamSpec, Vec<f32>)> {
     param_specs(c)
         .into_iter()
         .map(|s| {
-            let n = s.num_elements() as usize;
-            let values = match s.init {
-                Init::Ones => vec![1.0; n],
-                Init::Normal { std } => {
-                    let mut rng = ChaCha20Rng::seed_from_u64(seed ^ fnv1a(&s.name));
-                    let normal = Normal::new(0.0, std).expect("std is positive");
-                    (0..n).map(|_| normal.sample(&mut rng) as f32).collect()
-                }
-            };
+            let values = init_values(&s, seed);
             (s, values)
         })
         .collect()
+}
+
+/// The initial values of one parameter from the run's `seed` (each
+/// tensor's stream depends on its name only, so one can be drawn alone).
+pub fn init_values(s: &ParamSpec, seed: u64) -> Vec<f32> {
+    let n = s.num_elements() as usize;
+    match s.init {
+        Init::Ones => vec![1.0; n],
+        Init::Normal { std } => {
+            let mut rng = ChaCha20Rng::seed_from_u64(seed ^ fnv1a(&s.name));
+            let normal = Normal::new(0.0, std).expect("std is positive");
+            (0..n).map(|_| normal.sample(&mut rng) as f32).collect()
+        }
+    }
 }
 
 fn fnv1a(s: &str) -> u64 {

@@ -3,11 +3,11 @@
 
 use crate::graph::{DType, GraphError, Mesh, Result, Sharding, Tensor, TensorType};
 
+use super::config::PoolScope;
 use super::config::{FfnKind, ModelConfig, RouterScore};
 use super::layers::{
     accumulation_dtype, attention, attention_cached, rms_norm, rope_at, rope_tables, swiglu, Heads,
 };
-use super::config::PoolScope;
 use super::moe::{
     layer_moe, pooled_balance_loss, shared_moe, ExpertCompute, RouterRule, RouterTotals,
     EXCLUDED_LOGIT,

@@ -1,0 +1,226 @@
+//! Experiment 2's pooled MoE: `checkpoint convert-pool` of a per-layer
+//! MoE, and the conversion identity (a pool routed like the original,
+//! restricted to each layer's own experts with the original routers as
+//! the global router's slices, gives the original model's logits).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::{normal, rng, sharedmoe, sharedmoe_ok};
+use sharedmoe::ckpt::{self, Checkpoint, Purpose};
+use sharedmoe::model::{param_specs, PoolScope, RouterScore};
+use sharedmoe::train::Config;
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("sharedmoe-pool-{}-{name}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn config_of(dir: &Path) -> Config {
+    sharedmoe::cli::eval::checkpoint_config(dir).unwrap()
+}
+
+fn load(dir: &Path) -> Checkpoint {
+    let cfg = config_of(dir);
+    ckpt::load(dir, &param_specs(&cfg.model), Purpose::Weights).unwrap()
+}
+
+/// Writes `c` with run config `cfg` to `dir` (weights only).
+fn save(dir: &Path, cfg: &Config, mut c: Checkpoint) {
+    c.state.config_toml = cfg.to_toml();
+    c.state.config_sha256 = ckpt::sha256_hex(&c.state.config_toml);
+    ckpt::save(dir, &cfg.model, cfg.train.seq_len, &c).unwrap();
+}
+
+fn tensor<'a>(c: &'a Checkpoint, name: &str) -> &'a [f32] {
+    &c.params
+        .iter()
+        .find(|(n, _, _)| n == name)
+        .unwrap_or_else(|| panic!("no tensor {name}"))
+        .2
+}
+
+/// Logits [B, S, V] of the checkpoint's model on fixed tokens.
+fn logits(dir: &Path) -> Vec<f64> {
+    let rows: Vec<Vec<i32>> = (0..3)
+        .map(|r| {
+            (0..17)
+                .map(|i| ((i * 37 + r * 101 + 5) % 256) as i32)
+                .collect()
+        })
+        .collect();
+    let got = common::run_checkpoint_model(dir, &rows, |model, win| {
+        let inputs = win.slice_axis(1, 0, win.dim(1).unwrap() - 1).unwrap();
+        let (h, _) = model.hidden(&inputs).unwrap();
+        vec![model.logits(&h).unwrap()]
+    });
+    got[0].to_f64()
+}
+
+fn max_rel(a: &[f64], b: &[f64]) -> f64 {
+    let scale = b.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
+        / scale
+}
+
+/// A tiny-moe (3 layers, layer 1 dense, 8 experts, top-2) with routers
+/// scaled up so that every choice is decisive (initial routers are near
+/// uniform and their near-ties could flip on summation order).
+fn per_layer_model(dir: &Path, norm_topk_prob: bool) -> PathBuf {
+    let init = dir.join("init");
+    sharedmoe_ok(&[
+        "init",
+        "--config",
+        "configs/tiny-moe.toml",
+        "--set",
+        &format!("model.norm_topk_prob={norm_topk_prob}"),
+        "--out",
+        init.to_str().unwrap(),
+    ]);
+    let cfg = config_of(&init);
+    let mut c = load(&init);
+    let mut r = rng(11);
+    for (name, _, v) in &mut c.params {
+        if name.ends_with("mlp.gate.weight") {
+            let z = normal(&mut r, v.len());
+            for (x, z) in v.iter_mut().zip(z) {
+                *x = z as f32;
+            }
+        }
+    }
+    let src = dir.join("src");
+    save(&src, &cfg, c);
+    src
+}
+
+#[test]
+fn convert_pool_merges_the_experts_and_keeps_the_rest() {
+    let dir = scratch("convert");
+    let src = per_layer_model(&dir, true);
+    let out = dir.join("pooled");
+    let text = sharedmoe_ok(&[
+        "checkpoint",
+        "convert-pool",
+        src.to_str().unwrap(),
+        out.to_str().unwrap(),
+        "--seed",
+        "5",
+    ]);
+    assert!(
+        text.contains("2 MoE layers x 8 experts -> one pool of 16 with a Sigmoid global router"),
+        "{text}"
+    );
+    let (a, b) = (load(&src), load(&out));
+    let m = config_of(&out).model;
+    assert_eq!(m.num_experts, 16);
+    assert_eq!(m.router_score, RouterScore::Sigmoid);
+    assert_eq!(m.pool_scope, PoolScope::Global);
+    let origin: Vec<[i64; 2]> = [0, 2]
+        .iter()
+        .flat_map(|&l| (0..8).map(move |e| [l, e]))
+        .collect();
+    assert_eq!(m.pool_origin, origin);
+    // The pool is layer 0's experts then layer 2's, for every projection.
+    for proj in ["gate_proj", "up_proj", "down_proj"] {
+        let mut want = tensor(&a, &format!("model.layers.0.mlp.experts.{proj}")).to_vec();
+        want.extend_from_slice(tensor(&a, &format!("model.layers.2.mlp.experts.{proj}")));
+        assert!(
+            tensor(&b, &format!("model.pool.experts.{proj}")) == want,
+            "{proj}"
+        );
+    }
+    // Everything else of the per-layer model is there unchanged (the
+    // routers as teachers); the dense layer's MLP too.
+    for (name, _, v) in &a.params {
+        if !name.contains(".mlp.experts.") {
+            assert!(tensor(&b, name) == &v[..], "{name}");
+        }
+    }
+    let g = tensor(&b, "model.pool.router.weight");
+    assert_eq!(g.len(), 16 * 64);
+    let std = (g.iter().map(|x| (*x as f64).powi(2)).sum::<f64>() / g.len() as f64).sqrt();
+    assert!((std - 0.02).abs() < 0.002, "global router std {std}");
+    assert!(!out.join("optimizer.safetensors").exists());
+
+    // Refusals: a written OUT is not overwritten; a model without
+    // per-layer experts is not converted.
+    let again = sharedmoe(&[
+        "checkpoint",
+        "convert-pool",
+        src.to_str().unwrap(),
+        out.to_str().unwrap(),
+    ]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
+    let dense = dir.join("dense");
+    sharedmoe_ok(&[
+        "init",
+        "--config",
+        "configs/tiny-dense.toml",
+        "--out",
+        dense.to_str().unwrap(),
+    ]);
+    let refused = sharedmoe(&[
+        "checkpoint",
+        "convert-pool",
+        dense.to_str().unwrap(),
+        dir.join("x").to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("per-layer MoE (ffn = \"moe\")"), "{err}");
+    assert!(!dir.join("x").exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The conversion identity, with and without `norm_topk_prob`: softmax
+/// scores, each layer restricted to its own slice of the pool, and the
+/// global router's slices set to the original routers.
+#[test]
+fn a_pool_routed_like_the_original_reproduces_its_logits() {
+    for norm in [true, false] {
+        let dir = scratch(&format!("identity-{norm}"));
+        let src = per_layer_model(&dir, norm);
+        let pooled = dir.join("pooled");
+        sharedmoe_ok(&[
+            "checkpoint",
+            "convert-pool",
+            src.to_str().unwrap(),
+            pooled.to_str().unwrap(),
+            "--score",
+            "softmax",
+        ]);
+        let mut cfg = config_of(&pooled);
+        let mut c = load(&pooled);
+        let teachers: Vec<f32> = [0, 2]
+            .iter()
+            .flat_map(|l| tensor(&c, &format!("model.layers.{l}.mlp.gate.weight")).to_vec())
+            .collect();
+        let at = c
+            .params
+            .iter()
+            .position(|(n, _, _)| n == "model.pool.router.weight")
+            .unwrap();
+        c.params[at].2 = teachers;
+        cfg.model.pool_scope = PoolScope::Layer;
+        let identity = dir.join("identity");
+        save(&identity, &cfg, c);
+        let (want, got) = (logits(&src), logits(&identity));
+        let err = max_rel(&got, &want);
+        println!("norm_topk_prob {norm}: pooled vs per-layer logits, max error / max |logit| = {err:.2e}");
+        assert!(err < 1e-5, "norm_topk_prob {norm}: {err}");
+        // Routed over the whole pool instead, the same weights give other
+        // logits: the restriction is what makes the identity.
+        cfg.model.pool_scope = PoolScope::Global;
+        let global = dir.join("global");
+        save(&global, &cfg, load(&identity));
+        let err = max_rel(&logits(&global), &want);
+        assert!(err > 1e-3, "global routing changed nothing: {err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
