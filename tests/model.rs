@@ -8,8 +8,9 @@ use common::{client, normal, rng};
 use sharedmoe::graph::{grad, DType, Graph, HostTensor, Tensor, TensorType};
 use sharedmoe::model::params::{Mlp, Moe};
 use sharedmoe::model::{
-    init_params, param_specs, ExpertCompute, FfnKind, ModelConfig, Params, Transformer,
+    init_params, param_specs, ExpertCompute, FfnKind, ModelConfig, Params, RouterScore, Transformer,
 };
+use sharedmoe::train::config::Objective;
 
 /// Small enough for finite differences, large enough to exercise GQA,
 /// RoPE, factorised embeddings and multi-block routing.
@@ -70,6 +71,15 @@ fn loss_and_grads(
     cfg: &ModelConfig,
     experts: ExpertCompute,
 ) -> (sharedmoe::graph::Compiled, Vec<TensorType>) {
+    objective_and_grads(cfg, experts, Objective::Lm)
+}
+
+/// [`loss_and_grads`] of `objective`.
+fn objective_and_grads(
+    cfg: &ModelConfig,
+    experts: ExpertCompute,
+    objective: Objective,
+) -> (sharedmoe::graph::Compiled, Vec<TensorType>) {
     let g = Graph::new();
     let params = Params::spec(cfg)
         .try_map(|s| g.param(&s.name, TensorType::new(DType::F64, &s.dims)))
@@ -80,7 +90,14 @@ fn loss_and_grads(
     let model = Transformer::new(cfg, &params, DType::F64)
         .unwrap()
         .with_expert_compute(experts);
-    let loss = model.loss(&win).unwrap();
+    let loss = match objective {
+        Objective::Lm => model.loss(&win).unwrap(),
+        Objective::RouterDistill => model
+            .with_teacher_routing()
+            .unwrap()
+            .distill_loss(&win)
+            .unwrap(),
+    };
     let refs: Vec<&Tensor> = params.leaves();
     let grads = grad(&loss.total, &refs).unwrap();
     let mut outs = vec![&loss.total, &loss.ce, &loss.aux];
@@ -132,13 +149,18 @@ fn check_full_model_gradient(ffn: FfnKind) {
 }
 
 fn check_model_gradient(cfg: ModelConfig) {
+    check_objective_gradient(cfg, Objective::Lm);
+}
+
+fn check_objective_gradient(cfg: ModelConfig, objective: Objective) {
     let ffn = cfg.ffn;
     cfg.validate().unwrap();
-    let (step, types) = loss_and_grads(
+    let (step, types) = objective_and_grads(
         &cfg,
         ExpertCompute::Routed {
             block: cfg.moe_block_size,
         },
+        objective,
     );
     let x = initial_values(&cfg, 3);
     let base = run(&step, &types, &x);
@@ -148,7 +170,11 @@ fn check_model_gradient(cfg: ModelConfig) {
     // k_proj, feeding layer 2's router) differs by 9e-6 relative from
     // central differences, at h = 1e-6 and 3e-7 every tensor is within
     // 1e-6, so the gradient is right and the step is the truncation.
-    let h = if ffn == FfnKind::Moe { 1e-6 } else { 1e-5 };
+    let h = if matches!(ffn, FfnKind::Moe | FfnKind::PooledMoe) {
+        1e-6
+    } else {
+        1e-5
+    };
     let mut worst: f64 = 0.0;
     for p in 0..n_params {
         let dir = normal(&mut rng(100 + p as u64), x[p].len());
@@ -199,6 +225,26 @@ fn per_layer_moe_without_top_k_normalisation_gradient_matches_finite_differences
         norm_topk_prob: false,
         ..small(FfnKind::Moe)
     });
+}
+
+/// The pooled MoE of `small(Moe)` (`checkpoint convert-pool`): 8 pool
+/// experts from layers 0 and 2, the given scores.
+fn small_pooled(score: RouterScore) -> ModelConfig {
+    sharedmoe::ckpt::pool::pooled_model(&small(FfnKind::Moe), score).unwrap()
+}
+
+/// The pooled MoE's LM loss with sigmoid scores over the whole pool.
+#[test]
+fn pooled_moe_model_gradient_matches_finite_differences() {
+    check_model_gradient(small_pooled(RouterScore::Sigmoid));
+}
+
+/// The router-distillation objective, through every tensor it reaches:
+/// the global router directly, and through the layers' router inputs
+/// everything below them (teachers, attention, the pool, norms).
+#[test]
+fn router_distillation_gradient_matches_finite_differences() {
+    check_objective_gradient(small_pooled(RouterScore::Sigmoid), Objective::RouterDistill);
 }
 
 #[test]

@@ -224,3 +224,81 @@ fn a_pool_routed_like_the_original_reproduces_its_logits() {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }
+
+/// The distillation loss on written-out numbers: Bernoulli KL of the
+/// sigmoids elementwise, then one layer's term (summed over experts,
+/// averaged over tokens), against the closed form in f64 on the host.
+#[test]
+fn the_distillation_loss_equals_a_hand_computed_bernoulli_kl() {
+    use sharedmoe::graph::{DType, Graph, TensorType};
+    use sharedmoe::model::distill::{bernoulli_kl_logits, distill_term};
+    let sig = |z: f64| 1.0 / (1.0 + (-z).exp());
+    let kl = |t: f64, s: f64| {
+        let (p, q) = (sig(t), sig(s));
+        p * (p / q).ln() + (1.0 - p) * ((1.0 - p) / (1.0 - q)).ln()
+    };
+    // t = 0, s = ln 3: p = 1/2, q = 3/4: 1/2 ln(2/3) + 1/2 ln 2 = ln(4/3) / 2.
+    assert!((kl(0.0, 3f64.ln()) - (4.0f64 / 3.0).ln() / 2.0).abs() < 1e-15);
+    let t = [0.0, 2.0, -3.0, 25.0, 1.5];
+    let s = [3f64.ln(), -1.0, -3.0, 20.0, -40.0];
+    let g = Graph::new();
+    let ty = TensorType::new(DType::F64, &[5]);
+    let out = bernoulli_kl_logits(
+        &g.constant(&t, ty.clone()).unwrap(),
+        &g.constant(&s, ty).unwrap(),
+    )
+    .unwrap();
+    let got = g
+        .build(&[&out])
+        .unwrap()
+        .compile(common::client())
+        .unwrap()
+        .run(common::client(), &[])
+        .unwrap()[0]
+        .to_f64();
+    assert!(
+        (got[0] - 0.143_841_036_225_890_1).abs() < 1e-12,
+        "{}",
+        got[0]
+    );
+    assert_eq!(got[2], 0.0, "equal logits, no divergence");
+    for i in 0..5 {
+        // Element 4 has q = sigmoid(-40) ~ 4e-18: the closed form's
+        // ln(p / q) is still finite in f64.
+        assert!(
+            (got[i] - kl(t[i], s[i])).abs() < 1e-9 * kl(t[i], s[i]).max(1.0),
+            "{i}: {} vs {}",
+            got[i],
+            kl(t[i], s[i])
+        );
+    }
+    // One layer: 2 tokens x 2 features, 3 experts.
+    let x = [0.5, -1.0, 2.0, 0.25];
+    let teacher = [1.0, 0.0, -0.5, 2.0, 0.3, 0.3];
+    let student = [0.0, 1.0, 0.5, 0.5, -1.0, 0.2];
+    let g = Graph::new();
+    let c = |v: &[f64], dims: &[i64]| g.constant(v, TensorType::new(DType::F64, dims)).unwrap();
+    let term = distill_term(
+        &c(&x, &[2, 2]),
+        &c(&teacher, &[3, 2]),
+        &c(&student, &[3, 2]),
+    )
+    .unwrap();
+    let got = g
+        .build(&[&term])
+        .unwrap()
+        .compile(common::client())
+        .unwrap()
+        .run(common::client(), &[])
+        .unwrap()[0]
+        .to_f64()[0];
+    let mut want = 0.0;
+    for n in 0..2 {
+        for e in 0..3 {
+            let dot = |w: &[f64]| x[2 * n] * w[2 * e] + x[2 * n + 1] * w[2 * e + 1];
+            want += kl(dot(&teacher), dot(&student));
+        }
+    }
+    want /= 2.0; // mean over the tokens, sum over the experts
+    assert!((got - want).abs() < 1e-12, "{got} vs {want}");
+}

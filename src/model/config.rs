@@ -334,7 +334,10 @@ impl ModelConfig {
     /// Whether the model routes tokens to experts (shared or per layer):
     /// it then has a balance loss.
     pub fn is_moe(&self) -> bool {
-        matches!(self.ffn, FfnKind::SharedMoe | FfnKind::Moe)
+        matches!(
+            self.ffn,
+            FfnKind::SharedMoe | FfnKind::Moe | FfnKind::PooledMoe
+        )
     }
 
     /// Whether layer `l` of a per-layer MoE has experts (Qwen3-MoE's rule);

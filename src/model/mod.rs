@@ -17,6 +17,7 @@
 pub mod config;
 pub mod count;
 pub mod decode;
+pub mod distill;
 pub mod layers;
 pub mod moe;
 pub mod params;

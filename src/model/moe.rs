@@ -206,10 +206,25 @@ fn expert_outputs(
     }
 }
 
-/// The shared MoE (or a pooled MoE's pool) on x [N, D], routed by `rule`
-/// over the experts `mask` leaves (all when None): returns (output [N,
-/// D], balance loss).
+/// The shared MoE on x [N, D] (softmax, renormalised top-k): returns
+/// (output [N, D], balance loss).
 pub fn shared_moe(
+    x: &Tensor,
+    w: &Moe<Tensor>,
+    k: i64,
+    compute: ExpertCompute,
+) -> Result<(Tensor, Tensor)> {
+    let rule = RouterRule {
+        score: RouterScore::Softmax,
+        normalize: true,
+    };
+    pool_moe(x, w, k, rule, None, compute)
+}
+
+/// A block of experts used by several layers (the shared MoE, or a
+/// pooled MoE's pool) on x [N, D], routed by `rule` over the experts
+/// `mask` leaves (all when None): returns (output [N, D], balance loss).
+pub fn pool_moe(
     x: &Tensor,
     w: &Moe<Tensor>,
     k: i64,

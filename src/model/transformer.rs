@@ -5,11 +5,12 @@ use crate::graph::{DType, GraphError, Mesh, Result, Sharding, Tensor, TensorType
 
 use super::config::PoolScope;
 use super::config::{FfnKind, ModelConfig, RouterScore};
+use super::distill::distill_term;
 use super::layers::{
     accumulation_dtype, attention, attention_cached, rms_norm, rope_at, rope_tables, swiglu, Heads,
 };
 use super::moe::{
-    layer_moe, pooled_balance_loss, shared_moe, ExpertCompute, RouterRule, RouterTotals,
+    layer_moe, pool_moe, pooled_balance_loss, ExpertCompute, RouterRule, RouterTotals,
     EXCLUDED_LOGIT,
 };
 use super::params::{Attention, Layer, LayerFfn, Mlp, Moe, Params, QkNorm};
@@ -41,6 +42,8 @@ pub struct Transformer<'a> {
     /// Set when the program is partitioned over a mesh: the MoE blocks
     /// then run on each device's own tokens.
     per_device: Option<PerDeviceMoe>,
+    /// A pooled MoE routed by its teachers ([`with_teacher_routing`](Self::with_teacher_routing)).
+    teacher_routing: bool,
 }
 
 /// The MoE blocks in a manually partitioned region (JAX's shard_map):
@@ -148,7 +151,30 @@ impl<'a> Transformer<'a> {
                 block: cfg.moe_block_size,
             },
             per_device: None,
+            teacher_routing: false,
         })
+    }
+
+    /// A pooled MoE routed by its teachers, as the per-layer model it came
+    /// from: layer i's original router over the pool experts from layer i
+    /// (softmax, `norm_topk_prob`), the global router unused. The forward
+    /// of router distillation ([`distill_loss`](Self::distill_loss)).
+    pub fn with_teacher_routing(mut self) -> Result<Self> {
+        if self.cfg.ffn != FfnKind::PooledMoe {
+            return Err(GraphError::Usage(format!(
+                "teacher routing needs a pooled MoE (model.ffn = \"pooled_moe\"), not {:?}",
+                self.cfg.ffn
+            )));
+        }
+        if self.per_device.is_some() {
+            return Err(GraphError::Usage(
+                "router distillation on a mesh of several devices is not built yet: run it on one \
+                 device (train.replicas = 1)"
+                    .into(),
+            ));
+        }
+        self.teacher_routing = true;
+        Ok(self)
     }
 
     /// For a program partitioned over `mesh` whose batch is split over all
@@ -212,9 +238,9 @@ impl<'a> Transformer<'a> {
         Ok(match &self.layer_params(i)?.ffn {
             LayerFfn::Mlp(_) => None,
             LayerFfn::Shared | LayerFfn::Pooled { .. } => {
-                let (rule, mask) = self.pool_routing(i)?;
+                let (router, rule, mask) = self.pool_routing(i)?;
                 Some(LayerRouter {
-                    weight: self.shared_moe()?.router.clone(),
+                    weight: router,
                     rule,
                     mask,
                 })
@@ -230,18 +256,48 @@ impl<'a> Transformer<'a> {
         })
     }
 
-    /// How layer `i` routes over the shared block or the pool: the shared
-    /// block with softmax and renormalised weights, the pool with its
-    /// `router_score` and `norm_topk_prob`, restricted to the experts
-    /// from layer `i` under `pool_scope = "layer"`.
-    fn pool_routing(&self, i: i64) -> Result<(RouterRule, Option<Tensor>)> {
+    /// How layer `i` routes over the shared block or the pool: the router
+    /// [E, D] (compute dtype), its rule and mask. The shared block: its
+    /// router, softmax, renormalised. The pool: the global router with
+    /// `router_score` and `norm_topk_prob`, restricted to the experts from
+    /// layer `i` under `pool_scope = "layer"`; with teacher routing, layer
+    /// i's original router placed on the rows of its experts, softmax over
+    /// them alone.
+    fn pool_routing(&self, i: i64) -> Result<(Tensor, RouterRule, Option<Tensor>)> {
         let c = self.cfg;
+        let global = self.shared_moe()?.router.clone();
         if c.ffn != FfnKind::PooledMoe {
             let rule = RouterRule {
                 score: RouterScore::Softmax,
                 normalize: true,
             };
-            return Ok((rule, None));
+            return Ok((global, rule, None));
+        }
+        let own_only = || -> Result<Tensor> {
+            let values: Vec<f64> = c
+                .pool_origin
+                .iter()
+                .map(|&[l, _]| if l == i { 0.0 } else { EXCLUDED_LOGIT })
+                .collect();
+            let g = self.params.norm.graph();
+            g.constant(&values, TensorType::new(DType::F32, &[c.num_experts]))
+        };
+        if self.teacher_routing {
+            // Row e: the teacher's row of e's original expert (any row for
+            // experts of other layers, which the mask excludes).
+            let rows: Vec<f64> = c
+                .pool_origin
+                .iter()
+                .map(|&[l, x]| if l == i { x as f64 } else { 0.0 })
+                .collect();
+            let g = self.params.norm.graph();
+            let rows = g.constant(&rows, TensorType::new(DType::I32, &[c.num_experts]))?;
+            let router = self.p(self.teacher(i)?)?.take(&rows)?;
+            let rule = RouterRule {
+                score: RouterScore::Softmax,
+                normalize: c.norm_topk_prob,
+            };
+            return Ok((router, rule, Some(own_only()?)));
         }
         let rule = RouterRule {
             score: c.router_score,
@@ -249,17 +305,19 @@ impl<'a> Transformer<'a> {
         };
         let mask = match c.pool_scope {
             PoolScope::Global => None,
-            PoolScope::Layer => {
-                let values: Vec<f64> = c
-                    .pool_origin
-                    .iter()
-                    .map(|&[l, _]| if l == i { 0.0 } else { EXCLUDED_LOGIT })
-                    .collect();
-                let g = self.params.norm.graph();
-                Some(g.constant(&values, TensorType::new(DType::F32, &[c.num_experts]))?)
-            }
+            PoolScope::Layer => Some(own_only()?),
         };
-        Ok((rule, mask))
+        Ok((global, rule, mask))
+    }
+
+    /// Layer `i`'s original router of a pooled MoE [E_src, D] (f32).
+    fn teacher(&self, i: i64) -> Result<&'a Tensor> {
+        match &self.layer_params(i)?.ffn {
+            LayerFfn::Pooled { teacher } => Ok(teacher),
+            _ => Err(GraphError::Usage(format!(
+                "layer {i} has no teacher router (not a pooled MoE layer)"
+            ))),
+        }
     }
 
     /// Input embeddings [B, S, D] of tokens [B, S] (through the factorised
@@ -328,14 +386,21 @@ impl<'a> Transformer<'a> {
                 None,
             ),
             LayerFfn::Shared | LayerFfn::Pooled { .. } => {
-                let (rule, mask) = self.pool_routing(i)?;
+                let (router, rule, mask) = self.pool_routing(i)?;
                 let mask = mask.as_ref();
                 let (y, aux) = match &self.per_device {
-                    None => shared_moe(&tokens, self.shared_moe()?, k, rule, mask, self.experts)?,
+                    None => {
+                        let pool = self.shared_moe()?;
+                        let w = Moe {
+                            router,
+                            experts: pool.experts.clone(),
+                        };
+                        pool_moe(&tokens, &w, k, rule, mask, self.experts)?
+                    }
                     Some(p) => {
                         let local = tokens.to_manual(&p.tokens)?;
                         let weights = p.shared.as_ref().expect("entered with the shared block");
-                        let (y, aux) = shared_moe(&local, weights, k, rule, mask, self.experts)?;
+                        let (y, aux) = pool_moe(&local, weights, k, rule, mask, self.experts)?;
                         let losses = aux.reshape(&[1])?.from_manual(&p.rows)?;
                         (y.from_manual(&p.tokens)?, losses.mean(&[0])?)
                     }
@@ -511,13 +576,25 @@ impl<'a> Transformer<'a> {
     /// Loss of a batch of windows [B, S + 1]: inputs are window[:, :-1],
     /// targets window[:, 1:].
     pub fn loss(&self, windows: &Tensor) -> Result<Loss> {
+        let s = windows.dim(1)? - 1;
+        let (h, aux) = self.hidden(&windows.slice_axis(1, 0, s)?)?;
+        let ce = self.cross_entropy(&h, windows)?;
+        let total = if self.cfg.is_moe() {
+            ce.add(&aux.mul_scalar(self.cfg.aux_loss_coef)?)?
+        } else {
+            ce.clone()
+        };
+        Ok(Loss { ce, aux, total })
+    }
+
+    /// Mean next-token cross-entropy of final hidden states h [B, S, D]
+    /// against windows [B, S+1] (targets window[:, 1:]).
+    fn cross_entropy(&self, h: &Tensor, windows: &Tensor) -> Result<Tensor> {
         let (b, s1) = (windows.dim(0)?, windows.dim(1)?);
         let s = s1 - 1;
-        let inputs = windows.slice_axis(1, 0, s)?;
         let targets = windows.slice_axis(1, 1, s1)?;
-        let (h, aux) = self.hidden(&inputs)?;
         let v = self.cfg.vocab_size;
-        let logits = self.logits(&h)?.reshape(&[b * s, v])?;
+        let logits = self.logits(h)?.reshape(&[b * s, v])?;
         let lse = logits.logsumexp(-1)?.reshape(&[b * s])?;
         // The target's logit through a one-hot mask rather than a gather:
         // the gradient is then softmax - one_hot, one elementwise pass that
@@ -530,12 +607,55 @@ impl<'a> Transformer<'a> {
             .eq(&target)?
             .select(&logits, &logits.zeros_like()?)?
             .reduce_sum(&[1])?;
-        let ce = lse.sub(&picked)?.mean_all()?;
-        let total = if self.cfg.is_moe() {
-            ce.add(&aux.mul_scalar(self.cfg.aux_loss_coef)?)?
-        } else {
-            ce.clone()
-        };
-        Ok(Loss { ce, aux, total })
+        lse.sub(&picked)?.mean_all()
+    }
+
+    /// The router-distillation objective (`train.objective =
+    /// "router_distill"`, [`super::distill`]) on windows [B, S+1], over
+    /// the teacher-routed forward ([`with_teacher_routing`](Self::with_teacher_routing)):
+    /// at every pooled layer i, the Bernoulli KL between layer i's
+    /// original router and the global router's rows of the pool experts
+    /// from layer i, on the layer's router input. Returns ce (of that
+    /// forward: the original model's), aux = total = the summed KL.
+    pub fn distill_loss(&self, windows: &Tensor) -> Result<Loss> {
+        if !self.teacher_routing {
+            return Err(GraphError::Usage(
+                "distill_loss runs the teacher-routed forward: call with_teacher_routing first"
+                    .into(),
+            ));
+        }
+        let c = self.cfg;
+        let (b, s) = (windows.dim(0)?, windows.dim(1)? - 1);
+        let g = windows.graph();
+        let global = &self.shared_moe()?.router;
+        let mut total = g.scalar(0.0, accumulation_dtype(self.compute))?;
+        let (h, _) = self.hidden_observed(&windows.slice_axis(1, 0, s)?, &mut |i, h| {
+            if !matches!(self.layer_params(i)?.ffn, LayerFfn::Pooled { .. }) {
+                return Ok(());
+            }
+            // The pool experts from layer i, and their original indices.
+            let (pool_rows, source_rows): (Vec<f64>, Vec<f64>) = c
+                .pool_origin
+                .iter()
+                .enumerate()
+                .filter(|(_, o)| o[0] == i)
+                .map(|(j, o)| (j as f64, o[1] as f64))
+                .unzip();
+            if pool_rows.is_empty() {
+                return Ok(()); // every expert of the layer pruned
+            }
+            let rows = |v: &[f64]| g.constant(v, TensorType::new(DType::I32, &[v.len() as i64]));
+            let x = self.ffn_norm(i, h)?.reshape(&[b * s, c.hidden_size])?;
+            let teacher = self.p(self.teacher(i)?)?.take(&rows(&source_rows)?)?;
+            let student = global.take(&rows(&pool_rows)?)?;
+            total = total.add(&distill_term(&x, &teacher, &student)?)?;
+            Ok(())
+        })?;
+        let ce = self.cross_entropy(&h, windows)?;
+        Ok(Loss {
+            ce,
+            aux: total.clone(),
+            total,
+        })
     }
 }

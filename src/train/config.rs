@@ -81,6 +81,28 @@ pub struct TrainConfig {
     /// `?`); empty = all. The rest are frozen (`train::trainable`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub trainable: Vec<String>,
+    /// What the step minimises.
+    #[serde(default, skip_serializing_if = "Objective::is_default")]
+    pub objective: Objective,
+}
+
+/// `train.objective`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Objective {
+    /// Next-token cross-entropy (+ aux_loss_coef * the balance loss).
+    #[default]
+    Lm,
+    /// Experiment 2, stage 1 (pooled MoE): the global router imitates the
+    /// original routers (`model::distill`) on the original model's
+    /// forward; `ce` is that forward's, `aux` the distillation loss.
+    RouterDistill,
+}
+
+impl Objective {
+    fn is_default(&self) -> bool {
+        *self == Objective::default()
+    }
 }
 
 /// `train.compute_dtype`: the spellings are the serde names, `auto`,
@@ -451,6 +473,15 @@ impl Config {
             );
         }
         super::trainable::trainable_indices(&crate::model::param_specs(&self.model), &t.trainable)?;
+        if t.objective == Objective::RouterDistill
+            && self.model.ffn != crate::model::FfnKind::PooledMoe
+        {
+            bail!(
+                "train.objective = \"router_distill\" distils a pooled MoE's global router \
+                 (model.ffn = \"pooled_moe\", from `checkpoint convert-pool`); this model is {:?}",
+                self.model.ffn
+            );
+        }
         if t.max_nonfinite_steps < 0 {
             bail!(
                 "train.max_nonfinite_steps = {}: must be >= 0",

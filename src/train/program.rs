@@ -38,9 +38,9 @@
 
 use crate::ckpt::shards::Group;
 use crate::graph::{grad, DType, Function, Graph, Result, Sharding, Tensor, TensorType};
-use crate::model::{ExpertCompute, ParamSpec, Params, Transformer};
+use crate::model::{ExpertCompute, Loss, ParamSpec, Params, Transformer};
 
-use super::config::Config;
+use super::config::{Config, Objective};
 use super::optimizer::{clip_by_global_norm, AdamW};
 use super::schedule::Schedule;
 use super::sharding::StepMesh;
@@ -307,6 +307,14 @@ fn declare_params(g: &Graph, tree: &Params<ParamSpec>, prefix: &str) -> Result<V
         .collect())
 }
 
+/// `train.objective` of `model` on windows [M, S+1].
+fn objective_loss(cfg: &Config, model: Transformer, windows: &Tensor) -> Result<Loss> {
+    match cfg.train.objective {
+        Objective::Lm => model.loss(windows),
+        Objective::RouterDistill => model.with_teacher_routing()?.distill_loss(windows),
+    }
+}
+
 /// The step's arguments (see the module docs).
 struct StepInputs {
     /// Every parameter (n).
@@ -377,7 +385,7 @@ fn trace_gradients(
         let model = Transformer::new(&cfg.model, &tree, compute)?
             .with_expert_compute(experts)
             .with_moe_per_device(&mesh.mesh)?;
-        let loss = model.loss(&batch)?;
+        let loss = objective_loss(cfg, model, &batch)?;
         // Frozen parameters get no gradient: the backward pass traces
         // only what reaches the trained ones.
         let grads = grad(&loss.total, &trained)?;
@@ -610,7 +618,7 @@ pub fn eval_step(cfg: &Config, experts: ExpertCompute, mesh: &StepMesh) -> Resul
     let model = Transformer::new(&cfg.model, &params, cfg.compute_dtype())?
         .with_expert_compute(experts)
         .with_moe_per_device(&mesh.mesh)?;
-    let loss = model.loss(&windows)?;
+    let loss = objective_loss(cfg, model, &windows)?;
     let ce = loss.ce.convert(DType::F32)?;
     let aux = loss.aux.convert(DType::F32)?;
     let results = StepOutputs::eval();
