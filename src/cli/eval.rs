@@ -40,8 +40,13 @@ pub struct CheckpointRows {
 
 impl CheckpointRows {
     /// The checkpoint's config.
+    /// The checkpoint's run config, scoring next-token loss whatever the
+    /// run optimised (a router-distillation run's checkpoint is evaluated
+    /// as the model it is).
     pub fn config(&self) -> Result<Config> {
-        checkpoint_config(&self.ckpt)
+        let mut cfg = checkpoint_config(&self.ckpt)?;
+        cfg.train.objective = crate::train::config::Objective::Lm;
+        Ok(cfg)
     }
 
     /// The checkpoint (checked against `cfg`) and the batches to run it on;

@@ -11,7 +11,8 @@ use crate::train::{self, Config, StartFrom};
 /// A config file plus `--set section.key=value` overrides.
 #[derive(clap::Args, Debug)]
 pub struct ConfigArgs {
-    /// TOML config (see configs/).
+    /// TOML config (see configs/), or a checkpoint directory: its recorded
+    /// run config (e.g. the pooled model `checkpoint convert-pool` wrote).
     #[arg(long)]
     pub config: PathBuf,
     /// Override a config value, e.g. --set train.steps=100 (repeatable).
@@ -29,6 +30,11 @@ impl ConfigArgs {
         if let Some(b) = self.backend {
             overrides.push(format!("run.backend={b}"));
         }
+        if self.config.join("state.json").is_file() {
+            let recorded = super::eval::checkpoint_config(&self.config)?;
+            return Config::parse(&recorded.to_toml(), &overrides)
+                .with_context(|| format!("{}: the recorded config", self.config.display()));
+        }
         Config::load(&self.config, &overrides)
     }
 }
@@ -37,7 +43,8 @@ impl ConfigArgs {
 pub struct TrainArgs {
     #[command(flatten)]
     pub config: ConfigArgs,
-    /// Start from a step-0 checkpoint written by `sharedmoe init`.
+    /// Start a new run (step 0, zero moments) from a checkpoint's weights:
+    /// `sharedmoe init`'s, an import, a conversion or another run's.
     #[arg(long, conflicts_with = "resume")]
     pub init: Option<PathBuf>,
     /// Continue a run exactly from a checkpoint directory.

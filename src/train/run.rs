@@ -24,12 +24,13 @@ use super::history;
 use super::mfu::device_peak_flops;
 use super::step_loop::{run_steps, snapshot, LoopOptions, MetricsRow, RunSink};
 use super::tensorboard::EventWriter;
-use super::trainer::{fresh_checkpoint, Trainer};
+use super::trainer::{fresh_checkpoint, initial_state, Trainer};
 
 /// Where training starts from.
 #[derive(Clone, Debug, Default)]
 pub struct StartFrom {
-    /// A step-0 checkpoint written by `sharedmoe init`.
+    /// A checkpoint whose weights start a new run (`sharedmoe init`'s, an
+    /// import, a conversion, or another run's): step 0, zero moments.
     pub init: Option<PathBuf>,
     /// A checkpoint to continue exactly.
     pub resume: Option<PathBuf>,
@@ -184,7 +185,17 @@ fn starting_point(
         return Ok((Some(dir.clone()), load(dir, Purpose::Resume)?));
     }
     if let Some(dir) = &start.init {
-        return Ok((Some(dir.clone()), load(dir, Purpose::Weights)?));
+        // A new run from the checkpoint's weights: step 0, the data from
+        // its start, moments of zero (whatever step and optimizer state the
+        // checkpoint had; its seed is kept, as `init --seed` sets it).
+        let c = load(dir, Purpose::Weights)?;
+        let weights = ckpt::Checkpoint {
+            params: c.params,
+            adam_m: vec![],
+            adam_v: vec![],
+            state: initial_state(cfg, c.state.seed),
+        };
+        return Ok((Some(dir.clone()), weights));
     }
     let resume = ckpt::resume_point(&cfg.run.dir, |d| ckpt::load(d, specs, Purpose::Resume))?;
     if let Some((dir, c)) = resume {

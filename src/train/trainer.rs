@@ -229,7 +229,7 @@ fn moments_for(layout: &StepLayout, start: &Checkpoint) -> Result<(Tensors, Tens
 /// checkpoint records besides the tensors (the data position and the
 /// tokenizer's digest are filled in by the loop, the file digests when it
 /// is written).
-fn initial_state(cfg: &Config, seed: u64) -> TrainingState {
+pub(crate) fn initial_state(cfg: &Config, seed: u64) -> TrainingState {
     let config_toml = cfg.to_toml();
     TrainingState {
         format: crate::ckpt::FORMAT,
