@@ -302,3 +302,114 @@ fn the_distillation_loss_equals_a_hand_computed_bernoulli_kl() {
     want /= 2.0; // mean over the tokens, sum over the experts
     assert!((got - want).abs() < 1e-12, "{got} vs {want}");
 }
+
+/// Stages 1 and 2 on the CLI: a per-layer tiny-moe converted, its global
+/// router distilled from the original routers (everything else frozen:
+/// byte-identical afterwards), then trained on next-token loss; `eval`
+/// and `experts` run on the results.
+#[test]
+fn distillation_then_router_training_through_the_cli() {
+    let dir = scratch("stages");
+    let src = per_layer_model(&dir, true);
+    let pooled = dir.join("pooled");
+    sharedmoe_ok(&[
+        "checkpoint",
+        "convert-pool",
+        src.to_str().unwrap(),
+        pooled.to_str().unwrap(),
+    ]);
+    let stage = |from: &Path, name: &str, objective: &str, lr: &str| -> PathBuf {
+        let run = dir.join(name);
+        sharedmoe_ok(&[
+            "train",
+            "--config",
+            from.to_str().unwrap(),
+            "--init",
+            from.to_str().unwrap(),
+            "--set",
+            &format!("train.objective=\"{objective}\""),
+            "--set",
+            "train.trainable=[\"model.pool.router.weight\"]",
+            "--set",
+            "train.steps=30",
+            "--set",
+            "train.warmup_steps=3",
+            "--set",
+            &format!("train.lr={lr}"),
+            "--set",
+            "train.global_batch=4",
+            "--set",
+            "train.checkpoint_every=30",
+            "--set",
+            "train.eval_every=0",
+            "--set",
+            &format!("run.dir=\"{}\"", run.display()),
+        ]);
+        run
+    };
+    let distill = stage(&pooled, "distill", "router_distill", "1e-1");
+    let aux: Vec<f64> = std::fs::read_to_string(distill.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<serde_json::Value>(l).unwrap()["aux"]
+                .as_f64()
+                .unwrap()
+        })
+        .collect();
+    let (first, last) = (aux[0], aux[aux.len() - 1]);
+    println!(
+        "distillation loss: step 0 {first:.4}, step {} {last:.4}",
+        aux.len() - 1
+    );
+    assert!(
+        last < first / 4.0,
+        "distillation loss fell only from {first} to {last}"
+    );
+    let distilled = ckpt::latest(&distill).unwrap();
+    let (before, after) = (load(&pooled), load(&distilled));
+    for ((name, _, a), (_, _, b)) in before.params.iter().zip(&after.params) {
+        if name == "model.pool.router.weight" {
+            assert!(a != b, "the global router did not move");
+        } else {
+            assert!(a == b, "{name} is frozen but changed");
+        }
+    }
+    let lm = ckpt::latest(&stage(&distilled, "lm", "lm", "3e-3")).unwrap();
+    for c in [&src, &pooled, &distilled, &lm] {
+        let text = sharedmoe_ok(&[
+            "eval",
+            "--ckpt",
+            c.to_str().unwrap(),
+            "--data",
+            "data/fineweb-sample",
+            "--tokenizer",
+            "data/tokenizer.json",
+            "--batches",
+            "2",
+        ]);
+        assert!(text.contains("cross-entropy"), "{text}");
+    }
+    let out = dir.join("experts");
+    let text = sharedmoe_ok(&[
+        "experts",
+        "--ckpt",
+        lm.to_str().unwrap(),
+        "--data",
+        "data/fineweb-sample",
+        "--tokenizer",
+        "data/tokenizer.json",
+        "--batches",
+        "1",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        text.contains("through 2 layers sharing 16 experts"),
+        "{text}"
+    );
+    // One pool used at layers 0 and 2: their overlap is counted.
+    let overlap = std::fs::read_to_string(out.join("layer_overlap.csv")).unwrap();
+    assert!(overlap.lines().any(|l| l.starts_with("0,2,")), "{overlap}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
