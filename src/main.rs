@@ -41,6 +41,8 @@ enum Command {
     Eval(cli::eval::EvalArgs),
     /// Which shared experts the router picks per layer (counts, overlap, heatmaps).
     Experts(cli::experts::ExpertsArgs),
+    /// REAP saliency and frequency of every expert over calibration rows.
+    Reap(cli::reap::ReapArgs),
     /// Text from a checkpoint (greedy or sampled, with a KV cache).
     Generate(cli::generate::GenerateArgs),
     /// Checkpoint tools.
@@ -79,6 +81,7 @@ fn main() {
         Command::Experiment(a) => cli::experiment::run(&a),
         Command::Eval(a) => cli::eval::run(&a),
         Command::Experts(a) => cli::experts::run(&a),
+        Command::Reap(a) => cli::reap::run(&a),
         Command::Generate(a) => cli::generate::run(&a),
         Command::Checkpoint(c) => cli::checkpoint::run(&c),
         Command::Plot(a) => cli::plot::run(&a),

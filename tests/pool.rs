@@ -413,3 +413,137 @@ fn distillation_then_router_training_through_the_cli() {
     assert!(overlap.lines().any(|l| l.starts_with("0,2,")), "{overlap}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// The checkpoint's parameters and fixed windows [3, 17] as program
+/// inputs.
+fn program_inputs(c: &Checkpoint) -> Vec<sharedmoe::graph::HostTensor> {
+    use sharedmoe::graph::{DType, HostTensor, TensorType};
+    let mut host: Vec<HostTensor> = c
+        .params
+        .iter()
+        .map(|(_, dims, v)| HostTensor {
+            ty: TensorType::new(DType::F32, dims),
+            bytes: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        })
+        .collect();
+    let rows: Vec<i32> = (0..3 * 17).map(|i| ((i * 29 + 7) % 256) as i32).collect();
+    host.push(HostTensor {
+        ty: TensorType::new(DType::I32, &[3, 17]),
+        bytes: rows.iter().flat_map(|x| x.to_le_bytes()).collect(),
+    });
+    host
+}
+
+/// REAP saliency from the program against a host recomputation in f64:
+/// each chosen expert's SwiGLU output on its token from the checkpoint's
+/// weights, its norm times the routing weight, averaged over the tokens
+/// routed to the expert. Per layer on the per-layer model; over both
+/// layers together on its pool.
+#[test]
+fn reap_saliency_equals_a_host_computation_over_the_routed_tokens() {
+    use sharedmoe::graph::DType;
+    use sharedmoe::model::reap::{reap_program, ReapStats};
+    use sharedmoe::model::routing::routing_program;
+    let dir = scratch("reap");
+    let src = per_layer_model(&dir, true);
+    let pooled = dir.join("pooled");
+    sharedmoe_ok(&[
+        "checkpoint",
+        "convert-pool",
+        src.to_str().unwrap(),
+        pooled.to_str().unwrap(),
+    ]);
+    for ckpt in [&src, &pooled] {
+        let cfg = config_of(ckpt).model;
+        let c = load(ckpt);
+        let inputs = program_inputs(&c);
+        let run = |f: sharedmoe::graph::Function| {
+            f.compile(common::client())
+                .unwrap()
+                .run(common::client(), &inputs)
+                .unwrap()
+        };
+        let mut stats = ReapStats::new(&cfg);
+        stats
+            .add(&run(reap_program(&cfg, DType::F32, 3, 16).unwrap()))
+            .unwrap();
+        let routing = run(routing_program(&cfg, DType::F32, 3, 16, true).unwrap());
+        let (e, k, d, f) = (cfg.num_experts as usize, 2, 64, 32);
+        let pool = cfg.ffn == sharedmoe::model::FfnKind::PooledMoe;
+        // [unit][expert] sums and counts on the host; unit = layer row, or
+        // 0 for the pool.
+        let units = if pool { 1 } else { 2 };
+        let mut sum = vec![vec![0.0; e]; units];
+        let mut count = vec![vec![0u64; e]; units];
+        let mut all_token_sum = vec![vec![0.0; e]; units];
+        for (row, (l, r)) in [0, 2].iter().zip(routing.chunks(4)).enumerate() {
+            let (ids, w, x) = (r[1].to_f64(), r[2].to_f64(), r[3].to_f64());
+            let proj = |p: &str| -> Vec<f64> {
+                let name = if pool {
+                    format!("model.pool.experts.{p}")
+                } else {
+                    format!("model.layers.{l}.mlp.experts.{p}")
+                };
+                tensor(&c, &name).iter().map(|&v| v as f64).collect()
+            };
+            let (gate, up, down) = (proj("gate_proj"), proj("up_proj"), proj("down_proj"));
+            let u = if pool { 0 } else { row };
+            for t in 0..ids.len() / k {
+                let xt = &x[t * d..(t + 1) * d];
+                for j in 0..k {
+                    let ex = ids[t * k + j] as usize;
+                    let h: Vec<f64> = (0..f)
+                        .map(|i| {
+                            let dot = |m: &[f64]| -> f64 {
+                                (0..d).map(|c| m[(ex * f + i) * d + c] * xt[c]).sum()
+                            };
+                            let a = dot(&gate);
+                            a / (1.0 + (-a).exp()) * dot(&up)
+                        })
+                        .collect();
+                    let norm = (0..d)
+                        .map(|o| {
+                            (0..f)
+                                .map(|i| down[(ex * d + o) * f + i] * h[i])
+                                .sum::<f64>()
+                        })
+                        .map(|y| y * y)
+                        .sum::<f64>()
+                        .sqrt();
+                    sum[u][ex] += w[t * k + j] * norm;
+                    count[u][ex] += 1;
+                    all_token_sum[u][ex] += w[t * k + j] * norm;
+                }
+            }
+        }
+        let got = stats.units();
+        assert_eq!(got.len(), units * e);
+        let tokens = 3.0 * 16.0;
+        let mut differs_from_all_token_mean = false;
+        for (i, unit) in got.iter().enumerate() {
+            let (u, ex) = (i / e, i % e);
+            assert_eq!(unit.frequency, count[u][ex], "{unit:?}");
+            let want = if count[u][ex] == 0 {
+                0.0
+            } else {
+                sum[u][ex] / count[u][ex] as f64
+            };
+            assert!(
+                (unit.reap - want).abs() < 1e-4 * want.max(1e-3),
+                "{unit:?}: {} vs {want}",
+                unit.reap
+            );
+            let per_layers = if pool { 2.0 } else { 1.0 };
+            let all_token = all_token_sum[u][ex] / (tokens * per_layers);
+            differs_from_all_token_mean |=
+                count[u][ex] > 0 && (unit.reap - all_token).abs() > 1e-3 * want;
+        }
+        assert!(
+            differs_from_all_token_mean,
+            "the routed-token mean is the all-token mean here"
+        );
+        let expected_layer = if pool { None } else { Some(0) };
+        assert_eq!(got[0].layer, expected_layer);
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -39,7 +39,6 @@ pub struct CheckpointRows {
 }
 
 impl CheckpointRows {
-    /// The checkpoint's config.
     /// The checkpoint's run config, scoring next-token loss whatever the
     /// run optimised (a router-distillation run's checkpoint is evaluated
     /// as the model it is).

@@ -20,5 +20,6 @@ pub mod generate;
 pub mod import_hf;
 mod measured;
 pub mod plot;
+pub mod reap;
 pub mod tokenizer;
 pub mod train;

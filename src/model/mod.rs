@@ -21,6 +21,7 @@ pub mod distill;
 pub mod layers;
 pub mod moe;
 pub mod params;
+pub mod reap;
 pub mod routing;
 pub mod transformer;
 

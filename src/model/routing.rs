@@ -140,7 +140,8 @@ pub fn choices_from_outputs(outs: &[HostTensor], with_inputs: bool) -> Vec<Layer
 }
 
 /// Whose experts a routing analysis counts.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum ExpertPool {
     /// One block shared by every layer (Experiment 1): expert e is the
     /// same weights at every layer, so the layers' choices can overlap.
