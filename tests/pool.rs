@@ -547,3 +547,183 @@ fn reap_saliency_equals_a_host_computation_over_the_routed_tokens() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// `reap` then `checkpoint prune` on the pool (by REAP) and on the
+/// per-layer model (by frequency, the same count in each layer): exactly
+/// the highest-ranked experts stay, with their router rows; the pruned
+/// checkpoints evaluate, train and resume; keeping fewer than top-k is
+/// refused.
+#[test]
+fn pruning_keeps_the_highest_ranked_experts_and_the_result_trains_and_resumes() {
+    let dir = scratch("prune");
+    let src = per_layer_model(&dir, true);
+    let pooled = dir.join("pooled");
+    sharedmoe_ok(&[
+        "checkpoint",
+        "convert-pool",
+        src.to_str().unwrap(),
+        pooled.to_str().unwrap(),
+    ]);
+    for (ckpt, by) in [(&pooled, "reap"), (&src, "frequency")] {
+        let stats = dir.join(format!("{by}.json"));
+        sharedmoe_ok(&[
+            "reap",
+            "--ckpt",
+            ckpt.to_str().unwrap(),
+            "--data",
+            "data/fineweb-sample",
+            "--tokenizer",
+            "data/tokenizer.json",
+            "--batches",
+            "1",
+            "--out",
+            stats.to_str().unwrap(),
+        ]);
+        let file: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&stats).unwrap()).unwrap();
+        let out = dir.join(format!("pruned-{by}"));
+        let text = sharedmoe_ok(&[
+            "checkpoint",
+            "prune",
+            "--ckpt",
+            ckpt.to_str().unwrap(),
+            "--stats",
+            stats.to_str().unwrap(),
+            "--remove-fraction",
+            "0.5",
+            "--by",
+            by,
+            "--out",
+            out.to_str().unwrap(),
+        ]);
+        assert!(text.contains("prune: kept"), "{text}");
+        let (before, after, cfg) = (load(ckpt), load(&out), config_of(&out).model);
+        // The expected survivors from the statistics, ranked here.
+        let units = file["units"].as_array().unwrap();
+        let groups: Vec<Vec<&serde_json::Value>> = if by == "reap" {
+            vec![units.iter().collect()]
+        } else {
+            [0, 2]
+                .iter()
+                .map(|&l| units.iter().filter(|u| u["layer"] == l).collect())
+                .collect()
+        };
+        let keep: Vec<Vec<usize>> = groups
+            .iter()
+            .map(|g| {
+                let mut ranked: Vec<(usize, f64)> = g
+                    .iter()
+                    .map(|u| {
+                        (
+                            u["expert"].as_u64().unwrap() as usize,
+                            u[by].as_f64().unwrap(),
+                        )
+                    })
+                    .collect();
+                ranked.sort_by(|a, b| b.1.total_cmp(&a.1).then(a.0.cmp(&b.0)));
+                let mut k: Vec<usize> = ranked[..ranked.len() / 2].iter().map(|r| r.0).collect();
+                k.sort();
+                k
+            })
+            .collect();
+        let rows_of = |v: &[f32], n: usize, keep: &[usize]| -> Vec<f32> {
+            let row = v.len() / n;
+            keep.iter()
+                .flat_map(|&e| v[e * row..(e + 1) * row].to_vec())
+                .collect()
+        };
+        if by == "reap" {
+            assert_eq!(cfg.num_experts, 8);
+            for name in [
+                "model.pool.router.weight",
+                "model.pool.experts.gate_proj",
+                "model.pool.experts.up_proj",
+                "model.pool.experts.down_proj",
+            ] {
+                assert!(
+                    tensor(&after, name) == rows_of(tensor(&before, name), 16, &keep[0]),
+                    "{name}"
+                );
+            }
+            let origin = config_of(ckpt).model.pool_origin;
+            assert_eq!(
+                cfg.pool_origin,
+                keep[0].iter().map(|&j| origin[j]).collect::<Vec<_>>()
+            );
+            let teacher = "model.layers.2.mlp.gate.weight";
+            assert!(
+                tensor(&after, teacher) == tensor(&before, teacher),
+                "teachers stay whole"
+            );
+        } else {
+            assert_eq!(cfg.num_experts, 4);
+            for (i, l) in [0, 2].iter().enumerate() {
+                for p in ["gate.weight", "experts.gate_proj", "experts.down_proj"] {
+                    let name = format!("model.layers.{l}.mlp.{p}");
+                    assert!(
+                        tensor(&after, &name) == rows_of(tensor(&before, &name), 8, &keep[i]),
+                        "{name}"
+                    );
+                }
+            }
+        }
+        let text = sharedmoe_ok(&[
+            "eval",
+            "--ckpt",
+            out.to_str().unwrap(),
+            "--data",
+            "data/fineweb-sample",
+            "--tokenizer",
+            "data/tokenizer.json",
+            "--batches",
+            "1",
+        ]);
+        assert!(text.contains("cross-entropy"), "{text}");
+        // Train 4 steps in two runs: 2, then resume to 4.
+        let run = dir.join(format!("run-{by}"));
+        let train = |extra: &[&str]| {
+            let mut args = vec![
+                "train",
+                "--config",
+                out.to_str().unwrap(),
+                "--set",
+                "train.steps=4",
+                "--set",
+                "train.warmup_steps=1",
+                "--set",
+                "train.global_batch=4",
+                "--set",
+                "train.checkpoint_every=2",
+                "--set",
+                "train.eval_every=0",
+            ];
+            let run_dir = format!("run.dir=\"{}\"", run.display());
+            args.extend(["--set", run_dir.as_str()]);
+            args.extend(extra);
+            sharedmoe_ok(&args);
+        };
+        train(&["--init", out.to_str().unwrap(), "--until-step", "2"]);
+        train(&[
+            "--resume",
+            run.join("checkpoints/step_00000002").to_str().unwrap(),
+        ]);
+        assert!(run.join("checkpoints/step_00000004").exists());
+    }
+    // Fewer experts than each token chooses: refused, nothing written.
+    let refused = sharedmoe(&[
+        "checkpoint",
+        "prune",
+        "--ckpt",
+        src.to_str().unwrap(),
+        "--stats",
+        dir.join("frequency.json").to_str().unwrap(),
+        "--keep-fraction",
+        "0.1",
+        "--out",
+        dir.join("too-few").to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&refused.stderr);
+    assert!(err.contains("fewer than the 2 each token chooses"), "{err}");
+    assert!(!dir.join("too-few").exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}

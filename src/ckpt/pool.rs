@@ -98,3 +98,96 @@ pub fn pooled_params(
     }
     Ok(out)
 }
+
+/// Keeps the experts `keep` (indices, increasing) of `cfg`'s MoE: of the
+/// pool (pooled MoE: `keep[0]`, the pool's rows of experts, global router
+/// and `pool_origin`), or of every MoE layer (per-layer MoE: `keep[i]` for
+/// the i-th MoE layer, the same count in each, its experts' and router's
+/// rows). Returns the pruned model and its tensors in its order.
+pub fn prune(
+    cfg: &ModelConfig,
+    params: &Tensors,
+    keep: &[Vec<usize>],
+) -> Result<(ModelConfig, Tensors)> {
+    let groups = match cfg.ffn {
+        FfnKind::PooledMoe | FfnKind::SharedMoe => 1,
+        FfnKind::Moe => cfg.expert_layers().len(),
+        FfnKind::Dense => bail!("a dense model has no experts to prune"),
+    };
+    if keep.len() != groups {
+        bail!(
+            "{} lists of experts to keep for {groups} group(s)",
+            keep.len()
+        );
+    }
+    let kept = keep[0].len();
+    for (i, k) in keep.iter().enumerate() {
+        if k.len() != kept {
+            bail!(
+                "group {i} keeps {} experts, group 0 {kept}: the same count in every layer",
+                k.len()
+            );
+        }
+        if k.windows(2).any(|w| w[0] >= w[1]) || k.iter().any(|&e| e as i64 >= cfg.num_experts) {
+            bail!(
+                "group {i}: experts to keep {k:?} must be increasing and below {}",
+                cfg.num_experts
+            );
+        }
+    }
+    if (kept as i64) < cfg.experts_per_token {
+        bail!(
+            "keeping {kept} experts, fewer than the {} each token chooses (model.experts_per_token)",
+            cfg.experts_per_token
+        );
+    }
+    let mut pruned = cfg.clone();
+    pruned.num_experts = kept as i64;
+    if cfg.ffn == FfnKind::PooledMoe {
+        pruned.pool_origin = keep[0].iter().map(|&j| cfg.pool_origin[j]).collect();
+    }
+    pruned.validate().context("the pruned model")?;
+    // Which group's list applies to a tensor with experts along dim 0.
+    let group_of = |name: &str| -> Option<usize> {
+        if name.starts_with("model.pool.") || name.starts_with("model.shared_moe.") {
+            return Some(0);
+        }
+        let layers = cfg.expert_layers();
+        let l: i64 = name
+            .strip_prefix("model.layers.")?
+            .split('.')
+            .next()?
+            .parse()
+            .ok()?;
+        let expert_tensor = name.contains(".mlp.experts.") || name.ends_with(".mlp.gate.weight");
+        (cfg.ffn == FfnKind::Moe && expert_tensor)
+            .then(|| layers.iter().position(|&x| x == l))
+            .flatten()
+    };
+    let mut out = Tensors::new();
+    for spec in param_specs(&pruned) {
+        let (name, dims, values) = params
+            .iter()
+            .find(|(n, _, _)| *n == spec.name)
+            .with_context(|| format!("the checkpoint has no tensor `{}`", spec.name))?;
+        let values = match group_of(name) {
+            Some(g) => {
+                let row: usize = dims[1..].iter().product::<i64>() as usize;
+                keep[g]
+                    .iter()
+                    .flat_map(|&e| values[e * row..(e + 1) * row].iter().copied())
+                    .collect()
+            }
+            None => values.clone(),
+        };
+        if values.len() as i64 != spec.num_elements() {
+            bail!(
+                "`{name}`: {} values after pruning for {:?}",
+                values.len(),
+                spec.dims
+            );
+        }
+        out.push((spec.name, spec.dims, values));
+    }
+    Ok((pruned, out))
+}

@@ -22,6 +22,8 @@ pub enum CheckpointCommand {
     /// A per-layer MoE's experts merged into one pool with a new global
     /// router (Experiment 2).
     ConvertPool(crate::cli::convert_pool::ConvertPoolArgs),
+    /// Removes the experts with the lowest REAP saliency or frequency.
+    Prune(crate::cli::prune::PruneArgs),
 }
 
 pub fn run(c: &CheckpointCommand) -> Result<()> {
@@ -30,6 +32,7 @@ pub fn run(c: &CheckpointCommand) -> Result<()> {
         CheckpointCommand::ExportHf(a) => crate::cli::export_hf::run(a)?,
         CheckpointCommand::ImportHf(a) => crate::cli::import_hf::run(a)?,
         CheckpointCommand::ConvertPool(a) => crate::cli::convert_pool::run(a)?,
+        CheckpointCommand::Prune(a) => crate::cli::prune::run(a)?,
     }
     Ok(())
 }

@@ -20,6 +20,7 @@ pub mod generate;
 pub mod import_hf;
 mod measured;
 pub mod plot;
+pub mod prune;
 pub mod reap;
 pub mod tokenizer;
 pub mod train;
