@@ -12,9 +12,11 @@ use crate::ckpt;
 use crate::data::parquet::{all_row_groups, expand_inputs};
 use crate::data::stream::{StreamOptions, TokenStream};
 use crate::data::tokenizer;
+use crate::graph::{Function, HostTensor};
 use crate::model::param_specs;
+use crate::runtime::Arg;
 use crate::train::batches::{Batches, DataPosition};
-use crate::train::client::open_client;
+use crate::train::client::{open_client, open_client_with};
 use crate::train::{Config, Trainer};
 
 /// A checkpoint and the rows to run it on (shared by `eval` and `experts`).
@@ -56,6 +58,52 @@ impl CheckpointRows {
         let batches = eval_batches(cfg, &self.data, self.tokenizer.as_deref(), max)?;
         Ok((checkpoint, batches))
     }
+}
+
+/// Compiles `program` (the checkpoint's parameters in `param_specs`
+/// order, then windows [M, S+1]; `model::routing::trace_program`) for one
+/// device and runs it on every row group of `batches`, handing each
+/// call's results to `each`. For the analyses `experts` and `reap`.
+pub fn run_over_rows(
+    cfg: &Config,
+    checkpoint: &ckpt::Checkpoint,
+    batches: &[Vec<Vec<i32>>],
+    plugin: Option<&Path>,
+    program: Function,
+    mut each: impl FnMut(Vec<HostTensor>) -> Result<()>,
+) -> Result<()> {
+    let t = &cfg.train;
+    let client = open_client_with(cfg, plugin, 1)?;
+    let program = program.compile(&client)?;
+    let dev = &client.devices()[0];
+    let params = param_specs(&cfg.model)
+        .iter()
+        .zip(&checkpoint.params)
+        .map(|(s, (name, dims, v))| {
+            if *name != s.name {
+                bail!("checkpoint tensor `{name}` where `{}` was expected", s.name);
+            }
+            Ok(client.buffer_from_host(v, dims, dev)?)
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let bar = indicatif::ProgressBar::new(batches.iter().flatten().count() as u64);
+    for rows in batches.iter().flatten() {
+        let windows = client.buffer_from_host(rows, &[t.micro_batch, t.seq_len + 1], dev)?;
+        let args = params
+            .iter()
+            .chain(std::iter::once(&windows))
+            .map(Arg::Borrowed)
+            .collect();
+        let outs = program.execute(vec![args])?;
+        let host = outs[0]
+            .iter()
+            .map(HostTensor::from_buffer)
+            .collect::<std::result::Result<Vec<_>, _>>()?;
+        each(host)?;
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    Ok(())
 }
 
 #[derive(clap::Args, Debug)]

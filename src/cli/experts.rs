@@ -34,16 +34,13 @@ use plotters::style::text_anchor::{HPos, Pos, VPos};
 use plotters::style::FontTransform;
 
 use crate::ckpt;
-use crate::graph::HostTensor;
 use crate::model::routing::{
     choices_from_outputs, routed_layers, routing_program, uniform_overlap, ExpertPool, RoutingStats,
 };
-use crate::model::{param_specs, FfnKind};
-use crate::runtime::Arg;
-use crate::train::client::open_client_with;
+use crate::model::FfnKind;
 use crate::train::Config;
 
-use super::eval::CheckpointRows;
+use super::eval::{run_over_rows, CheckpointRows};
 use super::plot::register_fonts;
 
 #[derive(clap::Args, Debug)]
@@ -115,43 +112,18 @@ fn route(
     plugin: Option<&Path>,
 ) -> Result<RoutingStats> {
     let (m, t) = (&cfg.model, &cfg.train);
-    let client = open_client_with(cfg, plugin, 1)?;
-    let program = routing_program(m, cfg.compute_dtype(), t.micro_batch, t.seq_len, false)?
-        .compile(&client)?;
-    let dev = &client.devices()[0];
-    let specs = param_specs(m);
-    let params = specs
-        .iter()
-        .zip(&checkpoint.params)
-        .map(|(s, (name, dims, v))| {
-            if *name != s.name {
-                bail!("checkpoint tensor `{name}` where `{}` was expected", s.name);
-            }
-            Ok(client.buffer_from_host(v, dims, dev)?)
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let program = routing_program(m, cfg.compute_dtype(), t.micro_batch, t.seq_len, false)?;
     let (e, k) = (m.num_experts as usize, m.experts_per_token as usize);
     let layers: Vec<usize> = routed_layers(m).into_iter().map(|l| l as usize).collect();
     let mut stats = match m.ffn {
         FfnKind::SharedMoe | FfnKind::PooledMoe => RoutingStats::shared_at(layers, e, k),
         FfnKind::Moe | FfnKind::Dense => RoutingStats::per_layer(layers, e, k),
     };
-    for rows in batches.iter().flatten() {
-        let windows = client.buffer_from_host(rows, &[t.micro_batch, t.seq_len + 1], dev)?;
-        let args = params
-            .iter()
-            .chain(std::iter::once(&windows))
-            .map(Arg::Borrowed)
-            .collect();
-        let outs = program.execute(vec![args])?;
-        let host = outs[0]
-            .iter()
-            .map(HostTensor::from_buffer)
-            .collect::<std::result::Result<Vec<_>, _>>()?;
+    run_over_rows(cfg, checkpoint, batches, plugin, program, |outs| {
         stats
-            .add(&choices_from_outputs(&host, false))
-            .map_err(|e| anyhow!("routing program results: {e}"))?;
-    }
+            .add(&choices_from_outputs(&outs, false))
+            .map_err(|e| anyhow!("routing program results: {e}"))
+    })?;
     Ok(stats)
 }
 

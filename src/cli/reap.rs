@@ -11,13 +11,10 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 
-use crate::graph::HostTensor;
 use crate::model::reap::{reap_program, ReapStats, UnitStats};
-use crate::model::{param_specs, FfnKind};
-use crate::runtime::Arg;
-use crate::train::client::open_client_with;
+use crate::model::FfnKind;
 
-use super::eval::CheckpointRows;
+use super::eval::{run_over_rows, CheckpointRows};
 
 #[derive(clap::Args, Debug)]
 pub struct ReapArgs {
@@ -96,39 +93,19 @@ pub fn collect(rows: &CheckpointRows) -> Result<ReapStats> {
     }
     let (checkpoint, batches) = rows.load(&mut cfg)?;
     let (m, t) = (&cfg.model, &cfg.train);
-    let client = open_client_with(&cfg, rows.plugin.as_deref(), 1)?;
-    let program =
-        reap_program(m, cfg.compute_dtype(), t.micro_batch, t.seq_len)?.compile(&client)?;
-    let dev = &client.devices()[0];
-    let params = param_specs(m)
-        .iter()
-        .zip(&checkpoint.params)
-        .map(|(s, (name, dims, v))| {
-            if *name != s.name {
-                bail!("checkpoint tensor `{name}` where `{}` was expected", s.name);
-            }
-            Ok(client.buffer_from_host(v, dims, dev)?)
-        })
-        .collect::<Result<Vec<_>>>()?;
+    let program = reap_program(m, cfg.compute_dtype(), t.micro_batch, t.seq_len)?;
     let mut stats = ReapStats::new(m);
-    let bar = indicatif::ProgressBar::new(batches.iter().flatten().count() as u64);
-    for rows in batches.iter().flatten() {
-        let windows = client.buffer_from_host(rows, &[t.micro_batch, t.seq_len + 1], dev)?;
-        let args = params
-            .iter()
-            .chain(std::iter::once(&windows))
-            .map(Arg::Borrowed)
-            .collect();
-        let outs = program.execute(vec![args])?;
-        let host = outs[0]
-            .iter()
-            .map(HostTensor::from_buffer)
-            .collect::<std::result::Result<Vec<_>, _>>()?;
-        stats
-            .add(&host)
-            .map_err(|e| anyhow!("REAP program results: {e}"))?;
-        bar.inc(1);
-    }
-    bar.finish_and_clear();
+    run_over_rows(
+        &cfg,
+        &checkpoint,
+        &batches,
+        rows.plugin.as_deref(),
+        program,
+        |outs| {
+            stats
+                .add(&outs)
+                .map_err(|e| anyhow!("REAP program results: {e}"))
+        },
+    )?;
     Ok(stats)
 }

@@ -124,6 +124,18 @@ pub fn checked_counts(c: &ModelConfig) -> anyhow::Result<Counts> {
         ],
     )?;
     let (mut mlp, mut router, mut experts, mut active_moe) = (0, 0, 0, 0);
+    // The MLPs of a per-layer or pooled MoE's layers without experts.
+    let dense_layers_mlp = |moe_layers: i64| {
+        product(
+            "MLP parameter count",
+            &[
+                ("dense layers", l - moe_layers),
+                (F, c.intermediate_size),
+                (D, d),
+                ("weights per layer", 3),
+            ],
+        )
+    };
     match c.ffn {
         FfnKind::Dense => {
             let f = c.intermediate_size;
@@ -160,16 +172,7 @@ pub fn checked_counts(c: &ModelConfig) -> anyhow::Result<Counts> {
             );
             const LM: &str = "MoE layers";
             let moe_layers = c.expert_layers().len() as i64;
-            let dense_layers = l - moe_layers;
-            mlp = product(
-                "MLP parameter count",
-                &[
-                    ("dense layers", dense_layers),
-                    (F, c.intermediate_size),
-                    (D, d),
-                    ("weights per layer", 3),
-                ],
-            )?;
+            mlp = dense_layers_mlp(moe_layers)?;
             router = product("router weights", &[(LM, moe_layers), (X, x), (D, d)])?;
             experts = product(
                 "expert parameter count",
@@ -190,15 +193,7 @@ pub fn checked_counts(c: &ModelConfig) -> anyhow::Result<Counts> {
             );
             const LM: &str = "MoE layers";
             let moe_layers = c.expert_layers().len() as i64;
-            mlp = product(
-                "MLP parameter count",
-                &[
-                    ("dense layers", l - moe_layers),
-                    (F, c.intermediate_size),
-                    (D, d),
-                    ("weights per layer", 3),
-                ],
-            )?;
+            mlp = dense_layers_mlp(moe_layers)?;
             // The global router, and each MoE layer's original router (the
             // distillation teacher, which the forward does not use).
             let global = product("router weight", &[(X, x), (D, d)])?;

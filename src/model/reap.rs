@@ -5,17 +5,17 @@
 //! all tokens. For a pool (shared or pooled MoE) X_j gathers j's tokens at
 //! every layer; for a per-layer MoE each (layer, expert) is its own unit.
 //!
-//! The program traces the routing ([`super::routing::trace_routing`]) and
+//! The program traces the routing ([`super::routing::trace_program`]) and
 //! each chosen expert's output on its token; the sums are kept on the host.
 
 use serde::{Deserialize, Serialize};
 
-use crate::graph::{DType, DotDims, Function, Graph, HostTensor, Result, Tensor, TensorType};
+use crate::graph::{DType, DotDims, Function, HostTensor, Result, Tensor};
 
 use super::config::{FfnKind, ModelConfig};
 use super::layers::silu;
-use super::params::{declare_params, LayerFfn, Mlp, Params};
-use super::routing::{routed_layers, trace_routing, ExpertPool};
+use super::params::{LayerFfn, Mlp, Params};
+use super::routing::{routed_layers, trace_program, ExpertPool};
 
 /// The experts layer `l` routes to: the pool, or its own.
 fn layer_experts(params: &Params<Tensor>, l: i64) -> Result<&Mlp<Tensor>> {
@@ -51,34 +51,29 @@ pub fn chosen_output_norms(x: &Tensor, w: &Mlp<Tensor>, experts: &Tensor) -> Res
     out.square()?.reduce_sum(&[1])?.sqrt()?.reshape(&[n, k])
 }
 
-/// The REAP program: parameters (f32, in `param_specs` order) and windows
-/// [M, S+1] (i32) -> per [`routed_layers`] layer: experts [N, k] (i32),
-/// weights [N, k] (f32), output norms [N, k] (f32).
+/// The REAP program ([`trace_program`]): per layer experts [N, k] (i32),
+/// weights [N, k] (f32), the chosen experts' output norms [N, k] (f32).
 pub fn reap_program(
     cfg: &ModelConfig,
     compute: DType,
     rows: i64,
     seq_len: i64,
 ) -> Result<Function> {
-    let g = Graph::new();
-    let named = declare_params(&g, cfg)?;
-    let windows = g.param("windows", TensorType::new(DType::I32, &[rows, seq_len + 1]))?;
-    let inputs = windows.slice_axis(1, 0, seq_len)?;
-    let mut outs = vec![];
-    for l in trace_routing(cfg, &named, compute, &inputs)? {
-        let w = layer_experts(&named, l.layer)?;
+    trace_program(cfg, compute, (rows, seq_len), "reap", |l, params| {
+        let w = layer_experts(params, l.layer)?;
+        let dtype = l.input.dtype();
         let w = Mlp {
-            gate: w.gate.convert(l.input.dtype())?,
-            up: w.up.convert(l.input.dtype())?,
-            down: w.down.convert(l.input.dtype())?,
+            gate: w.gate.convert(dtype)?,
+            up: w.up.convert(dtype)?,
+            down: w.down.convert(dtype)?,
         };
         let norms = chosen_output_norms(&l.input, &w, &l.experts)?;
-        outs.push(l.experts);
-        outs.push(l.weights.convert(DType::F32)?);
-        outs.push(norms.convert(DType::F32)?);
-    }
-    let refs: Vec<&Tensor> = outs.iter().collect();
-    Ok(g.build(&refs)?.with_name("reap"))
+        Ok(vec![
+            l.experts,
+            l.weights.convert(DType::F32)?,
+            norms.convert(DType::F32)?,
+        ])
+    })
 }
 
 /// REAP sums over calibration tokens, per traced layer and expert.

@@ -82,17 +82,17 @@ pub fn trace_routing(
     Ok(layers)
 }
 
-/// The routing program: parameters (f32, in [`param_specs`](super::params::param_specs) order, named
-/// as there) and `windows` [M, S+1] (i32; the tokens are window[:, :S], as
-/// in the loss) -> per [`routed_layers`] layer, in order: probs [N, E] (f32), experts [N, k]
-/// (i32), weights [N, k] (f32), and with `with_inputs` also the router's
-/// input [N, D] (f32). See [`outputs_per_layer`].
-pub fn routing_program(
+/// A program over the traced routing, named `name`: parameters (f32, in
+/// [`param_specs`](super::params::param_specs) order, named as there) and
+/// `windows` [M, S+1] (i32; the tokens are window[:, :S], as in the loss)
+/// -> for each [`routed_layers`] layer in order, what `per_layer(layer,
+/// params)` returns.
+pub fn trace_program(
     cfg: &ModelConfig,
     compute: DType,
-    rows: i64,
-    seq_len: i64,
-    with_inputs: bool,
+    (rows, seq_len): (i64, i64),
+    name: &str,
+    mut per_layer: impl FnMut(LayerRouting, &Params<Tensor>) -> Result<Vec<Tensor>>,
 ) -> Result<Function> {
     let g = Graph::new();
     let named = declare_params(&g, cfg)?;
@@ -100,15 +100,34 @@ pub fn routing_program(
     let inputs = windows.slice_axis(1, 0, seq_len)?;
     let mut outs = vec![];
     for l in trace_routing(cfg, &named, compute, &inputs)? {
-        outs.push(l.probs.convert(DType::F32)?);
-        outs.push(l.experts);
-        outs.push(l.weights.convert(DType::F32)?);
+        outs.extend(per_layer(l, &named)?);
+    }
+    let refs: Vec<&Tensor> = outs.iter().collect();
+    Ok(g.build(&refs)?.with_name(name))
+}
+
+/// The routing program ([`trace_program`]): per layer probs [N, E]
+/// (f32), experts [N, k] (i32), weights [N, k] (f32), and with
+/// `with_inputs` also the router's input [N, D] (f32). See
+/// [`outputs_per_layer`].
+pub fn routing_program(
+    cfg: &ModelConfig,
+    compute: DType,
+    rows: i64,
+    seq_len: i64,
+    with_inputs: bool,
+) -> Result<Function> {
+    trace_program(cfg, compute, (rows, seq_len), "routing", |l, _| {
+        let mut outs = vec![
+            l.probs.convert(DType::F32)?,
+            l.experts,
+            l.weights.convert(DType::F32)?,
+        ];
         if with_inputs {
             outs.push(l.input.convert(DType::F32)?);
         }
-    }
-    let refs: Vec<&Tensor> = outs.iter().collect();
-    Ok(g.build(&refs)?.with_name("routing"))
+        Ok(outs)
+    })
 }
 
 /// How many results [`routing_program`] returns per layer.
