@@ -417,21 +417,14 @@ fn distillation_then_router_training_through_the_cli() {
 /// The checkpoint's parameters and fixed windows [3, 17] as program
 /// inputs.
 fn program_inputs(c: &Checkpoint) -> Vec<sharedmoe::graph::HostTensor> {
-    use sharedmoe::graph::{DType, HostTensor, TensorType};
-    let mut host: Vec<HostTensor> = c
-        .params
-        .iter()
-        .map(|(_, dims, v)| HostTensor {
-            ty: TensorType::new(DType::F32, dims),
-            bytes: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+    let rows: Vec<Vec<i32>> = (0..3)
+        .map(|r| {
+            (0..17)
+                .map(|i| (((r * 17 + i) * 29 + 7) % 256) as i32)
+                .collect()
         })
         .collect();
-    let rows: Vec<i32> = (0..3 * 17).map(|i| ((i * 29 + 7) % 256) as i32).collect();
-    host.push(HostTensor {
-        ty: TensorType::new(DType::I32, &[3, 17]),
-        bytes: rows.iter().flat_map(|x| x.to_le_bytes()).collect(),
-    });
-    host
+    common::checkpoint_inputs(c, &rows)
 }
 
 /// REAP saliency from the program against a host recomputation in f64:

@@ -17,7 +17,7 @@ use super::atomic::write_synced;
 use super::hf::HfCheckpoint;
 use super::integrity::FileDigest;
 use super::streamed::TensorFileWriter;
-use super::{hf_config, TrainingState, FORMAT};
+use super::{hf_config, TrainingState};
 use crate::model::{param_specs, ParamSpec, Role};
 
 /// Where one of our parameters comes from.
@@ -150,18 +150,8 @@ fn write_into(
     write_synced(&dir.join("config.json"), &config)?;
     files.insert("config.json".to_string(), FileDigest::of(&config));
     let state = TrainingState {
-        format: FORMAT,
-        step: 0,
-        tokens_seen: 0,
-        next_batch: 0,
-        data_cursors: Default::default(),
-        data_shards: 1,
-        tokenizer_sha256: None,
-        seed: 0,
-        config_toml: config_toml.to_string(),
-        config_sha256: crate::digest::sha256_hex(config_toml.as_bytes()),
-        nonfinite_steps: 0,
         files,
+        ..TrainingState::fresh(config_toml.to_string(), 1, 0)
     };
     write_synced(
         &dir.join("state.json"),

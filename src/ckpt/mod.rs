@@ -85,6 +85,27 @@ pub struct TrainingState {
 }
 
 impl TrainingState {
+    /// Step 0 of a run recorded as `config_toml` reading `data_shards`
+    /// shards from `seed`: nothing trained or read yet (the loop fills in
+    /// the data position and tokenizer digest, `to_files` the file
+    /// digests).
+    pub fn fresh(config_toml: String, data_shards: i64, seed: u64) -> TrainingState {
+        TrainingState {
+            format: FORMAT,
+            step: 0,
+            tokens_seen: 0,
+            next_batch: 0,
+            data_cursors: Default::default(),
+            data_shards,
+            tokenizer_sha256: None,
+            seed,
+            config_sha256: sha256_hex(&config_toml),
+            config_toml,
+            nonfinite_steps: 0,
+            files: Default::default(),
+        }
+    }
+
     /// Refuses the tokenizer at `path` (SHA-256 `sha256`) when the run was
     /// trained with another one; a state that recorded none accepts any.
     /// `hint` says what to do instead.

@@ -56,21 +56,7 @@ pub fn run(a: &ConvertPoolArgs) -> Result<()> {
         model: pooled.clone(),
         ..src_cfg
     };
-    let config_toml = cfg.to_toml();
-    let state = TrainingState {
-        format: ckpt::FORMAT,
-        step: 0,
-        tokens_seen: 0,
-        next_batch: 0,
-        data_cursors: Default::default(),
-        data_shards: cfg.data.shards,
-        tokenizer_sha256: None,
-        seed: a.seed,
-        config_sha256: ckpt::sha256_hex(&config_toml),
-        config_toml,
-        nonfinite_steps: 0,
-        files: Default::default(),
-    };
+    let state = TrainingState::fresh(cfg.to_toml(), cfg.data.shards, a.seed);
     let checkpoint = Checkpoint {
         params,
         adam_m: vec![],

@@ -230,21 +230,7 @@ fn moments_for(layout: &StepLayout, start: &Checkpoint) -> Result<(Tensors, Tens
 /// tokenizer's digest are filled in by the loop, the file digests when it
 /// is written).
 pub(crate) fn initial_state(cfg: &Config, seed: u64) -> TrainingState {
-    let config_toml = cfg.to_toml();
-    TrainingState {
-        format: crate::ckpt::FORMAT,
-        step: 0,
-        tokens_seen: 0,
-        next_batch: 0,
-        data_cursors: Default::default(),
-        data_shards: cfg.data.shards,
-        tokenizer_sha256: None,
-        seed,
-        config_sha256: crate::ckpt::sha256_hex(&config_toml),
-        config_toml,
-        nonfinite_steps: 0,
-        files: Default::default(),
-    }
+    TrainingState::fresh(cfg.to_toml(), cfg.data.shards, seed)
 }
 
 /// Takes the step program's own devices (`PJRT_LoadedExecutable_

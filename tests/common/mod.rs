@@ -342,6 +342,14 @@ pub fn run_checkpoint_model(
     let outs = outputs(&model, &win);
     let refs: Vec<&Tensor> = outs.iter().collect();
     let compiled = g.build(&refs).unwrap().compile(client()).unwrap();
+    compiled
+        .run(client(), &checkpoint_inputs(&c, rows))
+        .unwrap()
+}
+
+/// A checkpoint's parameters (f32) then token `rows` [B][S+1] (i32): the
+/// arguments of a program over the model and windows.
+pub fn checkpoint_inputs(c: &sharedmoe::ckpt::Checkpoint, rows: &[Vec<i32>]) -> Vec<HostTensor> {
     let mut host: Vec<HostTensor> = c
         .params
         .iter()
@@ -351,12 +359,12 @@ pub fn run_checkpoint_model(
         })
         .collect();
     host.push(HostTensor {
-        ty: TensorType::new(DType::I32, &[b, s1]),
+        ty: TensorType::new(DType::I32, &[rows.len() as i64, rows[0].len() as i64]),
         bytes: rows
             .iter()
             .flatten()
             .flat_map(|x| x.to_le_bytes())
             .collect(),
     });
-    compiled.run(client(), &host).unwrap()
+    host
 }
