@@ -172,3 +172,145 @@ fn exp1_small_runs_two_seeds_and_reports_against_the_thesis() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+/// Width and height of a PNG file (its IHDR chunk).
+fn png_size(path: &std::path::Path) -> (u32, u32) {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    assert_eq!(
+        &bytes[..8],
+        b"\x89PNG\r\n\x1a\n",
+        "{}: not a PNG",
+        path.display()
+    );
+    let be = |i: usize| u32::from_be_bytes(bytes[i..i + 4].try_into().unwrap());
+    (be(16), be(20))
+}
+
+fn load_ckpt(dir: &std::path::Path) -> sharedmoe::ckpt::Checkpoint {
+    let cfg = sharedmoe::cli::eval::checkpoint_config(dir).unwrap();
+    sharedmoe::ckpt::load(
+        dir,
+        &sharedmoe::model::param_specs(&cfg.model),
+        sharedmoe::ckpt::Purpose::Weights,
+    )
+    .unwrap()
+}
+
+/// `experiment exp2 --scale tiny` with a 2-layer source model and 8 steps
+/// per stage: every stage runs, every variant is scored with the expert
+/// count its pruning leaves, stage 3 trains only the global router, the
+/// distillation loss falls, the report and plots are written, and a rerun
+/// reuses every step's output.
+#[test]
+fn exp2_tiny_runs_every_stage_and_writes_the_report() {
+    let dir = std::env::temp_dir().join(format!("sharedmoe-exp2-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = dir.to_str().unwrap();
+    let args = [
+        "experiment",
+        "exp2",
+        "--scale",
+        "tiny",
+        "--out",
+        out,
+        "--set",
+        "model.num_layers=2",
+        "--set",
+        "train.steps=8",
+        "--set",
+        "train.eval_batches=1",
+    ];
+    let printed = sharedmoe_ok(&args);
+    let summary = std::fs::read_to_string(dir.join("summary.md")).unwrap();
+    assert!(printed.contains("## The hypothesis"), "{printed}");
+    let results: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("results.json")).unwrap()).unwrap();
+    let variants = results["variants"].as_array().unwrap();
+    // 4 unpruned models, then 4 ratios x (REAP, frequency, per-layer REAP,
+    // per-layer frequency, REAP + fine-tune).
+    assert_eq!(variants.len(), 4 + 4 * 5, "{summary}");
+    // 2 MoE layers x 16 experts: a pool of 32.
+    for v in variants {
+        let (method, removed) = (
+            v["method"].as_str().unwrap(),
+            v["removed"].as_f64().unwrap(),
+        );
+        let keep = |n: f64| ((1.0 - removed) * n).round() as u64;
+        let want = match method {
+            "original" => 32,
+            "layer_reap" | "layer_frequency" => 2 * keep(16.0),
+            _ => keep(32.0),
+        };
+        assert_eq!(v["experts"].as_u64(), Some(want), "{v}");
+        let ce = v["ce"].as_f64().unwrap();
+        assert!(ce.is_finite() && ce > 0.0, "{v}");
+        let label_row = format!("| {}% | {want} | {ce:.4} |", (removed * 100.0).round());
+        assert!(
+            summary.contains(&label_row),
+            "`{label_row}` not in\n{summary}"
+        );
+    }
+    let verdict = results["verdict"].as_str().unwrap();
+    assert!(
+        ["Supports", "Contradicts", "Cannot decide"]
+            .iter()
+            .any(|w| verdict.starts_with(w)),
+        "{verdict}"
+    );
+    assert!(summary.contains(verdict), "{summary}");
+    let classes = &results["experts_after_router_training"];
+    let total: u64 = ["universal", "dead", "long_tail"]
+        .iter()
+        .map(|k| classes[k].as_u64().unwrap())
+        .sum();
+    assert_eq!(total, 32, "{classes}");
+    // Each layer's routing mass, split by origin, sums to 1.
+    for row in results["origin_shares"].as_array().unwrap() {
+        let s: f64 = row
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .sum();
+        assert!((s - 1.0).abs() < 1e-9, "{row}");
+    }
+    // The distillation loss fell over stage 1's 8 steps.
+    let line = summary
+        .lines()
+        .find(|l| l.starts_with("- distillation loss"))
+        .expect("the distillation line");
+    let nums: Vec<f64> = line
+        .rsplit(": ")
+        .next()
+        .unwrap()
+        .split(" -> ")
+        .map(|x| x.parse().unwrap())
+        .collect();
+    assert!(nums[1] < nums[0], "{line}");
+    assert_eq!(png_size(&dir.join("pruning_curve.png")), (1200, 800));
+    assert_eq!(png_size(&dir.join("expert_origin.png")), (1400, 900));
+    // Stage 3 trained the global router and nothing else.
+    let pruned = load_ckpt(&dir.join("pruned/pool-reap-50"));
+    let tuned = load_ckpt(&dir.join("finetune/pool-reap-50/checkpoints/step_00000008"));
+    for ((name, _, a), (_, _, b)) in pruned.params.iter().zip(&tuned.params) {
+        if name == "model.pool.router.weight" {
+            assert_ne!(a, b, "the router did not train");
+        } else {
+            assert!(a == b, "{name} changed in stage 3");
+        }
+    }
+    // A rerun trains nothing again and scores the same checkpoints alike.
+    let metrics = |run: &str| std::fs::read_to_string(dir.join(run).join("metrics.jsonl")).unwrap();
+    let before = (metrics("distill"), metrics("finetune/pool-reap-90"));
+    sharedmoe_ok(&args);
+    assert_eq!(
+        before,
+        (metrics("distill"), metrics("finetune/pool-reap-90"))
+    );
+    let again: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("results.json")).unwrap()).unwrap();
+    for (a, b) in variants.iter().zip(again["variants"].as_array().unwrap()) {
+        assert_eq!(a["ce"], b["ce"], "{a} vs {b}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

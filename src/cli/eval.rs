@@ -35,12 +35,41 @@ pub struct CheckpointRows {
     /// At most this many batches of train.replicas x micro_batch rows.
     #[arg(long)]
     pub batches: Option<usize>,
+    /// Without --data: the run's held-out validation rows (val), or the
+    /// first rows of its training order (train: calibration data for
+    /// `reap` that the validation score never sees; `--batches`, default
+    /// 16).
+    #[arg(long, value_enum, default_value = "val")]
+    pub split: Split,
     /// PJRT plugin path (overrides discovery).
     #[arg(long)]
     pub plugin: Option<PathBuf>,
 }
 
+/// Which of the run's own rows [`CheckpointRows`] reads.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Split {
+    #[default]
+    Val,
+    Train,
+}
+
+/// Training-order batches read by `--split train` without `--batches`.
+pub const DEFAULT_TRAIN_BATCHES: usize = 16;
+
 impl CheckpointRows {
+    /// The run's validation rows for checkpoint `ckpt`, all of them.
+    pub fn validation(ckpt: PathBuf, plugin: Option<PathBuf>) -> CheckpointRows {
+        CheckpointRows {
+            ckpt,
+            data: vec![],
+            tokenizer: None,
+            batches: None,
+            split: Split::Val,
+            plugin,
+        }
+    }
+
     /// The checkpoint's run config, scoring next-token loss whatever the
     /// run optimised (a router-distillation run's checkpoint is evaluated
     /// as the model it is).
@@ -54,8 +83,15 @@ impl CheckpointRows {
     /// `cfg`'s data section is pointed at them.
     pub fn load(&self, cfg: &mut Config) -> Result<(ckpt::Checkpoint, Vec<Vec<Vec<i32>>>)> {
         let checkpoint = ckpt::load(&self.ckpt, &param_specs(&cfg.model), ckpt::Purpose::Weights)?;
-        let max = self.batches.unwrap_or(usize::MAX);
-        let batches = eval_batches(cfg, &self.data, self.tokenizer.as_deref(), max)?;
+        let max = self.batches.unwrap_or(match self.split {
+            Split::Val => usize::MAX,
+            Split::Train => DEFAULT_TRAIN_BATCHES,
+        });
+        let batches = if self.split == Split::Train && self.data.is_empty() {
+            training_batches(cfg, max)?
+        } else {
+            eval_batches(cfg, &self.data, self.tokenizer.as_deref(), max)?
+        };
         Ok((checkpoint, batches))
     }
 }
@@ -159,6 +195,27 @@ fn all_documents(cfg: &Config, max_batches: usize) -> Result<Vec<Vec<Vec<i32>>>>
             batch.push(rows);
         }
         batches.push(batch);
+    }
+    Ok(batches)
+}
+
+/// The first `max` micro-batch groups of the run's training order (from
+/// step 0, as a fresh run reads them), [batch][replica] -> rows: each
+/// global batch cut into its accumulation steps.
+fn training_batches(cfg: &Config, max: usize) -> Result<Vec<Vec<Vec<i32>>>> {
+    let t = &cfg.train;
+    let mut train = Batches::open(cfg, &DataPosition::default(), 0..t.replicas)?;
+    let width = (t.micro_batch * (t.seq_len + 1)) as usize;
+    let mut batches = vec![];
+    while batches.len() < max {
+        let global = train.next(cfg)?;
+        for a in 0..cfg.accumulation_steps() as usize {
+            if batches.len() == max {
+                break;
+            }
+            let part = |rows: &Vec<i32>| rows[a * width..(a + 1) * width].to_vec();
+            batches.push(global.iter().map(part).collect());
+        }
     }
     Ok(batches)
 }

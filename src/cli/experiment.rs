@@ -1,5 +1,5 @@
-//! `sharedmoe experiment exp1`: the thesis's Experiment 1 as a researcher
-//! runs it. Both models (the dense baseline and the shared MoE) on the same
+//! `sharedmoe experiment exp1|exp2`: the thesis's experiments as a
+//! researcher runs them; exp2 lives in `exp2`. Experiment 1: Both models (the dense baseline and the shared MoE) on the same
 //! data order with the same recipe, for one or more seeds, validation every
 //! `train.eval_every` steps on the held-out split; then the routing of
 //! every shared-MoE run's final checkpoint (`experts`). One output
@@ -21,15 +21,27 @@ use super::plot::{plot_runs, Curve};
 
 #[derive(clap::Args, Debug)]
 pub struct ExperimentArgs {
-    /// The experiment: exp1 (dense baseline vs shared MoE).
-    pub name: String,
-    /// tiny: toy models on the shipped sample (CPU, minutes; the CI check);
-    /// small: both models with the full architecture (12 layers, 16
-    /// experts top-2, GQA, factorised embeddings) at d = 192 on the shipped
-    /// text (CPU, about an hour and a half for 2 seeds); full: the SPEC
-    /// recipe (configs/dense125m.toml, configs/sharedmoe50m.toml).
+    /// exp1: dense baseline vs shared MoE; exp2: a per-layer MoE's experts
+    /// merged into one pool with a global router, then pruned.
+    #[arg(value_enum)]
+    pub name: Experiment,
+    /// exp1 -- tiny: toy models on the shipped sample (CPU, minutes; the CI
+    /// check); small: both models with the full architecture (12 layers,
+    /// 16 experts top-2, GQA, factorised embeddings) at d = 192 on the
+    /// shipped text (CPU, about an hour and a half for 2 seeds); full: the
+    /// SPEC recipe (configs/dense125m.toml, configs/sharedmoe50m.toml).
+    /// exp2 -- tiny: an 8 x 16-expert MoE on the shipped sample (CPU,
+    /// about 15 minutes); full: Qwen3-30B-A3B (--from-hf) on a TPU v4-32.
     #[arg(long, value_enum, default_value_t = Scale::Tiny)]
     pub scale: Scale,
+    /// exp2: start from this per-layer MoE checkpoint instead of training
+    /// the scale's source model.
+    #[arg(long, conflicts_with = "from_hf")]
+    pub from: Option<PathBuf>,
+    /// exp2: start from this Hugging Face Qwen3-MoE directory (imported
+    /// into the output directory first).
+    #[arg(long)]
+    pub from_hf: Option<PathBuf>,
     /// Seeds per model (seed i: train.seed + i, which draws the initial
     /// weights and the data order). Default: 2 at small scale, else 1.
     #[arg(long)]
@@ -52,7 +64,14 @@ pub struct ExperimentArgs {
     pub plugin: Option<PathBuf>,
 }
 
-/// The sizes Experiment 1 comes in.
+/// The experiments.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Experiment {
+    Exp1,
+    Exp2,
+}
+
+/// The sizes the experiments come in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum Scale {
     Tiny,
@@ -129,8 +148,15 @@ fn run_dir(out: &Path, label: &str, seed: u32) -> PathBuf {
 }
 
 pub fn run(a: &ExperimentArgs) -> Result<()> {
-    if a.name != "exp1" {
-        bail!("unknown experiment `{}` (available: exp1)", a.name);
+    match a.name {
+        Experiment::Exp1 => run_exp1(a),
+        Experiment::Exp2 => super::exp2::run(a),
+    }
+}
+
+fn run_exp1(a: &ExperimentArgs) -> Result<()> {
+    if a.from.is_some() || a.from_hf.is_some() {
+        bail!("--from and --from-hf are exp2's: exp1 trains both of its models from scratch");
     }
     let seeds = a.seeds.unwrap_or(a.scale.default_seeds());
     if seeds == 0 {
@@ -183,13 +209,7 @@ pub fn run(a: &ExperimentArgs) -> Result<()> {
             let last = train_run(&cfg, a)?;
             let experts = if cfg.model.ffn == FfnKind::SharedMoe {
                 let dir = cfg.run.dir.join("experts");
-                let rows = CheckpointRows {
-                    ckpt: last,
-                    data: vec![],
-                    tokenizer: None,
-                    batches: None,
-                    plugin: a.plugin.clone(),
-                };
+                let rows = CheckpointRows::validation(last, a.plugin.clone());
                 let analysis = super::experts::analyse(&rows, &dir)?;
                 Some((analysis.stats, dir))
             } else {

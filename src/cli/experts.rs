@@ -168,6 +168,7 @@ pub fn write_outputs(s: &RoutingStats, out: &Path) -> Result<Vec<PathBuf>> {
             bar_desc: "fraction of tokens",
             values: &fractions,
             row_names: &s.layer_ids,
+            col_names: &[],
             range: (0.0, if top > 0.0 { top } else { 1.0 }),
         },
     )?;
@@ -207,6 +208,7 @@ pub fn write_outputs(s: &RoutingStats, out: &Path) -> Result<Vec<PathBuf>> {
             bar_desc: "fraction of tokens",
             values: &overlaps,
             row_names: &s.layer_ids,
+            col_names: &s.layer_ids,
             range: (0.0, 1.0),
         },
     )?;
@@ -301,16 +303,18 @@ pub fn summary(s: &RoutingStats, batches: usize) -> String {
 }
 
 /// A matrix to draw: `values[row][col]`, row 0 at the top.
-struct Heatmap<'a> {
-    title: String,
-    x_desc: &'a str,
-    y_desc: &'a str,
-    bar_desc: &'a str,
-    values: &'a [Vec<f64>],
+pub(super) struct Heatmap<'a> {
+    pub title: String,
+    pub x_desc: &'a str,
+    pub y_desc: &'a str,
+    pub bar_desc: &'a str,
+    pub values: &'a [Vec<f64>],
     /// The label of each row (the model layer it shows).
-    row_names: &'a [usize],
+    pub row_names: &'a [usize],
+    /// The label of each column; empty: its index.
+    pub col_names: &'a [usize],
     /// Values mapped to the ends of the colour scale.
-    range: (f64, f64),
+    pub range: (f64, f64),
 }
 
 /// Size of the heatmap PNGs, in pixels.
@@ -344,7 +348,7 @@ fn viridis(t: f64) -> RGBColor {
 /// Draws the matrix as coloured cells (with their values when the cells
 /// are large enough), row and column indices, axis names, a title and a
 /// colour bar, laid out by hand in pixels.
-fn draw_heatmap(path: &Path, h: &Heatmap) -> Result<()> {
+pub(super) fn draw_heatmap(path: &Path, h: &Heatmap) -> Result<()> {
     let rows = h.values.len();
     let cols = h.values.first().map_or(0, Vec::len);
     if rows == 0 || cols == 0 {
@@ -396,7 +400,8 @@ fn draw_heatmap(path: &Path, h: &Heatmap) -> Result<()> {
     let col_step = every(cols, right - left);
     for c in (0..cols).step_by(col_step) {
         let x = (x_at(c) + x_at(c + 1)) / 2;
-        root.draw_text(&c.to_string(), &centred(label_size), (x, bottom + 16))
+        let name = h.col_names.get(c).map_or(c, |&n| n);
+        root.draw_text(&name.to_string(), &centred(label_size), (x, bottom + 16))
             .map_err(e)?;
     }
     let row_step = every(rows, bottom - top);

@@ -13,6 +13,8 @@ pub mod dist;
 pub mod doctor;
 pub mod eval;
 pub mod exp1_report;
+pub mod exp2;
+pub mod exp2_report;
 pub mod experiment;
 pub mod experts;
 pub mod export_hf;

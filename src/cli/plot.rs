@@ -218,7 +218,7 @@ fn y_range(series: &[&[(i64, f64)]]) -> std::ops::Range<f64> {
     }
 }
 
-fn colour(i: usize) -> RGBColor {
+pub(super) fn colour(i: usize) -> RGBColor {
     PALETTE[i % PALETTE.len()]
 }
 
@@ -254,9 +254,13 @@ fn chart<'a>(
     Ok(c)
 }
 
-fn legend(c: &mut Chart<'_>) -> Result<()> {
+/// The legend box of a chart's labelled series, at `at`.
+pub(super) fn legend<'a, X: Ranged, Y: Ranged>(
+    c: &mut ChartContext<'a, BitMapBackend<'a>, Cartesian2d<X, Y>>,
+    at: SeriesLabelPosition,
+) -> Result<()> {
     c.configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
+        .position(at)
         .label_font(("sans-serif", 20))
         .legend_area_size(45)
         .background_style(WHITE.mix(0.85))
@@ -305,7 +309,7 @@ fn plot_train(runs: &[Drawn], path: &Path) -> Result<()> {
             });
         }
     }
-    legend(&mut c)?;
+    legend(&mut c, SeriesLabelPosition::UpperRight)?;
     root.present()
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
@@ -343,7 +347,7 @@ fn plot_val(runs: &[Drawn], path: &Path) -> Result<()> {
         )
         .map_err(|e| anyhow!("{e}"))?;
     }
-    legend(&mut c)?;
+    legend(&mut c, SeriesLabelPosition::UpperRight)?;
     root.present()
         .with_context(|| format!("writing {}", path.display()))?;
     Ok(())
