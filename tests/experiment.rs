@@ -218,6 +218,8 @@ fn exp2_tiny_runs_every_stage_and_writes_the_report() {
         "--set",
         "train.steps=8",
         "--set",
+        "train.warmup_steps=2",
+        "--set",
         "train.eval_batches=1",
     ];
     let printed = sharedmoe_ok(&args);
@@ -226,9 +228,11 @@ fn exp2_tiny_runs_every_stage_and_writes_the_report() {
     let results: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("results.json")).unwrap()).unwrap();
     let variants = results["variants"].as_array().unwrap();
-    // 4 unpruned models, then 4 ratios x (REAP, frequency, per-layer REAP,
-    // per-layer frequency, REAP + fine-tune).
-    assert_eq!(variants.len(), 4 + 4 * 5, "{summary}");
+    // 5 unpruned models (the original, the pool before and after each
+    // stage, the distilled pool on its own layers' experts), then 4 ratios
+    // x (REAP, frequency, per-layer REAP, per-layer frequency, REAP +
+    // fine-tune).
+    assert_eq!(variants.len(), 5 + 4 * 5, "{summary}");
     // 2 MoE layers x 16 experts: a pool of 32.
     for v in variants {
         let (method, removed) = (

@@ -106,6 +106,13 @@ impl TrainingState {
         }
     }
 
+    /// Records `config_toml` as the run's config (a checkpoint rewritten
+    /// for another model: pruned, or its routing restricted).
+    pub fn record_config(&mut self, config_toml: String) {
+        self.config_sha256 = sha256_hex(&config_toml);
+        self.config_toml = config_toml;
+    }
+
     /// Refuses the tokenizer at `path` (SHA-256 `sha256`) when the run was
     /// trained with another one; a state that recorded none accepts any.
     /// `hint` says what to do instead.

@@ -30,7 +30,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 
 use crate::ckpt;
-use crate::model::{FfnKind, ModelConfig, RouterScore};
+use crate::model::{param_specs, FfnKind, ModelConfig, PoolScope, RouterScore};
 use crate::runtime::tpu_present;
 use crate::train::config::Objective;
 use crate::train::{self, Config, StartFrom};
@@ -78,7 +78,7 @@ impl Recipe {
     fn of(scale: Scale) -> Result<Recipe> {
         match scale {
             // Stage learning rates well above the thesis's 1e-4: G has
-            // 150 steps here, not thousands.
+            // hundreds of steps here, not thousands.
             Scale::Tiny => Ok(Recipe {
                 source: Some("configs/exp2-tiny-moe.toml"),
                 batch_from: None,
@@ -89,13 +89,13 @@ impl Recipe {
                     checkpoint_every: 0,
                 },
                 router: Stage {
-                    steps: 150,
+                    steps: 300,
                     lr: 1e-3,
                     min_lr: 1e-4,
                     checkpoint_every: 0,
                 },
                 finetune: Stage {
-                    steps: 100,
+                    steps: 200,
                     lr: 1e-3,
                     min_lr: 1e-4,
                     checkpoint_every: 0,
@@ -208,6 +208,9 @@ pub fn run(a: &ExperimentArgs) -> Result<()> {
             Objective::RouterDistill,
         )
     })?;
+    let own_layers = exp.timed("the distilled pool, each layer on its own experts", |e| {
+        e.own_layers_view(&distilled)
+    })?;
     let router = exp.timed("stage 2: router LM training", |e| {
         e.train_stage(&distilled, "router", e.recipe.router, Objective::Lm)
     })?;
@@ -220,6 +223,7 @@ pub fn run(a: &ExperimentArgs) -> Result<()> {
     let mut plan_variants = vec![
         (Method::Original, 0.0, original.clone()),
         (Method::Pooled, 0.0, pooled.clone()),
+        (Method::DistilledOwnLayers, 0.0, own_layers),
         (Method::Distilled, 0.0, distilled.clone()),
         (Method::RouterTrained, 0.0, router.clone()),
     ];
@@ -444,6 +448,22 @@ impl Exp2<'_> {
             ..StartFrom::default()
         };
         train::train(&cfg, &start, self.a.plugin.as_deref())
+    }
+
+    /// The distilled pool with every layer restricted to the experts that
+    /// came from it (`pool_scope = "layer"`, same tensors): what stage 1
+    /// achieved on the slices it trains, before G routes over the whole
+    /// pool.
+    fn own_layers_view(&mut self, distilled: &Path) -> Result<PathBuf> {
+        let dir = self.out.join("distilled-own-layers");
+        if !dir.join("state.json").is_file() {
+            let mut cfg = checkpoint_config(distilled)?;
+            let mut c = ckpt::load(distilled, &param_specs(&cfg.model), ckpt::Purpose::Weights)?;
+            cfg.model.pool_scope = PoolScope::Layer;
+            c.state.record_config(cfg.to_toml());
+            ckpt::save(&dir, &cfg.model, cfg.train.seq_len, &c)?;
+        }
+        Ok(dir)
     }
 
     /// `sharedmoe reap` on `ckpt`'s calibration rows into `out/file`.

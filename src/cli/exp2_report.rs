@@ -27,6 +27,8 @@ pub enum Method {
     Original,
     /// Converted, with the random global router (before stage 1).
     Pooled,
+    /// After stage 1, every layer restricted to its own experts.
+    DistilledOwnLayers,
     /// After stage 1 (router distillation).
     Distilled,
     /// After stage 2 (router LM training).
@@ -45,6 +47,7 @@ impl Method {
         match self {
             Method::Original => "original per-layer MoE",
             Method::Pooled => "pooled, random G",
+            Method::DistilledOwnLayers => "distilled G, each layer on its own experts",
             Method::Distilled => "pooled after distillation",
             Method::RouterTrained => "pooled after router LM training",
             Method::PoolReap => "pool + REAP",
@@ -60,6 +63,7 @@ impl Method {
         match self {
             Method::Original => "original",
             Method::Pooled => "pooled",
+            Method::DistilledOwnLayers => "distilled-own-layers",
             Method::Distilled => "distilled",
             Method::RouterTrained => "router",
             Method::PoolReap => "pool-reap",
@@ -198,8 +202,16 @@ pub fn verdict(r: &Report) -> String {
         (KEPT_PERPLEXITY - 1.0) * 100.0
     );
     let (p, l) = (pct(pool), pct(layer));
+    let unpruned = r
+        .find(Method::RouterTrained, 0.0)
+        .map_or(String::new(), |v| {
+            format!(
+                "; the unpruned pool itself is {:+.4} nats from the original",
+                v.ce - r.original_ce()
+            )
+        });
     let tail = format!(
-        "(one seed at {} scale; \"quality kept\" = {kept} on the same validation rows)",
+        "(one seed at {} scale; \"quality kept\" = {kept} on the same validation rows{unpruned})",
         r.scale
     );
     if layer.is_some_and(|f| f >= 0.9) {
@@ -662,4 +674,181 @@ pub fn plan(cfg: &Config, topology: &str, compiled: bool, figures: Option<&str>)
         None => {}
     }
     Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::routing::LayerChoices;
+
+    /// A pool of 4 experts (from layers 0, 0, 2, 2) routed top-1 at layers
+    /// 0 and 2 for 4 tokens with weight 1.
+    fn routed(at0: [usize; 4], at2: [usize; 4]) -> RoutingStats {
+        let mut s = RoutingStats::shared_at(vec![0, 2], 4, 1);
+        let choices = |e: [usize; 4]| LayerChoices {
+            experts: e.to_vec(),
+            weights: vec![1.0; 4],
+        };
+        s.add(&[choices(at0), choices(at2)]).unwrap();
+        s
+    }
+
+    const ORIGIN: [[i64; 2]; 4] = [[0, 0], [0, 1], [2, 0], [2, 1]];
+
+    #[test]
+    fn origin_shares_split_each_layers_mass_by_where_its_experts_came_from() {
+        // Top-2 at layers 0 and 2, two tokens each. Layer 0: experts 0
+        // (from layer 0) with weight 0.9 and 3 (from layer 2) with 0.1.
+        // Layer 2: experts 2 (own) with 0.6 and 1 (from layer 0) with 0.4.
+        // By mass, not by count (which would give halves everywhere).
+        let mut s = RoutingStats::shared_at(vec![0, 2], 4, 2);
+        let choices = |a, wa, b, wb| LayerChoices {
+            experts: vec![a, b, a, b],
+            weights: vec![wa, wb, wa, wb],
+        };
+        s.add(&[choices(0, 0.9, 3, 0.1), choices(2, 0.6, 1, 0.4)])
+            .unwrap();
+        let shares = origin_shares(&s, &ORIGIN).unwrap();
+        let want = [[0.9, 0.1], [0.4, 0.6]];
+        for (got, want) in shares.iter().flatten().zip(want.iter().flatten()) {
+            assert!((got - want).abs() < 1e-12, "{shares:?}");
+        }
+        assert!((cross_depth_share(&shares) - (0.1 + 0.4) / 2.0).abs() < 1e-12);
+        // An origin table of the wrong size, or naming a layer without a
+        // router, is refused.
+        assert!(origin_shares(&s, &ORIGIN[..3]).is_err());
+        let mut bad = ORIGIN;
+        bad[0] = [1, 0];
+        let err = origin_shares(&s, &bad).unwrap_err().to_string();
+        assert!(err.contains("layer 1"), "{err}");
+    }
+
+    #[test]
+    fn experts_are_universal_dead_or_long_tail() {
+        // 2 layers: universal = used at >= ceil(0.5) = 1 layer. Expert 0 is
+        // used at both, expert 1 at one, expert 3 nowhere; expert 2 gets
+        // 1 of 4 choices at layer 2, above the threshold 0.25/4.
+        let s = routed([0, 0, 1, 1], [0, 0, 0, 2]);
+        let c = expert_classes(&s);
+        assert_eq!(
+            c,
+            ExpertClasses {
+                universal: 3,
+                dead: 1,
+                long_tail: 0,
+                universal_layers: 1
+            }
+        );
+        // 8 layers: universal needs 2. One token per layer: expert 0 at
+        // every layer, expert 1 at layer 0 only; 2 and 3 never.
+        let mut s = RoutingStats::shared_at((0..8).collect(), 4, 1);
+        let one = |e| LayerChoices {
+            experts: vec![e],
+            weights: vec![1.0],
+        };
+        let mut layers: Vec<LayerChoices> = (0..8).map(|_| one(0)).collect();
+        layers[0] = one(1);
+        s.add(&layers).unwrap();
+        let c = expert_classes(&s);
+        assert_eq!(
+            (c.universal, c.long_tail, c.dead, c.universal_layers),
+            (1, 1, 2, 2)
+        );
+    }
+
+    fn report(ces: &[(Method, f64, f64)]) -> Report {
+        let variant = |&(method, removed, ce): &(Method, f64, f64)| Variant {
+            method,
+            removed,
+            experts: 0,
+            ce,
+            tokens: 1,
+            ckpt: PathBuf::new(),
+        };
+        Report {
+            scale: "tiny",
+            source: String::new(),
+            original: ModelConfig::preset("tiny-moe").unwrap(),
+            pooled: ModelConfig::preset("tiny-moe").unwrap(),
+            variants: ces.iter().map(variant).collect(),
+            distilled: RoutingStats::new(1, 1, 1),
+            router: RoutingStats::new(1, 1, 1),
+            distill_run: PathBuf::new(),
+            calibration_batches: 1,
+            timings: vec![],
+            plan: None,
+        }
+    }
+
+    /// The original at CE 3.0, the pool's REAP lines and per-layer REAP
+    /// at 25/50/80/90% with the given CEs.
+    fn pruned(pool: [f64; 4], tuned: [f64; 4], layer: [f64; 4]) -> Report {
+        let mut v = vec![
+            (Method::Original, 0.0, 3.0),
+            (Method::RouterTrained, 0.0, 3.01),
+        ];
+        for (i, f) in [0.25, 0.5, 0.8, 0.9].into_iter().enumerate() {
+            v.push((Method::PoolReap, f, pool[i]));
+            v.push((Method::PoolReapTuned, f, tuned[i]));
+            v.push((Method::LayerReap, f, layer[i]));
+        }
+        report(&v)
+    }
+
+    #[test]
+    fn the_verdict_follows_the_largest_ratio_that_keeps_quality() {
+        // The limit: 3.0 + ln 1.05 = 3.0488.
+        let bad = 3.2;
+        let supports = pruned(
+            [3.01, 3.02, bad, bad],
+            [3.01, 3.02, 3.04, bad],
+            [3.01, bad, bad, bad],
+        );
+        assert_eq!(
+            supports.largest_kept(&[Method::PoolReap, Method::PoolReapTuned]),
+            Some(0.8)
+        );
+        assert_eq!(supports.largest_kept(&[Method::LayerReap]), Some(0.25));
+        let v = verdict(&supports);
+        assert!(v.starts_with("Supports"), "{v}");
+        assert!(v.contains("up to 80%") && v.contains("up to 25%"), "{v}");
+        assert!(
+            v.contains("the unpruned pool itself is +0.0100 nats"),
+            "{v}"
+        );
+
+        let v = verdict(&pruned([3.0; 4], [3.0; 4], [3.04; 4]));
+        assert!(v.starts_with("Cannot decide: even per-layer REAP"), "{v}");
+
+        let v = verdict(&pruned(
+            [3.0, 3.0, 3.0, bad],
+            [bad; 4],
+            [3.0, 3.0, 3.0, bad],
+        ));
+        assert!(v.starts_with("Cannot decide: the global pool"), "{v}");
+
+        let v = verdict(&pruned(
+            [3.0, 3.0, bad, bad],
+            [bad; 4],
+            [3.0, bad, bad, bad],
+        ));
+        assert!(v.starts_with("Contradicts the 80-90% figure"), "{v}");
+
+        let v = verdict(&pruned([bad; 4], [bad; 4], [3.0, bad, bad, bad]));
+        assert!(
+            v.starts_with("Contradicts: ") && v.contains("none of the ratios"),
+            "{v}"
+        );
+    }
+
+    #[test]
+    fn a_pruning_line_starts_at_its_unpruned_model() {
+        let r = pruned([3.1, 3.2, 3.3, 3.4], [3.0; 4], [3.5; 4]);
+        assert_eq!(
+            r.curve(Method::PoolReap),
+            vec![(0.0, 3.01), (0.25, 3.1), (0.5, 3.2), (0.8, 3.3), (0.9, 3.4)]
+        );
+        assert_eq!(r.curve(Method::LayerReap)[0], (0.0, 3.0));
+        assert!(r.curve(Method::PoolFrequency) == vec![(0.0, 3.01)]);
+    }
 }

@@ -114,8 +114,7 @@ pub fn run(a: &PruneArgs) -> Result<()> {
         ..src_cfg
     };
     let mut state = src.state;
-    state.config_toml = cfg.to_toml();
-    state.config_sha256 = ckpt::sha256_hex(&state.config_toml);
+    state.record_config(cfg.to_toml());
     let checkpoint = Checkpoint {
         params,
         adam_m: vec![],
