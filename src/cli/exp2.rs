@@ -168,35 +168,12 @@ pub fn run(a: &ExperimentArgs) -> Result<()> {
         timings: vec![],
     };
     let started = Instant::now();
-    let plan = if a.scale == Scale::Full {
-        let (plan, fits) = exp.full_scale_plan()?;
-        let stop = if !fits {
-            Some(format!(
-                "the pooled model's router-training step does not fit a {PLAN_TOPOLOGY} chip (the \
-                 plan above); the stages need expert parallelism, which this framework does not \
-                 have yet"
-            ))
-        } else if !tpu_present() {
-            Some(format!(
-                "this machine has no TPU chips: run the same command on a TPU {PLAN_TOPOLOGY} VM \
-                 for the stages"
-            ))
-        } else {
-            None
-        };
-        if let Some(why) = stop {
-            let path = exp.out.join("summary.md");
-            let text = format!("# Experiment 2 (full)\n\n{plan}\nStages not run: {why}.\n");
-            std::fs::write(&path, &text).with_context(|| format!("writing {}", path.display()))?;
-            println!("{text}\nwrote {}", path.display());
-            if fits {
-                return Ok(());
-            }
-            bail!("exp2 full: {why}");
-        }
-        Some(plan)
-    } else {
-        None
+    let plan = match a.scale {
+        Scale::Full => match exp.plan_or_stop()? {
+            Some(plan) => Some(plan),
+            None => return Ok(()),
+        },
+        _ => None,
     };
     let original = exp.timed("source model", |e| e.source())?;
     let pooled = exp.timed("convert-pool", |e| e.convert(&original))?;
@@ -220,7 +197,7 @@ pub fn run(a: &ExperimentArgs) -> Result<()> {
         Ok([pool, layers])
     })?;
     let [pool_reap, layer_reap] = pool_stats;
-    let mut plan_variants = vec![
+    let mut to_score = vec![
         (Method::Original, 0.0, original.clone()),
         (Method::Pooled, 0.0, pooled.clone()),
         (Method::DistilledOwnLayers, 0.0, own_layers),
@@ -246,7 +223,7 @@ pub fn run(a: &ExperimentArgs) -> Result<()> {
                 ),
             ] {
                 let dir = e.prune(src, stats, f, by, method)?;
-                plan_variants.push((method, f, dir));
+                to_score.push((method, f, dir));
             }
         }
         Ok(())
@@ -256,12 +233,12 @@ pub fn run(a: &ExperimentArgs) -> Result<()> {
             let pruned = e.pruned_dir(Method::PoolReap, f);
             let name = format!("finetune/pool-reap-{}", percent(f));
             let tuned = e.train_stage(&pruned, &name, e.recipe.finetune, Objective::Lm)?;
-            plan_variants.push((Method::PoolReapTuned, f, tuned));
+            to_score.push((Method::PoolReapTuned, f, tuned));
         }
         Ok(())
     })?;
     let variants = exp.timed("evaluation", |e| {
-        plan_variants
+        to_score
             .iter()
             .map(|(method, f, dir)| e.evaluate(*method, *f, dir))
             .collect::<Result<Vec<_>>>()
@@ -537,6 +514,35 @@ impl Exp2<'_> {
     fn routing(&self, ckpt: &Path, name: &str) -> Result<crate::model::routing::RoutingStats> {
         let rows = CheckpointRows::validation(ckpt.to_path_buf(), self.a.plugin.clone());
         Ok(super::experts::analyse(&rows, &self.out.join("experts").join(name))?.stats)
+    }
+
+    /// Full scale: the plan, when the stages can run here; else it goes
+    /// into summary.md alone, and the experiment ends (Ok(None): no TPU
+    /// chips here) or fails (the step does not fit).
+    fn plan_or_stop(&mut self) -> Result<Option<String>> {
+        let (plan, fits) = self.full_scale_plan()?;
+        let why = if !fits {
+            format!(
+                "the pooled model's router-training step does not fit a {PLAN_TOPOLOGY} chip (the \
+                 plan above); the stages need expert parallelism, which this framework does not \
+                 have yet"
+            )
+        } else if !tpu_present() {
+            format!(
+                "this machine has no TPU chips: run the same command on a TPU {PLAN_TOPOLOGY} VM \
+                 for the stages"
+            )
+        } else {
+            return Ok(Some(plan));
+        };
+        let path = self.out.join("summary.md");
+        let text = format!("# Experiment 2 (full)\n\n{plan}\nStages not run: {why}.\n");
+        std::fs::write(&path, &text).with_context(|| format!("writing {}", path.display()))?;
+        println!("{text}\nwrote {}", path.display());
+        if fits {
+            return Ok(None);
+        }
+        bail!("exp2 full: {why}");
     }
 
     /// Full scale: the pooled Qwen3-30B-A3B's router step compiled for a

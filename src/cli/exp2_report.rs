@@ -193,9 +193,10 @@ impl Report {
 pub fn verdict(r: &Report) -> String {
     let pool = r.largest_kept(&[Method::PoolReap, Method::PoolReapTuned]);
     let layer = r.largest_kept(&[Method::LayerReap]);
+    // "up to 50% removed" / "at none of the ratios".
     let pct = |f: Option<f64>| match f {
-        Some(f) => format!("{}%", super::exp2::percent(f)),
-        None => "none of the ratios".into(),
+        Some(f) => format!("up to {}% removed", super::exp2::percent(f)),
+        None => "at none of the ratios".into(),
     };
     let kept = format!(
         "perplexity within {:.0}% of the original",
@@ -221,25 +222,19 @@ pub fn verdict(r: &Report) -> String {
              global from per-layer pruning {tail}."
         )
     } else if pool.is_some_and(|f| f >= 0.8) && layer.map_or(true, |f| f < 0.8) {
-        format!(
-            "Supports: the global pool keeps {kept} with up to {p} of its experts removed, \
-             per-layer REAP only up to {l} {tail}."
-        )
+        format!("Supports: the global pool keeps {kept} {p}, per-layer REAP only {l} {tail}.")
     } else if pool.is_some_and(|f| f >= 0.8) {
         format!(
-            "Cannot decide: the global pool keeps {kept} up to {p} removed, but per-layer REAP \
-             also does up to {l}, so global competition is not what allows it here {tail}."
+            "Cannot decide: the global pool keeps {kept} {p}, but per-layer REAP also does {l}, \
+             so global competition is not what allows it here {tail}."
         )
     } else if pool.unwrap_or(0.0) > layer.unwrap_or(0.0) {
         format!(
-            "Contradicts the 80-90% figure: the global pool keeps {kept} only up to {p} removed \
-             (more than per-layer REAP's {l}, so the direction holds) {tail}."
+            "Contradicts the 80-90% figure: the global pool keeps {kept} only {p} (per-layer \
+             REAP: {l}, so the direction holds) {tail}."
         )
     } else {
-        format!(
-            "Contradicts: the global pool keeps {kept} only up to {p} removed, per-layer REAP \
-             up to {l} {tail}."
-        )
+        format!("Contradicts: the global pool keeps {kept} {p}, per-layer REAP {l} {tail}.")
     }
 }
 
@@ -497,7 +492,11 @@ fn summary_text(r: &Report, origin: &[Vec<f64>]) -> Result<String> {
         cross_depth_share(origin) * 100.0,
         cross_depth_share(&distilled_origin) * 100.0
     )?;
-    writeln!(s, "## Time\n\n| step | seconds |\n|---|---:|")?;
+    writeln!(
+        s,
+        "## Time\n\nOf this invocation (a step found complete from an earlier one costs \
+         nothing):\n\n| step | seconds |\n|---|---:|"
+    )?;
     for (what, secs) in &r.timings {
         writeln!(s, "| {what} | {secs:.0} |")?;
     }
@@ -811,7 +810,10 @@ mod tests {
         assert_eq!(supports.largest_kept(&[Method::LayerReap]), Some(0.25));
         let v = verdict(&supports);
         assert!(v.starts_with("Supports"), "{v}");
-        assert!(v.contains("up to 80%") && v.contains("up to 25%"), "{v}");
+        assert!(
+            v.contains("up to 80% removed, per-layer REAP only up to 25% removed"),
+            "{v}"
+        );
         assert!(
             v.contains("the unpruned pool itself is +0.0100 nats"),
             "{v}"
@@ -836,7 +838,8 @@ mod tests {
 
         let v = verdict(&pruned([bad; 4], [bad; 4], [3.0, bad, bad, bad]));
         assert!(
-            v.starts_with("Contradicts: ") && v.contains("none of the ratios"),
+            v.starts_with("Contradicts: ")
+                && v.contains("at none of the ratios, per-layer REAP up to 25%"),
             "{v}"
         );
     }
