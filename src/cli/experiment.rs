@@ -31,7 +31,7 @@ pub struct ExperimentArgs {
     /// shipped text (CPU, about an hour and a half for 2 seeds); full: the
     /// SPEC recipe (configs/dense125m.toml, configs/sharedmoe50m.toml).
     /// exp2 -- tiny: an 8 x 16-expert MoE on the shipped sample (CPU,
-    /// about 20 minutes); full: Qwen3-30B-A3B (--from-hf) on a TPU v4-32.
+    /// 20-25 minutes); full: Qwen3-30B-A3B (--from-hf) on a TPU v4-32.
     #[arg(long, value_enum, default_value_t = Scale::Tiny)]
     pub scale: Scale,
     /// exp2: start from this per-layer MoE checkpoint instead of training
