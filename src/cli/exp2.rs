@@ -191,12 +191,11 @@ pub fn run(a: &ExperimentArgs) -> Result<()> {
     let router = exp.timed("stage 2: router LM training", |e| {
         e.train_stage(&distilled, "router", e.recipe.router, Objective::Lm)
     })?;
-    let pool_stats = exp.timed("REAP statistics", |e| {
+    let [pool_reap, layer_reap] = exp.timed("REAP statistics", |e| {
         let pool = e.reap(&router, "reap-pool.json")?;
         let layers = e.reap(&original, "reap-per-layer.json")?;
         Ok([pool, layers])
     })?;
-    let [pool_reap, layer_reap] = pool_stats;
     let mut to_score = vec![
         (Method::Original, 0.0, original.clone()),
         (Method::Pooled, 0.0, pooled.clone()),
@@ -252,10 +251,11 @@ pub fn run(a: &ExperimentArgs) -> Result<()> {
     let pooled_cfg = checkpoint_config(&router)?;
     exp.timings
         .push(("total".into(), started.elapsed().as_secs_f64()));
+    let original_model = checkpoint_config(&original)?.model;
     let report = Report {
         scale: a.scale.name(),
-        source: describe_source(a, &original)?,
-        original: checkpoint_config(&original)?.model,
+        source: describe_source(a, &original, &original_model),
+        original: original_model,
         pooled: pooled_cfg.model,
         variants,
         distilled: distilled_routing,
@@ -274,8 +274,7 @@ pub fn run(a: &ExperimentArgs) -> Result<()> {
 }
 
 /// One line on where the original model came from.
-fn describe_source(a: &ExperimentArgs, original: &Path) -> Result<String> {
-    let m = checkpoint_config(original)?.model;
+fn describe_source(a: &ExperimentArgs, original: &Path, m: &ModelConfig) -> String {
     let what = format!(
         "{} layers, {} MoE layers x {} experts, top-{}",
         m.num_layers,
@@ -283,11 +282,11 @@ fn describe_source(a: &ExperimentArgs, original: &Path) -> Result<String> {
         m.num_experts,
         m.experts_per_token
     );
-    Ok(match (&a.from, &a.from_hf) {
+    match (&a.from, &a.from_hf) {
         (Some(c), _) => format!("`{}` ({what})", c.display()),
         (_, Some(h)) => format!("`{}`, imported ({what})", h.display()),
         _ => format!("trained here, `{}` ({what})", original.display()),
-    })
+    }
 }
 
 impl Exp2<'_> {
