@@ -13,11 +13,14 @@
 //!   programs run with device-resident key/value caches).
 //! - [`dist`]: the coordinator and workers of a multi-process job (gRPC).
 //! - [`cli`]: the `sharedmoe` command-line interface.
+//! - [`compress`]: SparseGPT / magnitude pruning and the NF4 codec, on
+//!   the host (a leaf: pure numerics).
 //! - [`digest`]: SHA-256 as hex; [`f32_bytes`]: f32 values as
 //!   little-endian bytes. Leaves that every layer may use.
 
 pub mod ckpt;
 pub mod cli;
+pub mod compress;
 pub mod data;
 pub mod digest;
 pub mod dist;

@@ -1,0 +1,1 @@
+//! NF4 (bitsandbytes) codec. Being written.

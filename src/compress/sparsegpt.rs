@@ -1,0 +1,1 @@
+//! SparseGPT and magnitude pruning. Being written.
