@@ -368,3 +368,74 @@ pub fn checkpoint_inputs(c: &sharedmoe::ckpt::Checkpoint, rows: &[Vec<i32>]) -> 
     });
     host
 }
+
+/// CPU torch, transformers 5 (Qwen3-MoE exists in torch only) and
+/// bitsandbytes (the NF4 reference; its CPU backend quantises), every
+/// package pinned: the set pip resolved for torch 2.15.0 and transformers
+/// 5.24.0 on Python 3.11. PyPI's Linux torch needs the CUDA libraries to
+/// import, even on the CPU: about 5.6 GB, installed once per checkout.
+const TORCH_PACKAGES: &[&str] = &[
+    "annotated-doc==0.0.7",
+    "bitsandbytes==0.50.2",
+    "annotated-types==0.8.0",
+    "anyio==4.16.0",
+    "click==8.5.1",
+    "cuda-bindings==13.5.0",
+    "cuda-pathfinder==1.9.1",
+    "cuda-toolkit==13.2.2",
+    "filelock==4.3.1",
+    "fsspec==2026.9.0",
+    "h11==0.16.0",
+    "hf-xet==1.8.0",
+    "httpcore2==2.16.2",
+    "httpx2==2.16.2",
+    "huggingface_hub==2.4.0",
+    "idna==3.20",
+    "Jinja2==3.1.6",
+    "markdown-it-py==4.3.0",
+    "MarkupSafe==3.0.4",
+    "mdurl==0.1.2",
+    "mpmath==1.3.0",
+    "networkx==3.6.1",
+    "numpy==2.4.6",
+    "nvidia-cublas==13.4.1.3",
+    "nvidia-cuda-cccl==13.3.5.0.6",
+    "nvidia-cuda-cupti==13.2.86",
+    "nvidia-cuda-nvrtc==13.2.86",
+    "nvidia-cuda-runtime==13.2.86",
+    "nvidia-cudnn-cu13==9.26.0.51",
+    "nvidia-cufft==12.2.0.57",
+    "nvidia-cufile==1.17.1.22",
+    "nvidia-cusolver==12.2.0.11",
+    "nvidia-cusparse==12.7.10.12",
+    "nvidia-cusparselt-cu13==0.8.1",
+    "nvidia-nccl-cu13==2.30.7",
+    "nvidia-nvjitlink==13.5.37",
+    "nvidia-nvshmem-cu13==3.7.2",
+    "nvidia-nvtx==13.2.86",
+    "packaging==26.4",
+    "pydantic==2.14.4",
+    "pydantic_core==2.50.5",
+    "Pygments==2.21.0",
+    "PyYAML==6.0.4",
+    "regex==2026.11.19",
+    "rich==15.0.0",
+    "safetensors==0.8.0",
+    "shellingham==1.5.4",
+    "sympy==1.14.0",
+    "tokenizers==0.23.3",
+    "torch==2.15.0",
+    "tqdm==4.70.1",
+    "transformers==5.24.0",
+    "triton==3.9.0",
+    "truststore==0.10.5",
+    "typer==0.29.2",
+    "typing-inspection==0.4.5",
+    "typing_extensions==4.16.0",
+];
+
+/// The python of `target/torch-venv` ([`TORCH_PACKAGES`], installed on
+/// first use): the reference for imports, NF4 and SparseGPT.
+pub fn torch_python() -> std::path::PathBuf {
+    python_venv("torch-venv", TORCH_PACKAGES)
+}
