@@ -19,6 +19,7 @@ impl DType {
             DType::I64 => ElementType::S64,
             DType::U32 => ElementType::U32,
             DType::U16 => ElementType::U16,
+            DType::U8 => ElementType::U8,
             DType::Bool => ElementType::Pred,
         }
     }
@@ -33,6 +34,7 @@ impl DType {
             ElementType::S64 => DType::I64,
             ElementType::U32 => DType::U32,
             ElementType::U16 => DType::U16,
+            ElementType::U8 => DType::U8,
             ElementType::Pred => DType::Bool,
             _ => return None,
         })
@@ -80,6 +82,7 @@ impl HostTensor {
                 DType::I64 => i64::from_le_bytes(c.try_into().expect("8 bytes")) as f64,
                 DType::U32 => u32::from_le_bytes(c.try_into().expect("4 bytes")) as f64,
                 DType::U16 => u16::from_le_bytes(c.try_into().expect("2 bytes")) as f64,
+                DType::U8 => c[0] as f64,
                 DType::Bool => f64::from(c[0] != 0),
             })
             .collect()

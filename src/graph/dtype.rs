@@ -13,6 +13,8 @@ pub enum DType {
     I64,
     U32,
     U16,
+    /// Packed 4-bit codes and 8-bit scale codes of quantised weights.
+    U8,
     Bool,
 }
 
@@ -28,6 +30,7 @@ impl DType {
             DType::I64 => "i64",
             DType::U32 => "ui32",
             DType::U16 => "ui16",
+            DType::U8 => "ui8",
             DType::Bool => "i1",
         }
     }
@@ -37,7 +40,7 @@ impl DType {
     }
 
     pub fn is_integer(self) -> bool {
-        matches!(self, DType::I32 | DType::I64 | DType::U32 | DType::U16)
+        matches!(self, DType::I32 | DType::I64 | DType::U32 | DType::U16 | DType::U8)
     }
 
     pub fn is_signed_integer(self) -> bool {
@@ -50,7 +53,7 @@ impl DType {
             DType::F64 | DType::I64 => 8,
             DType::F32 | DType::I32 | DType::U32 => 4,
             DType::BF16 | DType::F16 | DType::U16 => 2,
-            DType::Bool => 1,
+            DType::U8 | DType::Bool => 1,
         }
     }
 
@@ -66,6 +69,7 @@ impl DType {
             DType::I64 => (v as i64).to_le_bytes().to_vec(),
             DType::U32 => (v as u32).to_le_bytes().to_vec(),
             DType::U16 => (v as u16).to_le_bytes().to_vec(),
+            DType::U8 => vec![v as u8],
             DType::Bool => vec![u8::from(v != 0.0)],
         }
     }
@@ -76,6 +80,7 @@ impl fmt::Display for DType {
         f.write_str(match self {
             DType::U32 => "u32",
             DType::U16 => "u16",
+            DType::U8 => "u8",
             DType::Bool => "bool",
             other => other.mlir(),
         })

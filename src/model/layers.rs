@@ -111,10 +111,10 @@ fn project_qkv(
     Ok((q, k, v))
 }
 
-/// softmax(q k^T / sqrt(Hd) where `allowed`) v, then the output projection:
+/// softmax(q k^T / sqrt(Hd) where `allowed`) v, the heads side by side:
 /// q [B, K, G, Sq, Hd], k and v [B, K, Sk, Hd], allowed [Sq, Sk] (bool)
-/// -> [B, Sq, D].
-fn attend(q: &Tensor, k: &Tensor, v: &Tensor, allowed: &Tensor, o: &Tensor) -> Result<Tensor> {
+/// -> [B, Sq, H * Hd], the input of the output projection.
+fn attend(q: &Tensor, k: &Tensor, v: &Tensor, allowed: &Tensor) -> Result<Tensor> {
     let (b, sq, hd) = (q.dim(0)?, q.dim(3)?, q.dim(4)?);
     let width = q.dim(1)? * q.dim(2)? * hd; // H * Hd
     let acc = accumulation_dtype(q.dtype());
@@ -139,15 +139,15 @@ fn attend(q: &Tensor, k: &Tensor, v: &Tensor, allowed: &Tensor, o: &Tensor) -> R
         rhs_batch: vec![0, 1],
     };
     let out = probs.dot_general(v, &pv)?; // [B, K, G, Sq, Hd]
-    out.transpose(&[0, 3, 1, 2, 4])?
-        .reshape(&[b, sq, width])?
-        .linear(o)
+    out.transpose(&[0, 3, 1, 2, 4])?.reshape(&[b, sq, width])
 }
 
-/// Causal grouped-query attention. x [B, S, D] -> [B, S, D]; H query heads
-/// share K key/value heads in groups of G = H / K; softmax in f32 with
-/// scale 1/sqrt(Hd).
-pub fn attention(
+/// Causal grouped-query attention before its output projection (`w.o`,
+/// which the caller applies: the heads' outputs are the input of that
+/// linear layer). x [B, S, D] -> [B, S, H * Hd]; H query heads share K
+/// key/value heads in groups of G = H / K; softmax in f32 with scale
+/// 1/sqrt(Hd).
+pub fn attention_heads(
     x: &Tensor,
     w: &Attention<Tensor>,
     shape: Heads,
@@ -158,14 +158,15 @@ pub fn attention(
     let g = x.graph();
     let row = g.iota(TensorType::new(DType::I32, &[s, s]), 0)?;
     let col = g.iota(TensorType::new(DType::I32, &[s, s]), 1)?;
-    attend(&q, &k, &v, &col.le(&row)?, &w.o)
+    attend(&q, &k, &v, &col.le(&row)?)
 }
 
-/// One decoding position of causal attention with a key/value cache.
-/// x [B, 1, D] at run-time position `pos` (i32 scalar; `rope` its tables
-/// [1, Hd]); caches [B, K, Smax, Hd] holding positions 0..pos-1. Returns
-/// the output [B, 1, D] and the caches with this position written.
-pub fn attention_cached(
+/// One decoding position of causal attention with a key/value cache,
+/// before the output projection as [`attention_heads`]. x [B, 1, D] at
+/// run-time position `pos` (i32 scalar; `rope` its tables [1, Hd]); caches
+/// [B, K, Smax, Hd] holding positions 0..pos-1. Returns the heads' outputs
+/// [B, 1, H * Hd] and the caches with this position written.
+pub fn attention_heads_cached(
     x: &Tensor,
     w: &Attention<Tensor>,
     shape: Heads,
@@ -189,7 +190,6 @@ pub fn attention_cached(
         &cache_k.convert(x.dtype())?,
         &cache_v.convert(x.dtype())?,
         &allowed,
-        &w.o,
     )?;
     Ok((out, cache_k, cache_v))
 }
@@ -199,8 +199,9 @@ pub fn silu(x: &Tensor) -> Result<Tensor> {
     x.mul(&x.logistic()?)
 }
 
-/// SwiGLU MLP: down(silu(gate(x)) * up(x)). x [.., D], gate/up [F, D],
-/// down [D, F] -> [.., D].
-pub fn swiglu(x: &Tensor, gate: &Tensor, up: &Tensor, down: &Tensor) -> Result<Tensor> {
-    silu(&x.linear(gate)?)?.mul(&x.linear(up)?)?.linear(down)
+/// The SwiGLU MLP's hidden activations silu(gate(x)) * up(x), the input of
+/// its down projection (down(..) is the MLP). x [.., D], gate/up [F, D]
+/// -> [.., F].
+pub fn swiglu_hidden(x: &Tensor, gate: &Tensor, up: &Tensor) -> Result<Tensor> {
+    silu(&x.linear(gate)?)?.mul(&x.linear(up)?)
 }

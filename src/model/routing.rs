@@ -18,7 +18,7 @@ use crate::graph::{DType, Function, Graph, GraphError, HostTensor, Result, Tenso
 use super::config::{FfnKind, ModelConfig};
 use super::moe::route_with;
 use super::params::{declare_params, Params};
-use super::transformer::Transformer;
+use super::transformer::{Site, Transformer};
 
 /// One layer's routing of N tokens, traced.
 pub struct LayerRouting {
@@ -63,7 +63,10 @@ pub fn trace_routing(
     let model = Transformer::new(cfg, params, compute)?;
     let (b, s, d) = (inputs.dim(0)?, inputs.dim(1)?, cfg.hidden_size);
     let mut layers = Vec::with_capacity(cfg.num_layers as usize);
-    model.hidden_observed(inputs, &mut |i, h| {
+    model.hidden_observed(inputs, &mut |i, site, h| {
+        if site != Site::FfnResidual {
+            return Ok(());
+        }
         let Some(router) = model.layer_router(i)? else {
             return Ok(());
         };

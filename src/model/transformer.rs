@@ -7,7 +7,8 @@ use super::config::PoolScope;
 use super::config::{FfnKind, ModelConfig, RouterScore};
 use super::distill::distill_term;
 use super::layers::{
-    accumulation_dtype, attention, attention_cached, rms_norm, rope_at, rope_tables, swiglu, Heads,
+    accumulation_dtype, attention_heads, attention_heads_cached, rms_norm, rope_at, rope_tables,
+    swiglu_hidden, Heads,
 };
 use super::moe::{
     layer_moe, pool_moe, pooled_balance_loss, ExpertCompute, RouterRule, RouterTotals,
@@ -28,6 +29,27 @@ pub struct LayerRouter {
     /// the others (a pooled MoE restricted to each layer's own experts).
     pub mask: Option<Tensor>,
 }
+
+/// Where the forward hands a traced value to an observer
+/// ([`Transformer::hidden_observed`]): the residual stream, and the inputs
+/// of a block's linear layers (what calibration-based pruning needs).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Site {
+    /// RMSNorm(h) entering attention [B, S, D]: the input of q, k and v.
+    AttentionInput,
+    /// The heads' outputs [B, S, H * Hd]: the input of o.
+    AttentionHeads,
+    /// The residual stream h [B, S, D] after attention, entering the FFN
+    /// half.
+    FfnResidual,
+    /// RMSNorm(h) entering a dense MLP [B, S, D]: the input of gate and up.
+    MlpInput,
+    /// silu(gate(x)) * up(x) [B, S, F]: the input of down.
+    MlpHidden,
+}
+
+/// What [`Transformer::hidden_observed`] calls with (layer, site, value).
+pub type Observer<'o> = dyn FnMut(i64, Site, &Tensor) -> Result<()> + 'o;
 
 /// The model traced over its parameter tree.
 pub struct Transformer<'a> {
@@ -374,17 +396,24 @@ impl<'a> Transformer<'a> {
     /// Layer `i`'s feed-forward half, residual included: h + FFN(RMSNorm(h))
     /// for h [B, S, D], and what its MoE block adds to the balance loss
     /// (None for an MLP).
-    fn ffn_block(&self, i: i64, h: &Tensor) -> Result<(Tensor, Option<Balance>)> {
+    fn ffn_block(
+        &self,
+        i: i64,
+        h: &Tensor,
+        observe: &mut Observer,
+    ) -> Result<(Tensor, Option<Balance>)> {
         let c = self.cfg;
         let x = self.ffn_norm(i, h)?;
         let (b, s, d) = (x.dim(0)?, x.dim(1)?, c.hidden_size);
         let tokens = x.reshape(&[b * s, d])?;
         let k = c.experts_per_token;
         let (y, balance) = match &self.layer_params(i)?.ffn {
-            LayerFfn::Mlp(m) => (
-                swiglu(&x, &self.p(&m.gate)?, &self.p(&m.up)?, &self.p(&m.down)?)?,
-                None,
-            ),
+            LayerFfn::Mlp(m) => {
+                observe(i, Site::MlpInput, &x)?;
+                let hidden = swiglu_hidden(&x, &self.p(&m.gate)?, &self.p(&m.up)?)?;
+                observe(i, Site::MlpHidden, &hidden)?;
+                (hidden.linear(&self.p(&m.down)?)?, None)
+            }
             LayerFfn::Shared | LayerFfn::Pooled { .. } => {
                 let (router, rule, mask) = self.pool_routing(i)?;
                 let mask = mask.as_ref();
@@ -451,17 +480,17 @@ impl<'a> Transformer<'a> {
     /// Final hidden states [B, S, D] for input tokens [B, S], and the mean
     /// balance loss over layers.
     pub fn hidden(&self, inputs: &Tensor) -> Result<(Tensor, Tensor)> {
-        self.hidden_observed(inputs, &mut |_, _| Ok(()))
+        self.hidden_observed(inputs, &mut |_, _, _| Ok(()))
     }
 
-    /// [`hidden`](Self::hidden), calling `observe(i, h)` with the residual
-    /// stream h [B, S, D] entering layer `i`'s FFN half (after its
-    /// attention) as it is traced; the traced forward is unchanged. For
-    /// analyses such as `model::routing`.
+    /// [`hidden`](Self::hidden), calling `observe(i, site, value)` at each
+    /// [`Site`] of layer `i` as it is traced; the traced forward is
+    /// unchanged. For analyses such as `model::routing` and for pruning's
+    /// calibration statistics.
     pub fn hidden_observed(
         &self,
         inputs: &Tensor,
-        observe: &mut dyn FnMut(i64, &Tensor) -> Result<()>,
+        observe: &mut Observer,
     ) -> Result<(Tensor, Tensor)> {
         let c = self.cfg;
         let (b, s) = (inputs.dim(0)?, inputs.dim(1)?);
@@ -475,7 +504,7 @@ impl<'a> Transformer<'a> {
             let (next, balance, ()) = self.layer(
                 i,
                 &h,
-                |x, w| Ok((attention(x, w, self.heads(), &rope)?, ())),
+                |x, w| Ok((attention_heads(x, w, self.heads(), &rope)?, ())),
                 observe,
             )?;
             h = next;
@@ -507,24 +536,27 @@ impl<'a> Transformer<'a> {
         Ok((h, aux))
     }
 
-    /// Layer `i` on the residual stream h [B, S, D]: h + attend(RMSNorm(h),
-    /// weights), then `observe(i, h)`, then the FFN half. `attend` is full
-    /// attention (training) or one cached position (decoding); what else it
-    /// returns (the updated caches) is passed through. Returns the new h,
-    /// the layer's balance loss (None for a dense model) and that value.
+    /// Layer `i` on the residual stream h [B, S, D]: h + o(attend(RMSNorm(h),
+    /// weights)), then the FFN half, calling `observe` at each [`Site`].
+    /// `attend` is full attention (training) or one cached position
+    /// (decoding), up to the heads' outputs; what else it returns (the
+    /// updated caches) is passed through. Returns the new h, the layer's
+    /// balance loss (None for a dense model) and that value.
     fn layer<T>(
         &self,
         i: i64,
         h: &Tensor,
         attend: impl FnOnce(&Tensor, &Attention<Tensor>) -> Result<(Tensor, T)>,
-        observe: &mut dyn FnMut(i64, &Tensor) -> Result<()>,
+        observe: &mut Observer,
     ) -> Result<(Tensor, Option<Balance>, T)> {
         let weights = self.attention_params(i)?;
         let x = self.attention_norm(i, h)?;
-        let (a, extra) = attend(&x, &weights)?;
-        let h = h.add(&a)?;
-        observe(i, &h)?;
-        let (h, aux) = self.ffn_block(i, &h)?;
+        observe(i, Site::AttentionInput, &x)?;
+        let (heads, extra) = attend(&x, &weights)?;
+        observe(i, Site::AttentionHeads, &heads)?;
+        let h = h.add(&heads.linear(&weights.o)?)?;
+        observe(i, Site::FfnResidual, &h)?;
+        let (h, aux) = self.ffn_block(i, &h, observe)?;
         Ok((h, aux, extra))
     }
 
@@ -544,10 +576,11 @@ impl<'a> Transformer<'a> {
         let mut out = Vec::with_capacity(caches.len());
         for (i, (ck, cv)) in (0..c.num_layers).zip(caches) {
             let attend = |x: &Tensor, w: &Attention<Tensor>| {
-                let (a, ck, cv) = attention_cached(x, w, self.heads(), &rope, pos, (ck, cv))?;
+                let (a, ck, cv) =
+                    attention_heads_cached(x, w, self.heads(), &rope, pos, (ck, cv))?;
                 Ok((a, (ck, cv)))
             };
-            let (next, _, cache) = self.layer(i, &h, attend, &mut |_, _| Ok(()))?;
+            let (next, _, cache) = self.layer(i, &h, attend, &mut |_, _, _| Ok(()))?;
             h = next;
             out.push(cache);
         }
@@ -629,7 +662,10 @@ impl<'a> Transformer<'a> {
         let g = windows.graph();
         let global = &self.shared_moe()?.router;
         let mut total = g.scalar(0.0, accumulation_dtype(self.compute))?;
-        let (h, _) = self.hidden_observed(&windows.slice_axis(1, 0, s)?, &mut |i, h| {
+        let (h, _) = self.hidden_observed(&windows.slice_axis(1, 0, s)?, &mut |i, site, h| {
+            if site != Site::FfnResidual {
+                return Ok(());
+            }
             if !matches!(self.layer_params(i)?.ffn, LayerFfn::Pooled { .. }) {
                 return Ok(());
             }
