@@ -11,8 +11,9 @@ use rand_chacha::ChaCha8Rng;
 use crate::ckpt::Tensors;
 use crate::graph::Compiled;
 use crate::model::decode::{decode_step_program, full_forward_program};
-use crate::model::ModelConfig;
-use crate::runtime::{Arg, Buffer, Client};
+use crate::model::stored::{HostArray, StoredTensor};
+use crate::model::{param_specs, ModelConfig, ParamSpec};
+use crate::runtime::{Arg, Buffer, Client, Device};
 
 /// How the next token is chosen.
 #[derive(Clone, Debug)]
@@ -36,24 +37,37 @@ pub struct Generator {
 
 impl Generator {
     /// Compiles the decoding step (and the cache-free reference) for
-    /// sequences of up to `max_len` tokens and uploads `params`.
+    /// sequences of up to `max_len` tokens and uploads `params` (f32).
     pub fn new(
         client: &Client,
         cfg: &ModelConfig,
         params: &Tensors,
         max_len: i64,
     ) -> Result<Generator> {
-        let decode = decode_step_program(cfg, max_len)?
+        let stored: Vec<(ParamSpec, StoredTensor)> = param_specs(cfg)
+            .into_iter()
+            .zip(params)
+            .map(|(s, (_, _, v))| (s, StoredTensor::F32(v.clone())))
+            .collect();
+        Generator::stored(client, cfg, &stored, max_len)
+    }
+
+    /// [`new`](Self::new) for parameters as a compressed checkpoint stores
+    /// them (bf16, NF4): uploaded as stored, dequantised in the programs.
+    pub fn stored(
+        client: &Client,
+        cfg: &ModelConfig,
+        params: &[(ParamSpec, StoredTensor)],
+        max_len: i64,
+    ) -> Result<Generator> {
+        let layout: Vec<_> = params.iter().map(|(_, t)| t.storage()).collect();
+        let decode = decode_step_program(cfg, &layout, max_len)?
             .compile(client)
             .context("compiling the decoding step")?;
-        let full = full_forward_program(cfg, max_len)?
+        let full = full_forward_program(cfg, &layout, max_len)?
             .compile(client)
             .context("compiling the full forward")?;
-        let dev = &client.devices()[0];
-        let params = params
-            .iter()
-            .map(|(_, dims, v)| Ok(client.buffer_from_host(v, dims, dev)?))
-            .collect::<Result<Vec<_>>>()?;
+        let params = upload_stored(client, &client.devices()[0], params)?;
         Ok(Generator {
             cfg: cfg.clone(),
             client: client.clone(),
@@ -163,6 +177,27 @@ impl Generator {
         let at = seq.len() - 1;
         Ok(all[at * v..(at + 1) * v].to_vec())
     }
+}
+
+/// Uploads stored parameters as the programs of
+/// [`declare_stored_params`](crate::model::stored::declare_stored_params)
+/// take them: one buffer per program input, in order.
+pub fn upload_stored(
+    client: &Client,
+    device: &Device,
+    params: &[(ParamSpec, StoredTensor)],
+) -> Result<Vec<Buffer>> {
+    let mut buffers = vec![];
+    for (spec, t) in params {
+        for array in t.host_arrays(&spec.dims) {
+            buffers.push(match array {
+                HostArray::F32(v, dims) => client.buffer_from_host(v, &dims, device)?,
+                HostArray::BF16(v, dims) => client.buffer_from_host(v, &dims, device)?,
+                HostArray::U8(v, dims) => client.buffer_from_host(v, &dims, device)?,
+            });
+        }
+    }
+    Ok(buffers)
 }
 
 /// The next token from `logits`: argmax at temperature 0, else a draw from

@@ -45,6 +45,9 @@ enum Command {
     Reap(cli::reap::ReapArgs),
     /// Text from a checkpoint (greedy or sampled, with a KV cache).
     Generate(cli::generate::GenerateArgs),
+    /// Prune (SparseGPT, magnitude) and quantise (bf16, NF4) a dense
+    /// checkpoint's block linears into a compressed checkpoint.
+    Compress(cli::compress::CompressArgs),
     /// Checkpoint tools.
     #[command(subcommand)]
     Checkpoint(cli::checkpoint::CheckpointCommand),
@@ -82,6 +85,7 @@ fn main() {
         Command::Eval(a) => cli::eval::run(&a),
         Command::Experts(a) => cli::experts::run(&a),
         Command::Reap(a) => cli::reap::run(&a),
+        Command::Compress(a) => cli::compress::run(&a),
         Command::Generate(a) => cli::generate::run(&a),
         Command::Checkpoint(c) => cli::checkpoint::run(&c),
         Command::Plot(a) => cli::plot::run(&a),

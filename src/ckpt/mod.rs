@@ -11,6 +11,7 @@
 //! checkpoints of a run directory; [`lock`] keeps it to one writer.
 
 pub mod atomic;
+pub mod compressed;
 pub mod hf;
 pub mod hf_import;
 pub mod integrity;

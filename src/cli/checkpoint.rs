@@ -81,6 +81,12 @@ pub fn inspect(dir: &std::path::Path) -> Result<String> {
             }
         }
     }
+    if let Ok(cfg) = crate::train::Config::parse(&state.config_toml, &[]) {
+        match storage_report(dir, &cfg.model) {
+            Ok(report) => write!(s, "{report}")?,
+            Err(e) => writeln!(s, "weights: unreadable: {e:#}")?,
+        }
+    }
     writeln!(
         s,
         "data: next batch {}, data.shards {}",
@@ -95,6 +101,40 @@ pub fn inspect(dir: &std::path::Path) -> Result<String> {
     writeln!(s, "config (sha256 {}):", state.config_sha256)?;
     for line in state.config_toml.lines() {
         writeln!(s, "  {line}")?;
+    }
+    Ok(s)
+}
+
+/// How the weights are stored: per storage kind the parameters, their
+/// bytes and bits per parameter, and the share of exact zeros (pruning).
+fn storage_report(dir: &std::path::Path, model: &crate::model::ModelConfig) -> Result<String> {
+    use std::collections::BTreeMap;
+    use std::fmt::Write as _;
+    let weights = ckpt::compressed::load(dir, &crate::model::param_specs(model))?;
+    // storage -> (tensors, parameters, bytes, zeros)
+    let mut kinds: BTreeMap<String, (usize, usize, usize, usize)> = BTreeMap::new();
+    for (spec, t) in &weights.params {
+        let k = kinds.entry(t.storage().to_string()).or_default();
+        let values = t.to_f32();
+        k.0 += 1;
+        k.1 += values.len();
+        k.2 += t.device_bytes(&spec.dims);
+        k.3 += values.iter().filter(|&&v| v == 0.0).count();
+    }
+    let mut s = String::new();
+    let (params, bytes) = kinds.values().fold((0, 0), |(p, b), k| (p + k.1, b + k.2));
+    writeln!(
+        s,
+        "weights: {params} parameters in {bytes} bytes, {:.3} bits per parameter",
+        8.0 * bytes as f64 / params.max(1) as f64
+    )?;
+    for (kind, (tensors, p, b, zeros)) in &kinds {
+        writeln!(
+            s,
+            "  {kind:<32} {tensors:>4} tensors {p:>12} parameters {:>7.3} bits/param, {:.1}% zeros",
+            8.0 * *b as f64 / (*p).max(1) as f64,
+            100.0 * *zeros as f64 / (*p).max(1) as f64
+        )?;
     }
     Ok(s)
 }

@@ -83,16 +83,21 @@ impl CheckpointRows {
     /// `cfg`'s data section is pointed at them.
     pub fn load(&self, cfg: &mut Config) -> Result<(ckpt::Checkpoint, Vec<Vec<Vec<i32>>>)> {
         let checkpoint = ckpt::load(&self.ckpt, &param_specs(&cfg.model), ckpt::Purpose::Weights)?;
+        Ok((checkpoint, self.batches(cfg)?))
+    }
+
+    /// The batches to run the checkpoint on, grouped [batch][replica] ->
+    /// rows; `cfg`'s data section is pointed at them.
+    pub fn batches(&self, cfg: &mut Config) -> Result<Vec<Vec<Vec<i32>>>> {
         let max = self.batches.unwrap_or(match self.split {
             Split::Val => usize::MAX,
             Split::Train => DEFAULT_TRAIN_BATCHES,
         });
-        let batches = if self.split == Split::Train && self.data.is_empty() {
-            training_batches(cfg, max)?
+        if self.split == Split::Train && self.data.is_empty() {
+            training_batches(cfg, max)
         } else {
-            eval_batches(cfg, &self.data, self.tokenizer.as_deref(), max)?
-        };
-        Ok((checkpoint, batches))
+            eval_batches(cfg, &self.data, self.tokenizer.as_deref(), max)
+        }
     }
 }
 
@@ -202,7 +207,7 @@ fn all_documents(cfg: &Config, max_batches: usize) -> Result<Vec<Vec<Vec<i32>>>>
 /// The first `max` micro-batch groups of the run's training order (from
 /// step 0, as a fresh run reads them), [batch][replica] -> rows: each
 /// global batch cut into its accumulation steps.
-fn training_batches(cfg: &Config, max: usize) -> Result<Vec<Vec<Vec<i32>>>> {
+pub fn training_batches(cfg: &Config, max: usize) -> Result<Vec<Vec<Vec<i32>>>> {
     let t = &cfg.train;
     let mut train = Batches::open(cfg, &DataPosition::default(), 0..t.replicas)?;
     let width = (t.micro_batch * (t.seq_len + 1)) as usize;
@@ -275,14 +280,22 @@ pub fn eval_batches(
 
 pub fn evaluate(a: &EvalArgs) -> Result<EvalResult> {
     let mut cfg = a.rows.config()?;
-    let (checkpoint, batches) = a.rows.load(&mut cfg)?;
-    let client = open_client(&cfg, a.rows.plugin.as_deref())?;
-    let mut trainer = Trainer::new(cfg.clone(), client, &checkpoint)?;
-    let mut total = 0.0;
-    for b in &batches {
-        total += trainer.eval(b)?.0;
-    }
-    let ce = total / batches.len() as f64;
+    let specs = param_specs(&cfg.model);
+    let batches = a.rows.batches(&mut cfg)?;
+    let plugin = a.rows.plugin.as_deref();
+    let ce = if ckpt::compressed::is_compressed(&a.rows.ckpt)? {
+        let weights = ckpt::compressed::load(&a.rows.ckpt, &specs)?;
+        mean_ce_stored(&cfg, &weights.params, &batches, plugin)?
+    } else {
+        let checkpoint = ckpt::load(&a.rows.ckpt, &specs, ckpt::Purpose::Weights)?;
+        let client = open_client(&cfg, plugin)?;
+        let mut trainer = Trainer::new(cfg.clone(), client, &checkpoint)?;
+        let mut total = 0.0;
+        for b in &batches {
+            total += trainer.eval(b)?.0;
+        }
+        total / batches.len() as f64
+    };
     if !ce.is_finite() {
         // Finite weights can still overflow (a run on the edge of
         // divergence): a NaN perplexity is a failure, not a result.
@@ -297,4 +310,38 @@ pub fn evaluate(a: &EvalArgs) -> Result<EvalResult> {
         rows,
         tokens: rows * cfg.train.seq_len as usize,
     })
+}
+
+/// The mean next-token cross-entropy of stored (compressed) weights over
+/// `batches` ([batch][replica] -> rows of S+1 tokens; a batch's replicas
+/// are one program call), dequantised inside the program: what `eval`
+/// reports for a compressed checkpoint, averaged per batch as `Trainer::eval`.
+pub fn mean_ce_stored(
+    cfg: &Config,
+    params: &[(crate::model::ParamSpec, crate::model::stored::StoredTensor)],
+    batches: &[Vec<Vec<i32>>],
+    plugin: Option<&Path>,
+) -> Result<f64> {
+    let t = &cfg.train;
+    let rows = t.replicas * t.micro_batch;
+    let layout: Vec<_> = params.iter().map(|(_, p)| p.storage()).collect();
+    let client = open_client_with(cfg, plugin, 1)?;
+    let program = crate::model::stored::loss_program(&cfg.model, &layout, rows, t.seq_len)?
+        .compile(&client)
+        .context("compiling the loss over stored weights")?;
+    let dev = &client.devices()[0];
+    let weights = crate::generate::upload_stored(&client, dev, params)?;
+    let mut total = 0.0;
+    for batch in batches {
+        let flat: Vec<i32> = batch.concat();
+        let windows = client.buffer_from_host(&flat, &[rows, t.seq_len + 1], dev)?;
+        let args = weights
+            .iter()
+            .chain(std::iter::once(&windows))
+            .map(Arg::Borrowed)
+            .collect();
+        let out = program.execute(vec![args])?;
+        total += out[0][0].to_host::<f32>()?[0] as f64;
+    }
+    Ok(total / batches.len() as f64)
 }

@@ -152,14 +152,17 @@ struct Exp2<'a> {
 }
 
 pub fn run(a: &ExperimentArgs) -> Result<()> {
-    let recipe = Recipe::of(a.scale)?;
+    let recipe = Recipe::of(a.scale())?;
     if a.seeds.is_some_and(|s| s != 1) || a.workers > 1 {
         bail!("exp2 runs one seed in one process (--seeds and --workers are exp1's)");
+    }
+    if a.ckpt.is_some() {
+        bail!("--ckpt is compress's: exp2 starts from --from CKPT or --from-hf DIR");
     }
     let out = a
         .out
         .clone()
-        .unwrap_or_else(|| PathBuf::from(format!("runs/exp2-{}", a.scale.name())));
+        .unwrap_or_else(|| PathBuf::from(format!("runs/exp2-{}", a.scale().name())));
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     let mut exp = Exp2 {
         a,
@@ -168,7 +171,7 @@ pub fn run(a: &ExperimentArgs) -> Result<()> {
         timings: vec![],
     };
     let started = Instant::now();
-    let plan = match a.scale {
+    let plan = match a.scale() {
         Scale::Full => match exp.plan_or_stop()? {
             Some(plan) => Some(plan),
             None => return Ok(()),
@@ -253,7 +256,7 @@ pub fn run(a: &ExperimentArgs) -> Result<()> {
         .push(("total".into(), started.elapsed().as_secs_f64()));
     let original_model = checkpoint_config(&original)?.model;
     let report = Report {
-        scale: a.scale.name(),
+        scale: a.scale().name(),
         source: describe_source(a, &original, &original_model),
         original: original_model,
         pooled: pooled_cfg.model,
@@ -355,7 +358,7 @@ impl Exp2<'_> {
         let Some(config) = self.recipe.source else {
             bail!(
                 "exp2 --scale {} needs --from-hf DIR (Qwen3-30B-A3B) or --from CKPT",
-                self.a.scale.name()
+                self.a.scale().name()
             );
         };
         let mut cfg = Config::load(Path::new(config), &self.overrides(true))?;

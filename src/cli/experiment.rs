@@ -32,8 +32,14 @@ pub struct ExperimentArgs {
     /// SPEC recipe (configs/dense125m.toml, configs/sharedmoe50m.toml).
     /// exp2 -- tiny: an 8 x 16-expert MoE on the shipped sample (CPU,
     /// 20-25 minutes); full: Qwen3-30B-A3B (--from-hf) on a TPU v4-32.
-    #[arg(long, value_enum, default_value_t = Scale::Tiny)]
-    pub scale: Scale,
+    /// compress -- the dense model of exp1 at this scale (default small).
+    /// Default: tiny for exp1 and exp2.
+    #[arg(long, value_enum)]
+    pub scale: Option<Scale>,
+    /// compress: the dense checkpoint to compress (default: exp1's dense
+    /// model at --scale, trained first if its run is not complete).
+    #[arg(long)]
+    pub ckpt: Option<PathBuf>,
     /// exp2: start from this per-layer MoE checkpoint instead of training
     /// the scale's source model.
     #[arg(long, conflicts_with = "from_hf")]
@@ -69,6 +75,20 @@ pub struct ExperimentArgs {
 pub enum Experiment {
     Exp1,
     Exp2,
+    /// The second seed: SparseGPT pruning and NF4 quantisation of a dense
+    /// model, every variant's perplexity, size and decoding speed.
+    Compress,
+}
+
+impl ExperimentArgs {
+    /// `--scale`, or the experiment's default: small for compress (the
+    /// dense model with the full architecture), tiny otherwise.
+    pub fn scale(&self) -> Scale {
+        self.scale.unwrap_or(match self.name {
+            Experiment::Compress => Scale::Small,
+            Experiment::Exp1 | Experiment::Exp2 => Scale::Tiny,
+        })
+    }
 }
 
 /// The sizes the experiments come in.
@@ -81,9 +101,9 @@ pub enum Scale {
 
 /// One model of the experiment: its label (run directories, legends) and
 /// config file.
-struct Model {
-    label: &'static str,
-    config: &'static str,
+pub(super) struct Model {
+    pub label: &'static str,
+    pub config: &'static str,
 }
 
 impl Scale {
@@ -96,7 +116,7 @@ impl Scale {
     }
 
     /// The dense baseline, then the shared MoE.
-    fn models(self) -> [Model; 2] {
+    pub(super) fn models(self) -> [Model; 2] {
         let m = |label, config| Model { label, config };
         match self {
             Scale::Tiny => [
@@ -143,7 +163,7 @@ fn spread_over_workers(cfg: &mut Config, workers: u32) {
 }
 
 /// A run's directory under the experiment's: `<label>-seed<i>`.
-fn run_dir(out: &Path, label: &str, seed: u32) -> PathBuf {
+pub(super) fn run_dir(out: &Path, label: &str, seed: u32) -> PathBuf {
     out.join(format!("{label}-seed{seed}"))
 }
 
@@ -151,23 +171,24 @@ pub fn run(a: &ExperimentArgs) -> Result<()> {
     match a.name {
         Experiment::Exp1 => run_exp1(a),
         Experiment::Exp2 => super::exp2::run(a),
+        Experiment::Compress => super::exp_compress::run(a),
     }
 }
 
 fn run_exp1(a: &ExperimentArgs) -> Result<()> {
-    if a.from.is_some() || a.from_hf.is_some() {
-        bail!("--from and --from-hf are exp2's: exp1 trains both of its models from scratch");
+    if a.from.is_some() || a.from_hf.is_some() || a.ckpt.is_some() {
+        bail!("--from, --from-hf and --ckpt are exp2's and compress's: exp1 trains both of its models from scratch");
     }
-    let seeds = a.seeds.unwrap_or(a.scale.default_seeds());
+    let seeds = a.seeds.unwrap_or(a.scale().default_seeds());
     if seeds == 0 {
         bail!("--seeds 0: expected at least 1");
     }
     let out = a
         .out
         .clone()
-        .unwrap_or_else(|| PathBuf::from(format!("runs/exp1-{}", a.scale.name())));
+        .unwrap_or_else(|| PathBuf::from(format!("runs/exp1-{}", a.scale().name())));
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    let models = a.scale.models();
+    let models = a.scale().models();
     let mut base = vec![];
     for m in &models {
         let mut sets = a.overrides.clone();
@@ -241,7 +262,7 @@ fn run_exp1(a: &ExperimentArgs) -> Result<()> {
         })
         .collect();
     let plots = plot_runs(&curves, &out)?;
-    let summary = summary(&runs, a.scale.name(), &out)?;
+    let summary = summary(&runs, a.scale().name(), &out)?;
     let path = out.join("summary.md");
     std::fs::write(&path, &summary).with_context(|| format!("writing {}", path.display()))?;
     println!("{summary}");

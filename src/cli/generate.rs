@@ -53,7 +53,9 @@ pub fn run(a: &GenerateArgs) -> Result<()> {
         .map_err(|e| anyhow!("tokenizing the prompt: {e}"))?
         .get_ids()
         .to_vec();
-    let checkpoint = ckpt::load(&a.ckpt, &param_specs(&cfg.model), ckpt::Purpose::Weights)?;
+    // Compressed checkpoints (bf16, NF4) stay as stored on the device and
+    // are dequantised inside the decoding step.
+    let weights = ckpt::compressed::load(&a.ckpt, &param_specs(&cfg.model))?;
     let client = open_client_with(&cfg, a.plugin.as_deref(), 1)?;
     let max_len = (prompt.len() + a.max_tokens) as i64;
     if max_len > cfg.train.seq_len {
@@ -62,7 +64,7 @@ pub fn run(a: &GenerateArgs) -> Result<()> {
             cfg.train.seq_len
         );
     }
-    let g = Generator::new(&client, &cfg.model, &checkpoint.params, max_len)?;
+    let g = Generator::stored(&client, &cfg.model, &weights.params, max_len)?;
     let sampling = Sampling {
         temperature: a.temperature,
         top_k: a.top_k,

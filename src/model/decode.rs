@@ -5,17 +5,23 @@
 
 use crate::graph::{DType, Function, Graph, Result, TensorType};
 
-use super::{declare_params, param_specs, ModelConfig, Transformer};
+use super::stored::{declare_stored_params, input_count, Storage};
+use super::{ModelConfig, Transformer};
 
 /// One decoding position for sequences of up to `max_len` tokens:
-/// params (f32, checkpoint order), token [1, 1] (i32), pos (i32 scalar),
+/// params (stored as `layout` says, checkpoint order; see
+/// [`declare_stored_params`]), token [1, 1] (i32), pos (i32 scalar),
 /// then per layer l the caches k.l, v.l [1, K, max_len, Hd] (f32, donated)
 /// -> logits [1, V], then the caches with `pos` written, in the same order.
-pub fn decode_step_program(cfg: &ModelConfig, max_len: i64) -> Result<Function> {
+pub fn decode_step_program(
+    cfg: &ModelConfig,
+    layout: &[Storage],
+    max_len: i64,
+) -> Result<Function> {
     let (layers, kv, hd) = (cfg.num_layers, cfg.num_kv_heads, cfg.head_dim());
-    let n = param_specs(cfg).len();
+    let n = input_count(layout);
     let g = Graph::new();
-    let params = declare_params(&g, cfg)?;
+    let params = declare_stored_params(&g, cfg, layout)?;
     let token = g.param("token", TensorType::new(DType::I32, &[1, 1]))?;
     let pos = g.param("pos", TensorType::scalar(DType::I32))?;
     let cache_ty = TensorType::new(DType::F32, &[1, kv, max_len, hd]);
@@ -38,11 +44,15 @@ pub fn decode_step_program(cfg: &ModelConfig, max_len: i64) -> Result<Function> 
     g.build(&outs)?.with_name("decode_step").donate(&donated)
 }
 
-/// The reference: params, tokens [1, max_len] (i32) -> logits
-/// [1, max_len, V] at every position.
-pub fn full_forward_program(cfg: &ModelConfig, max_len: i64) -> Result<Function> {
+/// The reference: params (as `layout` says), tokens [1, max_len] (i32)
+/// -> logits [1, max_len, V] at every position.
+pub fn full_forward_program(
+    cfg: &ModelConfig,
+    layout: &[Storage],
+    max_len: i64,
+) -> Result<Function> {
     let g = Graph::new();
-    let params = declare_params(&g, cfg)?;
+    let params = declare_stored_params(&g, cfg, layout)?;
     let tokens = g.param("tokens", TensorType::new(DType::I32, &[1, max_len]))?;
     let model = Transformer::new(cfg, &params, DType::F32)?;
     let (h, _) = model.hidden(&tokens)?;

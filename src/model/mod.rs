@@ -27,7 +27,7 @@ pub mod moe;
 pub mod params;
 pub mod reap;
 pub mod routing;
-// pub mod stored; (waits for compress::nf4)
+pub mod stored;
 pub mod transformer;
 
 pub use config::{FfnKind, ModelConfig, PoolScope, RouterScore};
