@@ -79,7 +79,11 @@ pub fn is_compressed(dir: &Path) -> Result<bool> {
 }
 
 /// The safetensors tensors of one stored parameter named `name`.
-fn serialized(name: &str, t: &StoredTensor, dims: &[i64]) -> Vec<(String, Dtype, Vec<usize>, Vec<u8>)> {
+pub fn serialized(
+    name: &str,
+    t: &StoredTensor,
+    dims: &[i64],
+) -> Vec<(String, Dtype, Vec<usize>, Vec<u8>)> {
     let shape: Vec<usize> = dims.iter().map(|&d| d as usize).collect();
     match t {
         StoredTensor::F32(v) => vec![(

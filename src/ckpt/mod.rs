@@ -371,6 +371,14 @@ fn check_tensors<'a>(
             .tensor(&name)
             .map_err(|_| anyhow::anyhow!("{file}: tensor `{name}` is missing"))?;
         let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
+        if matches!(view.dtype(), Dtype::U8 | Dtype::BF16) {
+            bail!(
+                "{file}: tensor `{name}` is {:?}: a compressed checkpoint (`sharedmoe \
+                 compress`), which eval, generate, checkpoint inspect and export-hf read; \
+                 training and these tools need the f32 checkpoint it was made from",
+                view.dtype()
+            );
+        }
         if shape != s.dims || view.dtype() != Dtype::F32 {
             bail!(
                 "{file}: tensor `{name}` is {:?} {shape:?}, expected F32 {:?} (the config's shape)",

@@ -100,14 +100,26 @@ pub fn export(
     tokenizer: ShippedTokenizer,
 ) -> Result<(&'static str, usize)> {
     let (state, cfg) = read_exportable_checkpoint(dir)?;
-    let (weights, tensors) = hf_weights(dir, &cfg)?;
+    let (weights, tensors, quantization) = if ckpt::compressed::is_compressed(dir)? {
+        compressed_hf_weights(dir, &cfg)?
+    } else {
+        let (weights, tensors) = hf_weights(dir, &cfg)?;
+        (weights, tensors, None)
+    };
     let shipped = match tokenizer {
         ShippedTokenizer::Without => None,
         ShippedTokenizer::Run => Some(shipped_tokenizer(dir, &state, &cfg, None)?),
         ShippedTokenizer::File(p) => Some(shipped_tokenizer(dir, &state, &cfg, Some(p))?),
     };
     let eot = shipped.as_ref().map(|(_, eot)| *eot);
-    let [config, generation, tokenizer_config, special] = hf_json_files(&cfg, eot)?;
+    let [mut config, generation, tokenizer_config, special] = hf_json_files(&cfg, eot)?;
+    if let Some(q) = quantization {
+        // transformers' bitsandbytes quantizer reads the pre-quantised
+        // weights by this (load_in_4bit, nf4, double quant, compute dtype).
+        let mut c: serde_json::Value = serde_json::from_slice(&config)?;
+        c["quantization_config"] = q;
+        config = serde_json::to_vec_pretty(&c)?;
+    }
     let mut files: Vec<(&str, Vec<u8>)> = vec![
         (FILES[0], config),
         (FILES[1], generation),
@@ -220,6 +232,41 @@ fn hf_weights(dir: &Path, cfg: &Config) -> Result<(Vec<u8>, usize)> {
         "pt".to_string(),
     )]));
     Ok((safetensors::serialize(views, &metadata)?, tensors))
+}
+
+/// `model.safetensors` of a compressed checkpoint (bf16 or NF4 weights)
+/// for HF, its tensor count and transformers' `quantization_config`: the
+/// stored tensors as they are (NF4 already in bitsandbytes' serialized
+/// layout under the HF names), no `lm_head` for a tied model.
+fn compressed_hf_weights(
+    dir: &Path,
+    cfg: &Config,
+) -> Result<(Vec<u8>, usize, Option<serde_json::Value>)> {
+    if cfg.model.ffn != FfnKind::Dense {
+        bail!("{}: compressed checkpoints export as dense models only", dir.display());
+    }
+    let weights = ckpt::compressed::load(dir, &param_specs(&cfg.model))?;
+    let tensors: Vec<_> = weights
+        .params
+        .iter()
+        .flat_map(|(spec, t)| ckpt::compressed::serialized(&spec.name, t, &spec.dims))
+        .collect();
+    let views = tensors
+        .iter()
+        .map(|(name, dtype, shape, bytes)| {
+            Ok((name.clone(), TensorView::new(*dtype, shape.clone(), bytes)?))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let n = views.len();
+    let metadata = Some(std::collections::HashMap::from([(
+        "format".to_string(),
+        "pt".to_string(),
+    )]));
+    Ok((
+        safetensors::serialize(views, &metadata)?,
+        n,
+        ckpt::compressed::quantization_config(&weights.params),
+    ))
 }
 
 /// The bytes of the tokenizer.json to ship and its end-of-text id: the

@@ -3,8 +3,8 @@
 //! absmaxes optionally double-quantised to 8 bits ("compress_statistics"),
 //! and the tensors bitsandbytes serializes for a `Linear4bit` weight.
 //!
-//! Every float operation transcribes what bitsandbytes 0.50.2 runs on the
-//! CPU, so that the bytes (packed codes, scales, the quant-state JSON) and
+//! Every float operation transcribes what bitsandbytes 0.50.2 (with torch
+//! 2.15) runs on an x86-64 CPU, so that the bytes (packed codes, scales, the quant-state JSON) and
 //! the dequantised values are bit-identical to its own (tests/nf4.rs
 //! compares them with `tests/python/bnb_nf4.py`). The sources, in
 //! `bitsandbytes/` of that release:
@@ -28,9 +28,9 @@
 //!   of that step is C++ (`csrc/cpu_ops.cpp`, `quantize_cpu_impl`): it
 //!   does not pick the nearest code but maps the scaled value to one of
 //!   65536 grid points and reads a precomputed nearest-code table, with
-//!   the index computed as `fma((v + 1) * 0.5, 65535, 0.5)` (the
-//!   disassembly of the x86-64 wheel); an all-zero block stores absmax 0
-//!   and codes 0.
+//!   the index computed as `fma((v + 1) * 0.5, 65535, 0.5)` (as the
+//!   disassembly of the x86-64 wheel shows); an all-zero block stores
+//!   absmax 0 and codes 0.
 //! * Dequantisation (`dequantize_4bit`, `dequantize_blockwise` and the
 //!   kernels of `backends/cpu/ops.py`): `code[c] * absmax` per value, the
 //!   absmaxes of double quantisation first decoded as
@@ -41,8 +41,10 @@
 //!
 //! Where bitsandbytes itself is not reproducible the choice here is:
 //! torch sums more than 32768 absmaxes (2M parameters) on several threads
-//! with a thread-dependent rounding, here the one-thread sum; the aarch64
-//! wheel computes the 8-bit grid index without the fused multiply-add.
+//! with a thread-dependent rounding, here the one-thread sum; torch's
+//! build for CPUs without AVX2 does not fuse `linspace` (42 of the 256
+//! dynamic-map entries then differ in the last bit); the aarch64 wheel
+//! computes the 8-bit grid index without the fused multiply-add.
 //! And bitsandbytes 0.50.2's AVX-512 dequantisation kernel picks each row's
 //! scales as if rows started blocks, wrong when the last dimension is a
 //! multiple of 16 but not of 64 (e.g. [3, 80]); [`Nf4Tensor::dequantize`]
@@ -210,7 +212,8 @@ impl Nf4Tensor {
         }
     }
 
-    /// The values bnb's `dequantize_4bit` gives (f32).
+    /// The values bnb's `dequantize_4bit` gives, row-major (bnb returns a
+    /// vector's as a [1, n] matrix).
     pub fn dequantize(&self) -> Vec<f32> {
         let absmax = self.absmax();
         let mut out = vec![0.0; self.num_elements()];
@@ -297,19 +300,25 @@ impl Nf4Tensor {
         name: &str,
         get: impl Fn(&str) -> Option<(Dtype, Vec<usize>, Vec<u8>)>,
     ) -> Result<Nf4Tensor> {
+        let lookup = |key: &str, expected: &str| {
+            get(key).ok_or_else(|| anyhow!("{key}: missing (expected {expected})"))
+        };
         let tensor = |suffix: &str, dtype: Dtype, shape: &[usize]| -> Result<Vec<u8>> {
             let key = format!("{name}{suffix}");
-            let found = get(&key)
-                .ok_or_else(|| anyhow!("{key}: missing (expected {dtype:?} {shape:?})"))?;
-            check_tensor(&key, found, dtype, shape)
+            check_tensor(
+                &key,
+                lookup(&key, &format!("{dtype:?} {shape:?}"))?,
+                dtype,
+                shape,
+            )
         };
+        // The JSON holds the shape every other tensor is checked against.
         let json_key = format!("{name}{QUANT_STATE_KEY}");
-        let (_, json_shape, _) = get(&json_key).ok_or_else(|| {
-            anyhow!("{json_key}: missing (expected the quant-state JSON as U8 [len])")
-        })?;
+        let json = lookup(&json_key, "the quant-state JSON as U8 [length]")?;
+        let length = json.1.iter().product();
         let state = QuantStateJson::parse(
             &json_key,
-            &tensor(QUANT_STATE_KEY, Dtype::U8, &[json_shape.iter().product()])?,
+            &check_tensor(&json_key, json, Dtype::U8, &[length])?,
         )?;
         let n = state.shape.iter().product::<i64>() as usize;
         let blocks = n.div_ceil(BLOCKSIZE);
@@ -373,7 +382,7 @@ impl Nf4Tensor {
 /// The 4-bit code of value `i` of a block whose packed bytes are `bytes`.
 fn nibble(bytes: &[u8], i: usize) -> u8 {
     let byte = bytes[i / 2];
-    if i % 2 == 1 {
+    if i % 2 == 0 {
         byte >> 4
     } else {
         byte & 0x0f
@@ -413,7 +422,7 @@ fn quantize_block(block: &[f32], bounds: &[f32; 15], bytes: &mut [u8]) -> f32 {
     };
     for (byte, pair) in bytes.iter_mut().zip(block.chunks(2)) {
         let low = pair.get(1).map_or(PAD_CODE, |&x| code(x));
-        *byte = low << 4 | code(pair[0]);
+        *byte = code(pair[0]) << 4 | low;
     }
     if full {
         absmax
@@ -443,6 +452,7 @@ fn nf4_bounds() -> [f32; 15] {
 /// `torch.bucketize(x, bounds)` (right=False): the number of bounds below
 /// `x`, so a value exactly on a midpoint takes the lower code. Written as
 /// torch's binary-search predicate `!(bound >= x)`, which sends NaN to 15.
+#[allow(clippy::neg_cmp_op_on_partial_ord)] // the negation is the NaN rule
 fn nf4_index(bounds: &[f32; 15], x: f32) -> u8 {
     bounds.iter().filter(|&&b| !(b >= x)).count() as u8
 }
@@ -599,9 +609,10 @@ fn multi_row_sum<A: Accumulator, const R: usize>(
             i += 1;
         }
         for j in 1..LEVELS {
-            for k in 0..R {
-                acc[j][k] = acc[j][k].add(acc[j - 1][k]);
-                acc[j - 1][k] = A::ZERO;
+            let (lower, upper) = acc.split_at_mut(j);
+            for (high, low) in upper[0].iter_mut().zip(&mut lower[j - 1]) {
+                *high = high.add(*low);
+                *low = A::ZERO;
             }
             if i & (mask << (j * power)) != 0 {
                 break;
@@ -704,6 +715,8 @@ impl QuantStateJson {
                 expect("nested_blocksize", NESTED_BLOCKSIZE.into())?;
                 expect("nested_dtype", "float32".into())?;
                 // bnb reads it back as torch.tensor(float(offset)): f32.
+                // The text is an f32's repr, so the f32 rounding absorbs
+                // any last-bit slip of serde_json's f64 parsing.
                 let offset = offset.as_f64().ok_or_else(|| {
                     anyhow!("{key}: \"nested_offset\" is {offset}, expected a number")
                 })?;
@@ -717,31 +730,23 @@ impl QuantStateJson {
     }
 }
 
-/// The bytes of a looked-up tensor if it has `dtype` and `shape` (a packed
-/// weight may be stored flat: only its element count must match).
+/// The bytes of a looked-up tensor if it has `want_dtype` and
+/// `want_shape` and as many bytes as they say.
 fn check_tensor(
     key: &str,
     (dtype, shape, bytes): (Dtype, Vec<usize>, Vec<u8>),
     want_dtype: Dtype,
     want_shape: &[usize],
 ) -> Result<Vec<u8>> {
-    let numel: usize = shape.iter().product();
-    let want_numel: usize = want_shape.iter().product();
-    let shape_ok = if want_shape.len() == 2 {
-        numel == want_numel
-    } else {
-        shape == want_shape
-    };
     ensure!(
-        dtype == want_dtype && shape_ok,
+        dtype == want_dtype && shape == want_shape,
         "{key}: {dtype:?} {shape:?}, expected {want_dtype:?} {want_shape:?}"
     );
-    let size = want_dtype.size();
+    let want_bytes = shape.iter().product::<usize>() * dtype.size();
     ensure!(
-        bytes.len() == numel * size,
-        "{key}: {} bytes for {dtype:?} {shape:?}, expected {}",
-        bytes.len(),
-        numel * size
+        bytes.len() == want_bytes,
+        "{key}: {} bytes for {dtype:?} {shape:?}, expected {want_bytes}",
+        bytes.len()
     );
     Ok(bytes)
 }

@@ -27,7 +27,7 @@
 //!   earlier columns, exactly like the reference.
 //!
 //! Cost: one factorisation of the `cols x cols` Hessian (`cols^3 / 2`
-//! multiply-adds, see [`linalg::inverse_upper_cholesky`]) and the lazy block
+//! multiply-adds, see `linalg::inverse_upper_cholesky`) and the lazy block
 //! updates (`rows * cols^2 / 2`). Both run in parallel (rayon) over rows of
 //! the matrix being updated; every element is computed in an order that does
 //! not depend on the split, so results are bitwise deterministic for any
@@ -283,12 +283,8 @@ pub fn sparsegpt(
     for (dst, src) in w.iter_mut().zip(&wd) {
         *dst = *src as f32;
     }
-    let pruned = mask.iter().filter(|&&m| m).count();
-    Ok(PruneOutcome::from_pruned(
-        rows * cols,
-        pruned,
-        losses.iter().sum(),
-    ))
+    let outcome = PruneOutcome::from_pruned(rows * cols, count_pruned(&mask), losses.iter().sum());
+    Ok(outcome)
 }
 
 /// Prunes `w` (`rows x cols`) in place by magnitude, wanda's
@@ -336,7 +332,7 @@ pub fn magnitude(
                         *x = 0.0;
                     }
                 }
-                rows_pruned(&mask)
+                count_pruned(&mask)
             })
             .sum(),
     };
@@ -396,7 +392,7 @@ fn check_layer(len: usize, rows: usize, cols: usize) -> Result<()> {
     Ok(())
 }
 
-fn rows_pruned(mask: &[bool]) -> usize {
+fn count_pruned(mask: &[bool]) -> usize {
     mask.iter().filter(|&&m| m).count()
 }
 
@@ -545,8 +541,6 @@ impl Block<'_> {
             );
         }
         let i2 = self.i2;
-        if false {}
-        #[cfg(any())]
         linalg::gemm_sub(
             losses.len(),
             cols - i2,
@@ -641,7 +635,7 @@ mod linalg {
     /// A Cholesky pivot that is not positive.
     #[derive(Debug)]
     pub struct NotPositiveDefinite {
-        /// The column of the matrix given to [`inverse_upper_cholesky`].
+        /// Its column in the matrix the failing function was given.
         pub column: usize,
         pub pivot: f64,
     }
@@ -850,7 +844,8 @@ mod linalg {
     /// with leading dimensions `ldc`, `lda`, `ldb`. Serial; callers split
     /// `C` by rows. Every element is `c - (sum over p in order of a_p
     /// b_p)`, whichever tile computes it, so the split cannot change a
-    /// result.
+    /// result. No blocking over `k`: every use here is a rank-`NB` or
+    /// rank-`blocksize` update, whose strip of `B` stays in cache.
     #[allow(clippy::too_many_arguments)]
     pub fn gemm_sub(
         m: usize,
@@ -1281,9 +1276,12 @@ mod tests {
             g.par_chunks_mut(ROW_CHUNK * cols)
                 .enumerate()
                 .for_each(|(c, gc)| {
-                    let r0 = c * ROW_CHUNK;
-                    let a = &neg_xt[r0 * tokens..];
-                    linalg::gemm_sub(gc.len() / cols, cols, tokens, a, tokens, &x, cols, gc, cols);
+                    let (r0, mc) = (c * ROW_CHUNK, gc.len() / cols);
+                    for p0 in (0..tokens).step_by(BLOCKSIZE) {
+                        let k = BLOCKSIZE.min(tokens - p0);
+                        let a = &neg_xt[r0 * tokens + p0..];
+                        linalg::gemm_sub(mc, cols, k, a, tokens, &x[p0 * cols..], cols, gc, cols);
+                    }
                 });
             let t_gram = t.elapsed();
             let mut hess = Hessian::new(cols);

@@ -370,11 +370,13 @@ pub fn checkpoint_inputs(c: &sharedmoe::ckpt::Checkpoint, rows: &[Vec<i32>]) -> 
 }
 
 /// CPU torch, transformers 5 (Qwen3-MoE exists in torch only) and
-/// bitsandbytes (the NF4 reference; its CPU backend quantises), every
+/// bitsandbytes (the NF4 reference; its CPU backend quantises, and
+/// transformers loads 4-bit weights through accelerate), every
 /// package pinned: the set pip resolved for torch 2.15.0 and transformers
 /// 5.24.0 on Python 3.11. PyPI's Linux torch needs the CUDA libraries to
 /// import, even on the CPU: about 5.6 GB, installed once per checkout.
 const TORCH_PACKAGES: &[&str] = &[
+    "accelerate==1.16.0",
     "annotated-doc==0.0.7",
     "bitsandbytes==0.50.2",
     "annotated-types==0.8.0",
@@ -417,6 +419,7 @@ const TORCH_PACKAGES: &[&str] = &[
     "pydantic==2.14.4",
     "pydantic_core==2.50.5",
     "Pygments==2.21.0",
+    "psutil==7.2.2",
     "PyYAML==6.0.4",
     "regex==2026.11.19",
     "rich==15.0.0",
