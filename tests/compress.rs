@@ -17,8 +17,8 @@ use rand::Rng;
 use safetensors::SafeTensors;
 use sharedmoe::compress::nf4::Nf4Tensor;
 use sharedmoe::graph::{DType, Graph, HostTensor, TensorType};
-use sharedmoe::model::stored::{declare_stored, Storage, StoredTensor};
 use sharedmoe::model::params::Init;
+use sharedmoe::model::stored::{declare_stored, Storage, StoredTensor};
 use sharedmoe::model::{ParamSpec, Role};
 
 fn temp(name: &str) -> PathBuf {
@@ -69,7 +69,12 @@ fn compressed(name: &str, args: &[&str]) -> PathBuf {
 fn eval_ce(ckpt: &Path) -> f64 {
     let out = sharedmoe_ok(&["eval", "--ckpt", ckpt.to_str().unwrap()]);
     let at = out.find("cross-entropy ").expect("a CE line") + "cross-entropy ".len();
-    out[at..].split_whitespace().next().unwrap().parse().unwrap()
+    out[at..]
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
 }
 
 #[test]
@@ -135,7 +140,15 @@ fn compressed_checkpoints_are_read_by_eval_generate_and_inspect() {
     let bf16 = compressed("bf16", &["--quant", "bf16"]);
     let hybrid = compressed(
         "hybrid",
-        &["--sparsity", "0.5", "--samples", "8", "--quant", "nf4", "--double-quant"],
+        &[
+            "--sparsity",
+            "0.5",
+            "--samples",
+            "8",
+            "--quant",
+            "nf4",
+            "--double-quant",
+        ],
     );
     // Sizes and sparsity as inspect reports them.
     let report = sharedmoe_ok(&["checkpoint", "inspect", nf4.to_str().unwrap()]);
@@ -143,7 +156,15 @@ fn compressed_checkpoints_are_read_by_eval_generate_and_inspect() {
         .lines()
         .find(|l| l.trim_start().starts_with("nf4 (double-quantised scales)"))
         .unwrap_or_else(|| panic!("no NF4 line in\n{report}"));
-    let bits: f64 = line.split("bits/param").next().unwrap().split_whitespace().last().unwrap().parse().unwrap();
+    let bits: f64 = line
+        .split("bits/param")
+        .next()
+        .unwrap()
+        .split_whitespace()
+        .last()
+        .unwrap()
+        .parse()
+        .unwrap();
     // 4 bits + 8 per 64 + 32 per 64 * 256, and the tiny tensors' partial
     // nested blocks.
     assert!((4.125..4.2).contains(&bits), "{line}");
@@ -152,8 +173,18 @@ fn compressed_checkpoints_are_read_by_eval_generate_and_inspect() {
         .lines()
         .find(|l| l.trim_start().starts_with("nf4 (double-quantised scales)"))
         .unwrap();
-    let zeros: f64 = line.rsplit("bits/param,").next().unwrap().trim().trim_end_matches("% zeros").parse().unwrap();
-    assert!(zeros >= 50.0, "SparseGPT 50% + NF4 keeps its zeros (NF4 has an exact 0): {line}");
+    let zeros: f64 = line
+        .rsplit("bits/param,")
+        .next()
+        .unwrap()
+        .trim()
+        .trim_end_matches("% zeros")
+        .parse()
+        .unwrap();
+    assert!(
+        zeros >= 50.0,
+        "SparseGPT 50% + NF4 keeps its zeros (NF4 has an exact 0): {line}"
+    );
 
     // Perplexity: NF4 and bf16 stay close to the dense model.
     let (ce_dense, ce_nf4, ce_bf16) = (eval_ce(dense), eval_ce(&nf4), eval_ce(&bf16));
@@ -296,9 +327,14 @@ fn nf4_export_loads_in_transformers_with_bitsandbytes_and_gives_our_logits() {
         ".nested_quant_map",
         ".quant_state.bitsandbytes__nf4",
     ] {
-        assert!(st.tensor(&format!("{w}{suffix}")).is_ok(), "{w}{suffix} missing");
+        assert!(
+            st.tensor(&format!("{w}{suffix}")).is_ok(),
+            "{w}{suffix} missing"
+        );
     }
-    let state = st.tensor(&format!("{w}.quant_state.bitsandbytes__nf4")).unwrap();
+    let state = st
+        .tensor(&format!("{w}.quant_state.bitsandbytes__nf4"))
+        .unwrap();
     let json: serde_json::Value = serde_json::from_slice(state.data()).unwrap();
     assert_eq!(json["quant_type"], "nf4");
     assert_eq!(json["blocksize"], 64);
@@ -331,7 +367,10 @@ fn nf4_export_loads_in_transformers_with_bitsandbytes_and_gives_our_logits() {
         String::from_utf8_lossy(&hf_out.stderr)
     );
     let hf: serde_json::Value = serde_json::from_slice(&hf_out.stdout).unwrap();
-    assert_eq!(hf["linear_class"], "Linear4bit", "transformers did not load 4-bit layers");
+    assert_eq!(
+        hf["linear_class"], "Linear4bit",
+        "transformers did not load 4-bit layers"
+    );
     let theirs: Vec<f64> = serde_json::from_value(hf["logits"].clone()).unwrap();
     eprintln!(
         "bitsandbytes' fused AVX512-BF16 CPU kernel is {} from its f32 path (bf16 activations)",
@@ -400,7 +439,10 @@ fn experiment_compress_writes_every_variant_and_the_table() {
     let results: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("results.json")).unwrap()).unwrap();
     let variants = results["variants"].as_array().unwrap();
-    let labels: Vec<&str> = variants.iter().map(|v| v["variant"].as_str().unwrap()).collect();
+    let labels: Vec<&str> = variants
+        .iter()
+        .map(|v| v["variant"].as_str().unwrap())
+        .collect();
     assert_eq!(
         labels,
         [
@@ -415,7 +457,10 @@ fn experiment_compress_writes_every_variant_and_the_table() {
         ]
     );
     for l in &labels {
-        assert!(summary.contains(&format!("| {l} |")), "{l} not in summary.md");
+        assert!(
+            summary.contains(&format!("| {l} |")),
+            "{l} not in summary.md"
+        );
     }
     let get = |i: usize, k: &str| variants[i][k].as_f64().unwrap();
     for i in 0..variants.len() {
@@ -427,7 +472,10 @@ fn experiment_compress_writes_every_variant_and_the_table() {
     assert_eq!(get(1, "device_bytes") * 2.0, get(0, "device_bytes"));
     assert!(get(5, "device_bytes") < get(6, "device_bytes"));
     assert!(get(6, "device_bytes") < get(0, "device_bytes"));
-    assert!(summary.contains("Table 3.1"), "the seed's claims are quoted");
+    assert!(
+        summary.contains("Table 3.1"),
+        "the seed's claims are quoted"
+    );
     // A rerun reuses the variants (nothing is compressed again).
     let before = std::fs::metadata(out.join("nf4-dq/model.safetensors"))
         .unwrap()
@@ -448,4 +496,62 @@ fn experiment_compress_writes_every_variant_and_the_table() {
         .modified()
         .unwrap();
     assert_eq!(before, after);
+}
+
+#[test]
+fn calibration_grams_of_the_first_block_equal_the_host_computation() {
+    // Layer 0's attention input is RMSNorm(embedding row) * gain: its Gram
+    // matrix computed on the host from the checkpoint's tensors.
+    let dense = trained();
+    let cfg = sharedmoe::cli::eval::checkpoint_config(dense).unwrap();
+    let m = &cfg.model;
+    let specs = sharedmoe::model::param_specs(m);
+    let c = sharedmoe::ckpt::load(dense, &specs, sharedmoe::ckpt::Purpose::Weights).unwrap();
+    let tensor = |name: &str| &c.params.iter().find(|(n, _, _)| n == name).unwrap().2;
+    let (table, gain) = (
+        tensor("model.embed_tokens.weight"),
+        tensor("model.layers.0.input_layernorm.weight"),
+    );
+    let d = m.hidden_size as usize;
+    let (batch, seq) = (2i64, 16i64);
+    let tokens: Vec<i32> = (0..batch * seq).map(|i| (i * 977 % 31000) as i32).collect();
+    let mut want = vec![0f64; d * d];
+    for &t in &tokens {
+        let e = &table[t as usize * d..(t as usize + 1) * d];
+        let ms = e.iter().map(|&x| (x as f64).powi(2)).sum::<f64>() / d as f64;
+        let r: Vec<f64> = e
+            .iter()
+            .zip(gain)
+            .map(|(&x, &g)| x as f64 / (ms + m.rms_norm_eps).sqrt() * g as f64)
+            .collect();
+        for i in 0..d {
+            for j in 0..d {
+                want[i * d + j] += r[i] * r[j];
+            }
+        }
+    }
+    let program = sharedmoe::model::calibration::gram_program(m, batch, seq, 0)
+        .unwrap()
+        .compile(common::client())
+        .unwrap();
+    let rows: Vec<Vec<i32>> = tokens.chunks(seq as usize).map(<[i32]>::to_vec).collect();
+    let inputs = common::checkpoint_inputs(&c, &rows);
+    let outs = program.run(common::client(), &inputs).unwrap();
+    assert_eq!(outs.len(), 4, "q/k/v, o, gate/up and down inputs");
+    let got = outs[0].to_f64();
+    let scale = want.iter().fold(0f64, |a, x| a.max(x.abs()));
+    for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+        assert!(
+            (g - w).abs() <= 1e-5 * scale,
+            "Gram [{}, {}]: program {g} host {w}",
+            i / d,
+            i % d
+        );
+    }
+    // The o input is [B, S, H*Hd], the down input [B, S, F].
+    assert_eq!(outs[1].ty.dims, vec![m.q_dim(), m.q_dim()]);
+    assert_eq!(
+        outs[3].ty.dims,
+        vec![m.intermediate_size, m.intermediate_size]
+    );
 }

@@ -15,7 +15,6 @@ use std::path::{Path, PathBuf};
 
 use common::{sharedmoe, sharedmoe_ok};
 
-
 fn temp_dir(name: &str) -> PathBuf {
     let dir =
         std::env::temp_dir().join(format!("sharedmoe-hfimport-{}-{name}", std::process::id()));

@@ -49,10 +49,11 @@ fn reference() -> &'static (Vec<Case>, Tensors) {
     })
 }
 
-/// Normal values with the last dimension odd, not a multiple of 64, or a
-/// multiple of 64. (bnb's AVX-512 dequantisation misreads scales for last
-/// dimensions that are multiples of 16 but not of 64, e.g. [3, 80]: see
-/// the module documentation of `compress::nf4`. No case has one.)
+/// The inputs, deterministic. Last dimensions are odd (bnb dequantises
+/// those with its generic kernel), not multiples of 16 (its scalar C++
+/// kernel) or multiples of 64 (its AVX-512 kernel); none is a multiple of
+/// 16 but not of 64, where that AVX-512 kernel misreads the scales (see the
+/// module documentation of `compress::nf4`).
 fn cases() -> Vec<Case> {
     let mut rng = common::rng(7);
     let mut normal = |shape: &[i64], scale: f32| -> Vec<f32> {

@@ -17,7 +17,9 @@ use anyhow::{bail, Context, Result};
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
 
-use super::integrity::{check_digests, non_finite, non_finite_error, non_finite_le_f32, FileDigest};
+use super::integrity::{
+    check_digests, non_finite, non_finite_error, non_finite_le_f32, FileDigest,
+};
 use super::{hf_config, install, TrainingState, FORMAT};
 use crate::compress::nf4::Nf4Tensor;
 use crate::model::stored::{Storage, StoredTensor};
@@ -119,7 +121,12 @@ pub fn save(
     for (spec, t) in params {
         if let StoredTensor::F32(v) = t {
             if let Some(nf) = non_finite(v) {
-                return Err(non_finite_error("model.safetensors", &spec.name, v.len(), nf));
+                return Err(non_finite_error(
+                    "model.safetensors",
+                    &spec.name,
+                    v.len(),
+                    nf,
+                ));
             }
         }
         tensors.extend(serialized(&spec.name, t, &spec.dims));
@@ -177,7 +184,8 @@ pub fn load(dir: &Path, specs: &[ParamSpec]) -> Result<Compressed> {
     }
     let file = |name: &str| files.iter().find(|(n, _)| n == name).map(|(_, b)| b);
     let state: TrainingState = serde_json::from_slice(
-        file("state.json").with_context(|| format!("{}: missing (not a checkpoint)", at("state.json")))?,
+        file("state.json")
+            .with_context(|| format!("{}: missing (not a checkpoint)", at("state.json")))?,
     )
     .with_context(|| format!("{}: not a valid state.json", at("state.json")))?;
     let mut digests = state.files.clone();
@@ -225,7 +233,10 @@ fn read_param(
     let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
     let dense_shape = |what: &str| -> Result<()> {
         if shape != spec.dims {
-            bail!("{what} {shape:?}, expected the config's shape {:?}", spec.dims);
+            bail!(
+                "{what} {shape:?}, expected the config's shape {:?}",
+                spec.dims
+            );
         }
         Ok(())
     };
@@ -233,7 +244,12 @@ fn read_param(
         Dtype::F32 => {
             dense_shape("F32")?;
             if let Some(nf) = non_finite_le_f32(view.data()) {
-                return Err(non_finite_error("model.safetensors", &spec.name, view.data().len() / 4, nf));
+                return Err(non_finite_error(
+                    "model.safetensors",
+                    &spec.name,
+                    view.data().len() / 4,
+                    nf,
+                ));
             }
             StoredTensor::F32(
                 view.data()
@@ -262,6 +278,8 @@ fn read_param(
             }
             StoredTensor::Nf4(q)
         }
-        other => bail!("stored as {other:?}; expected F32, BF16 or NF4 (U8 with a bitsandbytes quant_state)"),
+        other => bail!(
+            "stored as {other:?}; expected F32, BF16 or NF4 (U8 with a bitsandbytes quant_state)"
+        ),
     })
 }

@@ -93,7 +93,9 @@ impl CompressArgs {
             (None, Some(p)) => {
                 let s: Sparsity = p.parse()?;
                 if !matches!(s, Sparsity::NofM { .. }) {
-                    bail!("--pattern {p}: expected n:m such as 2:4 (use --sparsity for a fraction)");
+                    bail!(
+                        "--pattern {p}: expected n:m such as 2:4 (use --sparsity for a fraction)"
+                    );
                 }
                 Ok(Some(s))
             }
@@ -116,7 +118,11 @@ impl CompressArgs {
     }
 
     /// What goes into config.json as `compression`.
-    fn recipe(&self, sparsity: Option<Sparsity>, calibration: Option<&Calibration>) -> serde_json::Value {
+    fn recipe(
+        &self,
+        sparsity: Option<Sparsity>,
+        calibration: Option<&Calibration>,
+    ) -> serde_json::Value {
         serde_json::json!({
             "source": self.ckpt.display().to_string(),
             "pruning": sparsity.map(|s| serde_json::json!({
@@ -169,7 +175,10 @@ pub fn run(a: &CompressArgs) -> Result<()> {
 /// Compresses `a.ckpt` into `a.out`; the per-linear pruning reports.
 pub fn compress(a: &CompressArgs) -> Result<Vec<LinearReport>> {
     if a.out.exists() {
-        bail!("{}: already exists; compress writes a new checkpoint", a.out.display());
+        bail!(
+            "{}: already exists; compress writes a new checkpoint",
+            a.out.display()
+        );
     }
     let sparsity = a.sparsity()?;
     if a.double_quant && a.quant != Quant::Nf4 {
@@ -201,7 +210,10 @@ pub fn compress(a: &CompressArgs) -> Result<Vec<LinearReport>> {
         .iter()
         .zip(&checkpoint.params)
         .map(|(spec, (_, dims, values))| {
-            (spec.clone(), StoredTensor::encode(values, dims, a.storage(spec)))
+            (
+                spec.clone(),
+                StoredTensor::encode(values, dims, a.storage(spec)),
+            )
         })
         .collect();
     compressed::save(
@@ -279,7 +291,12 @@ impl Calibration {
     /// `samples` sequences of `seq` tokens (default the run's) from the
     /// parquet files `calib`, or else from the start of the run's training
     /// order.
-    pub fn read(cfg: &Config, calib: &[PathBuf], samples: usize, seq: Option<i64>) -> Result<Calibration> {
+    pub fn read(
+        cfg: &Config,
+        calib: &[PathBuf],
+        samples: usize,
+        seq: Option<i64>,
+    ) -> Result<Calibration> {
         if samples == 0 {
             bail!("--samples 0: SparseGPT needs calibration sequences");
         }
@@ -292,7 +309,10 @@ impl Calibration {
         c.train.global_batch = batch;
         let wanted = samples / batch as usize;
         let (grouped, source) = if calib.is_empty() {
-            (training_batches(&c, wanted)?, "the run's training order".to_string())
+            (
+                training_batches(&c, wanted)?,
+                "the run's training order".to_string(),
+            )
         } else {
             let shown: Vec<String> = calib.iter().map(|p| p.display().to_string()).collect();
             (eval_batches(&mut c, calib, None, wanted)?, shown.join(", "))
@@ -336,9 +356,6 @@ fn prune_sparsegpt(
     plugin: Option<&Path>,
 ) -> Result<Vec<LinearReport>> {
     let client = open_client_with(cfg, plugin, 1)?;
-    let program = gram_program(&cfg.model, calib.batch, calib.seq)?
-        .compile(&client)
-        .context("compiling the calibration program")?;
     let dev = &client.devices()[0];
     let layers = block_linears(cfg);
     let bar = indicatif::ProgressBar::new(layers.len() as u64).with_style(
@@ -347,7 +364,10 @@ fn prune_sparsegpt(
     );
     let mut reports = vec![];
     for (l, layer) in layers.iter().enumerate() {
-        let grams = layer_grams(&client, dev, &program, params, calib, l)?;
+        let program = gram_program(&cfg.model, calib.batch, calib.seq, l as i64)?
+            .compile(&client)
+            .with_context(|| format!("compiling layer {l}'s calibration program"))?;
+        let grams = layer_grams(&client, dev, &program, params, calib)?;
         for &(k, input) in layer {
             let (name, dims, w) = &mut params[k];
             let (rows, cols) = (dims[0] as usize, dims[1] as usize);
@@ -364,7 +384,8 @@ fn prune_sparsegpt(
             )
             .with_context(|| format!("SparseGPT on {name}"))?;
             let error = sparsegpt::reconstruction_error(&dense, w, rows, cols, gram);
-            let signal = sparsegpt::reconstruction_error(&dense, &vec![0.0; dense.len()], rows, cols, gram);
+            let signal =
+                sparsegpt::reconstruction_error(&dense, &vec![0.0; dense.len()], rows, cols, gram);
             let relative = error / signal.max(f64::MIN_POSITIVE);
             tracing::info!(
                 "layer {l} {name}: pruned {} of {}, reconstruction error {relative:.4e} (relative)",
@@ -384,16 +405,15 @@ fn prune_sparsegpt(
     Ok(reports)
 }
 
-/// Layer `l`'s Gram matrix sum x x^T (f64) and SparseGPT Hessian for each
+/// One layer's Gram matrix sum x x^T (f64) and SparseGPT Hessian for each
 /// [`LinearInput`] (in [`LinearInput::ALL`] order), over every calibration
-/// batch, with the current `params`.
+/// batch, with the current `params`, from that layer's `program`.
 fn layer_grams(
     client: &crate::runtime::Client,
     dev: &crate::runtime::Device,
     program: &crate::graph::Compiled,
     params: &ckpt::Tensors,
     calib: &Calibration,
-    l: usize,
 ) -> Result<Vec<(Vec<f64>, Hessian)>> {
     let weights = params
         .iter()
@@ -409,10 +429,11 @@ fn layer_grams(
             .map(Arg::Borrowed)
             .collect();
         let results = program.execute(vec![args])?.remove(0);
-        for (j, buffer) in results[l * per_layer..(l + 1) * per_layer].iter().enumerate() {
+        for (j, buffer) in results.iter().enumerate() {
             let g = HostTensor::from_buffer(buffer)?.to_f64();
             let cols = (g.len() as f64).sqrt() as usize;
-            let (sum, hessian) = out[j].get_or_insert_with(|| (vec![0.0; g.len()], Hessian::new(cols)));
+            let (sum, hessian) =
+                out[j].get_or_insert_with(|| (vec![0.0; g.len()], Hessian::new(cols)));
             for (s, x) in sum.iter_mut().zip(&g) {
                 *s += x;
             }

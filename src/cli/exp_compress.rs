@@ -25,8 +25,8 @@ use crate::ckpt::compressed;
 use crate::compress::sparsegpt::Sparsity;
 use crate::generate::{Generator, Sampling};
 use crate::model::{count_params, param_specs};
-use crate::train::{self, Config, StartFrom};
 use crate::train::client::open_client_with;
+use crate::train::{self, Config, StartFrom};
 
 use super::compress::{compress, CompressArgs, Method, Quant};
 use super::eval::{checkpoint_config, eval_batches, mean_ce_stored};
@@ -67,10 +67,31 @@ fn recipes() -> Vec<Recipe> {
         r("bf16", "bf16", None, Sparsegpt, Bf16, false),
         r("magnitude 50%", "magnitude-50", half, Magnitude, F32, false),
         r("SparseGPT 50%", "sparsegpt-50", half, Sparsegpt, F32, false),
-        r("SparseGPT 2:4", "sparsegpt-2-4", two_four, Sparsegpt, F32, false),
+        r(
+            "SparseGPT 2:4",
+            "sparsegpt-2-4",
+            two_four,
+            Sparsegpt,
+            F32,
+            false,
+        ),
         r("NF4 (double quant)", "nf4-dq", None, Sparsegpt, Nf4, true),
-        r("NF4 without double quant", "nf4", None, Sparsegpt, Nf4, false),
-        r("SparseGPT 50% + NF4 (the seed's hybrid)", "sparsegpt-50-nf4-dq", half, Sparsegpt, Nf4, true),
+        r(
+            "NF4 without double quant",
+            "nf4",
+            None,
+            Sparsegpt,
+            Nf4,
+            false,
+        ),
+        r(
+            "SparseGPT 50% + NF4 (the seed's hybrid)",
+            "sparsegpt-50-nf4-dq",
+            half,
+            Sparsegpt,
+            Nf4,
+            true,
+        ),
     ]
 }
 
@@ -91,7 +112,9 @@ pub struct Measured {
 
 pub fn run(a: &ExperimentArgs) -> Result<()> {
     if a.from.is_some() || a.from_hf.is_some() {
-        bail!("--from and --from-hf are exp2's: compress takes --ckpt (default: exp1's dense model)");
+        bail!(
+            "--from and --from-hf are exp2's: compress takes --ckpt (default: exp1's dense model)"
+        );
     }
     if a.seeds.is_some_and(|s| s != 1) || a.workers > 1 {
         bail!("compress runs in one process on one checkpoint (--seeds and --workers are exp1's)");
@@ -111,7 +134,13 @@ pub fn run(a: &ExperimentArgs) -> Result<()> {
     for r in recipes() {
         let dir = out.join(r.slug);
         if r.sparsity.is_none() && r.quant == Quant::None {
-            rows.push(measure(r.label, &source, &cfg, &batches, a.plugin.as_deref())?);
+            rows.push(measure(
+                r.label,
+                &source,
+                &cfg,
+                &batches,
+                a.plugin.as_deref(),
+            )?);
             continue;
         }
         if !dir.join("state.json").is_file() {
@@ -260,7 +289,11 @@ pub fn summary_md(source: &Path, cfg: &Config, rows: &[Measured]) -> String {
     use std::fmt::Write as _;
     let mut s = String::new();
     let dense = &rows[0];
-    let _ = writeln!(s, "# Compression (SparseGPT + NF4) of `{}`\n", source.display());
+    let _ = writeln!(
+        s,
+        "# Compression (SparseGPT + NF4) of `{}`\n",
+        source.display()
+    );
     let _ = writeln!(
         s,
         "{} parameters ({} layers, d {}); perplexity over {} held-out tokens in windows of {} \

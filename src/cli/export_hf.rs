@@ -243,7 +243,10 @@ fn compressed_hf_weights(
     cfg: &Config,
 ) -> Result<(Vec<u8>, usize, Option<serde_json::Value>)> {
     if cfg.model.ffn != FfnKind::Dense {
-        bail!("{}: compressed checkpoints export as dense models only", dir.display());
+        bail!(
+            "{}: compressed checkpoints export as dense models only",
+            dir.display()
+        );
     }
     let weights = ckpt::compressed::load(dir, &param_specs(&cfg.model))?;
     let tensors: Vec<_> = weights

@@ -785,7 +785,7 @@ mod tests {
     }
 
     #[test]
-    fn code_table_is_sorted_and_symmetric_at_the_ends() {
+    fn code_table_is_sorted_with_the_midpoints_between() {
         assert!(NF4_CODE.windows(2).all(|w| w[0] < w[1]));
         assert_eq!((NF4_CODE[0], NF4_CODE[7], NF4_CODE[15]), (-1.0, 0.0, 1.0));
         let bounds = nf4_bounds();
@@ -856,7 +856,6 @@ mod tests {
         // A full zero block stores absmax 0, a partial one bnb's clamp.
         let mut values = vec![0.0f32; BLOCKSIZE + 5];
         values[BLOCKSIZE] = -2.0;
-        values[BLOCKSIZE + 1..].iter_mut().for_each(|v| *v = 0.0);
         let q = Nf4Tensor::quantize(&values, &[BLOCKSIZE as i64 + 5], false);
         assert_eq!(q.scales, Scales::F32(vec![0.0, 2.0]));
         assert!(q.packed[..BLOCKSIZE / 2].iter().all(|&b| b == 0x77));

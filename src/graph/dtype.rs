@@ -40,7 +40,10 @@ impl DType {
     }
 
     pub fn is_integer(self) -> bool {
-        matches!(self, DType::I32 | DType::I64 | DType::U32 | DType::U16 | DType::U8)
+        matches!(
+            self,
+            DType::I32 | DType::I64 | DType::U32 | DType::U16 | DType::U8
+        )
     }
 
     pub fn is_signed_integer(self) -> bool {

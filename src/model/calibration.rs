@@ -76,16 +76,25 @@ fn gram(x: &Tensor) -> Result<Tensor> {
     rows.dot_general(&rows, &dims)
 }
 
-/// params (f32, checkpoint order), tokens [batch, seq] (i32) -> for every
-/// layer l and every [`LinearInput`] in [`LinearInput::ALL`] order, the
-/// Gram matrix of that input over the batch's tokens. Only dense layers:
-/// an MoE layer's experts see a routed subset of tokens each, which this
+/// params (f32, checkpoint order), tokens [batch, seq] (i32) -> for layer
+/// `layer` and every [`LinearInput`] in [`LinearInput::ALL`] order, the
+/// Gram matrix of that input over the batch's tokens. The layers after
+/// `layer` are traced but feed no output, so XLA drops them: one program
+/// per layer costs its share of the forward, and returns one layer's
+/// statistics (a whole 8B model's would be 32 GB). Only dense layers: an
+/// MoE layer's experts see a routed subset of tokens each, which this
 /// statistic does not describe.
-pub fn gram_program(cfg: &ModelConfig, batch: i64, seq: i64) -> Result<Function> {
+pub fn gram_program(cfg: &ModelConfig, batch: i64, seq: i64, layer: i64) -> Result<Function> {
     if cfg.ffn != super::FfnKind::Dense {
         return Err(crate::graph::GraphError::Usage(format!(
             "calibration statistics need a dense model; this one's FFN is {:?}",
             cfg.ffn
+        )));
+    }
+    if !(0..cfg.num_layers).contains(&layer) {
+        return Err(crate::graph::GraphError::Usage(format!(
+            "layer {layer} of a {}-layer model",
+            cfg.num_layers
         )));
     }
     let g = Graph::new();
@@ -93,12 +102,13 @@ pub fn gram_program(cfg: &ModelConfig, batch: i64, seq: i64) -> Result<Function>
     let tokens = g.param("tokens", TensorType::new(DType::I32, &[batch, seq]))?;
     let model = Transformer::new(cfg, &params, DType::F32)?;
     let mut grams: Vec<Tensor> = vec![];
-    model.hidden_observed(&tokens, &mut |_, site, x| {
-        if LinearInput::of(site).is_some() {
+    model.hidden_observed(&tokens, &mut |i, site, x| {
+        if i == layer && LinearInput::of(site).is_some() {
             grams.push(gram(x)?);
         }
         Ok(())
     })?;
     let outs: Vec<&Tensor> = grams.iter().collect();
-    Ok(g.build(&outs)?.with_name("calibration_grams"))
+    Ok(g.build(&outs)?
+        .with_name(&format!("calibration_grams_{layer}")))
 }

@@ -68,7 +68,9 @@ impl StoredTensor {
     pub fn encode(values: &[f32], dims: &[i64], storage: Storage) -> StoredTensor {
         match storage {
             Storage::F32 => StoredTensor::F32(values.to_vec()),
-            Storage::BF16 => StoredTensor::BF16(values.iter().map(|&v| bf16::from_f32(v)).collect()),
+            Storage::BF16 => {
+                StoredTensor::BF16(values.iter().map(|&v| bf16::from_f32(v)).collect())
+            }
             Storage::Nf4 { double_quant } => {
                 StoredTensor::Nf4(Nf4Tensor::quantize(values, dims, double_quant))
             }
@@ -123,7 +125,10 @@ impl StoredTensor {
 
     /// Bytes this parameter occupies on the device (its program inputs).
     pub fn device_bytes(&self, dims: &[i64]) -> usize {
-        self.host_arrays(dims).iter().map(HostArray::num_bytes).sum()
+        self.host_arrays(dims)
+            .iter()
+            .map(HostArray::num_bytes)
+            .sum()
     }
 }
 
@@ -197,7 +202,9 @@ fn scale_blocks(values: &Tensor, scales: &Tensor, block: i64) -> Result<Tensor> 
     let padded = values
         .pad(&zero, &[0], &[blocks * block - n], &[0])?
         .reshape(&[blocks, block])?;
-    let scales = scales.reshape(&[blocks, 1])?.broadcast_to(&[blocks, block])?;
+    let scales = scales
+        .reshape(&[blocks, 1])?
+        .broadcast_to(&[blocks, block])?;
     padded
         .mul(&scales)?
         .reshape(&[blocks * block])?

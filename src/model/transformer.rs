@@ -576,8 +576,7 @@ impl<'a> Transformer<'a> {
         let mut out = Vec::with_capacity(caches.len());
         for (i, (ck, cv)) in (0..c.num_layers).zip(caches) {
             let attend = |x: &Tensor, w: &Attention<Tensor>| {
-                let (a, ck, cv) =
-                    attention_heads_cached(x, w, self.heads(), &rope, pos, (ck, cv))?;
+                let (a, ck, cv) = attention_heads_cached(x, w, self.heads(), &rope, pos, (ck, cv))?;
                 Ok((a, (ck, cv)))
             };
             let (next, _, cache) = self.layer(i, &h, attend, &mut |_, _, _| Ok(()))?;
