@@ -425,16 +425,19 @@ fn our_logits(dir: &Path, tokens: &[i32]) -> Vec<f64> {
 #[test]
 fn experiment_compress_writes_every_variant_and_the_table() {
     let out = temp("experiment");
-    sharedmoe_ok(&[
-        "experiment",
-        "compress",
-        "--scale",
-        "tiny",
-        "--ckpt",
-        trained().to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let run = || {
+        sharedmoe_ok(&[
+            "experiment",
+            "compress",
+            "--scale",
+            "tiny",
+            "--ckpt",
+            trained().to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+    };
+    run();
     let summary = std::fs::read_to_string(out.join("summary.md")).unwrap();
     let results: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("results.json")).unwrap()).unwrap();
@@ -481,16 +484,7 @@ fn experiment_compress_writes_every_variant_and_the_table() {
         .unwrap()
         .modified()
         .unwrap();
-    sharedmoe_ok(&[
-        "experiment",
-        "compress",
-        "--scale",
-        "tiny",
-        "--ckpt",
-        trained().to_str().unwrap(),
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    run();
     let after = std::fs::metadata(out.join("nf4-dq/model.safetensors"))
         .unwrap()
         .modified()

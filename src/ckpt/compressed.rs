@@ -17,10 +17,8 @@ use anyhow::{bail, Context, Result};
 use safetensors::tensor::{Dtype, TensorView};
 use safetensors::SafeTensors;
 
-use super::integrity::{
-    check_digests, non_finite, non_finite_error, non_finite_le_f32, FileDigest,
-};
-use super::{hf_config, install, TrainingState, FORMAT};
+use super::integrity::{check_digests, non_finite, non_finite_error, non_finite_le_f32};
+use super::{hf_config, install, with_state, TrainingState};
 use crate::compress::nf4::Nf4Tensor;
 use crate::model::stored::{Storage, StoredTensor};
 use crate::model::{ModelConfig, ParamSpec};
@@ -144,7 +142,7 @@ pub fn save(
         config["torch_dtype"] = "float32".into();
     }
     config["compression"] = recipe.clone();
-    let mut files = vec![
+    let files = vec![
         (
             "config.json".to_string(),
             serde_json::to_string_pretty(&config)?.into_bytes(),
@@ -154,17 +152,7 @@ pub fn save(
             safetensors::serialize(views, &Some(meta))?,
         ),
     ];
-    let mut state = state.clone();
-    state.format = FORMAT;
-    state.files = files
-        .iter()
-        .map(|(name, bytes)| (name.clone(), FileDigest::of(bytes)))
-        .collect();
-    files.push((
-        "state.json".to_string(),
-        serde_json::to_string_pretty(&state)?.into_bytes(),
-    ));
-    install(dir, &files)
+    install(dir, &with_state(files, state)?)
 }
 
 /// Loads the compressed (or plain f32) checkpoint in `dir` of the model
@@ -220,13 +208,12 @@ pub fn load(dir: &Path, specs: &[ParamSpec]) -> Result<Compressed> {
     })
 }
 
+/// A safetensors tensor by key: (dtype, shape, bytes).
+type TensorLookup<'a> = dyn Fn(&str) -> Option<(Dtype, Vec<usize>, Vec<u8>)> + 'a;
+
 /// One parameter as stored: f32 or bf16 under its name with the config's
 /// shape, or NF4 in bitsandbytes' layout.
-fn read_param(
-    st: &SafeTensors,
-    spec: &ParamSpec,
-    get: &dyn Fn(&str) -> Option<(Dtype, Vec<usize>, Vec<u8>)>,
-) -> Result<StoredTensor> {
+fn read_param(st: &SafeTensors, spec: &ParamSpec, get: &TensorLookup) -> Result<StoredTensor> {
     let view = st
         .tensor(&spec.name)
         .map_err(|_| anyhow::anyhow!("missing"))?;

@@ -307,7 +307,13 @@ pub fn to_files(model: &ModelConfig, max_positions: i64, ckpt: &Checkpoint) -> R
     if !(ckpt.adam_m.is_empty() && ckpt.adam_v.is_empty()) {
         files.push(("optimizer.safetensors".into(), optimizer_bytes(ckpt)?));
     }
-    let mut state = ckpt.state.clone();
+    with_state(files, &ckpt.state)
+}
+
+/// `files` and, last, `state.json`: `state` in the current format,
+/// recording the sha256 and size of every other file.
+pub fn with_state(mut files: Files, state: &TrainingState) -> Result<Files> {
+    let mut state = state.clone();
     state.format = FORMAT;
     state.files = files
         .iter()
