@@ -60,6 +60,10 @@ pub struct CompressArgs {
     /// validation rows never overlap).
     #[arg(long)]
     pub calib: Vec<PathBuf>,
+    /// tokenizer.json for --calib (default: the run's; an imported model
+    /// has none).
+    #[arg(long)]
+    pub tokenizer: Option<PathBuf>,
     /// Calibration sequences.
     #[arg(long, default_value_t = 128)]
     pub samples: usize,
@@ -199,7 +203,8 @@ pub fn compress(a: &CompressArgs) -> Result<Vec<LinearReport>> {
         (None, _) => vec![],
         (Some(s), Method::Magnitude) => prune_magnitude(&cfg, &mut checkpoint.params, s)?,
         (Some(s), Method::Sparsegpt) => {
-            let calib = Calibration::read(&cfg, &a.calib, a.samples, a.seq)?;
+            let calib =
+                Calibration::read(&cfg, &a.calib, a.tokenizer.as_deref(), a.samples, a.seq)?;
             let reports =
                 prune_sparsegpt(&cfg, &mut checkpoint.params, s, &calib, a.plugin.as_deref())?;
             calibration = Some(calib);
@@ -294,6 +299,7 @@ impl Calibration {
     pub fn read(
         cfg: &Config,
         calib: &[PathBuf],
+        tokenizer: Option<&Path>,
         samples: usize,
         seq: Option<i64>,
     ) -> Result<Calibration> {
@@ -315,7 +321,10 @@ impl Calibration {
             )
         } else {
             let shown: Vec<String> = calib.iter().map(|p| p.display().to_string()).collect();
-            (eval_batches(&mut c, calib, None, wanted)?, shown.join(", "))
+            (
+                eval_batches(&mut c, calib, tokenizer, wanted)?,
+                shown.join(", "),
+            )
         };
         if grouped.len() < wanted {
             bail!(

@@ -160,6 +160,7 @@ pub fn run(a: &ExperimentArgs) -> Result<()> {
                 quant: r.quant,
                 double_quant: r.double_quant,
                 calib: vec![],
+                tokenizer: None,
                 samples: CALIBRATION_SAMPLES,
                 seq: None,
                 plugin: a.plugin.clone(),
