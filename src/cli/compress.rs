@@ -392,20 +392,29 @@ fn prune_sparsegpt(
                 sparsegpt::PERCDAMP,
             )
             .with_context(|| format!("SparseGPT on {name}"))?;
-            let error = sparsegpt::reconstruction_error(&dense, w, rows, cols, gram);
-            let signal =
-                sparsegpt::reconstruction_error(&dense, &vec![0.0; dense.len()], rows, cols, gram);
-            let relative = error / signal.max(f64::MIN_POSITIVE);
+            // ||WX - W'X||^2 / ||WX||^2, and what magnitude pruning of the
+            // same layer to the same sparsity would leave, for scale.
+            let relative = |pruned: &[f32]| {
+                let error = sparsegpt::reconstruction_error(&dense, pruned, rows, cols, gram);
+                let zeros = vec![0.0; dense.len()];
+                let signal = sparsegpt::reconstruction_error(&dense, &zeros, rows, cols, gram);
+                error / signal.max(f64::MIN_POSITIVE)
+            };
+            let mut by_magnitude = dense.clone();
+            sparsegpt::magnitude(&mut by_magnitude, rows, cols, sparsity)?;
+            let relative_error = relative(w);
             tracing::info!(
-                "layer {l} {name}: pruned {} of {}, reconstruction error {relative:.4e} (relative)",
+                "layer {l} {name}: pruned {} of {}, relative reconstruction error {relative_error:.3e} \
+                 (magnitude pruning: {:.3e})",
                 outcome.pruned,
-                rows * cols
+                rows * cols,
+                relative(&by_magnitude)
             );
             reports.push(LinearReport {
                 name: name.clone(),
                 pruned: outcome.pruned,
                 total: rows * cols,
-                relative_error: Some(relative),
+                relative_error: Some(relative_error),
             });
         }
         bar.inc(1);
