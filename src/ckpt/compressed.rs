@@ -67,15 +67,27 @@ pub fn quantization_config(params: &[(ParamSpec, StoredTensor)]) -> Option<serde
 /// Is `dir`'s model.safetensors stored in anything but f32 (read from its
 /// header alone)?
 pub fn is_compressed(dir: &Path) -> Result<bool> {
+    use std::io::Read as _;
     let path = dir.join("model.safetensors");
-    let file = std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
-    // SAFETY: read-only map of a checkpoint file that is never written in
-    // place (checkpoints are replaced by renaming a new directory).
-    let map = unsafe { memmap2::Mmap::map(&file) }
-        .with_context(|| format!("mapping {}", path.display()))?;
-    let (_, meta) = SafeTensors::read_metadata(&map)
-        .with_context(|| format!("{}: not a valid safetensors file", path.display()))?;
-    Ok(meta.tensors().values().any(|t| t.dtype != Dtype::F32))
+    let bad = || format!("{}: not a valid safetensors file", path.display());
+    let mut file =
+        std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+    // The format: an 8-byte little-endian length, then that much JSON
+    // header naming every tensor's dtype.
+    let mut len = [0u8; 8];
+    file.read_exact(&mut len).with_context(bad)?;
+    let len = u64::from_le_bytes(len);
+    if len > 100_000_000 {
+        bail!("{}: a header of {len} bytes", bad());
+    }
+    let mut header = vec![0u8; len as usize];
+    file.read_exact(&mut header).with_context(bad)?;
+    let header: HashMap<String, serde_json::Value> =
+        serde_json::from_slice(&header).with_context(bad)?;
+    Ok(header
+        .iter()
+        .filter(|(name, _)| *name != "__metadata__")
+        .any(|(_, t)| t["dtype"] != "F32"))
 }
 
 /// The safetensors tensors of one stored parameter named `name`.
@@ -158,7 +170,6 @@ pub fn save(
 /// Loads the compressed (or plain f32) checkpoint in `dir` of the model
 /// `specs` describe, verifying every file against state.json's digests.
 pub fn load(dir: &Path, specs: &[ParamSpec]) -> Result<Compressed> {
-    let at = |name: &str| dir.join(name).display().to_string();
     // The weights' files only: an optimizer file (a training checkpoint
     // given to eval or generate) is twice the model and not needed.
     let mut files = vec![];
@@ -170,6 +181,17 @@ pub fn load(dir: &Path, specs: &[ParamSpec]) -> Result<Compressed> {
             files.push((name.to_string(), bytes));
         }
     }
+    from_files(dir, &files, specs)
+}
+
+/// [`load`] from the directory's files already read (name, bytes); `dir`
+/// names them in errors.
+pub fn from_files(
+    dir: &Path,
+    files: &[(String, Vec<u8>)],
+    specs: &[ParamSpec],
+) -> Result<Compressed> {
+    let at = |name: &str| dir.join(name).display().to_string();
     let file = |name: &str| files.iter().find(|(n, _)| n == name).map(|(_, b)| b);
     let state: TrainingState = serde_json::from_slice(
         file("state.json")
@@ -178,7 +200,7 @@ pub fn load(dir: &Path, specs: &[ParamSpec]) -> Result<Compressed> {
     .with_context(|| format!("{}: not a valid state.json", at("state.json")))?;
     let mut digests = state.files.clone();
     digests.remove("optimizer.safetensors"); // weights are all we read
-    check_digests(&format!("{}/", dir.display()), &digests, &files)?;
+    check_digests(&format!("{}/", dir.display()), &digests, files)?;
     let config: serde_json::Value = match file("config.json") {
         Some(b) => serde_json::from_slice(b)
             .with_context(|| format!("{}: not valid JSON", at("config.json")))?,

@@ -82,7 +82,7 @@ pub fn inspect(dir: &std::path::Path) -> Result<String> {
         }
     }
     if let Ok(cfg) = crate::train::Config::parse(&state.config_toml, &[]) {
-        match storage_report(dir, &cfg.model) {
+        match storage_report(dir, &files, &cfg.model) {
             Ok(report) => write!(s, "{report}")?,
             Err(e) => writeln!(s, "weights: unreadable: {e:#}")?,
         }
@@ -107,10 +107,14 @@ pub fn inspect(dir: &std::path::Path) -> Result<String> {
 
 /// How the weights are stored: per storage kind the parameters, their
 /// bytes and bits per parameter, and the share of exact zeros (pruning).
-fn storage_report(dir: &std::path::Path, model: &crate::model::ModelConfig) -> Result<String> {
+fn storage_report(
+    dir: &std::path::Path,
+    files: &[(String, Vec<u8>)],
+    model: &crate::model::ModelConfig,
+) -> Result<String> {
     use std::collections::BTreeMap;
     use std::fmt::Write as _;
-    let weights = ckpt::compressed::load(dir, &crate::model::param_specs(model))?;
+    let weights = ckpt::compressed::from_files(dir, files, &crate::model::param_specs(model))?;
     // storage -> (tensors, parameters, bytes, zeros)
     let mut kinds: BTreeMap<String, (usize, usize, usize, usize)> = BTreeMap::new();
     for (spec, t) in &weights.params {

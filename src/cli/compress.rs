@@ -376,11 +376,11 @@ fn prune_sparsegpt(
         let program = gram_program(&cfg.model, calib.batch, calib.seq, l as i64)?
             .compile(&client)
             .with_context(|| format!("compiling layer {l}'s calibration program"))?;
-        let grams = layer_grams(&client, dev, &program, params, calib)?;
+        let hessians = layer_hessians(&client, dev, &program, params, calib)?;
         for &(k, input) in layer {
             let (name, dims, w) = &mut params[k];
             let (rows, cols) = (dims[0] as usize, dims[1] as usize);
-            let (gram, hessian) = &grams[input as usize];
+            let hessian = &hessians[input as usize];
             let dense = w.clone();
             let outcome = sparsegpt::sparsegpt(
                 w,
@@ -393,13 +393,13 @@ fn prune_sparsegpt(
             )
             .with_context(|| format!("SparseGPT on {name}"))?;
             // ||WX - W'X||^2 / ||WX||^2, and what magnitude pruning of the
-            // same layer to the same sparsity would leave, for scale.
-            let relative = |pruned: &[f32]| {
-                let error = sparsegpt::reconstruction_error(&dense, pruned, rows, cols, gram);
-                let zeros = vec![0.0; dense.len()];
-                let signal = sparsegpt::reconstruction_error(&dense, &zeros, rows, cols, gram);
-                error / signal.max(f64::MIN_POSITIVE)
+            // same layer to the same sparsity would leave, for scale. H is
+            // the Gram matrix times 2/n, which the ratio does not see.
+            let error = |pruned: &[f32]| {
+                sparsegpt::reconstruction_error(&dense, pruned, rows, cols, &hessian.h)
             };
+            let signal = error(&vec![0.0; dense.len()]).max(f64::MIN_POSITIVE);
+            let relative = |pruned: &[f32]| error(pruned) / signal;
             let mut by_magnitude = dense.clone();
             sparsegpt::magnitude(&mut by_magnitude, rows, cols, sparsity)?;
             let relative_error = relative(w);
@@ -423,22 +423,22 @@ fn prune_sparsegpt(
     Ok(reports)
 }
 
-/// One layer's Gram matrix sum x x^T (f64) and SparseGPT Hessian for each
-/// [`LinearInput`] (in [`LinearInput::ALL`] order), over every calibration
-/// batch, with the current `params`, from that layer's `program`.
-fn layer_grams(
+/// One layer's SparseGPT Hessian for each [`LinearInput`] (in
+/// [`LinearInput::ALL`] order), accumulated from the Gram matrices of every
+/// calibration batch, with the current `params`, by that layer's `program`.
+fn layer_hessians(
     client: &crate::runtime::Client,
     dev: &crate::runtime::Device,
     program: &crate::graph::Compiled,
     params: &ckpt::Tensors,
     calib: &Calibration,
-) -> Result<Vec<(Vec<f64>, Hessian)>> {
+) -> Result<Vec<Hessian>> {
     let weights = params
         .iter()
         .map(|(_, dims, v)| Ok(client.buffer_from_host(v, dims, dev)?))
         .collect::<Result<Vec<_>>>()?;
     let per_layer = LinearInput::ALL.len();
-    let mut out: Vec<Option<(Vec<f64>, Hessian)>> = (0..per_layer).map(|_| None).collect();
+    let mut out: Vec<Option<Hessian>> = (0..per_layer).map(|_| None).collect();
     for tokens in &calib.batches {
         let tokens = client.buffer_from_host(tokens, &[calib.batch, calib.seq], dev)?;
         let args = weights
@@ -450,12 +450,9 @@ fn layer_grams(
         for (j, buffer) in results.iter().enumerate() {
             let g = HostTensor::from_buffer(buffer)?.to_f64();
             let cols = (g.len() as f64).sqrt() as usize;
-            let (sum, hessian) =
-                out[j].get_or_insert_with(|| (vec![0.0; g.len()], Hessian::new(cols)));
-            for (s, x) in sum.iter_mut().zip(&g) {
-                *s += x;
-            }
-            hessian.add(&g, calib.batch as usize);
+            out[j]
+                .get_or_insert_with(|| Hessian::new(cols))
+                .add(&g, calib.batch as usize);
         }
     }
     out.into_iter()
